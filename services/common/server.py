@@ -1,0 +1,182 @@
+"""Asyncio gRPC server bootstrap shared by the four services.
+
+A service is a :class:`BaseService` subclass that registers its servicers and may load
+state in :meth:`BaseService.start`. :func:`run_service` does the rest: logging, thread
+limits, message-size limits, the runtime interceptor, health checking (NOT_SERVING until
+the service says it is ready), reflection, the diagnostics echo, Prometheus metrics, TLS
+when configured, and graceful shutdown on SIGTERM/SIGINT that drains in-flight calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Sequence
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from mercato import __version__
+from mercato.v1 import diagnostics_pb2, diagnostics_pb2_grpc
+from services.common.errors import InvalidArgument
+from services.common.interceptors import Authenticator, RuntimeInterceptor
+from services.common.logs import request_id_var, setup_logging
+from services.common.metrics import SERVICE_INFO, start_metrics_server
+from services.common.settings import ServiceSettings
+from services.common.threads import configure_threads
+
+log = logging.getLogger("mercato.server")
+
+DIAGNOSTICS_SERVICE = diagnostics_pb2.DESCRIPTOR.services_by_name["DiagnosticsService"].full_name
+MAX_ECHO_DELAY_MS = 60_000
+
+
+class BaseService:
+    """What a Mercato service provides to the runtime.
+
+    Subclasses set ``name``, implement :meth:`register` and may override :meth:`start`
+    (load models, open stores) and :meth:`stop`. Health starts NOT_SERVING; the default
+    :meth:`start` marks the service SERVING. Services that need a model call
+    :meth:`set_serving` once it is loaded.
+    """
+
+    name: str = "service"
+
+    def __init__(self, settings: ServiceSettings) -> None:
+        self.settings = settings
+        self.health = health.aio.HealthServicer()
+        self.service_names: list[str] = []
+        self.authenticator: Authenticator | None = None
+
+    def register(self, server: grpc.aio.Server) -> Sequence[str]:
+        """Add servicers to ``server``; return their full service names."""
+        raise NotImplementedError
+
+    async def start(self) -> None:
+        """Called after the port is bound, before the service is announced SERVING."""
+        await self.set_serving(True)
+
+    async def stop(self) -> None:
+        """Called after in-flight calls drained (close stores, stop pollers)."""
+
+    async def set_serving(self, serving: bool) -> None:
+        """Report SERVING / NOT_SERVING for the service and the server as a whole."""
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in [*self.service_names, ""]:
+            await self.health.set(name, status)
+
+
+class DiagnosticsServicer(diagnostics_pb2_grpc.DiagnosticsServiceServicer):
+    """Echo through the full runtime: the latency floor of every benchmark."""
+
+    def __init__(self, service: str) -> None:
+        self.service = service
+
+    async def Echo(
+        self, request: diagnostics_pb2.EchoRequest, context: grpc.aio.ServicerContext
+    ) -> diagnostics_pb2.EchoResponse:
+        if not 0 <= request.delay_ms <= MAX_ECHO_DELAY_MS:
+            raise InvalidArgument(
+                f"delay_ms must be between 0 and {MAX_ECHO_DELAY_MS}, got {request.delay_ms}"
+            )
+        if request.delay_ms:
+            await asyncio.sleep(request.delay_ms / 1000)
+        return diagnostics_pb2.EchoResponse(
+            payload=request.payload, service=self.service, request_id=request_id_var.get()
+        )
+
+
+def server_options(settings: ServiceSettings) -> list[tuple[str, int]]:
+    """Channel options of every Mercato server."""
+    return [
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+        # Refuse to share a port with another process: a second server on the same port
+        # must fail loudly, not split traffic.
+        ("grpc.so_reuseport", 0),
+        ("grpc.keepalive_time_ms", 60_000),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ]
+
+
+def server_credentials(settings: ServiceSettings) -> grpc.ServerCredentials | None:
+    """TLS credentials when a certificate is configured (mTLS with a client CA)."""
+    if not settings.tls_cert_file:
+        return None
+    key = Path(settings.tls_key_file).read_bytes()
+    cert = Path(settings.tls_cert_file).read_bytes()
+    ca = Path(settings.tls_client_ca_file).read_bytes() if settings.tls_client_ca_file else None
+    return grpc.ssl_server_credentials(
+        [(key, cert)], root_certificates=ca, require_client_auth=ca is not None
+    )
+
+
+async def serve(service: BaseService, stop_event: asyncio.Event | None = None) -> None:
+    """Run ``service`` until SIGTERM/SIGINT (or ``stop_event``), then drain and stop."""
+    settings = service.settings
+    interceptor = RuntimeInterceptor(service.name, service.authenticator)
+    server = grpc.aio.server(
+        interceptors=[interceptor],
+        options=server_options(settings),
+        maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
+    )
+    names = list(service.register(server))
+    service.service_names = names
+    diagnostics_pb2_grpc.add_DiagnosticsServiceServicer_to_server(
+        DiagnosticsServicer(service.name), server
+    )
+    health_pb2_grpc.add_HealthServicer_to_server(service.health, server)
+    all_names = [*names, DIAGNOSTICS_SERVICE]
+    reflection.enable_server_reflection(
+        [*all_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+    )
+    service.service_names = all_names
+    await service.set_serving(False)
+
+    address = f"{settings.host}:{settings.resolved_port(service.name)}"
+    credentials = server_credentials(settings)
+    if credentials is None:
+        bound = server.add_insecure_port(address)
+    else:
+        bound = server.add_secure_port(address, credentials)
+    if bound == 0:
+        raise RuntimeError(f"could not bind {address}")
+    start_metrics_server(settings.resolved_metrics_port(service.name), settings.metrics_host)
+    SERVICE_INFO.labels(service.name, __version__).set(1)
+
+    stop = stop_event or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+
+    await server.start()
+    log.info(
+        "listening",
+        extra={"address": f"{settings.host}:{bound}", "tls": credentials is not None},
+    )
+    try:
+        await service.start()
+        await stop.wait()
+    finally:
+        log.info("shutting down", extra={"grace_seconds": settings.grace_seconds})
+        await service.health.enter_graceful_shutdown()
+        await server.stop(settings.grace_seconds)
+        await service.stop()
+        log.info("stopped")
+
+
+def run_service(service_factory: type[BaseService], settings: ServiceSettings) -> None:
+    """Process entry point: configure the process, build the service and serve it."""
+    configure_threads(settings.threads)
+    setup_logging(service_factory.name, settings.log_level, settings.log_json)
+    service = service_factory(settings)
+    asyncio.run(serve(service))

@@ -1,0 +1,3 @@
+from services.profile.server import main
+
+main()

@@ -1,0 +1,1 @@
+"""Training pipeline: data, features, models, evaluation, registry."""
