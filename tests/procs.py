@@ -1,0 +1,128 @@
+"""Helpers for tests that run services as real processes on loopback."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class ServiceProc:
+    """A service running as its own process."""
+
+    name: str
+    port: int
+    metrics_port: int
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def channel(self) -> grpc.Channel:
+        return grpc.insecure_channel(self.target)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def health(self, service: str = "", timeout: float = 1.0) -> str:
+        try:
+            with self.channel() as ch:
+                resp = health_pb2_grpc.HealthStub(ch).Check(
+                    health_pb2.HealthCheckRequest(service=service), timeout=timeout
+                )
+                return str(health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status))
+        except grpc.RpcError as exc:
+            return f"UNREACHABLE ({exc.code().name})"
+
+    def wait_status(self, want: str = "SERVING", timeout: float = 60.0, service: str = "") -> None:
+        deadline = time.monotonic() + timeout
+        status = ""
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(
+                    f"{self.name} exited with {self.process.returncode}:\n{self.log()[-4000:]}"
+                )
+            status = self.health(service)
+            if status == want:
+                return
+            time.sleep(0.1)
+        raise TimeoutError(f"{self.name} is {status}, not {want}:\n{self.log()[-4000:]}")
+
+    def terminate(self, timeout: float = 20.0) -> int:
+        """SIGTERM and wait; returns the exit code."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            raise
+
+    def kill(self) -> None:
+        """SIGKILL (a crash) and reap."""
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+
+
+def start_service(
+    name: str,
+    tmp_path: Path,
+    env: Mapping[str, str] | None = None,
+    port: int | None = None,
+    wait: str | None = "SERVING",
+    timeout: float = 60.0,
+) -> ServiceProc:
+    """Start ``python -m services.<name>`` on free ports with its state under ``tmp_path``."""
+    port = port or free_port()
+    metrics_port = free_port()
+    prefix = f"MERCATO_{name.upper()}_"
+    full_env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "MERCATO_HOME": str(tmp_path / "home"),
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        prefix + "PORT": str(port),
+        prefix + "METRICS_PORT": str(metrics_port),
+        prefix + "LOG_LEVEL": "INFO",
+        **(env or {}),
+    }
+    log_path = tmp_path / f"{name}-{port}.log"
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", f"services.{name}"],
+            env=full_env,
+            cwd=REPO,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    svc = ServiceProc(name, port, metrics_port, proc, log_path)
+    if wait:
+        try:
+            svc.wait_status(wait, timeout)
+        except Exception:
+            svc.kill()
+            raise
+    return svc
