@@ -34,8 +34,8 @@ up: setup ## Start the four services and keep them running (Ctrl-C stops them)
 down: ## Stop services started by `make up` in the background
 	$(PY) -m mercato.cli down
 
-test: setup protos-check ## Set up and run the whole test suite
-	$(PY) -m pytest -q
+test: setup protos-check lint ## Set up, check generated code and lint, run the whole test suite
+	$(PY) -m pytest -q --durations=15
 
 test-fast: ## Run the tests without setup or slow tests
 	$(PY) -m pytest -q -m "not slow"

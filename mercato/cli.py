@@ -16,11 +16,12 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from services.common.settings import DEFAULT_PORTS, mercato_home
+from services.common.settings import mercato_home
 from services.common.supervisor import (
     SERVICES,
     Supervisor,
     health_status,
+    ports_from_env,
     stop_from_pid_file,
     write_pid_file,
 )
@@ -110,8 +111,9 @@ def status(host: str = "127.0.0.1") -> None:
     table.add_column("service")
     table.add_column("address")
     table.add_column("health")
+    ports = ports_from_env()
     for name in SERVICES:
-        address = f"{host}:{DEFAULT_PORTS[name][0]}"
+        address = f"{host}:{ports[name][0]}"
         table.add_row(name, address, health_status(address))
     console.print(table)
 

@@ -109,6 +109,7 @@ def start_service(
         prefix + "LOG_LEVEL": "INFO",
         **(env or {}),
     }
+    tmp_path.mkdir(parents=True, exist_ok=True)
     log_path = tmp_path / f"{name}-{port}.log"
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(

@@ -28,6 +28,19 @@ from services.common.settings import DEFAULT_PORTS, mercato_home
 SERVICES = ("profile", "retrieval", "ranking", "gateway")
 
 
+def ports_from_env(env: Mapping[str, str] | None = None) -> dict[str, tuple[int, int]]:
+    """Service ports, overridden by ``MERCATO_<SERVICE>_PORT`` / ``_METRICS_PORT``."""
+    env = os.environ if env is None else env
+    ports: dict[str, tuple[int, int]] = {}
+    for name, (port, metrics) in DEFAULT_PORTS.items():
+        prefix = f"MERCATO_{name.upper()}_"
+        ports[name] = (
+            int(env.get(prefix + "PORT") or port),
+            int(env.get(prefix + "METRICS_PORT") or metrics),
+        )
+    return ports
+
+
 @dataclass
 class ServiceProcess:
     """A started service process and where it listens."""
@@ -46,7 +59,7 @@ class Supervisor:
 
     services: Iterable[str] = SERVICES
     host: str = "127.0.0.1"
-    ports: Mapping[str, tuple[int, int]] = field(default_factory=lambda: dict(DEFAULT_PORTS))
+    ports: Mapping[str, tuple[int, int]] = field(default_factory=ports_from_env)
     env: Mapping[str, str] = field(default_factory=dict)
     log_dir: Path | None = None
     processes: list[ServiceProcess] = field(default_factory=list)
