@@ -98,6 +98,38 @@ def up(
 
 
 @app.command()
+def demo(
+    timeout: float = typer.Option(120.0, help="Seconds to wait for every service."),
+) -> None:
+    """Start the four services, show their health and a real call to each, stop them."""
+    import grpc
+
+    from mercato.v1 import diagnostics_pb2, diagnostics_pb2_grpc
+
+    sup = Supervisor(log_dir=mercato_home() / "logs")
+    sup.start()
+    try:
+        healthy = sup.wait_healthy(timeout)
+        console.print(_status_table(sup))
+        if not healthy:
+            raise typer.Exit(1)
+        table = Table(title="A real call to each service (DiagnosticsService.Echo)")
+        for col in ("service", "answered by", "request id", "round trip"):
+            table.add_column(col)
+        for p in sup.processes:
+            with grpc.insecure_channel(f"{sup.host}:{p.port}") as ch:
+                stub = diagnostics_pb2_grpc.DiagnosticsServiceStub(ch)
+                started = time.perf_counter()
+                resp = stub.Echo(diagnostics_pb2.EchoRequest(payload=b"hello"), timeout=5)
+                elapsed = (time.perf_counter() - started) * 1000
+            table.add_row(p.name, resp.service, resp.request_id, f"{elapsed:.1f} ms")
+        console.print(table)
+    finally:
+        sup.stop()
+        console.print("stopped all services")
+
+
+@app.command()
 def down() -> None:
     """Stop services started with `mercato up --detach`."""
     stopped = stop_from_pid_file()
