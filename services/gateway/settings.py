@@ -1,13 +1,53 @@
-"""Settings of the gateway service (environment variables ``MERCATO_GATEWAY_*``)."""
+"""Settings of the gateway (environment variables ``MERCATO_GATEWAY_*``)."""
 
 from __future__ import annotations
 
+from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from services.common.settings import ServiceSettings
 
 
 class GatewaySettings(ServiceSettings):
-    """Runtime settings of the gateway service."""
+    """Runtime settings of the gateway: downstream targets, per-hop deadlines, breakers,
+    API keys and experiments."""
 
     model_config = SettingsConfigDict(env_prefix="MERCATO_GATEWAY_", extra="ignore")
+
+    profile_target: str = Field("127.0.0.1:50052", description="host:port of profile.")
+    retrieval_target: str = Field("127.0.0.1:50053", description="host:port of retrieval.")
+    ranking_target: str = Field("127.0.0.1:50054", description="host:port of ranking.")
+
+    default_deadline_ms: float = Field(
+        800, gt=0, description="Budget of a call whose caller set no deadline."
+    )
+    profile_timeout_ms: float = Field(80, gt=0, description="Deadline of a profile hop.")
+    retrieval_timeout_ms: float = Field(150, gt=0, description="Deadline of a retrieval hop.")
+    ranking_timeout_ms: float = Field(150, gt=0, description="Deadline of a ranking hop.")
+    offer_timeout_ms: float = Field(80, gt=0, description="Deadline of an offer decision.")
+    details_timeout_ms: float = Field(80, gt=0, description="Deadline of the item lookup.")
+    track_timeout_ms: float = Field(2000, gt=0, description="Deadline of event forwarding.")
+    reserve_ms: float = Field(
+        5, ge=0, description="Time kept back from the caller's deadline to build the answer."
+    )
+    read_retries: int = Field(
+        1, ge=0, le=3, description="Extra attempts of idempotent reads on UNAVAILABLE."
+    )
+
+    candidates_k: int = Field(200, ge=1, le=1000, description="Candidates asked of retrieval.")
+    max_k: int = Field(100, ge=1, le=1000, description="Largest k a caller may ask for.")
+
+    breaker_failures: int = Field(
+        5, ge=1, description="Consecutive failures that open a downstream's circuit breaker."
+    )
+    breaker_reset_seconds: float = Field(
+        2.0, gt=0, description="How long an open breaker waits before one probe call."
+    )
+
+    api_keys_file: str = Field(
+        "", description="YAML/JSON file of hashed API keys; empty = no authentication."
+    )
+    experiments_file: str = Field("", description="YAML/JSON experiments config.")
+    offer_surfaces: str = Field(
+        "cart,checkout,email", description="Surfaces on which Recommend may return an offer."
+    )

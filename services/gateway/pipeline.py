@@ -1,0 +1,649 @@
+"""The gateway's composition: profile, then retrieval, then ranking (with the offer
+decision and the batch item lookup alongside), each hop under its own deadline, each
+failure turned into a fallback that the answer names in ``degraded``.
+
+Fallbacks:
+
+- profile down: an anonymous profile; recommendations from context alone.
+- retrieval down: trending items from the profile service, filtered by the profile.
+- ranking down: retrieval order with the rules that need no model (stock, purchased).
+- item details down: items without details (ids only).
+- offer down: no offer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import grpc
+
+from mercato.v1 import (
+    common_pb2,
+    gateway_pb2,
+    profile_pb2,
+    profile_pb2_grpc,
+    ranking_pb2,
+    ranking_pb2_grpc,
+    retrieval_pb2,
+    retrieval_pb2_grpc,
+)
+from services.common.errors import InvalidArgument, NotFound, ServiceError, Unavailable
+from services.common.logs import request_id_var
+from services.gateway.breaker import CircuitBreaker
+from services.gateway.downstream import Deadline, Downstream, HopError
+from services.gateway.experiments import Experiment
+from services.gateway.settings import GatewaySettings
+
+MAX_ID_BYTES = 128
+_SURFACE_NAMES = {
+    common_pb2.SURFACE_UNSPECIFIED: "home",
+    common_pb2.SURFACE_HOME: "home",
+    common_pb2.SURFACE_PRODUCT: "product",
+    common_pb2.SURFACE_CART: "cart",
+    common_pb2.SURFACE_CHECKOUT: "checkout",
+    common_pb2.SURFACE_BUY_AGAIN: "buy_again",
+    common_pb2.SURFACE_EMAIL: "email",
+}
+
+
+@dataclass
+class Trace:
+    """Per-request record of stages, degradations and models."""
+
+    debug: bool
+    stages: list[common_pb2.StageInfo] = field(default_factory=list)
+    degraded: list[common_pb2.Degradation] = field(default_factory=list)
+    models: list[common_pb2.ModelVersion] = field(default_factory=list)
+    started: float = field(default_factory=time.perf_counter)
+
+    def stage(
+        self, name: str, started: float, count: int, degraded: bool = False, detail: str = ""
+    ) -> None:
+        if self.debug:
+            self.stages.append(
+                common_pb2.StageInfo(
+                    stage=name,
+                    duration_ms=(time.perf_counter() - started) * 1000,
+                    item_count=count,
+                    degraded=degraded,
+                    detail=detail,
+                )
+            )
+
+    def degrade(self, stage: str, fallback: str, reason: str) -> None:
+        self.degraded.append(common_pb2.Degradation(stage=stage, fallback=fallback, reason=reason))
+
+    def debug_info(self) -> gateway_pb2.DebugInfo | None:
+        if not self.debug:
+            return None
+        return gateway_pb2.DebugInfo(
+            stages=self.stages, total_ms=(time.perf_counter() - self.started) * 1000
+        )
+
+
+def surface_name(surface: int) -> str:
+    return _SURFACE_NAMES.get(surface, "home")  # type: ignore[call-overload]
+
+
+def _check_id(value: str, field_name: str, required: bool = True) -> None:
+    if required and not value:
+        raise InvalidArgument(f"{field_name} is required")
+    if len(value.encode()) > MAX_ID_BYTES:
+        raise InvalidArgument(f"{field_name} is longer than {MAX_ID_BYTES} bytes")
+
+
+class Pipeline:
+    """Holds the downstream clients and runs the public calls."""
+
+    def __init__(
+        self,
+        settings: GatewaySettings,
+        channels: dict[str, grpc.aio.Channel],
+        experiments: list[Experiment],
+    ) -> None:
+        self.s = settings
+        b = {
+            name: CircuitBreaker(name, settings.breaker_failures, settings.breaker_reset_seconds)
+            for name in ("profile", "retrieval", "ranking")
+        }
+        self.profile = Downstream("profile", channels["profile"], b["profile"])
+        self.retrieval = Downstream("retrieval", channels["retrieval"], b["retrieval"])
+        self.ranking = Downstream("ranking", channels["ranking"], b["ranking"])
+        self.profile_stub = profile_pb2_grpc.ProfileServiceStub(channels["profile"])
+        self.retrieval_stub = retrieval_pb2_grpc.RetrievalServiceStub(channels["retrieval"])
+        self.ranking_stub = ranking_pb2_grpc.RankingServiceStub(channels["ranking"])
+        self.experiments = experiments
+        self.offer_surfaces = {s.strip() for s in settings.offer_surfaces.split(",") if s.strip()}
+
+    # -- helpers -----------------------------------------------------------------------
+
+    def deadline(self, context: grpc.aio.ServicerContext) -> Deadline:
+        remaining = context.time_remaining()
+        budget = self.s.default_deadline_ms / 1000 if remaining is None else remaining
+        return Deadline(budget, self.s.reserve_ms / 1000)
+
+    def _k(self, k: int) -> int:
+        if k < 0 or k > self.s.max_k:
+            raise InvalidArgument(f"k must be between 1 and {self.s.max_k} (0 = 10), got {k}")
+        return k or 10
+
+    def assignments(
+        self, customer_id: str
+    ) -> tuple[dict[str, str], list[gateway_pb2.ExperimentAssignment]]:
+        """Model alias per stage and the experiment assignments of a customer."""
+        aliases: dict[str, str] = {}
+        assigned: list[gateway_pb2.ExperimentAssignment] = []
+        if not customer_id:
+            return aliases, assigned
+        for exp in self.experiments:
+            variant = exp.assign(customer_id)
+            aliases.setdefault(exp.stage, variant.alias)
+            assigned.append(
+                gateway_pb2.ExperimentAssignment(experiment=exp.name, variant=variant.name)
+            )
+        return aliases, assigned
+
+    async def get_profile(
+        self, customer_id: str, deadline: Deadline, trace: Trace
+    ) -> common_pb2.Profile:
+        if not customer_id:
+            return common_pb2.Profile(known=False)
+        started = time.perf_counter()
+        try:
+            resp = await self.profile.call(
+                "profile",
+                self.profile_stub.GetProfile,
+                profile_pb2.GetProfileRequest(customer_id=customer_id),
+                deadline,
+                self.s.profile_timeout_ms / 1000,
+                self.s.read_retries,
+            )
+        except HopError as err:
+            trace.degrade("profile", "anonymous", err.reason)
+            trace.stage("profile", started, 0, True, err.reason)
+            return common_pb2.Profile(customer_id=customer_id, known=False)
+        trace.stage("profile", started, len(resp.profile.recent_items))
+        return resp.profile
+
+    async def trending(
+        self,
+        profile: common_pb2.Profile,
+        k: int,
+        categories: list[str],
+        exclude: set[str],
+        deadline: Deadline,
+    ) -> list[common_pb2.Candidate]:
+        """Popular items as candidates (the retrieval fallback)."""
+        req = profile_pb2.GetTrendingRequest(
+            k=min(1000, k + len(exclude)),
+            category=categories[0] if len(categories) == 1 else "",
+            in_stock_only=True,
+            exclude_item_ids=sorted(exclude),
+        )
+        resp = await self.profile.call(
+            "trending",
+            self.profile_stub.GetTrending,
+            req,
+            deadline,
+            self.s.profile_timeout_ms / 1000,
+            self.s.read_retries,
+        )
+        return [
+            common_pb2.Candidate(
+                item_id=t.item_id, score=float(t.score), source=common_pb2.REASON_TRENDING
+            )
+            for t in resp.items
+            if t.item_id not in exclude
+        ][:k]
+
+    async def item_details(
+        self, ids: list[str], deadline: Deadline, trace: Trace
+    ) -> dict[str, common_pb2.Item]:
+        """Catalog details of ``ids`` in one batch call."""
+        if not ids:
+            return {}
+        started = time.perf_counter()
+        try:
+            resp = await self.profile.call(
+                "details",
+                self.profile_stub.GetItems,
+                profile_pb2.GetItemsRequest(item_ids=ids),
+                deadline,
+                self.s.details_timeout_ms / 1000,
+                self.s.read_retries,
+            )
+        except HopError as err:
+            trace.degrade("details", "ids_only", err.reason)
+            trace.stage("details", started, 0, True, err.reason)
+            return {}
+        trace.stage("details", started, len(resp.items))
+        return {item.item_id: item for item in resp.items}
+
+    async def select_offer(
+        self,
+        profile: common_pb2.Profile,
+        context: common_pb2.Context,
+        deadline: Deadline,
+        trace: Trace,
+    ) -> ranking_pb2.SelectOfferResponse | None:
+        started = time.perf_counter()
+        try:
+            resp = await self.ranking.call(
+                "offer",
+                self.ranking_stub.SelectOffer,
+                ranking_pb2.SelectOfferRequest(profile=profile, context=context),
+                deadline,
+                self.s.offer_timeout_ms / 1000,
+                0,  # a decision reserves budget: not retried
+            )
+        except HopError as err:
+            trace.degrade("offer", "no_offer", err.reason)
+            trace.stage("offer", started, 0, True, err.reason)
+            return None
+        trace.stage("offer", started, 1 if resp.offer.offer_id else 0, detail=resp.reason)
+        return resp
+
+    async def rank(
+        self,
+        profile: common_pb2.Profile,
+        context: common_pb2.Context,
+        candidates: list[common_pb2.Candidate],
+        details: dict[str, common_pb2.Item],
+        k: int,
+        alias: str,
+        deadline: Deadline,
+        trace: Trace,
+    ) -> list[tuple[str, float, list[int]]]:
+        """Ranked (item id, score, reasons); falls back to retrieval order with rules that
+        need no model."""
+        started = time.perf_counter()
+        if candidates:
+            try:
+                resp = await self.ranking.call(
+                    "ranking",
+                    self.ranking_stub.Rank,
+                    ranking_pb2.RankRequest(
+                        profile=profile,
+                        context=context,
+                        candidates=candidates,
+                        k=k,
+                        items=[details[c.item_id] for c in candidates if c.item_id in details],
+                        model_alias=alias,
+                    ),
+                    deadline,
+                    self.s.ranking_timeout_ms / 1000,
+                    self.s.read_retries,
+                )
+                if resp.model.name:
+                    trace.models.append(resp.model)
+                trace.stage("ranking", started, len(resp.items))
+                return [(r.item_id, r.score, list(r.reasons)) for r in resp.items]
+            except HopError as err:
+                trace.degrade("ranking", "retrieval_order", err.reason)
+                trace.stage("ranking", started, 0, True, err.reason)
+        purchased = {p.item_id for p in profile.purchases}
+        keep_purchased = context.surface == common_pb2.SURFACE_BUY_AGAIN
+        out = []
+        for c in candidates:
+            item = details.get(c.item_id)
+            if item is not None and item.stock <= 0:
+                continue
+            if c.item_id in purchased and not keep_purchased:
+                continue
+            reasons = [c.source or common_pb2.REASON_MODEL]
+            if common_pb2.REASON_FALLBACK not in reasons:
+                reasons.append(common_pb2.REASON_FALLBACK)
+            out.append((c.item_id, c.score, [int(r) for r in reasons]))
+            if len(out) >= k:
+                break
+        return out
+
+    # -- public calls ----------------------------------------------------------------
+
+    async def recommend(
+        self, req: gateway_pb2.RecommendRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.RecommendResponse:
+        _check_id(req.customer_id, "customer_id", required=False)
+        k = self._k(req.k)
+        for item_id in req.exclude_item_ids:
+            _check_id(item_id, "exclude_item_ids[]")
+        ctx = common_pb2.Context()
+        ctx.CopyFrom(req.context)
+        if not ctx.surface:
+            ctx.surface = common_pb2.SURFACE_HOME
+        if ctx.surface == common_pb2.SURFACE_PRODUCT and not ctx.anchor_item_id:
+            raise InvalidArgument("context.anchor_item_id is required on SURFACE_PRODUCT")
+        deadline = self.deadline(context)
+        trace = Trace(req.debug)
+        aliases, assigned = self.assignments(req.customer_id)
+
+        profile = await self.get_profile(req.customer_id, deadline, trace)
+        surface = surface_name(ctx.surface)
+        offer_task = None
+        if req.include_offer and surface in self.offer_surfaces:
+            offer_task = asyncio.create_task(self.select_offer(profile, ctx, deadline, trace))
+
+        exclude = set(req.exclude_item_ids)
+        candidates = await self.candidates(
+            profile,
+            ctx,
+            k,
+            list(req.categories),
+            exclude,
+            aliases.get("retrieval", ""),
+            deadline,
+            trace,
+        )
+        details = await self.item_details([c.item_id for c in candidates], deadline, trace)
+        ranked = await self.rank(
+            profile, ctx, candidates, details, k, aliases.get("ranking", ""), deadline, trace
+        )
+        offer = await offer_task if offer_task is not None else None
+        resp = gateway_pb2.RecommendResponse(
+            request_id=request_id_var.get(),
+            items=self._items(ranked, details),
+            models=trace.models,
+            degraded=trace.degraded,
+            experiments=assigned,
+        )
+        if offer is not None and offer.offer.offer_id:
+            resp.offer.CopyFrom(offer.offer)
+            resp.offer_decision_id = offer.decision_id
+        info = trace.debug_info()
+        if info is not None:
+            resp.debug.CopyFrom(info)
+        return resp
+
+    async def candidates(
+        self,
+        profile: common_pb2.Profile,
+        ctx: common_pb2.Context,
+        k: int,
+        categories: list[str],
+        exclude: set[str],
+        alias: str,
+        deadline: Deadline,
+        trace: Trace,
+    ) -> list[common_pb2.Candidate]:
+        """Candidates from retrieval, or trending items when retrieval is unavailable."""
+        started = time.perf_counter()
+        if ctx.surface == common_pb2.SURFACE_BUY_AGAIN:
+            cands = [
+                common_pb2.Candidate(
+                    item_id=p.item_id, score=float(p.count), source=common_pb2.REASON_BUY_AGAIN
+                )
+                for p in profile.purchases
+                if p.item_id not in exclude
+            ]
+            trace.stage("retrieval", started, len(cands), detail="purchases")
+            return cands
+        filters = retrieval_pb2.Filters(
+            exclude_item_ids=sorted(exclude),
+            exclude_purchased=True,
+            exclude_in_cart=ctx.surface in (common_pb2.SURFACE_CART, common_pb2.SURFACE_CHECKOUT),
+            categories=categories,
+            in_stock_only=True,
+        )
+        want = max(k, self.s.candidates_k)
+        try:
+            resp = await self.retrieval.call(
+                "retrieval",
+                self.retrieval_stub.Retrieve,
+                retrieval_pb2.RetrieveRequest(
+                    profile=profile, context=ctx, k=want, filters=filters, model_alias=alias
+                ),
+                deadline,
+                self.s.retrieval_timeout_ms / 1000,
+                self.s.read_retries,
+            )
+            cands = list(resp.candidates)
+            if resp.model.name:
+                trace.models.append(resp.model)
+            trace.stage("retrieval", started, len(cands))
+            return cands
+        except HopError as err:
+            reason = err.reason
+        excluded = exclude | {p.item_id for p in profile.purchases}
+        try:
+            cands = await self.trending(profile, want, categories, excluded, deadline)
+            trace.degrade("retrieval", "popular_items", reason)
+            trace.stage("retrieval", started, len(cands), True, reason)
+            return cands
+        except HopError as err2:
+            trace.degrade("retrieval", "none", f"{reason}; trending: {err2.reason}")
+            trace.stage("retrieval", started, 0, True, reason)
+            return []
+
+    @staticmethod
+    def _items(
+        ranked: list[tuple[str, float, list[int]]], details: dict[str, common_pb2.Item]
+    ) -> list[gateway_pb2.RecommendedItem]:
+        out = []
+        for i, (item_id, score, reasons) in enumerate(ranked, start=1):
+            item = details.get(item_id) or common_pb2.Item(item_id=item_id)
+            out.append(
+                gateway_pb2.RecommendedItem(item=item, score=score, rank=i, reasons=reasons)  # type: ignore[arg-type]
+            )
+        return out
+
+    async def related(
+        self, req: gateway_pb2.GetRelatedItemsRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.GetRelatedItemsResponse:
+        _check_id(req.item_id, "item_id")
+        _check_id(req.customer_id, "customer_id", required=False)
+        k = self._k(req.k)
+        kind = req.kind or common_pb2.RELATION_KIND_SIMILAR
+        if kind not in common_pb2.RelationKind.values():
+            raise InvalidArgument(f"unknown kind {req.kind}")
+        deadline = self.deadline(context)
+        trace = Trace(req.debug)
+        aliases, _ = self.assignments(req.customer_id)
+        profile = await self.get_profile(req.customer_id, deadline, trace)
+        started = time.perf_counter()
+        try:
+            resp = await self.retrieval.call(
+                "retrieval",
+                self.retrieval_stub.RetrieveRelated,
+                retrieval_pb2.RetrieveRelatedRequest(
+                    item_ids=[req.item_id],
+                    kind=kind,
+                    k=k,
+                    filters=retrieval_pb2.Filters(
+                        exclude_purchased=bool(req.customer_id), in_stock_only=True
+                    ),
+                    profile=profile,
+                    model_alias=aliases.get("retrieval", ""),
+                ),
+                deadline,
+                self.s.retrieval_timeout_ms / 1000,
+                self.s.read_retries,
+            )
+            cands = list(resp.candidates)
+            if resp.model.name:
+                trace.models.append(resp.model)
+            trace.stage("retrieval", started, len(cands))
+        except HopError as err:
+            if err.code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND):
+                raise _passthrough(err) from err
+            cands = []
+            try:
+                cands = await self.trending(profile, k, [], {req.item_id}, deadline)
+                trace.degrade("retrieval", "popular_items", err.reason)
+            except HopError as err2:
+                trace.degrade("retrieval", "none", f"{err.reason}; trending: {err2.reason}")
+            trace.stage("retrieval", started, len(cands), True, err.reason)
+        details = await self.item_details([c.item_id for c in cands], deadline, trace)
+        ranked = [
+            (c.item_id, c.score, [c.source or common_pb2.REASON_SIMILAR])
+            for c in cands
+            if c.item_id not in details or details[c.item_id].stock > 0
+        ][:k]
+        resp_out = gateway_pb2.GetRelatedItemsResponse(
+            request_id=request_id_var.get(),
+            items=self._items(ranked, details),
+            models=trace.models,
+            degraded=trace.degraded,
+        )
+        info = trace.debug_info()
+        if info is not None:
+            resp_out.debug.CopyFrom(info)
+        return resp_out
+
+    async def cart(
+        self, req: gateway_pb2.GetCartRecommendationsRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.GetCartRecommendationsResponse:
+        _check_id(req.customer_id, "customer_id")
+        k = self._k(req.k)
+        ctx = common_pb2.Context()
+        ctx.CopyFrom(req.context)
+        if not ctx.surface:
+            ctx.surface = common_pb2.SURFACE_CART
+        deadline = self.deadline(context)
+        trace = Trace(req.debug)
+        aliases, _ = self.assignments(req.customer_id)
+        profile = await self.get_profile(req.customer_id, deadline, trace)
+        cart_ids = [line.item_id for line in profile.cart.lines] or list(ctx.cart_item_ids)
+        offer_task = None
+        if req.include_offer:
+            offer_task = asyncio.create_task(self.select_offer(profile, ctx, deadline, trace))
+        started = time.perf_counter()
+        cands: list[common_pb2.Candidate] = []
+        if cart_ids:
+            try:
+                resp = await self.retrieval.call(
+                    "retrieval",
+                    self.retrieval_stub.RetrieveRelated,
+                    retrieval_pb2.RetrieveRelatedRequest(
+                        item_ids=cart_ids,
+                        kind=common_pb2.RELATION_KIND_COMPLEMENT,
+                        k=max(k, self.s.candidates_k // 2),
+                        filters=retrieval_pb2.Filters(
+                            exclude_in_cart=True, exclude_purchased=True, in_stock_only=True
+                        ),
+                        profile=profile,
+                        model_alias=aliases.get("retrieval", ""),
+                    ),
+                    deadline,
+                    self.s.retrieval_timeout_ms / 1000,
+                    self.s.read_retries,
+                )
+                cands = list(resp.candidates)
+                if resp.model.name:
+                    trace.models.append(resp.model)
+                trace.stage("retrieval", started, len(cands), detail="complements")
+            except HopError as err:
+                trace.stage("retrieval", started, 0, True, err.reason)
+                cands = await self._fallback_trending(
+                    profile, k, set(cart_ids), deadline, trace, err
+                )
+        else:
+            cands = await self.candidates(
+                profile, ctx, k, [], set(), aliases.get("retrieval", ""), deadline, trace
+            )
+        details = await self.item_details([c.item_id for c in cands], deadline, trace)
+        ranked = await self.rank(
+            profile, ctx, cands, details, k, aliases.get("ranking", ""), deadline, trace
+        )
+        offer = await offer_task if offer_task is not None else None
+        out = gateway_pb2.GetCartRecommendationsResponse(
+            request_id=request_id_var.get(),
+            cart=profile.cart,
+            items=self._items(ranked, details),
+            models=trace.models,
+            degraded=trace.degraded,
+        )
+        if offer is not None and offer.offer.offer_id:
+            out.offer.CopyFrom(offer.offer)
+            out.offer_decision_id = offer.decision_id
+            out.offer_expected_incremental_margin = offer.expected_incremental_margin
+        info = trace.debug_info()
+        if info is not None:
+            out.debug.CopyFrom(info)
+        return out
+
+    async def _fallback_trending(
+        self,
+        profile: common_pb2.Profile,
+        k: int,
+        exclude: set[str],
+        deadline: Deadline,
+        trace: Trace,
+        err: HopError,
+    ) -> list[common_pb2.Candidate]:
+        try:
+            cands = await self.trending(
+                profile, k, [], exclude | {p.item_id for p in profile.purchases}, deadline
+            )
+            trace.degrade("retrieval", "popular_items", err.reason)
+            return cands
+        except HopError as err2:
+            trace.degrade("retrieval", "none", f"{err.reason}; trending: {err2.reason}")
+            return []
+
+    async def track(
+        self, req: gateway_pb2.TrackEventsRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.TrackEventsResponse:
+        if not req.events:
+            raise InvalidArgument("events must not be empty")
+        deadline = Deadline(context.time_remaining() or self.s.track_timeout_ms / 1000, 0.0)
+        try:
+            resp = await self.profile.call(
+                "track",
+                self.profile_stub.TrackEvents,
+                profile_pb2.ProfileServiceTrackEventsRequest(
+                    events=req.events, partial_accept=req.partial_accept
+                ),
+                deadline,
+                self.s.track_timeout_ms / 1000,
+                self.s.read_retries,  # idempotent by event id
+            )
+        except HopError as err:
+            raise _passthrough(err) from err
+        await self._offer_outcomes(req.events, deadline)
+        return gateway_pb2.TrackEventsResponse(
+            request_id=request_id_var.get(),
+            accepted=resp.accepted,
+            duplicates=resp.duplicates,
+            errors=resp.errors,
+        )
+
+    async def _offer_outcomes(self, events: Sequence[common_pb2.Event], deadline: Deadline) -> None:
+        """Forward offer outcomes (events with attribute decision_id) to the offer policy.
+        Best effort: the events themselves are already durable in the profile store."""
+        for ev in events:
+            decision = ev.attributes.get("decision_id", "")
+            if not decision:
+                continue
+            if ev.type == common_pb2.EVENT_TYPE_OFFER_REDEEMED:
+                outcome = ranking_pb2.OFFER_OUTCOME_REDEEMED
+            elif ev.type == common_pb2.EVENT_TYPE_PURCHASE:
+                outcome = ranking_pb2.OFFER_OUTCOME_CONVERTED_WITHOUT_OFFER
+            else:
+                continue
+            try:
+                await self.ranking.call(
+                    "offer_outcome",
+                    self.ranking_stub.RecordOfferOutcome,
+                    ranking_pb2.RecordOfferOutcomeRequest(
+                        decision_id=decision,
+                        outcome=outcome,
+                        revenue=ev.price * max(1, ev.quantity),
+                    ),
+                    deadline,
+                    self.s.offer_timeout_ms / 1000,
+                    self.s.read_retries,  # idempotent per decision
+                )
+            except HopError:
+                continue
+
+
+def _passthrough(err: HopError) -> ServiceError:
+    """Caller errors keep their status; anything else is UNAVAILABLE."""
+    if err.code == grpc.StatusCode.INVALID_ARGUMENT:
+        return InvalidArgument(err.reason.removeprefix("INVALID_ARGUMENT: "))
+    if err.code == grpc.StatusCode.NOT_FOUND:
+        return NotFound(err.reason.removeprefix("NOT_FOUND: "))
+    return Unavailable(f"{err.hop} is unavailable, retry later ({err.reason})")
