@@ -29,7 +29,9 @@ ET = common_pb2.EventType
 H = 3_600_000_000
 
 
-def ev(n: int, kind: int, item: str = "a", ts: int = NOW_US, cid: str = "c", **kw: object) -> LogEvent:
+def ev(
+    n: int, kind: int, item: str = "a", ts: int = NOW_US, cid: str = "c", **kw: object
+) -> LogEvent:
     return LogEvent(event_id=f"e{n}", customer_id=cid, type=kind, ts_us=ts, item_id=item, **kw)  # type: ignore[arg-type]
 
 
@@ -56,12 +58,18 @@ def test_purchases_cart_and_abandonment() -> None:
     apply_event(s, ev(3, ET.EVENT_TYPE_REMOVE_FROM_CART, "a", NOW_US + 2, quantity=1), cfg)
     assert s.cart["a"][0] == 1 and s.cart["b"][0] == 1
     assert s.abandon_key() == NOW_US + 2
-    apply_event(s, ev(4, ET.EVENT_TYPE_PURCHASE, "a", NOW_US + 3, quantity=1, price=3.0, order_id="o1"), cfg)
-    apply_event(s, ev(5, ET.EVENT_TYPE_PURCHASE, "a", NOW_US + 4, quantity=4, price=2.0, order_id="o2"), cfg)
+    apply_event(
+        s, ev(4, ET.EVENT_TYPE_PURCHASE, "a", NOW_US + 3, quantity=1, price=3.0, order_id="o1"), cfg
+    )
+    apply_event(
+        s, ev(5, ET.EVENT_TYPE_PURCHASE, "a", NOW_US + 4, quantity=4, price=2.0, order_id="o2"), cfg
+    )
     assert "a" not in s.cart  # bought: the line leaves the cart
     assert s.purchases["a"][:2] == [2, 5]
     assert s.abandon_key() is None  # purchased since the cart last changed
-    apply_event(s, ev(6, ET.EVENT_TYPE_REMOVE_FROM_CART, "b", NOW_US + 5), cfg)  # quantity 0: whole line
+    apply_event(
+        s, ev(6, ET.EVENT_TYPE_REMOVE_FROM_CART, "b", NOW_US + 5), cfg
+    )  # quantity 0: whole line
     assert s.cart == {}
     assert s.monetary == pytest.approx(1 * 3.0 + 4 * 2.0)
     assert len(s.orders) == 2
@@ -90,19 +98,26 @@ def test_rfm_price_band_segment_follow_the_settings() -> None:
     for n in range(5):
         apply_event(
             s,
-            ev(n, ET.EVENT_TYPE_PURCHASE, f"i{n}", NOW_US - 10 * US_PER_DAY, quantity=1,
-               price=cfg.price_band_high_from + 1, order_id=f"o{n}"),
+            ev(
+                n,
+                ET.EVENT_TYPE_PURCHASE,
+                f"i{n}",
+                NOW_US - 10 * US_PER_DAY,
+                quantity=1,
+                price=cfg.price_band_high_from + 1,
+                order_id=f"o{n}",
+            ),
             cfg,
         )
     p = build_profile("c", s, None, NOW_US, cfg)
     assert p.known and p.rfm.frequency == 5
     assert p.rfm.recency_days == pytest.approx(10.0)
-    expect_r = len(cfg.rfm_recency_days) + 1 - sum(10.0 > t for t in cfg.rfm_recency_days)
+    expect_r = len(cfg.rfm_recency_days) + 1 - sum(t < 10.0 for t in cfg.rfm_recency_days)
     assert p.rfm.recency_score == expect_r
-    assert p.rfm.frequency_score == 1 + sum(5 >= t for t in cfg.rfm_frequency_orders)
+    assert p.rfm.frequency_score == 1 + sum(t <= 5 for t in cfg.rfm_frequency_orders)
     assert p.rfm.monetary_score == 1 + sum(s.monetary >= t for t in cfg.rfm_monetary)
     assert p.price_band == "high"
-    assert p.segment == ("loyal" if 5 >= cfg.segment_loyal_orders else "active")
+    assert p.segment == ("loyal" if cfg.segment_loyal_orders <= 5 else "active")
     later = NOW_US + int(cfg.segment_lapsed_days + 1) * US_PER_DAY
     lapsed = build_profile("c", s, None, later, cfg)
     assert lapsed.segment == "lapsed" and lapsed.rfm.recency_score == 1

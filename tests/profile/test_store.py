@@ -19,7 +19,13 @@ from services.profile.logic import (
     recompute_trending,
 )
 from services.profile.store.base import ProfileStore, StockChange, UnknownItems
-from services.profile.store.sqlite import SCHEMA_VERSION, SqliteStore, connect, migrate, schema_version
+from services.profile.store.sqlite import (
+    SCHEMA_VERSION,
+    SqliteStore,
+    connect,
+    migrate,
+    schema_version,
+)
 from tests.profile.factory import DAY_US, NOW_US, catalog, item, random_events, to_log
 
 ET = common_pb2.EventType
@@ -43,7 +49,9 @@ async def assert_consistent(store: ProfileStore, cfg: ProfileConfig) -> list[Log
     return log
 
 
-async def test_events_are_idempotent_and_state_matches_log(store: ProfileStore, cfg: ProfileConfig) -> None:
+async def test_events_are_idempotent_and_state_matches_log(
+    store: ProfileStore, cfg: ProfileConfig
+) -> None:
     items = catalog()
     await store.upsert_items(items, NOW_US)
     log = to_log(random_events(11, 240), items)
@@ -96,7 +104,9 @@ async def test_a_failing_batch_writes_nothing(
     await assert_consistent(store, cfg)
 
 
-async def test_trending_matches_recomputation_and_categories(store: ProfileStore, cfg: ProfileConfig) -> None:
+async def test_trending_matches_recomputation_and_categories(
+    store: ProfileStore, cfg: ProfileConfig
+) -> None:
     items = catalog()
     await store.upsert_items(items, NOW_US)
     log = to_log(random_events(21, 300, start_us=NOW_US - 3 * DAY_US), items)
@@ -131,7 +141,9 @@ async def test_catalog_upsert_get_list_and_stock(store: ProfileStore) -> None:
     rest = await store.list_items(100, page[-1].item_id, "")
     assert len(page) + len(rest) == 13
     garden = [i.item_id for i in await store.list_items(100, "", "garden")]
-    assert "i1" in garden and all(i.category == "garden" for i in await store.list_items(100, "", "garden"))
+    assert "i1" in garden and all(
+        i.category == "garden" for i in await store.list_items(100, "", "garden")
+    )
     kitchen = [i.item_id for i in await store.list_items(100, "", items[1].category)]
     assert "i1" not in kitchen  # left its old category index
     out = await store.update_stock(
@@ -152,7 +164,9 @@ async def test_customers_and_abandoned_carts(store: ProfileStore, cfg: ProfileCo
     assert rec.state is None and rec.static == CustomerStatic("c9", "GB", "vip", {"tier": "gold"})
     add, buy = ET.EVENT_TYPE_ADD_TO_CART, ET.EVENT_TYPE_PURCHASE
     evs = [
-        LogEvent(f"e{n}", f"c{n}", add, NOW_US - (10 - n) * DAY_US, item_id="i1", quantity=1, price=2.0)
+        LogEvent(
+            f"e{n}", f"c{n}", add, NOW_US - (10 - n) * DAY_US, item_id="i1", quantity=1, price=2.0
+        )
         for n in range(6)
     ]
     # c5 bought something after filling the cart: not abandoned.

@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import ParamSpec, TypeVar
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from typing import Any, ParamSpec, TypeVar
 from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
@@ -80,7 +80,9 @@ return #scopes
 """
 
 
-def _unavailable(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+def _unavailable(
+    fn: Callable[P, Coroutine[Any, Any, R]],
+) -> Callable[P, Coroutine[Any, Any, R]]:
     """Map "Redis is not reachable" errors of a store method to StoreUnavailable."""
 
     @functools.wraps(fn)
@@ -92,7 +94,7 @@ def _unavailable(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
             raise StoreUnavailable(
                 f"profile store (Redis at {self.address}) is loading its data; retry shortly"  # type: ignore[attr-defined]
             ) from exc
-        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+        except (RedisConnectionError, RedisTimeoutError) as exc:
             raise StoreUnavailable(
                 f"profile store (Redis at {self.address}) is unreachable: {exc}"  # type: ignore[attr-defined]
             ) from exc
@@ -145,7 +147,8 @@ class RedisStore(ProfileStore):
         return f"{self.prefix}t:{scope}"
 
     @property
-    def r(self) -> aioredis.Redis:
+    def r(self) -> Any:  # redis-py's annotations do not fit decode_responses=False
+        """The client (raises StoreUnavailable before open)."""
         if self._r is None:
             raise StoreUnavailable("the profile store is not open")
         return self._r
