@@ -335,8 +335,12 @@ def apply_event(state: ProfileState, ev: LogEvent, cfg: ProfileConfig) -> None:
             state.cart_updated_us = max(state.cart_updated_us, t)
 
 
-def recompute_profile(events: Iterable[LogEvent], cfg: ProfileConfig) -> ProfileState | None:
-    """The state a customer's events (in log order) produce from nothing; None if none."""
+def recompute_profile(
+    events: Iterable[LogEvent], cfg: ProfileConfig | None = None
+) -> ProfileState | None:
+    """The state a customer's events (in log order) produce from nothing; None if none.
+    What the store keeps incrementally must always equal this."""
+    cfg = cfg or ProfileConfig()
     state: ProfileState | None = None
     for ev in events:
         if state is None:

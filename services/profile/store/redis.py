@@ -290,7 +290,7 @@ class RedisStore(ProfileStore):
         after: tuple[int, str] | None,
     ) -> list[tuple[str, ProfileState]]:
         found: list[str] = []
-        low = after[0] if after else idle_since_min_us
+        low = max(after[0], idle_since_min_us) if after else idle_since_min_us
         offset = 0
         while len(found) < limit:
             chunk = await self.r.zrangebyscore(
