@@ -8,7 +8,7 @@ export OPENBLAS_NUM_THREADS ?= 1
 export OMP_NUM_THREADS ?= 1
 BUF := node_modules/.bin/buf
 
-.PHONY: help setup demo up down test test-fast protos protos-check lint bench clean
+.PHONY: help setup demo up down test test-fast protos protos-check lint bench bench-profile clean
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-16s %s\n", $$1, $$2}'
@@ -54,6 +54,9 @@ lint: setup ## ruff, mypy and buf lint
 
 bench: setup ## Run all benchmarks (writes bench/results/*.json and *.md)
 	@echo "benchmarks: see bench-* targets"
+
+bench-profile: ## Profile service: GetProfile p50/p99, TrackEvents events/s, both backends (ARGS="--customers 10000" for a quick run)
+	$(PY) bench/profile_bench.py $(ARGS)
 
 clean: ## Remove local state (.mercato) and caches
 	rm -rf .mercato .pytest_cache .mypy_cache .ruff_cache

@@ -25,9 +25,11 @@ from services.common.supervisor import (
     stop_from_pid_file,
     write_pid_file,
 )
+from services.profile import cli as profile_cli
 
 app = typer.Typer(help="Mercato: real-time retail personalization.", no_args_is_help=True)
 console = Console()
+app.add_typer(profile_cli.app)  # load, export-events
 
 
 def _status_table(sup: Supervisor) -> Table:

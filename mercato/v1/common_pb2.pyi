@@ -369,7 +369,9 @@ class Event(_message.Message):
     type: Global___EventType.ValueType
     """What happened. Required."""
     item_id: _builtins.str
-    """The item concerned. Required for view, cart, purchase and click events."""
+    """The item concerned. Required for view, cart, purchase and click events. When set it
+    must name an item of the catalog: the profile service rejects events for unknown items.
+    """
     quantity: _builtins.int
     """Units concerned (cart and purchase events). Must be >= 0; 0 means 1 for add-to-cart and purchase."""
     price: _builtins.float

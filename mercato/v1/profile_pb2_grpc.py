@@ -103,6 +103,10 @@ class ProfileServiceServicer:
         `partial_accept` false (default) one bad event rejects the batch with
         INVALID_ARGUMENT and nothing is written; with it true, the good events are written
         and the bad ones reported in `errors`. Returns only once the accepted events are durable.
+        An event naming an item that is not in the catalog is invalid like any other bad
+        event (upsert the item first). A batch is written entirely or not at all; on
+        UNAVAILABLE (store unreachable) or a timeout, retry with the same event ids:
+        events already written come back as `duplicates`.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -110,7 +114,8 @@ class ProfileServiceServicer:
 
     def GetProfile(self, request, context):
         """Returns a customer's derived profile. Unknown customers get an empty profile with
-        `known` = false, not NOT_FOUND.
+        `known` = false, not NOT_FOUND. UNAVAILABLE while the store is unreachable (health
+        is NOT_SERVING then).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

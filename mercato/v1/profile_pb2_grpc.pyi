@@ -42,10 +42,15 @@ class ProfileServiceStub:
     `partial_accept` false (default) one bad event rejects the batch with
     INVALID_ARGUMENT and nothing is written; with it true, the good events are written
     and the bad ones reported in `errors`. Returns only once the accepted events are durable.
+    An event naming an item that is not in the catalog is invalid like any other bad
+    event (upsert the item first). A batch is written entirely or not at all; on
+    UNAVAILABLE (store unreachable) or a timeout, retry with the same event ids:
+    events already written come back as `duplicates`.
     """
     GetProfile: _grpc.UnaryUnaryMultiCallable[_profile_pb2.GetProfileRequest, _profile_pb2.GetProfileResponse]
     """Returns a customer's derived profile. Unknown customers get an empty profile with
-    `known` = false, not NOT_FOUND.
+    `known` = false, not NOT_FOUND. UNAVAILABLE while the store is unreachable (health
+    is NOT_SERVING then).
     """
     BatchGetProfiles: _grpc.UnaryUnaryMultiCallable[_profile_pb2.BatchGetProfilesRequest, _profile_pb2.BatchGetProfilesResponse]
     """Returns several profiles in one call (batch jobs, campaigns)."""
@@ -78,10 +83,15 @@ class ProfileServiceAsyncStub(ProfileServiceStub):
     `partial_accept` false (default) one bad event rejects the batch with
     INVALID_ARGUMENT and nothing is written; with it true, the good events are written
     and the bad ones reported in `errors`. Returns only once the accepted events are durable.
+    An event naming an item that is not in the catalog is invalid like any other bad
+    event (upsert the item first). A batch is written entirely or not at all; on
+    UNAVAILABLE (store unreachable) or a timeout, retry with the same event ids:
+    events already written come back as `duplicates`.
     """
     GetProfile: _aio.UnaryUnaryMultiCallable[_profile_pb2.GetProfileRequest, _profile_pb2.GetProfileResponse]  # type: ignore[assignment]
     """Returns a customer's derived profile. Unknown customers get an empty profile with
-    `known` = false, not NOT_FOUND.
+    `known` = false, not NOT_FOUND. UNAVAILABLE while the store is unreachable (health
+    is NOT_SERVING then).
     """
     BatchGetProfiles: _aio.UnaryUnaryMultiCallable[_profile_pb2.BatchGetProfilesRequest, _profile_pb2.BatchGetProfilesResponse]  # type: ignore[assignment]
     """Returns several profiles in one call (batch jobs, campaigns)."""
@@ -117,6 +127,10 @@ class ProfileServiceServicer(metaclass=_abc_1.ABCMeta):
         `partial_accept` false (default) one bad event rejects the batch with
         INVALID_ARGUMENT and nothing is written; with it true, the good events are written
         and the bad ones reported in `errors`. Returns only once the accepted events are durable.
+        An event naming an item that is not in the catalog is invalid like any other bad
+        event (upsert the item first). A batch is written entirely or not at all; on
+        UNAVAILABLE (store unreachable) or a timeout, retry with the same event ids:
+        events already written come back as `duplicates`.
         """
 
     @_abc_1.abstractmethod
@@ -126,7 +140,8 @@ class ProfileServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_profile_pb2.GetProfileResponse, _abc.Awaitable[_profile_pb2.GetProfileResponse]]:
         """Returns a customer's derived profile. Unknown customers get an empty profile with
-        `known` = false, not NOT_FOUND.
+        `known` = false, not NOT_FOUND. UNAVAILABLE while the store is unreachable (health
+        is NOT_SERVING then).
         """
 
     @_abc_1.abstractmethod

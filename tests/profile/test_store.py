@@ -1,0 +1,224 @@
+"""The store interface on both backends (real SQLite file, real redis-server)."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from pathlib import Path
+
+import pytest
+
+from mercato.v1 import common_pb2
+from services.profile.logic import (
+    CustomerStatic,
+    LogEvent,
+    ProfileConfig,
+    ProfileState,
+    decay_to,
+    recompute_profile,
+    recompute_trending,
+)
+from services.profile.store.base import ProfileStore, StockChange, UnknownItems
+from services.profile.store.sqlite import (
+    SCHEMA_VERSION,
+    SqliteStore,
+    connect,
+    migrate,
+    schema_version,
+)
+from tests.profile.factory import DAY_US, NOW_US, catalog, item, random_events, to_log
+
+ET = common_pb2.EventType
+
+
+async def states_of(store: ProfileStore) -> dict[str, ProfileState]:
+    out: dict[str, ProfileState] = {}
+    async for batch in store.scan_states(7):
+        out.update(batch)
+    return out
+
+
+async def assert_consistent(store: ProfileStore, cfg: ProfileConfig) -> list[LogEvent]:
+    """Every stored state equals the recomputation from the stored log; ids unique."""
+    log = [e async for e in store.iter_log(50)]
+    assert len({e.event_id for e in log}) == len(log)
+    states = await states_of(store)
+    assert set(states) == {e.customer_id for e in log}
+    for cid, state in states.items():
+        assert state == recompute_profile([e for e in log if e.customer_id == cid], cfg), cid
+    return log
+
+
+async def test_events_are_idempotent_and_state_matches_log(
+    store: ProfileStore, cfg: ProfileConfig
+) -> None:
+    items = catalog()
+    await store.upsert_items(items, NOW_US)
+    log = to_log(random_events(11, 240), items)
+    for start in range(0, len(log), 40):
+        res = await store.append_events(log[start : start + 40])
+        assert (res.accepted, res.duplicates) == (40, 0)
+    before = await states_of(store)
+    again = await store.append_events(log[:40] + log[:5])
+    assert (again.accepted, again.duplicates) == (0, 45)
+    assert await states_of(store) == before
+    got = await assert_consistent(store, cfg)
+    assert [e.event_id for e in got] == [e.event_id for e in log]  # log order = arrival order
+
+
+async def test_duplicate_ids_within_a_batch(store: ProfileStore, cfg: ProfileConfig) -> None:
+    items = catalog(3)
+    await store.upsert_items(items, NOW_US)
+    (a,) = to_log(random_events(3, 1, items=3), items)
+    res = await store.append_events([a, a, a])
+    assert (res.accepted, res.duplicates) == (1, 2)
+    await assert_consistent(store, cfg)
+
+
+async def test_a_failing_batch_writes_nothing(
+    store: ProfileStore, cfg: ProfileConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    items = catalog()
+    await store.upsert_items(items, NOW_US)
+    log = to_log(random_events(5, 60, customers=3), items)
+    await store.append_events(log[:30])
+    before = await states_of(store)
+    trend_before = await store.trending("", 100, 0)
+    real = ProfileState.to_json
+    victim = log[45].customer_id
+
+    def failing(self: ProfileState) -> str:  # fault injection while the batch is written
+        if self.events and any(e.customer_id == victim for e in log[30:]):
+            raise RuntimeError("injected write failure")
+        return real(self)
+
+    monkeypatch.setattr(ProfileState, "to_json", failing)
+    with pytest.raises(RuntimeError, match="injected"):
+        await store.append_events(log[30:])
+    monkeypatch.setattr(ProfileState, "to_json", real)
+    assert await states_of(store) == before
+    assert await store.trending("", 100, 0) == trend_before
+    assert len([e async for e in store.iter_log()]) == 30
+    res = await store.append_events(log[30:])  # the retry goes through whole
+    assert res.accepted == 30
+    await assert_consistent(store, cfg)
+
+
+async def test_trending_matches_recomputation_and_categories(
+    store: ProfileStore, cfg: ProfileConfig
+) -> None:
+    items = catalog()
+    await store.upsert_items(items, NOW_US)
+    log = to_log(random_events(21, 300, start_us=NOW_US - 3 * DAY_US), items)
+    for start in range(0, len(log), 60):
+        await store.append_events(log[start : start + 60])
+    h = cfg.trending_half_life_us
+    expected = recompute_trending(log, NOW_US, h)
+    for scope in ["", "kitchen", "toys"]:
+        rows, anchor = await store.trending(scope, 1000, 0)
+        assert anchor is not None
+        got = {i: decay_to(s, anchor, NOW_US, h) for i, s in rows}
+        assert got == pytest.approx(expected[scope], rel=1e-9)
+        scores = [s for _, s in rows]
+        assert scores == sorted(scores, reverse=True)
+    page1, _ = await store.trending("", 3, 0)
+    page2, _ = await store.trending("", 3, 3)
+    full, _ = await store.trending("", 6, 0)
+    assert page1 + page2 == full
+
+
+async def test_catalog_upsert_get_list_and_stock(store: ProfileStore) -> None:
+    items = catalog(12)
+    assert await store.upsert_items(items, NOW_US) == (12, 0)
+    stored = await store.get_items(["i1", "nope"])
+    assert list(stored) == ["i1"] and stored["i1"].created_at.ToMicroseconds() == NOW_US
+    moved = item("i1", category="garden", price=9.5, stock=2)
+    assert await store.upsert_items([moved, item("new")], NOW_US + 5) == (1, 1)
+    again = (await store.get_items(["i1"]))["i1"]
+    assert again.category == "garden" and again.created_at.ToMicroseconds() == NOW_US
+    page = await store.list_items(5, "", "")
+    assert [i.item_id for i in page] == sorted(i.item_id for i in [*items, item("new")])[:5]
+    rest = await store.list_items(100, page[-1].item_id, "")
+    assert len(page) + len(rest) == 13
+    garden = [i.item_id for i in await store.list_items(100, "", "garden")]
+    assert "i1" in garden and all(
+        i.category == "garden" for i in await store.list_items(100, "", "garden")
+    )
+    kitchen = [i.item_id for i in await store.list_items(100, "", items[1].category)]
+    assert "i1" not in kitchen  # left its old category index
+    out = await store.update_stock(
+        [StockChange("i2", set_to=7), StockChange("i2", delta=-3), StockChange("i3", delta=-100)]
+    )
+    assert [i.stock for i in out] == [7, 4, 0]
+    with pytest.raises(UnknownItems):
+        await store.update_stock([StockChange("i2", set_to=1), StockChange("ghost", set_to=1)])
+    assert (await store.get_items(["i2"]))["i2"].stock == 4  # all-or-nothing
+    assert await store.upsert_items([item("i2", stock=99)], NOW_US, only_missing=True) == (0, 0)
+
+
+async def test_customers_and_abandoned_carts(store: ProfileStore, cfg: ProfileConfig) -> None:
+    items = catalog(4)
+    await store.upsert_items(items, NOW_US)
+    assert await store.upsert_customers([CustomerStatic("c9", "GB", "vip", {"tier": "gold"})]) == 1
+    (rec,) = await store.get_customers(["c9"])
+    assert rec.state is None and rec.static == CustomerStatic("c9", "GB", "vip", {"tier": "gold"})
+    add, buy = ET.EVENT_TYPE_ADD_TO_CART, ET.EVENT_TYPE_PURCHASE
+    evs = [
+        LogEvent(
+            f"e{n}", f"c{n}", add, NOW_US - (10 - n) * DAY_US, item_id="i1", quantity=1, price=2.0
+        )
+        for n in range(6)
+    ]
+    # c5 bought something after filling the cart: not abandoned.
+    evs.append(LogEvent("b5", "c5", buy, NOW_US, item_id="i2", quantity=1, price=1.0))
+    await store.append_events(evs)
+    window = await store.list_abandoned_carts(0, NOW_US - 5 * DAY_US, 100, None)
+    assert [c for c, _ in window] == ["c0", "c1", "c2", "c3", "c4"]
+    narrow = await store.list_abandoned_carts(NOW_US - 9 * DAY_US, NOW_US - 7 * DAY_US, 100, None)
+    assert [c for c, _ in narrow] == ["c1", "c2", "c3"]
+    first = await store.list_abandoned_carts(0, NOW_US, 2, None)
+    cid, state = first[-1]
+    rest = await store.list_abandoned_carts(0, NOW_US, 100, (state.cart_updated_us, cid))
+    assert [c for c, _ in first + rest] == ["c0", "c1", "c2", "c3", "c4"]
+
+
+async def test_concurrent_batches_are_all_applied(store: ProfileStore, cfg: ProfileConfig) -> None:
+    items = catalog()
+    await store.upsert_items(items, NOW_US)
+    log = to_log(random_events(8, 200, customers=3), items)
+    batches = [log[i : i + 5] for i in range(0, len(log), 5)]
+    results = await asyncio.gather(*(store.append_events(b) for b in batches + batches[:10]))
+    assert sum(r.accepted for r in results) == 200
+    assert sum(r.duplicates for r in results) == 50
+    await assert_consistent(store, cfg)
+
+
+def test_sqlite_forward_migration_keeps_data(tmp_path: Path, cfg: ProfileConfig) -> None:
+    path = tmp_path / "old.db"
+    conn = connect(path)
+    assert migrate(conn, target=1) == 1
+    state = ProfileState(events=1, cart={"i1": [1, 2.0, NOW_US]}, cart_updated_us=NOW_US)
+    conn.execute("INSERT INTO customers (customer_id, state) VALUES ('c1', ?)", (state.to_json(),))
+    conn.close()
+
+    async def reopen() -> list[tuple[str, ProfileState]]:
+        store = SqliteStore(path, cfg)
+        await store.open()
+        try:
+            return await store.list_abandoned_carts(0, NOW_US, 10, None)
+        finally:
+            await store.close()
+
+    assert [c for c, _ in asyncio.run(reopen())] == ["c1"]  # backfilled by the migration
+    conn = connect(path)
+    assert schema_version(conn) == SCHEMA_VERSION
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    conn.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION + 1,))
+    conn.close()
+    with pytest.raises(Exception, match="newer than this Mercato"):
+        asyncio.run(reopen())
+
+
+def test_float_state_round_trip_is_exact() -> None:
+    s = ProfileState(monetary=0.1 + 0.2, affinity={"a": math.pi / 3})
+    assert ProfileState.from_json(s.to_json()) == s
