@@ -31,6 +31,8 @@ from typing import Any
 
 import yaml
 
+# The health-check name liveness probes ask for, and the services' ports.
+from services.common.server import LIVENESS_SERVICE
 from services.common.settings import DEFAULT_PORTS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,8 +44,6 @@ OPERATIONS_GUIDE = REPO / "docs" / "operations.md"
 # the schemas; 1.32 is also the kubectl here). Raise it deliberately, with the clusters.
 KUBERNETES_VERSION = "1.32.0"
 
-# The health-check name liveness probes ask for (services/common/server.py).
-LIVENESS_SERVICE = "liveness"
 
 Obj = dict[str, Any]
 
