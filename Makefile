@@ -8,10 +8,10 @@ export OPENBLAS_NUM_THREADS ?= 1
 export OMP_NUM_THREADS ?= 1
 BUF := node_modules/.bin/buf
 
-.PHONY: help setup demo up down test test-fast protos protos-check lint bench bench-profile clean
+.PHONY: help setup demo up down test test-fast protos protos-check lint bench bench-profile clean k8s-validate
 
 help: ## List the targets
-	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-16s %s\n", $$1, $$2}'
+	@grep -E '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-16s %s\n", $$1, $$2}'
 
 setup: $(VENV)/.installed $(BUF) ## Create .venv and install Mercato with its dev tools (pinned)
 
@@ -51,6 +51,13 @@ lint: setup ## ruff, mypy and buf lint
 	$(PY) -m ruff format --check .
 	$(PY) -m mypy
 	cd protos && ../$(BUF) lint
+
+# Kubernetes version the manifests are validated against (kubernetes-validate's schemas).
+K8S_VERSION ?= 1.32.0
+
+# Needs kubectl (its built-in kustomize) on the PATH or in $(VENV)/bin; see docs/operations.md.
+k8s-validate: $(if $(wildcard $(PY)),,setup) ## Render every k8s overlay, validate it strictly against K8S_VERSION, run our checks
+	$(PY) -m tools.k8s_check --kubernetes-version $(K8S_VERSION)
 
 bench: setup ## Run all benchmarks (writes bench/results/*.json and *.md)
 	@echo "benchmarks: see bench-* targets"

@@ -32,6 +32,10 @@ from services.common.threads import configure_threads
 log = logging.getLogger("mercato.server")
 
 DIAGNOSTICS_SERVICE = diagnostics_pb2.DESCRIPTOR.services_by_name["DiagnosticsService"].full_name
+# Health-check name that is SERVING while the process runs (until shutdown starts), whatever
+# the readiness of the service: what a liveness probe asks. Readiness probes ask for the
+# service's own name (or ""), which stays NOT_SERVING until a model is loaded.
+LIVENESS_SERVICE = "liveness"
 MAX_ECHO_DELAY_MS = 60_000
 
 
@@ -140,6 +144,7 @@ async def serve(service: BaseService, stop_event: asyncio.Event | None = None) -
     )
     service.service_names = all_names
     await service.set_serving(False)
+    await service.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
 
     address = f"{settings.host}:{settings.resolved_port(service.name)}"
     credentials = server_credentials(settings)
