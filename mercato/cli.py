@@ -24,9 +24,13 @@ from services.common.supervisor import (
     stop_from_pid_file,
     write_pid_file,
 )
+from training.cli import promote_command, train_app
 
 app = typer.Typer(help="Mercato: real-time retail personalization.", no_args_is_help=True)
 console = Console()
+
+app.add_typer(train_app, name="train")
+app.command("promote")(promote_command)
 
 
 def _status_table(sup: Supervisor) -> Table:
