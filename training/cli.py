@@ -88,6 +88,34 @@ def train_retrieval(
         )
 
 
+@train_app.command("generate")
+def generate_data(
+    out: str = typer.Option(..., help="Folder for items/users/events Parquet files."),
+    users: int = typer.Option(10_000),
+    items: int = typer.Option(5_000),
+    categories: int = typer.Option(40),
+    days: int = typer.Option(120),
+    sessions_per_user: float = typer.Option(6.0),
+    seed: int = typer.Option(0),
+) -> None:
+    """Write the synthetic retail data set to disk (streamed: sized for load tests)."""
+    import time
+
+    from training.synthetic import SyntheticConfig, write_synthetic
+
+    t0 = time.perf_counter()
+    cfg = SyntheticConfig(
+        n_users=users,
+        n_items=items,
+        n_categories=categories,
+        days=days,
+        sessions_per_user=sessions_per_user,
+        seed=seed,
+    )
+    counts = write_synthetic(cfg, out)
+    console.print(f"wrote {counts} to {out} in {time.perf_counter() - t0:.1f}s")
+
+
 def promote_command(
     model_name: str = typer.Option("mercato-two-tower", help="Registered model name."),
     from_alias: str = typer.Option("challenger", help="Alias of the candidate."),
