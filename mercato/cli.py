@@ -26,10 +26,14 @@ from services.common.supervisor import (
     write_pid_file,
 )
 from services.profile import cli as profile_cli
+from training.cli import promote_command, train_app
 
 app = typer.Typer(help="Mercato: real-time retail personalization.", no_args_is_help=True)
 console = Console()
 app.add_typer(profile_cli.app)  # load, export-events
+
+app.add_typer(train_app, name="train")
+app.command("promote")(promote_command)
 
 
 def _status_table(sup: Supervisor) -> Table:

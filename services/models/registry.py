@@ -1,0 +1,71 @@
+"""Resolve a registered model alias in MLflow and download its serving bundle.
+
+``mlflow`` is imported inside the functions so that importing ``services.models`` stays
+cheap for code that only loads bundles from disk.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+BUNDLE_ARTIFACT_PATH = "bundle"
+
+
+@dataclass(frozen=True)
+class ModelVersionInfo:
+    """A registered model version reached through an alias."""
+
+    name: str
+    version: str
+    run_id: str
+    alias: str
+    source: str = ""
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+def resolve_alias(model_name: str, alias: str, tracking_uri: str) -> ModelVersionInfo:
+    """The version an alias points at; raises LookupError when the alias does not exist."""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    try:
+        mv = client.get_model_version_by_alias(model_name, alias)
+    except MlflowException as e:
+        raise LookupError(f"model {model_name!r} has no alias {alias!r}: {e.message}") from e
+    return ModelVersionInfo(
+        name=mv.name,
+        version=str(mv.version),
+        run_id=mv.run_id or "",
+        alias=alias,
+        source=mv.source or "",
+        tags=dict(mv.tags or {}),
+    )
+
+
+def download_bundle(
+    model_name: str, alias: str, tracking_uri: str, dst: Path
+) -> tuple[ModelVersionInfo, Path]:
+    """Resolve ``alias`` and download the version's bundle directory under ``dst``.
+
+    Returns the version info and the local bundle directory (``dst/bundle``), ready for
+    ``TwoTowerBundle.load``. Raises LookupError for an unknown model or alias.
+    """
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    import mlflow.artifacts
+
+    info = resolve_alias(model_name, alias, tracking_uri)
+    dst = Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    artifact_path = info.tags.get("bundle_artifact_path", BUNDLE_ARTIFACT_PATH)
+    local = mlflow.artifacts.download_artifacts(
+        run_id=info.run_id,
+        artifact_path=artifact_path,
+        dst_path=str(dst),
+        tracking_uri=tracking_uri,
+    )
+    return info, Path(local)

@@ -1,0 +1,516 @@
+"""Serving side of the two-tower retrieval model: feature encoding, towers, the bundle.
+
+This module is what the retrieval service imports. It depends on numpy, torch, faiss and
+the standard library only (never on ``training``): the training pipeline imports the
+tower definition and the feature encoders from here, so training and serving share one
+definition of every feature.
+
+A bundle is a directory::
+
+    config.json            format_version, model_type, dim, n_items, metric, feature config
+    vocab.json             category / surface / country / segment vocabularies
+    items.json             item_ids (row order) and their categories
+    item_price.npy         float32 [n_items]
+    item_embeddings.npy    float32 [n_items, dim], L2-normalised, row i = items.json[i]
+    towers.pt              state dict of both towers (loaded with weights_only=True)
+    index.faiss            FAISS index over item_embeddings, ids == rows, inner product
+    popularity.json        [[item_id, score], ...] descending (fallback)
+    complements.json       {item_id: [[item_id, score], ...]} (cross-sell; may be empty)
+    eval.json              evaluation report of the training run (optional)
+    manifest.json          sha256 and size of every file above
+
+Integer rows stay inside the bundle: every public method speaks retailer string ids.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+FORMAT_VERSION = 1
+MODEL_TYPE = "two-tower"
+PRICE_BANDS = ("", "low", "mid", "high")
+SURFACES = ("", "home", "product", "cart", "checkout", "buy_again", "email", "search")
+REQUIRED_FILES = (
+    "config.json",
+    "vocab.json",
+    "items.json",
+    "item_price.npy",
+    "item_embeddings.npy",
+    "towers.pt",
+    "index.faiss",
+    "popularity.json",
+    "complements.json",
+)
+
+
+@dataclass
+class UserQuery:
+    """What serving knows about a customer at request time."""
+
+    recent_item_ids: list[str]  # newest first
+    purchased_item_ids: list[str]
+    cart_item_ids: list[str]
+    anchor_item_id: str = ""
+    surface: str = ""  # "home","product","cart","checkout","buy_again","email"
+    country: str = ""
+    segment: str = ""
+    price_band: str = ""  # "low","mid","high",""
+    category_affinity: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class ItemFeatures:
+    """Catalog features of one item; the id may be unknown to the model (cold start)."""
+
+    item_id: str
+    category: str = ""
+    price: float = 0.0
+    attributes: dict[str, str] = field(default_factory=dict)
+
+
+class BundleError(Exception):
+    """A bundle is missing, corrupt or inconsistent."""
+
+
+# --------------------------------------------------------------------------- features
+
+
+def attribute_tokens(attributes: dict[str, str], buckets: int, max_attrs: int) -> list[int]:
+    """Hash ``key=value`` pairs into ``1..buckets`` (0 is padding), sorted by key.
+
+    crc32 is stable across processes and platforms, so an attribute value never seen in
+    training still lands in a fixed bucket.
+    """
+    out = []
+    for key in sorted(attributes)[:max_attrs]:
+        value = attributes[key]
+        if value is None or value == "":
+            continue
+        out.append(1 + zlib.crc32(f"{key}={value}".encode()) % buckets)
+    return out
+
+
+def price_buckets(prices: np.ndarray, boundaries: list[float]) -> np.ndarray:
+    """Fine price bucket per price: 1..len(boundaries)+1; 0 for an unknown (<= 0) price."""
+    p = np.asarray(prices, dtype=np.float64)
+    b = 1 + np.searchsorted(np.asarray(boundaries, dtype=np.float64), p, side="right")
+    return np.where(p > 0, b, 0).astype(np.int64)
+
+
+def price_band_of(price: float, band_boundaries: list[float]) -> str:
+    """Coarse band ("low", "mid", "high") of a price; "" when unknown."""
+    if not price or price <= 0 or math.isnan(price):
+        return ""
+    lo, hi = band_boundaries
+    return "low" if price < lo else ("mid" if price < hi else "high")
+
+
+def _pad(rows: list[list[int]], width: int) -> np.ndarray:
+    out = np.zeros((len(rows), width), dtype=np.int64)
+    for i, r in enumerate(rows):
+        r = r[:width]
+        out[i, : len(r)] = r
+    return out
+
+
+# --------------------------------------------------------------------------- towers
+
+
+class TwoTowerNet(nn.Module):
+    """User and item towers. Both output L2-normalised vectors of size ``dim``.
+
+    Item index 0 is "unknown item" everywhere (its id embedding is a fixed zero), so the
+    item tower embeds an item from its features alone when its id is not in the vocabulary
+    (trained for by id dropout), and the user tower ignores unknown history items.
+    """
+
+    item_category: torch.Tensor
+
+    def __init__(
+        self,
+        n_items: int,
+        n_categories: int,
+        n_surfaces: int,
+        n_countries: int,
+        n_segments: int,
+        n_price_buckets: int,
+        attr_buckets: int,
+        dim: int = 64,
+        hidden: int = 128,
+        max_recent: int = 20,
+    ) -> None:
+        super().__init__()
+        small = 16
+        self.dim = dim
+        self.n_categories = n_categories
+        self.item_id = nn.Embedding(n_items + 1, dim, padding_idx=0)
+        self.category = nn.Embedding(n_categories, dim, padding_idx=0)
+        self.price = nn.Embedding(n_price_buckets + 2, small, padding_idx=0)
+        self.attrs = nn.EmbeddingBag(attr_buckets + 1, dim // 2, mode="mean", padding_idx=0)
+        self.item_mlp = nn.Sequential(
+            nn.Linear(2 * dim + small + dim // 2, hidden), nn.GELU(), nn.Linear(hidden, dim)
+        )
+        self.surface = nn.Embedding(n_surfaces, small)
+        self.country = nn.Embedding(n_countries, small)
+        self.segment = nn.Embedding(n_segments, small)
+        self.band = nn.Embedding(len(PRICE_BANDS), small)
+        self.affinity = nn.Linear(n_categories, dim // 2, bias=False)
+        self.recent_pos = nn.Parameter(torch.zeros(max_recent))
+        self.user_mlp = nn.Sequential(
+            nn.Linear(4 * dim + 4 * small + dim // 2, hidden), nn.GELU(), nn.Linear(hidden, dim)
+        )
+        # Category of every item row (0 = unknown); used to pool history items.
+        self.register_buffer("item_category", torch.zeros(n_items + 1, dtype=torch.long))
+        nn.init.normal_(self.item_id.weight, std=0.05)
+        with torch.no_grad():
+            self.item_id.weight[0].zero_()
+            self.category.weight[0].zero_()
+
+    # -- item tower
+    def encode_item(
+        self, item: torch.Tensor, cat: torch.Tensor, price: torch.Tensor, attrs: torch.Tensor
+    ) -> torch.Tensor:
+        """item [B] (0 = unknown), cat [B], price bucket [B], attrs [B, A] -> [B, dim]."""
+        x = torch.cat(
+            [self.item_id(item), self.category(cat), self.price(price), self.attrs(attrs)], dim=1
+        )
+        return F.normalize(self.item_mlp(x), dim=1)
+
+    # -- user tower
+    def _history(self, idx: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+        cat = self.item_category[idx]
+        e = self.item_id(idx) + self.category(cat)
+        w = (idx > 0).float()
+        if weights is not None:
+            w = w * weights
+        return (e * w.unsqueeze(-1)).sum(1) / w.sum(1, keepdim=True).clamp_min(1e-6)
+
+    def affinity_from_history(self, recent: torch.Tensor, purchased: torch.Tensor) -> torch.Tensor:
+        """Normalised category counts of the history items [B, n_categories]."""
+        idx = torch.cat([recent, purchased], dim=1)
+        cats = self.item_category[idx]
+        aff = torch.zeros(idx.shape[0], self.n_categories, dtype=torch.float32)
+        aff.scatter_add_(1, cats, (idx > 0).float())
+        aff[:, 0] = 0.0
+        return aff / aff.sum(1, keepdim=True).clamp_min(1e-6)
+
+    def encode_user(
+        self,
+        recent: torch.Tensor,
+        purchased: torch.Tensor,
+        cart: torch.Tensor,
+        anchor: torch.Tensor,
+        surface: torch.Tensor,
+        country: torch.Tensor,
+        segment: torch.Tensor,
+        band: torch.Tensor,
+        affinity: torch.Tensor,
+    ) -> torch.Tensor:
+        """History [B, L] item indices (0 = padding), context ids [B], affinity [B, C]."""
+        pos = torch.exp(self.recent_pos[: recent.shape[1]]).unsqueeze(0)
+        a = anchor.unsqueeze(1)
+        x = torch.cat(
+            [
+                self._history(recent, pos),
+                self._history(purchased),
+                self._history(cart),
+                self._history(a),
+                self.surface(surface),
+                self.country(country),
+                self.segment(segment),
+                self.band(band),
+                self.affinity(affinity),
+            ],
+            dim=1,
+        )
+        return F.normalize(self.user_mlp(x), dim=1)
+
+
+def build_net(config: dict[str, Any], vocab: dict[str, list[str]]) -> TwoTowerNet:
+    """The towers as described by a bundle's config and vocabularies."""
+    f = config["features"]
+    return TwoTowerNet(
+        n_items=int(config["n_items"]),
+        n_categories=len(vocab["category"]),
+        n_surfaces=len(vocab["surface"]),
+        n_countries=len(vocab["country"]),
+        n_segments=len(vocab["segment"]),
+        n_price_buckets=len(f["price_boundaries"]) + 1,
+        attr_buckets=int(f["attr_buckets"]),
+        dim=int(config["dim"]),
+        hidden=int(config["hidden"]),
+        max_recent=int(f["max_recent"]),
+    )
+
+
+# --------------------------------------------------------------------------- bundle
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class TwoTowerBundle:
+    """Everything serving needs to encode users and items and search the item index."""
+
+    def __init__(
+        self,
+        config: dict[str, Any],
+        vocab: dict[str, list[str]],
+        item_ids: list[str],
+        item_category: list[str],
+        item_price: np.ndarray,
+        item_embeddings: np.ndarray,
+        net: TwoTowerNet,
+        index: faiss.Index,
+        popularity: list[tuple[str, float]],
+        complements: dict[str, list[tuple[str, float]]] | None = None,
+        eval_report: dict[str, Any] | None = None,
+    ) -> None:
+        self.config = config
+        self.vocab = vocab
+        self.item_ids = item_ids
+        self.item_category = item_category
+        self.item_price = np.asarray(item_price, dtype=np.float32)
+        self.item_embeddings = np.ascontiguousarray(item_embeddings, dtype=np.float32)
+        self.net = net.eval()
+        self.index = index
+        self.popularity = popularity
+        self.complements = complements or {}
+        self.eval_report = eval_report or {}
+        self._row = {iid: i for i, iid in enumerate(item_ids)}
+        self._lookup = {k: {v: i for i, v in enumerate(vals)} for k, vals in vocab.items()}
+        self.check()
+
+    # -- consistency
+    def check(self) -> None:
+        """Raise BundleError unless every part agrees on the number of items and dim."""
+        c = self.config
+        for key in ("dim", "n_items", "metric", "model_type", "format_version", "features"):
+            if key not in c:
+                raise BundleError(f"config.json has no {key!r}")
+        if c["format_version"] != FORMAT_VERSION:
+            raise BundleError(f"format_version {c['format_version']} != {FORMAT_VERSION}")
+        if c["model_type"] != MODEL_TYPE or c["metric"] != "ip":
+            raise BundleError(f"not a {MODEL_TYPE} bundle with metric ip: {c['model_type']}")
+        n, dim = int(c["n_items"]), int(c["dim"])
+        if self.item_embeddings.shape != (n, dim):
+            raise BundleError(f"item_embeddings shape {self.item_embeddings.shape} != {(n, dim)}")
+        if len(self.item_ids) != n or len(self.item_category) != n or len(self.item_price) != n:
+            raise BundleError("items.json / item_price.npy do not have n_items rows")
+        if len(self._row) != n:
+            raise BundleError("items.json has duplicate item ids")
+        if self.index.ntotal != n or self.index.d != dim:
+            raise BundleError(f"index has {self.index.ntotal} x {self.index.d}, want {n} x {dim}")
+        if not np.isfinite(self.item_embeddings).all():
+            raise BundleError("item_embeddings contain NaN or inf")
+        for key in ("category", "surface", "country", "segment"):
+            if key not in self.vocab or not self.vocab[key] or self.vocab[key][0] != "":
+                raise BundleError(f"vocab.json: {key!r} missing or does not start with ''")
+
+    @property
+    def dim(self) -> int:
+        return int(self.config["dim"])
+
+    def row_of(self, item_id: str) -> int | None:
+        """Row of an item in item_embeddings / FAISS id, None when unknown."""
+        return self._row.get(item_id)
+
+    # -- encoding
+    def _item_index(self, ids: list[str]) -> list[int]:
+        out = []
+        for i in ids:
+            r = self._row.get(i)
+            if r is not None:
+                out.append(r + 1)
+        return out
+
+    def _vocab_index(self, key: str, value: str) -> int:
+        return self._lookup[key].get(value, 0)
+
+    @torch.no_grad()
+    def encode_users(self, queries: list[UserQuery]) -> np.ndarray:
+        """User-tower embeddings float32 [B, dim]; unknown item ids are ignored."""
+        if not queries:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        f = self.config["features"]
+        recent = _pad([self._item_index(q.recent_item_ids) for q in queries], f["max_recent"])
+        purchased = _pad(
+            [self._item_index(q.purchased_item_ids) for q in queries], f["max_purchased"]
+        )
+        cart = _pad([self._item_index(q.cart_item_ids) for q in queries], f["max_cart"])
+        anchor = np.array(
+            [(self._row.get(q.anchor_item_id, -1) + 1) for q in queries], dtype=np.int64
+        )
+        surface = [self._vocab_index("surface", q.surface) for q in queries]
+        country = [self._vocab_index("country", q.country) for q in queries]
+        segment = [self._vocab_index("segment", q.segment) for q in queries]
+        band = [
+            PRICE_BANDS.index(q.price_band) if q.price_band in PRICE_BANDS else 0 for q in queries
+        ]
+        r_t, p_t = torch.from_numpy(recent), torch.from_numpy(purchased)
+        affinity = self.net.affinity_from_history(r_t, p_t)
+        cats = self._lookup["category"]
+        for i, q in enumerate(queries):
+            if q.category_affinity:
+                row = torch.zeros(len(cats))
+                for cat, v in q.category_affinity.items():
+                    j = cats.get(cat, 0)
+                    if j and math.isfinite(v) and v > 0:
+                        row[j] += float(v)
+                if row.sum() > 0:
+                    affinity[i] = row / row.sum()
+        out = self.net.encode_user(
+            r_t,
+            p_t,
+            torch.from_numpy(cart),
+            torch.from_numpy(anchor),
+            torch.tensor(surface),
+            torch.tensor(country),
+            torch.tensor(segment),
+            torch.tensor(band),
+            affinity,
+        )
+        return out.numpy().astype(np.float32)
+
+    def item_feature_arrays(self, items: list[ItemFeatures]) -> tuple[np.ndarray, ...]:
+        """Integer feature arrays (id, category, price bucket, attribute tokens)."""
+        f = self.config["features"]
+        ids = np.array([self._row.get(it.item_id, -1) + 1 for it in items], dtype=np.int64)
+        cats = np.array([self._vocab_index("category", it.category) for it in items])
+        prices = price_buckets(np.array([it.price for it in items]), f["price_boundaries"])
+        attrs = _pad(
+            [attribute_tokens(it.attributes, f["attr_buckets"], f["max_attrs"]) for it in items],
+            f["max_attrs"],
+        )
+        return ids, cats.astype(np.int64), prices, attrs
+
+    @torch.no_grad()
+    def encode_items(self, items: list[ItemFeatures]) -> np.ndarray:
+        """Item-tower embeddings float32 [B, dim]; an unknown id is embedded from features."""
+        if not items:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        ids, cats, prices, attrs = self.item_feature_arrays(items)
+        out = self.net.encode_item(
+            torch.from_numpy(ids),
+            torch.from_numpy(cats),
+            torch.from_numpy(prices),
+            torch.from_numpy(attrs),
+        )
+        return out.numpy().astype(np.float32)
+
+    def search(self, user_vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """FAISS search: (scores [B, k], rows [B, k]); rows are -1 where fewer exist."""
+        q = np.ascontiguousarray(user_vectors, dtype=np.float32)
+        scores, rows = self.index.search(q, k)
+        return scores, rows
+
+    # -- persistence
+    def save(self, path: str | Path) -> None:
+        """Write the bundle directory (created if needed) with a checksum manifest."""
+        d = Path(path)
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "config.json").write_text(json.dumps(self.config, indent=2, sort_keys=True))
+        (d / "vocab.json").write_text(json.dumps(self.vocab))
+        (d / "items.json").write_text(
+            json.dumps({"item_ids": self.item_ids, "category": self.item_category})
+        )
+        np.save(d / "item_price.npy", self.item_price)
+        np.save(d / "item_embeddings.npy", self.item_embeddings)
+        torch.save(self.net.state_dict(), d / "towers.pt")
+        faiss.write_index(self.index, str(d / "index.faiss"))
+        (d / "popularity.json").write_text(json.dumps([[i, float(s)] for i, s in self.popularity]))
+        (d / "complements.json").write_text(
+            json.dumps({k: [[i, float(s)] for i, s in v] for k, v in self.complements.items()})
+        )
+        files = list(REQUIRED_FILES)
+        if self.eval_report:
+            (d / "eval.json").write_text(json.dumps(self.eval_report, indent=2, sort_keys=True))
+            files.append("eval.json")
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "files": {
+                n: {"sha256": _sha256(d / n), "bytes": (d / n).stat().st_size} for n in files
+            },
+        }
+        (d / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
+
+    @classmethod
+    def load(cls, path: str | Path, verify_checksums: bool = True) -> TwoTowerBundle:
+        """Load a bundle directory; BundleError says what is missing or wrong."""
+        d = Path(path)
+        if not d.is_dir():
+            raise BundleError(f"bundle directory {d} does not exist")
+        try:
+            manifest = json.loads((d / "manifest.json").read_text())
+        except FileNotFoundError as e:
+            raise BundleError(f"{d}: manifest.json is missing") from e
+        except (OSError, ValueError) as e:
+            raise BundleError(f"{d}: manifest.json is unreadable: {e}") from e
+        listed = manifest.get("files", {})
+        for name in REQUIRED_FILES:
+            if name not in listed:
+                raise BundleError(f"{d}: manifest.json does not list {name}")
+        for name, meta in listed.items():
+            p = d / name
+            if not p.is_file():
+                raise BundleError(f"{d}: {name} is missing")
+            if p.stat().st_size != meta.get("bytes"):
+                raise BundleError(
+                    f"{d}: {name} has {p.stat().st_size} bytes, manifest says {meta.get('bytes')}"
+                )
+            if verify_checksums and _sha256(p) != meta.get("sha256"):
+                raise BundleError(f"{d}: {name} does not match its sha256 in manifest.json")
+        try:
+            config = json.loads((d / "config.json").read_text())
+            vocab = json.loads((d / "vocab.json").read_text())
+            items = json.loads((d / "items.json").read_text())
+            price = np.load(d / "item_price.npy", allow_pickle=False)
+            emb = np.load(d / "item_embeddings.npy", allow_pickle=False)
+            popularity = [
+                (str(i), float(s)) for i, s in json.loads((d / "popularity.json").read_text())
+            ]
+            complements = {
+                str(k): [(str(i), float(s)) for i, s in v]
+                for k, v in json.loads((d / "complements.json").read_text()).items()
+            }
+            report = (
+                json.loads((d / "eval.json").read_text()) if (d / "eval.json").is_file() else {}
+            )
+            net = build_net(config, vocab)
+            state = torch.load(d / "towers.pt", map_location="cpu", weights_only=True)
+            net.load_state_dict(state, strict=True)
+            index = faiss.read_index(str(d / "index.faiss"))
+        except BundleError:
+            raise
+        except Exception as e:  # any unreadable or inconsistent artifact
+            raise BundleError(f"{d}: cannot load bundle: {type(e).__name__}: {e}") from e
+        return cls(
+            config=config,
+            vocab=vocab,
+            item_ids=[str(x) for x in items["item_ids"]],
+            item_category=[str(x) for x in items["category"]],
+            item_price=price,
+            item_embeddings=emb,
+            net=net,
+            index=index,
+            popularity=popularity,
+            complements=complements,
+            eval_report=report,
+        )

@@ -1,0 +1,289 @@
+"""Training pipeline: generator, splits, metrics, tiny train -> register -> load, promotion."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import replace
+from pathlib import Path
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+from services.models import BundleError, ItemFeatures, TwoTowerBundle, UserQuery, download_bundle
+from services.models.two_tower import PRICE_BANDS
+from training.data import time_split, user_random_split
+from training.evaluate import PopularityScorer, evaluate, metrics_from_ranking, top_k
+from training.features import build_eval_set, build_vocab
+from training.index import IndexConfig, ann_recall, build_index, index_kind
+from training.pipeline import TrainConfig, load_data, make_split, train_and_register
+from training.registry import PromotionRefused, promote
+from training.synthetic import (
+    SyntheticConfig,
+    build_catalog,
+    generate,
+    load_synthetic,
+    write_synthetic,
+)
+from training.two_tower import TwoTowerConfig, encode_users
+
+TINY = SyntheticConfig(n_users=700, n_items=300, n_categories=16, days=60, seed=3)
+
+
+def tiny_cfg(tmp: Path, **model: object) -> TrainConfig:
+    m = replace(TwoTowerConfig(), dim=16, hidden=32, epochs=3, batch_size=256, progress=False)
+    return TrainConfig(
+        synthetic=TINY,
+        model=replace(m, **model),  # type: ignore[arg-type]
+        tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}",
+        index=IndexConfig(recall_queries=200),
+    )
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def test_generator_is_deterministic_and_streams_the_same_data(tmp_path: Path) -> None:
+    a, b = generate(TINY), generate(TINY)
+    pd.testing.assert_frame_equal(a.events, b.events)
+    pd.testing.assert_frame_equal(a.items, b.items)
+    other = generate(replace(TINY, seed=4))
+    assert not a.events.head(200).equals(other.events.head(200))
+    counts = write_synthetic(TINY, tmp_path / "syn")
+    c = load_synthetic(tmp_path / "syn")
+    assert counts["events"] == len(a.events)
+    pd.testing.assert_frame_equal(c.events, a.events)
+    pd.testing.assert_frame_equal(c.users, a.users)
+
+
+def test_generator_has_retail_structure() -> None:
+    d = generate(TINY)
+    ev = d.events
+    assert set(ev["event"]) == {"view", "cart", "purchase"}
+    sessions = ev.groupby(["user_id", "session_id"])["event"].agg(set)
+    carted = sessions.map(lambda s: "cart" in s)
+    bought = sessions.map(lambda s: "purchase" in s)
+    assert (carted & ~bought).sum() > 0, "no abandoned carts"
+    assert bought.sum() > 0
+    # Baskets hold complementary categories (phone + case ...) more than chance.
+    cat = d.items.set_index("item_id")["category"]
+    p = ev[ev["event"] == "purchase"].assign(c=lambda x: x["item_id"].map(cat))
+    pairs = p.groupby(["user_id", "session_id"])["c"].agg(lambda s: set(s.str.split("/").str[1]))
+    assert pairs.map(lambda s: {"phones", "phone_cases"} <= s or {"shoes", "socks"} <= s).sum() > 0
+    # Long tail: the top 10% of items get a large share of the interactions.
+    share = ev["item_id"].value_counts()
+    assert share.head(len(d.items) // 10).sum() / share.sum() > 0.3
+    # New items appear during the period (trends).
+    first_seen = ev.groupby("item_id")["ts"].min()
+    assert (first_seen > ev["ts"].min() + 20 * 86400).sum() > 0
+    cat_full = build_catalog(TINY)
+    assert len(cat_full.item_ids) == TINY.n_items
+
+
+def test_time_split_keeps_sessions_whole_and_ordered() -> None:
+    d = generate(TINY)
+    s = time_split(d, 0.1, 0.1)
+    assert len(s.train) + len(s.valid) + len(s.test) == len(d.events)
+    keys = [
+        set(zip(x["user_id"], x["session_id"], strict=True)) for x in (s.train, s.valid, s.test)
+    ]
+    assert not (keys[0] & keys[1]) and not (keys[1] & keys[2]) and not (keys[0] & keys[2])
+    start = [x.groupby(["user_id", "session_id"])["ts"].min() for x in (s.train, s.valid, s.test)]
+    assert start[0].max() < start[1].min() and start[1].max() < start[2].min()
+    r = user_random_split(d, 0.1, 0.1, seed=1)
+    assert len(r.train) + len(r.valid) + len(r.test) == len(d.events)
+    assert set(r.valid["user_id"]) | set(r.test["user_id"]) <= set(r.train["user_id"])
+    assert r.signature() != s.signature()
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def test_metrics_match_hand_computed_values() -> None:
+    # One user, ranking [3, 1, 2, 0, 4], truth {1, 0}.
+    ranked = np.array([[3, 1, 2, 0, 4]])
+    truth = sp.csr_matrix(np.array([[1, 1, 0, 0, 0]], dtype=np.float32))
+    m = metrics_from_ranking(ranked, truth, ks=(1, 2, 4))
+    assert m["recall@1"][0] == 0.0 and m["hit@1"][0] == 0.0 and m["ndcg@1"][0] == 0.0
+    assert m["recall@2"][0] == pytest.approx(0.5)
+    assert m["ndcg@2"][0] == pytest.approx((1 / math.log2(3)) / (1 + 1 / math.log2(3)))
+    assert m["recall@4"][0] == pytest.approx(1.0)
+    dcg4 = 1 / math.log2(3) + 1 / math.log2(5)
+    assert m["ndcg@4"][0] == pytest.approx(dcg4 / (1 + 1 / math.log2(3)))
+    assert m["hit@2"][0] == 1.0
+
+
+def test_evaluate_excludes_history_and_counts_coverage() -> None:
+    from training.features import EvalSet, UserFeatures
+
+    scores = np.array([5.0, 4.0, 3.0, 2.0, 1.0])
+    exclude = sp.csr_matrix(np.array([[1, 0, 0, 0, 0], [0, 0, 0, 0, 0]], dtype=np.float32))
+    truth = sp.csr_matrix(np.array([[0, 0, 1, 0, 0], [0, 0, 0, 0, 1]], dtype=np.float32))
+    assert top_k(np.tile(scores, (2, 1)), exclude, 2).tolist() == [[1, 2], [0, 1]]
+    es = EvalSet(
+        "t",
+        np.array([0, 1]),
+        UserFeatures.empty(2, build_vocab(generate(TINY)).features),
+        truth,
+        exclude,
+    )
+    m = evaluate(PopularityScorer(scores), es, ks=(2, 5))
+    # user 0: ranking 1,2,3,4 -> hit at rank 2; user 1: 0,1,2,3,4 -> hit at rank 5.
+    assert m["recall@2"] == pytest.approx(0.5)
+    assert m["ndcg@2"] == pytest.approx((1 / math.log2(3)) / 2)
+    assert m["ndcg@5"] == pytest.approx((1 / math.log2(3) + 1 / math.log2(6)) / 2)
+    assert m["coverage@2"] == pytest.approx(3 / 5)
+    assert m["users"] == 2
+
+
+def test_hnsw_index_above_threshold_and_ann_recall() -> None:
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2000, 16)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    q = x[:100] + 0.1 * rng.normal(size=(100, 16)).astype(np.float32)
+    exact = build_index(x, IndexConfig(exact_max_items=5000))
+    hnsw = build_index(x, IndexConfig(exact_max_items=1000))
+    assert index_kind(exact) == "exact" and index_kind(hnsw) == "hnsw"
+    assert ann_recall(exact, x, q, 20) == 1.0
+    r = ann_recall(hnsw, x, q, 20)
+    assert 0.8 < r <= 1.0
+    _, rows = hnsw.search(x[:5], 1)
+    assert rows[:, 0].tolist() == [0, 1, 2, 3, 4]  # FAISS ids are rows
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[TrainConfig, object]:
+    tmp = tmp_path_factory.mktemp("mlflow")
+    cfg = tiny_cfg(tmp)
+    return cfg, train_and_register(cfg)
+
+
+def test_tiny_train_register_load_by_alias_gives_same_scores(trained, tmp_path: Path) -> None:
+    cfg, res = trained
+    assert res.version == "1" and res.alias == "challenger"
+    from mlflow.tracking import MlflowClient
+
+    run = MlflowClient(cfg.tracking_uri).get_run(res.run_id)
+    # The gate metric of the run is the best epoch's final evaluation, not the last epoch's.
+    assert run.data.metrics["valid_recall_20"] == pytest.approx(res.metric("valid"))
+    assert run.data.tags["split_signature"] == res.split_signature
+    info, path = download_bundle(cfg.model_name, "challenger", cfg.tracking_uri, tmp_path / "dl")
+    assert (info.name, info.version, info.run_id, info.alias) == (
+        cfg.model_name,
+        res.version,
+        res.run_id,
+        "challenger",
+    )
+    local, remote = TwoTowerBundle.load(res.bundle_dir), TwoTowerBundle.load(path)
+    assert remote.config["dim"] == 16 and remote.config["n_items"] == TINY.n_items
+    np.testing.assert_array_equal(local.item_embeddings, remote.item_embeddings)
+
+    # Serving features == training features: encode the validation users from string ids.
+    data = load_data(cfg)
+    split = make_split(data, cfg)
+    vocab = build_vocab(data, cfg.features)
+    valid = build_eval_set("valid", split.train, split.valid, vocab, data.target_events)
+    f = valid.feats
+    ids = vocab.item_ids
+    queries = [
+        UserQuery(
+            recent_item_ids=[ids[x - 1] for x in f.recent[j] if x > 0],
+            purchased_item_ids=[ids[x - 1] for x in f.purchased[j] if x > 0],
+            cart_item_ids=[ids[x - 1] for x in f.cart[j] if x > 0],
+            surface="home",
+            country=vocab.countries[f.country[j]],
+            segment=vocab.segments[f.segment[j]],
+            price_band=PRICE_BANDS[f.band[j]],
+        )
+        for j in range(len(valid))
+    ]
+    served = remote.encode_users(queries)
+    trained_side = encode_users(remote.net, f)
+    np.testing.assert_allclose(served, trained_side, atol=1e-5)
+    np.testing.assert_allclose(served, local.encode_users(queries), atol=1e-6)
+    # Scores from the downloaded bundle reproduce the logged validation metric.
+    from training.evaluate import EmbeddingScorer
+
+    m = evaluate(EmbeddingScorer(served, remote.item_embeddings), valid, cfg.ks)
+    assert m["recall@20"] == pytest.approx(res.metrics["valid"]["two_tower"]["recall@20"], abs=1e-9)
+    # FAISS agrees with brute force.
+    _s, rows = remote.search(served[:5], 10)
+    brute = np.argsort(-(served[:5] @ remote.item_embeddings.T), axis=1)[:, :10]
+    assert (rows[:, 0] == brute[:, 0]).all()
+    # Item tower from catalog features reproduces the stored embeddings; new ids work.
+    items = data.items
+    feats = [
+        ItemFeatures(
+            r.item_id,
+            r.category,
+            float(r.price),
+            {"brand": r.attr_brand, "color": r.attr_color, "tier": r.attr_tier},
+        )
+        for r in items.head(50).itertuples()
+    ]
+    np.testing.assert_allclose(remote.encode_items(feats), remote.item_embeddings[:50], atol=1e-5)
+    cold = remote.encode_items([replace(feats[0], item_id="NEW-SKU-1")])
+    assert cold.shape == (1, 16) and np.isfinite(cold).all()
+    assert np.linalg.norm(cold) == pytest.approx(1.0, abs=1e-4)
+    assert remote.row_of(feats[3].item_id) == 3 and remote.row_of("NEW-SKU-1") is None
+    assert remote.popularity and remote.popularity[0][1] >= remote.popularity[-1][1]
+
+
+def test_bundle_refuses_missing_or_corrupt_files(trained, tmp_path: Path) -> None:
+    import shutil
+
+    _, res = trained
+    bad = tmp_path / "b"
+    shutil.copytree(res.bundle_dir, bad)
+    (bad / "index.faiss").unlink()
+    with pytest.raises(BundleError, match=r"index\.faiss"):
+        TwoTowerBundle.load(bad)
+    bad2 = tmp_path / "c"
+    shutil.copytree(res.bundle_dir, bad2)
+    cfg = json.loads((bad2 / "config.json").read_text())
+    cfg["dim"] = 17
+    (bad2 / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
+    with pytest.raises(BundleError):
+        TwoTowerBundle.load(bad2)
+    with pytest.raises(BundleError, match=r"dim|shape|size"):
+        TwoTowerBundle.load(bad2, verify_checksums=False)
+    with pytest.raises(BundleError, match="does not exist"):
+        TwoTowerBundle.load(tmp_path / "nothing")
+
+
+def test_promotion_gate_refuses_a_worse_model(trained) -> None:
+    cfg, res = trained
+    first = promote(cfg.model_name, cfg.tracking_uri)
+    assert first.promoted and first.version == res.version
+    # An untrained model (lr ~ 0) on the same data and split.
+    worse = train_and_register(replace(cfg, model=replace(cfg.model, lr=1e-9, epochs=1)))
+    assert worse.split_signature == res.split_signature
+    w, b = worse.metric(), res.metric()
+    assert w < b, f"precondition: the untrained model should be worse ({w} vs {b})"
+    with pytest.raises(PromotionRefused) as e:
+        promote(cfg.model_name, cfg.tracking_uri)
+    assert not e.value.result.promoted and "<" in e.value.result.reason
+    from services.models import resolve_alias
+
+    assert resolve_alias(cfg.model_name, "champion", cfg.tracking_uri).version == res.version
+    forced = promote(cfg.model_name, cfg.tracking_uri, force=True)
+    assert forced.promoted and forced.version == worse.version
+    assert resolve_alias(cfg.model_name, "champion", cfg.tracking_uri).version == worse.version
+    # A better (here: the first) model passes the gate again.
+    back = promote(cfg.model_name, cfg.tracking_uri, version=res.version)
+    assert back.promoted
+    # A model trained on other data is not comparable without --force.
+    other = train_and_register(
+        replace(cfg, synthetic=replace(TINY, seed=9), model=replace(cfg.model, epochs=1))
+    )
+    assert other.split_signature != res.split_signature
+    with pytest.raises(PromotionRefused, match="not comparable"):
+        promote(cfg.model_name, cfg.tracking_uri)

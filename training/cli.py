@@ -1,0 +1,142 @@
+"""``mercato train ...`` and ``mercato promote``: registered in ``mercato.cli``."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+import typer
+from rich.console import Console
+
+train_app = typer.Typer(
+    help="Train models, evaluate them against baselines, register them.", no_args_is_help=True
+)
+console = Console()
+
+
+@train_app.command("retrieval")
+def train_retrieval(
+    data: str = typer.Option("synthetic", help="synthetic | online-retail | movielens"),
+    path: str = typer.Option("", help="Data file or folder (required for real data sets)."),
+    split: str = typer.Option("auto", help="auto | time | user-random"),
+    users: int = typer.Option(10_000, help="Synthetic: customers."),
+    items: int = typer.Option(5_000, help="Synthetic: catalog size."),
+    days: int = typer.Option(120, help="Synthetic: days of history."),
+    loss: str = typer.Option("inbatch", help="inbatch (logQ-corrected) | full (softmax)"),
+    dim: int = typer.Option(64),
+    epochs: int = typer.Option(15),
+    batch_size: int = typer.Option(512),
+    lr: float = typer.Option(1e-2),
+    temperature: float = typer.Option(0.07),
+    patience: int = typer.Option(2, help="Epochs without validation gain before stopping."),
+    exact_max_items: int = typer.Option(
+        200_000, help="Exact FAISS index up to this size, HNSW above."
+    ),
+    max_eval_users: int = typer.Option(0, help="Cap on evaluation users (0 = all)."),
+    seed: int = typer.Option(0),
+    threads: int = typer.Option(1, help="torch / BLAS / FAISS threads."),
+    tracking_uri: str = typer.Option("", help="MLflow tracking URI (default: local SQLite)."),
+    model_name: str = typer.Option("mercato-two-tower"),
+    alias: str = typer.Option("challenger", help="Alias the new version gets ('' = none)."),
+    register: bool = typer.Option(True, help="Register the bundle as a model version."),
+    progress: bool = typer.Option(True, help="Progress bars per epoch."),
+) -> None:
+    """Train the two-tower retrieval model, evaluate it against popularity on the same
+    split, log everything to MLflow and register the serving bundle."""
+    from training.index import IndexConfig
+    from training.pipeline import TrainConfig, train_and_register
+    from training.synthetic import SyntheticConfig
+    from training.two_tower import TwoTowerConfig
+
+    if data != "synthetic" and not path:
+        raise typer.BadParameter(f"--path is required for --data {data}")
+    cfg = TrainConfig(
+        data=data,
+        path=path,
+        split=split,
+        synthetic=replace(SyntheticConfig(), n_users=users, n_items=items, days=days, seed=seed),
+        model=replace(
+            TwoTowerConfig(),
+            loss=loss,
+            dim=dim,
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            temperature=temperature,
+            patience=patience,
+            seed=seed,
+            progress=progress,
+        ),
+        index=replace(IndexConfig(), exact_max_items=exact_max_items),
+        max_eval_users=max_eval_users,
+        seed=seed,
+        threads=threads,
+        tracking_uri=tracking_uri,
+        model_name=model_name,
+        alias=alias,
+        register=register,
+    )
+    res = train_and_register(cfg)
+    print(res.table)
+    console.print(f"run {res.run_id} in {res.tracking_uri}")
+    if res.version:
+        console.print(
+            f"registered {res.model_name} v{res.version}"
+            + (f" as @{res.alias}" if res.alias else "")
+        )
+
+
+@train_app.command("generate")
+def generate_data(
+    out: str = typer.Option(..., help="Folder for items/users/events Parquet files."),
+    users: int = typer.Option(10_000),
+    items: int = typer.Option(5_000),
+    categories: int = typer.Option(40),
+    days: int = typer.Option(120),
+    sessions_per_user: float = typer.Option(6.0),
+    seed: int = typer.Option(0),
+) -> None:
+    """Write the synthetic retail data set to disk (streamed: sized for load tests)."""
+    import time
+
+    from training.synthetic import SyntheticConfig, write_synthetic
+
+    t0 = time.perf_counter()
+    cfg = SyntheticConfig(
+        n_users=users,
+        n_items=items,
+        n_categories=categories,
+        days=days,
+        sessions_per_user=sessions_per_user,
+        seed=seed,
+    )
+    counts = write_synthetic(cfg, out)
+    console.print(f"wrote {counts} to {out} in {time.perf_counter() - t0:.1f}s")
+
+
+def promote_command(
+    model_name: str = typer.Option("mercato-two-tower", help="Registered model name."),
+    from_alias: str = typer.Option("challenger", help="Alias of the candidate."),
+    to_alias: str = typer.Option("champion", help="Alias to move."),
+    version: str = typer.Option("", help="Candidate version (instead of --from-alias)."),
+    metric: str = typer.Option("valid_recall_20", help="Run metric compared; higher is better."),
+    force: bool = typer.Option(False, "--force", help="Promote even if the gate refuses."),
+    tracking_uri: str = typer.Option("", help="MLflow tracking URI (default: local SQLite)."),
+) -> None:
+    """Move ``champion`` to the challenger when its validation metric is not worse than
+    the champion's on the same split (or with --force)."""
+    from training.registry import PromotionRefused, promote
+
+    try:
+        r = promote(
+            model_name, tracking_uri or None, from_alias, to_alias, metric, version or None, force
+        )
+    except PromotionRefused as e:
+        console.print(f"[red]refused[/red]: {e}")
+        raise typer.Exit(1) from e
+    except LookupError as e:
+        console.print(f"[red]{e}[/red]")
+        raise typer.Exit(2) from e
+    console.print(f"[green]promoted[/green] {r.model_name} v{r.version} to @{r.alias}: {r.reason}")

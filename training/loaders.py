@@ -1,0 +1,133 @@
+"""Loaders for real public formats, into :class:`training.data.RetailData`.
+
+- UCI Online Retail invoices (``online_retail.csv.gz`` or a folder holding it): every
+  invoice line is a purchase; cancellations (``C``), bad-debt adjustments (``A``), lines
+  without a customer, non-positive quantities or prices and non-product codes (postage,
+  fees, manual lines: anything whose StockCode does not start with five digits) are
+  dropped. An item's category is the head noun of its most common description (its last
+  word: "... T-LIGHT HOLDER" -> "holder"), its price the median unit price.
+- MovieLens ratings (``ratings.csv.gz`` with user_id, item_id, rating; the ML-1M copy has
+  no timestamps): every rating >= ``min_rating`` is an interaction; the first genre of
+  the movie (from ``movies.dat`` via ``item_map.csv`` where present) is the category.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from training.data import RetailData
+
+ONLINE_RETAIL_FILE = "online_retail.csv.gz"
+
+
+def _file(path: str | Path, name: str) -> Path:
+    p = Path(path)
+    if p.is_dir():
+        p = p / name
+    if not p.is_file():
+        raise FileNotFoundError(f"{p} does not exist")
+    return p
+
+
+def load_online_retail(path: str | Path, nrows: int | None = None) -> RetailData:
+    """UCI Online Retail invoices as purchase events (sessions = invoices)."""
+    f = _file(path, ONLINE_RETAIL_FILE)
+    df = pd.read_csv(
+        f,
+        dtype={"InvoiceNo": str, "StockCode": str, "CustomerID": "Int64", "Description": str},
+        parse_dates=["InvoiceDate"],
+        nrows=nrows,
+    )
+    df = df[~df["InvoiceNo"].str[0].isin(["C", "A"])]
+    df = df[df["CustomerID"].notna() & (df["Quantity"] > 0) & (df["UnitPrice"] > 0)]
+    df = df[df["StockCode"].str.match(r"^\d{5}")]
+    df = df.drop_duplicates()
+    desc = df["Description"].fillna("").str.strip().str.upper()
+    common = (
+        pd.DataFrame({"item_id": df["StockCode"], "d": desc})
+        .groupby("item_id")["d"]
+        .agg(lambda s: s.value_counts().index[0])
+    )
+    noun = common.str.split().str[-1].fillna("").str.lower().str.replace(r"[^a-z]", "", regex=True)
+    items = pd.DataFrame(
+        {
+            "item_id": common.index.astype(str),
+            "category": noun.to_numpy(),
+            "price": df.groupby("StockCode")["UnitPrice"].median().reindex(common.index).to_numpy(),
+            "attr_title": common.to_numpy(),
+        }
+    )
+    # A title is too specific to hash usefully; keep its first word as a style attribute.
+    items["attr_style"] = items.pop("attr_title").str.split().str[0].fillna("").str.lower()
+    ts = (df["InvoiceDate"].astype("datetime64[s]").astype(np.int64)).to_numpy()
+    events = pd.DataFrame(
+        {
+            "user_id": df["CustomerID"].astype(str).to_numpy(),
+            "item_id": df["StockCode"].to_numpy(),
+            "ts": ts,
+            "event": "purchase",
+            "session_id": df["InvoiceNo"].astype(np.int64).to_numpy(),
+            "surface": "",
+        }
+    )
+    users = (
+        df.groupby("CustomerID")["Country"].agg(lambda s: s.value_counts().index[0]).reset_index()
+    )
+    users.columns = ["user_id", "country"]
+    users["user_id"] = users["user_id"].astype(str)
+    return RetailData(
+        name="online-retail",
+        events=events,
+        items=items,
+        users=users,
+        target_events=("purchase",),
+        meta={"path": str(f)},
+    )
+
+
+def load_movielens(path: str | Path, min_rating: int = 0) -> RetailData:
+    """MovieLens ratings as interactions (``rating`` events, no timestamps in ML-1M)."""
+    p = Path(path)
+    f = _file(p, "ratings.csv.gz")
+    r = pd.read_csv(f)
+    if min_rating:
+        r = r[r["rating"] >= min_rating]
+    d = f.parent
+    items = pd.DataFrame({"item_id": np.sort(r["item_id"].unique()).astype(str)})
+    items["category"] = ""
+    if (d / "item_map.csv").is_file() and (d / "movies.dat").is_file():
+        m = pd.read_csv(d / "item_map.csv", dtype={"movie_id": "Int64"})
+        mv = pd.read_csv(
+            d / "movies.dat",
+            sep="::",
+            engine="python",
+            names=["movie_id", "title", "genres"],
+            encoding="utf-8",
+        )
+        genre = m.merge(mv, on="movie_id", how="left").set_index("item_id")["genres"]
+        first = genre.fillna("").str.split("|").str[0].str.lower()
+        items["category"] = items["item_id"].astype(int).map(first).fillna("").to_numpy()
+    items["price"] = 0.0
+    has_ts = "timestamp" in r.columns
+    events = pd.DataFrame(
+        {
+            "user_id": r["user_id"].astype(str).to_numpy(),
+            "item_id": r["item_id"].astype(str).to_numpy(),
+            "ts": r["timestamp"].to_numpy(np.int64) if has_ts else 0,
+            "event": "rating",
+            "session_id": np.arange(len(r), dtype=np.int64),
+            "surface": "",
+        }
+    )
+    users = pd.DataFrame({"user_id": np.sort(r["user_id"].unique()).astype(str), "country": ""})
+    return RetailData(
+        name="movielens",
+        events=events,
+        items=items,
+        users=users,
+        target_events=("rating",),
+        meta={"path": str(f), "min_rating": min_rating},
+    )

@@ -1,0 +1,363 @@
+"""The retrieval training pipeline: data -> split -> two-tower -> evaluation against
+baselines -> FAISS index -> serving bundle -> MLflow run -> registered version.
+
+``train_and_register(TrainConfig(...))`` is the one call the CLI, the benchmarks and
+other engineers' tests use; a tiny config trains in seconds into any MLflow store.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+import numpy as np
+import pandas as pd
+
+from services.common.threads import configure_threads
+from services.models.registry import BUNDLE_ARTIFACT_PATH
+from services.models.two_tower import FORMAT_VERSION, MODEL_TYPE, TwoTowerBundle
+from training.data import RetailData, Split, time_split, user_random_split
+from training.evaluate import (
+    DEFAULT_KS,
+    EmbeddingScorer,
+    PopularityScorer,
+    evaluate,
+    format_table,
+)
+from training.features import (
+    FeatureConfig,
+    Vocab,
+    build_eval_set,
+    build_vocab,
+    encode_events,
+    walk_history,
+)
+from training.index import IndexConfig, ann_recall, build_index, index_kind
+from training.synthetic import SyntheticConfig
+from training.two_tower import TwoTowerConfig, encode_users, train_two_tower
+
+
+@dataclass
+class TrainConfig:
+    """Everything one training run needs; defaults are the demo-sized synthetic run."""
+
+    data: str = "synthetic"  # "synthetic" | "online-retail" | "movielens"
+    path: str = ""  # data file/folder (synthetic: a folder written by write_synthetic, optional)
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    split: str = "auto"  # "auto" | "time" | "user-random"
+    valid_frac: float = 0.1
+    test_frac: float = 0.1
+    model: TwoTowerConfig = field(default_factory=TwoTowerConfig)
+    features: FeatureConfig = field(default_factory=FeatureConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
+    ks: tuple[int, ...] = DEFAULT_KS
+    max_eval_users: int = 0  # 0 = every user with future targets
+    popularity_size: int = 1000
+    seed: int = 0
+    threads: int = 1
+    tracking_uri: str = ""  # "" = services.common.settings.default_tracking_uri()
+    artifact_root: str = ""  # "" = chosen from the tracking URI (see registry)
+    experiment: str = "mercato-two-tower"
+    model_name: str = "mercato-two-tower"
+    alias: str = "challenger"
+    register: bool = True
+    evaluate_test: bool = True
+    run_name: str = ""
+
+    def params(self) -> dict[str, Any]:
+        flat: dict[str, Any] = {}
+
+        def walk(prefix: str, obj: Any) -> None:
+            for k, v in obj.items():
+                if isinstance(v, dict):
+                    walk(f"{prefix}{k}.", v)
+                else:
+                    flat[f"{prefix}{k}"] = v
+
+        d = asdict(self)
+        if self.data != "synthetic":
+            d.pop("synthetic")
+        walk("", d)
+        return flat
+
+
+@dataclass
+class RegisteredResult:
+    """What a run produced: where it is logged and registered, and how well it did."""
+
+    run_id: str
+    experiment_id: str
+    tracking_uri: str
+    model_name: str
+    version: str | None
+    alias: str | None
+    bundle_dir: Path
+    metrics: dict[str, dict[str, dict[str, float]]]  # split -> model -> metric -> value
+    split_signature: str
+    best_epoch: int
+    train_seconds: float
+    table: str
+
+    def metric(
+        self, split: str = "valid", model: str = "two_tower", name: str = "recall@20"
+    ) -> float:
+        return self.metrics[split][model][name]
+
+
+def load_data(cfg: TrainConfig) -> RetailData:
+    """The data set a config names."""
+    if cfg.data == "synthetic":
+        from training.synthetic import generate, load_synthetic
+
+        if cfg.path:
+            return load_synthetic(cfg.path)
+        return generate(cfg.synthetic)
+    if cfg.data == "online-retail":
+        from training.loaders import load_online_retail
+
+        return load_online_retail(cfg.path)
+    if cfg.data == "movielens":
+        from training.loaders import load_movielens
+
+        return load_movielens(cfg.path)
+    raise ValueError(f"unknown data {cfg.data!r}: synthetic | online-retail | movielens")
+
+
+def make_split(data: RetailData, cfg: TrainConfig) -> Split:
+    kind = cfg.split
+    if kind == "auto":
+        kind = "user-random" if (data.events["ts"] == 0).all() else "time"
+    if kind == "time":
+        return time_split(data, cfg.valid_frac, cfg.test_frac)
+    if kind == "user-random":
+        return user_random_split(data, cfg.valid_frac, cfg.test_frac, seed=cfg.seed)
+    raise ValueError(f"unknown split {cfg.split!r}: auto | time | user-random")
+
+
+def popularity_counts(
+    events: pd.DataFrame, vocab: Vocab, target_events: tuple[str, ...]
+) -> np.ndarray:
+    """Target events per item in ``events`` (ties broken by any interaction)."""
+    tgt = events[events["event"].isin(target_events)]
+    c = np.bincount(tgt["item_id"].map(vocab.item_row).to_numpy(np.int64), minlength=vocab.n_items)
+    anyc = np.bincount(
+        events["item_id"].map(vocab.item_row).to_numpy(np.int64), minlength=vocab.n_items
+    )
+    return c.astype(np.float64) + 1e-6 * anyc
+
+
+def _metric_key(name: str) -> str:
+    return name.replace("@", "_")
+
+
+def train_and_register(cfg: TrainConfig) -> RegisteredResult:
+    """Run the whole pipeline; see the module docstring. Returns a RegisteredResult."""
+    configure_threads(cfg.threads)
+    import torch
+
+    torch.manual_seed(cfg.seed)
+    from training import registry
+
+    t_start = time.perf_counter()
+    data = load_data(cfg)
+    split = make_split(data, cfg)
+    vocab = build_vocab(data, cfg.features)
+    examples, _, _ = walk_history(encode_events(split.train, vocab), vocab, emit_examples=True)
+    assert examples is not None
+    if len(examples.target) == 0:
+        raise ValueError("no training examples: the train split is empty")
+    valid = build_eval_set(
+        "valid", split.train, split.valid, vocab, data.target_events, cfg.max_eval_users, cfg.seed
+    )
+    history_test = pd.concat([split.train, split.valid], ignore_index=True)
+    test = (
+        build_eval_set(
+            "test",
+            history_test,
+            split.test,
+            vocab,
+            data.target_events,
+            cfg.max_eval_users,
+            cfg.seed,
+        )
+        if cfg.evaluate_test
+        else None
+    )
+    prep_seconds = time.perf_counter() - t_start
+
+    client, tracking_uri = registry.client_for(cfg.tracking_uri or None)
+    exp_id = registry.ensure_experiment(
+        client, cfg.experiment, tracking_uri, cfg.artifact_root or None
+    )
+    run = client.create_run(
+        exp_id,
+        run_name=cfg.run_name or None,
+        tags={
+            "model_family": "two-tower",
+            "dataset": data.name,
+            "split": split.kind,
+            "split_signature": split.signature(),
+            "data_fingerprint": split.data_fingerprint,
+            "host.python": platform.python_version(),
+        },
+    )
+    run_id = run.info.run_id
+    status = "FAILED"
+    try:
+        from mlflow.entities import Metric, Param
+
+        params = cfg.params()
+        params.update({f"data.{k}": v for k, v in data.summary().items()})
+        params.update({f"split.{k}": v for k, v in {**split.params, **split.summary()}.items()})
+        params.update(
+            {
+                "examples": len(examples.target),
+                "valid_users": len(valid),
+                "test_users": len(test) if test is not None else 0,
+            }
+        )
+        plist = [Param(k, str(v)[:6000]) for k, v in sorted(params.items())]
+        for a in range(0, len(plist), 100):
+            client.log_batch(run_id, params=plist[a : a + 100])
+
+        def on_epoch(epoch: int, row: dict[str, float]) -> None:
+            ts = int(time.time() * 1000)
+            client.log_batch(
+                run_id,
+                metrics=[Metric(k, float(v), ts, epoch) for k, v in row.items() if k != "epoch"],
+            )
+
+        net, items, hist = train_two_tower(vocab, examples, valid, cfg.model, on_epoch=on_epoch)
+        item_emb = items.all_embeddings(net)
+        pop = popularity_counts(split.train, vocab, data.target_events)
+        results: dict[str, dict[str, dict[str, float]]] = {}
+        eval_sets = [("valid", valid)] + ([("test", test)] if test is not None else [])
+        for name, es in eval_sets:
+            pop_s = popularity_counts(
+                split.train if name == "valid" else history_test, vocab, data.target_events
+            )
+            results[name] = {
+                "two_tower": evaluate(
+                    EmbeddingScorer(encode_users(net, es.feats), item_emb), es, cfg.ks
+                ),
+                "popularity": evaluate(PopularityScorer(pop_s), es, cfg.ks),
+            }
+        # Index and its recall against exact search, on validation users as queries.
+        index = build_index(item_emb, cfg.index)
+        q = encode_users(
+            net, valid.feats.take(np.arange(min(len(valid), cfg.index.recall_queries)))
+        )
+        if len(q) == 0:
+            q = item_emb[: cfg.index.recall_queries]
+        recall = ann_recall(index, item_emb, q, cfg.index.recall_k)
+        final: list[Metric] = []
+        ts = int(time.time() * 1000)
+        for split_name, models in results.items():
+            for model, m in models.items():
+                prefix = split_name if model == "two_tower" else f"{split_name}_{model}"
+                final += [
+                    Metric(f"{prefix}_{_metric_key(k)}", float(v), ts, 0) for k, v in m.items()
+                ]
+        final += [
+            Metric("index_ann_recall", recall, ts, 0),
+            Metric("best_epoch", float(hist.best_epoch), ts, 0),
+            Metric("train_seconds", hist.seconds, ts, 0),
+            Metric("prep_seconds", prep_seconds, ts, 0),
+        ]
+        for a in range(0, len(final), 200):
+            client.log_batch(run_id, metrics=final[a : a + 200])
+
+        order = np.argsort(-pop, kind="stable")[: cfg.popularity_size]
+        total = float(pop.sum()) or 1.0
+        popularity = [(vocab.item_ids[r], float(pop[r] / total)) for r in order if pop[r] >= 1]
+        tables = {s: format_table(m, cfg.ks) for s, m in results.items()}
+        table = "\n\n".join(f"### {s}\n\n{t}" for s, t in tables.items())
+        report = {
+            "metrics": results,
+            "split": {"kind": split.kind, "signature": split.signature(), **split.params},
+            "dataset": data.summary(),
+            "history": hist.epochs,
+            "best_epoch": hist.best_epoch,
+            "index": {"kind": index_kind(index), "ann_recall": recall, "k": cfg.index.recall_k},
+        }
+        config = {
+            "format_version": FORMAT_VERSION,
+            "model_type": MODEL_TYPE,
+            "metric": "ip",
+            "dim": cfg.model.dim,
+            "hidden": cfg.model.hidden,
+            "n_items": vocab.n_items,
+            "n_items_trained": int(items.known.sum()),
+            "features": vocab.feature_dict(),
+            "loss": cfg.model.loss,
+            "temperature": cfg.model.temperature,
+            "index": report["index"],
+            "dataset": data.name,
+            "split_signature": split.signature(),
+            "run_id": run_id,
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        bundle = TwoTowerBundle(
+            config=config,
+            vocab=vocab.as_json(),
+            item_ids=vocab.item_ids,
+            item_category=[vocab.categories[c] for c in vocab.item_category],
+            item_price=vocab.item_price,
+            item_embeddings=item_emb,
+            net=net,
+            index=index,
+            popularity=popularity,
+            complements={},
+            eval_report=report,
+        )
+        out = Path(tempfile.mkdtemp(prefix="mercato-bundle-"))
+        bundle_dir = out / BUNDLE_ARTIFACT_PATH
+        bundle.save(bundle_dir)
+        client.log_artifacts(run_id, str(bundle_dir), BUNDLE_ARTIFACT_PATH)
+        eval_dir = out / "eval"
+        eval_dir.mkdir()
+        (eval_dir / "table.md").write_text(table + "\n")
+        (eval_dir / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True))
+        client.log_artifacts(run_id, str(eval_dir), "eval")
+
+        version = None
+        if cfg.register:
+            gate_value = results["valid"]["two_tower"][f"recall@{cfg.model.early_stop_k}"]
+            gate = f"valid_{_metric_key(f'recall@{cfg.model.early_stop_k}')}"
+            mv = registry.register_bundle(
+                client,
+                run_id,
+                cfg.model_name,
+                cfg.alias or None,
+                tags={
+                    "split_signature": split.signature(),
+                    "dataset": data.name,
+                    gate: f"{gate_value:.6f}",
+                },
+            )
+            version = str(mv.version)
+        status = "FINISHED"
+    finally:
+        client.set_terminated(run_id, status=status)
+    return RegisteredResult(
+        run_id=run_id,
+        experiment_id=exp_id,
+        tracking_uri=tracking_uri,
+        model_name=cfg.model_name,
+        version=version,
+        alias=cfg.alias if (cfg.register and cfg.alias) else None,
+        bundle_dir=bundle_dir,
+        metrics=results,
+        split_signature=split.signature(),
+        best_epoch=hist.best_epoch,
+        train_seconds=hist.seconds,
+        table=table,
+    )
