@@ -183,5 +183,9 @@ def run_service(service_factory: type[BaseService], settings: ServiceSettings) -
     """Process entry point: configure the process, build the service and serve it."""
     configure_threads(settings.threads)
     setup_logging(service_factory.name, settings.log_level, settings.log_json)
-    service = service_factory(settings)
-    asyncio.run(serve(service))
+
+    async def main() -> None:
+        # Built inside the event loop: services may create asyncio channels and stores.
+        await serve(service_factory(settings))
+
+    asyncio.run(main())

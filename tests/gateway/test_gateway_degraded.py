@@ -1,0 +1,177 @@
+"""The gateway as a real process in front of a real profile service, with retrieval and
+ranking down: Recommend never fails, says which stages degraded, and still applies the
+rules that need no model. Also auth, rate limits, validation and event forwarding."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from mercato.client import MercatoClient
+from mercato.v1 import common_pb2, profile_pb2, profile_pb2_grpc
+from services.gateway.experiments import Experiment, Variant
+from tests.procs import ServiceProc, free_port, start_service
+from tests.profile.factory import NOW_US, event, item
+
+ET = common_pb2.EventType
+KEY = "test-key-123"
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, ServiceProc]]:
+    tmp: Path = tmp_path_factory.mktemp("gw")
+    profile = start_service("profile", tmp)
+    with profile.channel() as ch:
+        stub = profile_pb2_grpc.ProfileServiceStub(ch)
+        items = [
+            item(f"p{k}", "kitchen" if k % 2 else "garden", 5.0 + k, stock=3) for k in range(12)
+        ]
+        items.append(item("gone", "kitchen", 9.0, stock=0))
+        stub.UpsertItems(profile_pb2.UpsertItemsRequest(items=items), timeout=10)
+        evs = []
+        for k in range(12):  # popularity: p0 most, p11 least
+            for j in range(12 - k):
+                evs.append(event(f"v{k}-{j}", f"u{j}", ET.EVENT_TYPE_VIEW, f"p{k}", NOW_US - 10**6))
+        evs += [
+            event(f"g{j}", f"u{j}", ET.EVENT_TYPE_VIEW, "gone", NOW_US - 10**6) for j in range(30)
+        ]
+        evs.append(
+            event("buy1", "alice", ET.EVENT_TYPE_PURCHASE, "p0", NOW_US - 10**6, order_id="o1")
+        )
+        stub.TrackEvents(profile_pb2.ProfileServiceTrackEventsRequest(events=evs), timeout=30)
+    keys = tmp / "keys.yaml"
+    keys.write_text(
+        "keys:\n"
+        f"  - {{name: shop, sha256: {hashlib.sha256(KEY.encode()).hexdigest()}}}\n"
+        f"  - {{name: slow, sha256: {hashlib.sha256(b'slow-key').hexdigest()},"
+        " rate_per_second: 1, burst: 2}\n"
+        f"  - {{name: old, sha256: {hashlib.sha256(b'old-key').hexdigest()}, revoked: true}}\n"
+    )
+    dead = f"127.0.0.1:{free_port()}"  # nothing listens there
+    gateway = start_service(
+        "gateway",
+        tmp,
+        {
+            "MERCATO_GATEWAY_PROFILE_TARGET": profile.target,
+            "MERCATO_GATEWAY_RETRIEVAL_TARGET": dead,
+            "MERCATO_GATEWAY_RANKING_TARGET": dead,
+            "MERCATO_GATEWAY_API_KEYS_FILE": str(keys),
+        },
+    )
+    yield {"profile": profile, "gateway": gateway}
+    assert gateway.terminate() == 0
+    profile.terminate()
+
+
+def client(stack: dict[str, ServiceProc], key: str | None = KEY) -> MercatoClient:
+    return MercatoClient(stack["gateway"].target, api_key=key, timeout=5)
+
+
+def test_recommend_degrades_to_trending_with_rules(stack: dict[str, ServiceProc]) -> None:
+    with client(stack) as c:
+        resp = c.recommend("alice", k=5, debug=True)
+    ids = [r.item.item_id for r in resp.items]
+    assert len(ids) == 5
+    assert "p0" not in ids  # purchased by alice
+    assert "gone" not in ids  # out of stock, although the most viewed
+    assert ids == ["p1", "p2", "p3", "p4", "p5"]  # trending order
+    assert all(r.item.title for r in resp.items)  # details filled in one batch
+    stages = {d.stage: d.fallback for d in resp.degraded}
+    assert stages == {"retrieval": "popular_items", "ranking": "retrieval_order"}
+    assert resp.request_id
+    assert [s.stage for s in resp.debug.stages] == ["profile", "retrieval", "details", "ranking"]
+    assert all(r.reasons[0] == common_pb2.REASON_TRENDING for r in resp.items)
+
+
+def test_anonymous_and_validation(stack: dict[str, ServiceProc]) -> None:
+    with client(stack) as c:
+        anon = c.recommend("", k=3)
+        assert [r.item.item_id for r in anon.items] == ["p0", "p1", "p2"]
+        with pytest.raises(grpc.RpcError) as err:
+            c.recommend("alice", k=1000)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        with pytest.raises(grpc.RpcError) as err:
+            c.recommend("alice", surface=common_pb2.SURFACE_PRODUCT)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "anchor_item_id" in (err.value.details() or "")
+        # still serving
+        assert c.recommend("bob", k=2).items
+
+
+def test_auth_and_rate_limit(stack: dict[str, ServiceProc]) -> None:
+    for key, code in (
+        (None, "UNAUTHENTICATED"),
+        ("wrong", "UNAUTHENTICATED"),
+        ("old-key", "UNAUTHENTICATED"),
+    ):
+        with client(stack, key) as c, pytest.raises(grpc.RpcError) as err:
+            c.recommend("alice", k=1)
+        assert err.value.code().name == code
+    with client(stack, "slow-key") as c:
+        codes = []
+        for _ in range(6):
+            try:
+                c.recommend("alice", k=1)
+                codes.append("OK")
+            except grpc.RpcError as exc:
+                codes.append(exc.code().name)
+    assert codes[:2] == ["OK", "OK"]
+    assert "RESOURCE_EXHAUSTED" in codes
+
+
+def test_track_events_forwarded_and_validated(stack: dict[str, ServiceProc]) -> None:
+    with client(stack) as c:
+        ev = event("gw-e1", "carol", ET.EVENT_TYPE_PURCHASE, "p3", NOW_US - 10**6, order_id="o9")
+        first = c.track_events([ev])
+        again = c.track_events([ev])
+        assert (first.accepted, first.duplicates) == (1, 0)
+        assert (again.accepted, again.duplicates) == (0, 1)
+        # the purchase is excluded from the next recommendation at once
+        ids = [r.item.item_id for r in c.recommend("carol", k=8).items]
+        assert "p3" not in ids
+        bad = common_pb2.Event(event_id="gw-bad", customer_id="carol")  # no type
+        with pytest.raises(grpc.RpcError) as err:
+            c.track_events([bad])
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        with pytest.raises(grpc.RpcError) as err:
+            c.track_events([])
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_everything_down_still_answers(tmp_path: Path) -> None:
+    dead = f"127.0.0.1:{free_port()}"
+    gw = start_service(
+        "gateway",
+        tmp_path,
+        {
+            "MERCATO_GATEWAY_PROFILE_TARGET": dead,
+            "MERCATO_GATEWAY_RETRIEVAL_TARGET": dead,
+            "MERCATO_GATEWAY_RANKING_TARGET": dead,
+        },
+    )
+    try:
+        with MercatoClient(gw.target, timeout=5) as c:
+            for _ in range(8):  # also once the breakers are open
+                resp = c.recommend("alice", k=5, include_offer=True)
+                assert {d.stage for d in resp.degraded} >= {"profile", "retrieval"}
+            with pytest.raises(grpc.RpcError) as err:
+                c.track_events([event("x1", "alice", ET.EVENT_TYPE_VIEW, "p1")])
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        gw.kill()
+
+
+def test_ab_assignment_is_stable_and_split_as_configured() -> None:
+    exp = Experiment(
+        "tt",
+        "retrieval",
+        (Variant("control", "champion", 90), Variant("challenger", "challenger", 10)),
+    )
+    first = [exp.assign(f"c{i}").name for i in range(20_000)]
+    assert first == [exp.assign(f"c{i}").name for i in range(20_000)]
+    share = first.count("challenger") / len(first)
+    assert 0.09 < share < 0.11
