@@ -59,10 +59,9 @@ K8S_VERSION ?= 1.32.0
 k8s-validate: $(if $(wildcard $(PY)),,setup) ## Render every k8s overlay, validate it strictly against K8S_VERSION, run our checks
 	$(PY) -m tools.k8s_check --kubernetes-version $(K8S_VERSION)
 
-bench: setup ## Run all benchmarks (writes bench/results/*.json and *.md)
-	@echo "benchmarks: see bench-* targets"
+bench: setup bench-profile ## Run all benchmarks (writes bench/results/*.json and *.md)
 
-bench-profile: ## Profile service: GetProfile p50/p99, TrackEvents events/s, both backends (ARGS="--customers 10000" for a quick run)
+bench-profile: setup ## Profile service: GetProfile p50/p99, TrackEvents events/s, both backends (ARGS="--customers 10000" for a quick run)
 	$(PY) bench/profile_bench.py $(ARGS)
 
 clean: ## Remove local state (.mercato) and caches
