@@ -286,9 +286,9 @@ def drop_reason(item: ItemInfo, ctx: RankContext, rules: SurfaceRules) -> str | 
     if rules.drop_in_cart and item.item_id in ctx.in_cart:
         return "in_cart"
     if item.item_id in ctx.purchased:
-        if rules.purchased is PurchasedPolicy.DROP_ALL:
+        if rules.purchased == PurchasedPolicy.DROP_ALL:
             return "purchased"
-        if rules.purchased is PurchasedPolicy.DROP_NON_REPLENISHABLE and not item.replenishable:
+        if rules.purchased == PurchasedPolicy.DROP_NON_REPLENISHABLE and not item.replenishable:
             return "purchased"
     return None
 
@@ -382,7 +382,7 @@ def apply_rules(
         return cap > 0 and bool(item.category) and counts.get(item.category, 0) >= cap
 
     chosen: list[tuple[int, float]] = []  # (position in kept, selection value)
-    if rules.diversity.method is DiversityMethod.NONE:
+    if rules.diversity.method == DiversityMethod.NONE:
         for pos in np.argsort(-value, kind="stable"):
             if len(chosen) >= k:
                 break

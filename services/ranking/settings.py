@@ -34,6 +34,9 @@ class RankingSettings(ServiceSettings):
         "",
         description="Offer policy state (SQLite); default MERCATO_HOME/ranking/offers.db.",
     )
+    offers_retention_days: float = Field(
+        90.0, gt=0, description="Days a settled offer decision is kept (then NOT_FOUND)."
+    )
     offers_seed: int = Field(
         -1, ge=-1, description="Seed of the offer policy's sampler (-1 = from the OS)."
     )

@@ -117,8 +117,10 @@ class OfferPolicy:
         store: OfferStore,
         seed: int | None = None,
         clock: Callable[[], float] = time.time,
+        retention_days: float = 90.0,
     ) -> None:
         self.catalog = catalog
+        self.retention_days = retention_days
         self.offers = catalog.offers
         self.arms = [o.id for o in self.offers]
         self.store = store
@@ -363,7 +365,9 @@ class OfferPolicy:
             self.expire(now)
 
     def expire(self, now: float | None = None) -> int:
-        """Settle decisions past the attribution window as "no conversion"."""
+        """Settle decisions past the attribution window as "no conversion", and forget
+        settled decisions older than the retention (their outcomes live on in the
+        posterior snapshot)."""
         with self._lock:
             now = self.clock() if now is None else now
             cutoff = now - self.catalog.settings.attribution_days * 86400.0
@@ -379,8 +383,9 @@ class OfferPolicy:
                     merged.meta = w.meta
                 self._commit(merged)
                 total += len(batch)
-            if total:
-                log.info("offer decisions expired", extra={"expired": total})
+            purged = self.store.purge(now - self.retention_days * 86400.0, self._snapshot_seq)
+            if total or purged:
+                log.info("offer decisions expired", extra={"expired": total, "purged": purged})
             return total
 
     # ------------------------------------------------------------------ report

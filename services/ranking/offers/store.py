@@ -19,7 +19,7 @@ import sqlite3
 import threading
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -107,6 +107,11 @@ class OfferStore(Protocol):
 
     def learned_after(self, seq: int) -> list[DecisionRecord]: ...
 
+    def purge(self, settled_before: float, max_seq: int) -> int:
+        """Forget settled decisions settled before ``settled_before`` whose outcome is
+        in the snapshot (``seq <= max_seq``); returns how many."""
+        ...
+
     def commit(self, writes: Writes) -> None: ...
 
     def close(self) -> None: ...
@@ -151,6 +156,16 @@ class MemoryStore:
     def learned_after(self, seq: int) -> list[DecisionRecord]:
         out = [d for d in self.decisions.values() if d.learned and d.seq > seq]
         return sorted(out, key=lambda d: d.seq)
+
+    def purge(self, settled_before: float, max_seq: int) -> int:
+        old = [
+            d.decision_id
+            for d in self.decisions.values()
+            if d.status != "pending" and d.settled_at < settled_before and d.seq <= max_seq
+        ]
+        for decision_id in old:
+            del self.decisions[decision_id]
+        return len(old)
 
     def commit(self, writes: Writes) -> None:
         for d in writes.decisions:
@@ -200,24 +215,26 @@ def _blob(vec: np.ndarray) -> bytes:
     return np.asarray(vec, dtype="<f8").tobytes()
 
 
-def _decision(row: tuple) -> DecisionRecord:  # type: ignore[type-arg]
+def _decision(row: tuple[Any, ...]) -> DecisionRecord:
     (did, offer, created, period, feats, order_value, margin, reserved, fixed) = row[:9]
-    explored, status, outcome, revenue, settled = row[9:]
+    explored, status, outcome, revenue, settled, seq, learned = row[9:]
     return DecisionRecord(
-        did,
-        offer,
-        created,
-        period,
-        _vec(feats),
-        order_value,
-        margin,
-        reserved,
-        fixed,
-        bool(explored),
-        status,
-        outcome,
-        revenue,
-        settled,
+        decision_id=did,
+        offer_id=offer,
+        created_at=created,
+        period_key=period,
+        features=_vec(feats),
+        order_value=order_value,
+        margin=margin,
+        reserved=reserved,
+        fixed_cost=fixed,
+        explored=bool(explored),
+        status=status,
+        outcome=outcome,
+        revenue=revenue,
+        settled_at=settled,
+        seq=seq,
+        learned=bool(learned),
     )
 
 
@@ -309,6 +326,14 @@ class SqliteStore:
             ).fetchall()
         return [_decision(r) for r in rows]
 
+    def purge(self, settled_before: float, max_seq: int) -> int:
+        with self._tx() as c:
+            cur = c.execute(
+                "DELETE FROM decisions WHERE status != 'pending' AND settled_at < ? AND seq <= ?",
+                (settled_before, max_seq),
+            )
+            return int(cur.rowcount)
+
     def commit(self, writes: Writes) -> None:
         with self._tx() as c:
             c.executemany(
@@ -330,6 +355,8 @@ class SqliteStore:
                         d.outcome,
                         d.revenue,
                         d.settled_at,
+                        d.seq,
+                        int(d.learned),
                     )
                     for d in writes.decisions
                 ],
