@@ -8,7 +8,7 @@ export OPENBLAS_NUM_THREADS ?= 1
 export OMP_NUM_THREADS ?= 1
 BUF := node_modules/.bin/buf
 
-.PHONY: help setup demo up down test test-fast protos protos-check lint bench clean
+.PHONY: help setup demo up down test test-fast protos protos-check lint bench bench-ranking clean
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-16s %s\n", $$1, $$2}'
@@ -52,8 +52,10 @@ lint: setup ## ruff, mypy and buf lint
 	$(PY) -m mypy
 	cd protos && ../$(BUF) lint
 
-bench: setup ## Run all benchmarks (writes bench/results/*.json and *.md)
-	@echo "benchmarks: see bench-* targets"
+bench: setup bench-ranking ## Run all benchmarks (writes bench/results/*.json and *.md)
+
+bench-ranking: setup ## Rank latency and offer policy vs fixed policies (bench/results/ranking.*)
+	$(PY) bench/ranking.py
 
 clean: ## Remove local state (.mercato) and caches
 	rm -rf .mercato .pytest_cache .mypy_cache .ruff_cache

@@ -50,6 +50,9 @@ BAND_SENSITIVITY = {"low": 0.70, "mid": 0.40, "high": 0.15, "": 0.45}
 BAND_CART_MEDIAN = {"low": 22.0, "mid": 42.0, "high": 85.0, "": 40.0}
 SURFACE_P = {"cart": 0.45, "checkout": 0.25, "email": 0.30}
 SURFACE_INTENT = {"cart": -1.0, "checkout": 0.4, "email": -2.0}
+SENSITIVITY_NOISE = 0.12  # individual price sensitivity beyond band and segment
+CUSTOMER_INTENT_NOISE = 0.4  # individual purchase intent beyond segment
+CONTEXT_INTENT_NOISE = 0.3  # intent of this visit beyond the observable context
 SHIPPING_FEE = 4.99  # what the shopper pays below the free-shipping threshold
 FREE_SHIPPING_ABOVE = 60.0
 
@@ -96,7 +99,8 @@ def make_customers(n: int, rng: np.random.Generator) -> list[Customer]:
                 )
             )
             m = int(np.clip(f + {"low": -1, "mid": 0, "high": 1}[band] + rng.integers(-1, 2), 1, 5))
-        sens = BAND_SENSITIVITY[band] + SEGMENT_SENSITIVITY[seg] + rng.normal(0, 0.12)
+        sens = BAND_SENSITIVITY[band] + SEGMENT_SENSITIVITY[seg]
+        sens += rng.normal(0, SENSITIVITY_NOISE)
         out.append(
             Customer(
                 segment=seg,
@@ -105,7 +109,7 @@ def make_customers(n: int, rng: np.random.Generator) -> list[Customer]:
                 frequency_score=f,
                 monetary_score=m,
                 sensitivity=float(np.clip(sens, 0.0, 1.0)),
-                intent=float(SEGMENT_INTENT[seg] + rng.normal(0, 0.4)),
+                intent=float(SEGMENT_INTENT[seg] + rng.normal(0, CUSTOMER_INTENT_NOISE)),
             )
         )
     return out
@@ -126,10 +130,8 @@ def make_case(customer: Customer, rng: np.random.Generator, margin_rate: float) 
         )
     else:
         idle = float(rng.uniform(0, 30))
-    intent = customer.intent + SURFACE_INTENT[surface] - 0.25 * math.log(value / 40.0)
-    if surface == "email" and idle >= 1440:
-        intent -= 0.6
-    intent += float(rng.normal(0, 0.3))
+    intent = customer.intent + observable_intent(surface, value, idle)
+    intent += float(rng.normal(0, CONTEXT_INTENT_NOISE))
     ctx = OfferContext(
         surface=surface,
         segment=customer.segment,
@@ -147,27 +149,54 @@ def make_case(customer: Customer, rng: np.random.Generator, margin_rate: float) 
     return Case(ctx, customer, intent)
 
 
-def true_lift(case: Case, kind: str, value: float) -> float:
-    """The true change in purchase logit an offer of ``kind``/``value`` causes."""
-    s = case.customer.sensitivity
-    v = case.ctx.cart_value
+def observable_intent(surface: str, cart_value: float, idle_minutes: float) -> float:
+    """The part of the purchase logit the context explains (segment excluded)."""
+    intent = SURFACE_INTENT[surface] - 0.25 * math.log(cart_value / 40.0)
+    if surface == "email" and idle_minutes >= 1440:
+        intent -= 0.6
+    return intent
+
+
+def lift(ctx: OfferContext, sensitivity: np.ndarray | float, kind: str, value: float) -> np.ndarray:
+    """The true change in purchase logit an offer of ``kind``/``value`` causes (for one
+    or many sensitivities)."""
+    s = np.asarray(sensitivity, dtype=np.float64)
+    v = ctx.cart_value
     if kind == "percent_off":
-        return min(2.0 * s * (value / 10.0), 3.0)
+        return np.minimum(2.0 * s * (value / 10.0), 3.0)
     if kind == "amount_off":
-        return min(2.0 * s * (value / v) / 0.10, 3.0)
+        return np.minimum(2.0 * s * (value / v) / 0.10, 3.0)
     if kind == "free_shipping":
         if v >= FREE_SHIPPING_ABOVE:
-            return 0.0
+            return np.zeros_like(s)
         share = SHIPPING_FEE / v
-        return min((0.4 + 1.2 * s) * share / 0.10, 2.5)
+        return np.minimum((0.4 + 1.2 * s) * share / 0.10, 2.5)
     if kind == "bundle":
-        return (0.3 + 1.0 * s) if case.ctx.cart_items >= 2 else 0.0
+        return (0.3 + 1.0 * s) if ctx.cart_items >= 2 else np.zeros_like(s)
     if kind == "cart_recovery":
-        if case.ctx.surface != "email":
-            return 0.0
-        idle = case.ctx.idle_minutes
-        return 1.1 if idle < 1440 else 0.5
-    return 0.0
+        if ctx.surface != "email":
+            return np.zeros_like(s)
+        return np.full_like(s, 1.1 if ctx.idle_minutes < 1440 else 0.5)
+    return np.zeros_like(s)
+
+
+def true_lift(case: Case, kind: str, value: float) -> float:
+    """The true change in purchase logit for this case's customer."""
+    return float(lift(case.ctx, case.customer.sensitivity, kind, value))
+
+
+def _values(
+    ctx: OfferContext, catalog: Catalog, intent: np.ndarray, sensitivity: np.ndarray
+) -> np.ndarray:
+    """Expected incremental margin per offer, averaged over (intent, sensitivity) draws."""
+    lifts = np.stack([lift(ctx, sensitivity, o.kind, o.value) for o in catalog.offers])
+    p = 1.0 / (1.0 + np.exp(-(intent[None, :] + lifts)))  # [offers, draws]
+    m = ctx.margin
+    redeem = np.array([o.cost.redeem_cost(ctx.order_value) for o in catalog.offers])
+    fixed = np.array([o.cost.fixed for o in catalog.offers])
+    values = (p * (m - redeem[:, None]) - p[0:1] * m).mean(axis=1) - fixed
+    values[0] = 0.0
+    return values
 
 
 def true_probabilities(case: Case, catalog: Catalog) -> np.ndarray:
@@ -176,14 +205,26 @@ def true_probabilities(case: Case, catalog: Catalog) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-(case.intent + lifts)))
 
 
+def observable_values(
+    case: Case, catalog: Catalog, rng: np.random.Generator, draws: int = 128
+) -> np.ndarray:
+    """Expected incremental margin per offer given only what the policy can observe:
+    the latent sensitivity and intent noise integrated out (Monte Carlo)."""
+    c = case.customer
+    sens = BAND_SENSITIVITY[c.price_band] + SEGMENT_SENSITIVITY[c.segment]
+    sens_draws = np.clip(sens + rng.normal(0, SENSITIVITY_NOISE, draws), 0.0, 1.0)
+    intent = SEGMENT_INTENT[c.segment] + observable_intent(
+        case.ctx.surface, case.ctx.cart_value, case.ctx.idle_minutes
+    )
+    noise = math.hypot(CUSTOMER_INTENT_NOISE, CONTEXT_INTENT_NOISE)
+    return _values(case.ctx, catalog, intent + rng.normal(0, noise, draws), sens_draws)
+
+
 def true_values(case: Case, catalog: Catalog) -> tuple[np.ndarray, np.ndarray]:
     """(true expected incremental margin per offer, eligibility mask)."""
-    p = true_probabilities(case, catalog)
-    m = case.ctx.margin
-    redeem = np.array([o.cost.redeem_cost(case.ctx.order_value) for o in catalog.offers])
-    fixed = np.array([o.cost.fixed for o in catalog.offers])
-    values = p * (m - redeem) - fixed - p[0] * m
-    values[0] = 0.0
+    values = _values(
+        case.ctx, catalog, np.array([case.intent]), np.array([case.customer.sensitivity])
+    )
     mask = np.array([i == 0 or eligible(o, case.ctx) for i, o in enumerate(catalog.offers)])
     return values, mask
 
@@ -226,7 +267,9 @@ def simulate(
     Reference policies: no offer, random eligible offer, biggest discount (the eligible
     offer that costs most), max conversion (the offer with the highest true conversion
     probability: what chasing redemptions converges to), each single offer whenever
-    eligible, and the oracle (true best offer for each case).
+    eligible, the oracle (true best offer for each case, knowing the latent traits) and
+    the observable oracle (best offer in expectation given only what the policy sees:
+    the ceiling of any policy using these features).
     """
     catalog = unlimited(catalog)
     rng = np.random.default_rng(seed)
@@ -235,7 +278,16 @@ def simulate(
     clock = [1_700_000_000.0]
     policy = OfferPolicy(catalog, MemoryStore(), seed=seed + 1, clock=lambda: clock[0])
     n_arms = len(catalog.offers)
-    names = ["no_offer", "random", "biggest_discount", "max_conversion", "oracle", "learned"]
+    names = [
+        "no_offer",
+        "random",
+        "biggest_discount",
+        "max_conversion",
+        "oracle",
+        "oracle_observable",
+        "learned",
+    ]
+    mc = np.random.default_rng(seed + 2)
     out = {k: np.zeros(decisions) for k in names}
     single = np.zeros((decisions, n_arms))
     pending: list[tuple[str, int, float]] = []
@@ -254,6 +306,8 @@ def simulate(
         out["biggest_discount"][t] = values[elig[np.argmax(redeem[elig])]]
         out["max_conversion"][t] = values[elig[np.argmax(p_true[elig])]]
         out["oracle"][t] = values[elig].max()
+        expected = observable_values(case, catalog, mc)
+        out["oracle_observable"][t] = values[elig[np.argmax(expected[elig])]]
         single[t] = np.where(mask, values, 0.0)
 
         clock[0] += 30.0

@@ -31,7 +31,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 import yaml
@@ -202,9 +202,10 @@ class RulesConfig:
 # --------------------------------------------------------------------------- inputs
 
 
-@dataclass(frozen=True)
-class ItemInfo:
-    """What the rules know about a candidate. ``stock`` None means unknown."""
+class ItemInfo(NamedTuple):
+    """What the rules know about a candidate. ``stock`` None means unknown.
+
+    A NamedTuple: a Rank call builds one per candidate, and tuples build fastest."""
 
     item_id: str
     category: str = ""
@@ -221,13 +222,13 @@ class ItemInfo:
     @classmethod
     def from_proto(cls, item: common_pb2.Item) -> ItemInfo:
         return cls(
-            item_id=item.item_id,
-            category=item.category,
-            price=item.price,
-            stock=int(item.stock),
-            margin=item.margin,
-            replenishable=item.replenishable,
-            promoted=item.promoted,
+            item.item_id,
+            item.category,
+            item.price,
+            int(item.stock),
+            item.margin,
+            item.replenishable,
+            item.promoted,
         )
 
 
