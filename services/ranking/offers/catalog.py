@@ -147,7 +147,7 @@ class OfferSpec(_Strict):
 class Exploration(_Strict):
     """Safe exploration of the offer policy."""
 
-    max_share: float = Field(0.10, ge=0.0, le=1.0)
+    max_share: float = Field(0.05, ge=0.0, le=1.0)
     prior_lift_sd: float = Field(0.5, gt=0.0, le=5.0)
     window: int = Field(1000, ge=10, description="Decisions the exploration share spans.")
 
