@@ -292,14 +292,13 @@ def test_budgets_are_never_exceeded() -> None:
     policy = OfferPolicy(cat, MemoryStore(), seed=0, clock=clock)
     rng = random.Random(1)
     pending: list[tuple[str, str]] = []
-    reasons: set[str] = set()
+    highest: dict[str, float] = {}
     for step in range(1500):
         value = rng.uniform(5, 200)
         ctx = OfferContext(
             surface="cart", cart_value=value, cart_items=1, order_value=value, margin=value * 0.4
         )
         choice = policy.select(ctx)
-        reasons.add(choice.reason)
         pending.append((choice.decision_id, choice.offer.id))
         if rng.random() < 0.3 and pending:  # settle some, in random order
             did, offer_id = pending.pop(rng.randrange(len(pending)))
@@ -311,10 +310,10 @@ def test_budgets_are_never_exceeded() -> None:
         for row in policy.status():
             if row.budget:
                 assert row.spent <= row.budget + 1e-9, (step, row)
+                highest[row.offer.id] = max(highest.get(row.offer.id, 0), row.spent / row.budget)
         clock.t += 600 if step % 500 else DAY  # a new day now and then
-    rows = {r.offer.id: r for r in policy.status()}
-    assert rows["pct"].decisions > 0 and rows["amt"].decisions > 0
-    assert "budget_exhausted" in reasons or rows["amt"].spent > 45 - 7.5
+    # The budgets were under pressure (nearly used up), not just never reached.
+    assert highest["pct"] > 0.8 and highest["amt"] > 0.8, highest
 
 
 def test_outcomes_are_idempotent_and_checked() -> None:
