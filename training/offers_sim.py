@@ -372,7 +372,15 @@ def plot(result: SimResult, path: str, title: str = "Offer policies") -> None:
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5))
     x = np.arange(1, result.n + 1)
-    keep = ["oracle", "learned", "no_offer", "random", "biggest_discount", "max_conversion"]
+    keep = [
+        "oracle",
+        "oracle_observable",
+        "learned",
+        "no_offer",
+        "random",
+        "biggest_discount",
+        "max_conversion",
+    ]
     best_single = max(
         (k for k in result.policies if k.startswith("always_")),
         key=lambda k: result.policies[k].sum(),
@@ -380,10 +388,15 @@ def plot(result: SimResult, path: str, title: str = "Offer policies") -> None:
     )
     if best_single:
         keep.append(best_single)
+    keep = [k for k in keep if k in result.policies]
+    colors = {name: f"C{i}" for i, name in enumerate(keep)}
+    styles = {"oracle_observable": "--"}
     for name in keep:
         values = result.policies[name]
         lw = 2.5 if name in ("learned", "oracle") else 1.2
-        ax1.plot(x, np.cumsum(values), label=name, lw=lw)
+        ax1.plot(
+            x, np.cumsum(values), label=name, lw=lw, color=colors[name], ls=styles.get(name, "-")
+        )
     ax1.set_xlabel("decisions")
     ax1.set_ylabel("cumulative expected incremental margin vs no offer")
     ax1.legend(fontsize=8)
@@ -395,13 +408,20 @@ def plot(result: SimResult, path: str, title: str = "Offer policies") -> None:
         if name == "oracle":
             continue
         ratio = np.convolve(result.policies[name], kernel, mode="valid") / oracle
-        ax2.plot(x[win - 1 :], ratio, label=name, lw=2.5 if name == "learned" else 1.0)
-    ax2.axhline(0.85, color="gray", ls="--", lw=1, label="85 % of oracle")
+        ax2.plot(
+            x[win - 1 :],
+            ratio,
+            label=name,
+            lw=2.5 if name == "learned" else 1.0,
+            color=colors[name],
+            ls=styles.get(name, "-"),
+        )
+    ax2.axhline(0.85, color="gray", ls=":", lw=1, label="85 % of oracle")
     ax2.set_ylim(-1.0, 1.1)
     ax2.set_xlabel("decisions")
     ax2.set_ylabel(f"share of oracle (moving window {win})")
     ax2.grid(alpha=0.3)
-    ax2.legend(fontsize=8)
+    ax2.legend(fontsize=8, loc="lower right")
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
