@@ -65,7 +65,9 @@ class RankRequest(_message.Message):
     k: _builtins.int
     """Number of items to return, 1 to 1000."""
     model_alias: _builtins.str
-    """Registry alias of the ranker; empty = the default alias."""
+    """Registry alias of the ranker; empty = the default alias. When no ranker is loaded
+    for it, the candidates' scores rank them ("rules-only"; RankResponse.model is empty).
+    """
     @_builtins.property
     def profile(self) -> _common_pb2.Profile:
         """The customer's profile."""
@@ -76,14 +78,16 @@ class RankRequest(_message.Message):
 
     @_builtins.property
     def candidates(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Candidate]:
-        """Candidates from retrieval (or any other source), 1 to 2000. Duplicate ids are
-        merged keeping the best score.
+        """Candidates from retrieval (or any other source), 1 to 2000 (more, or none, give
+        INVALID_ARGUMENT). Duplicate ids are merged keeping the best score (and its source).
         """
 
     @_builtins.property
     def items(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Item]:
-        """Catalog details of the candidates (category, price, stock, margin, promoted), where
-        the caller has them; the service looks up the missing ones.
+        """Catalog details of the candidates (category, price, stock, margin, promoted); the
+        gateway sends them in one batch. A candidate without details is ranked as unknown:
+        stock unknown (kept, unless the surface's rules drop unknown stock), no category
+        (not capped, no category diversity) and no boost. Items with stock 0 are never returned.
         """
 
     def __init__(

@@ -1,31 +1,181 @@
-"""gRPC server of the ranking service."""
+"""gRPC server of the ranking service.
+
+- ``Rank``: :class:`~services.ranking.pipeline.RankPipeline` (scorer + business rules).
+  Until the trained ranker is loaded the scorer is the candidates' retrieval score
+  ("rules-only" mode, ``RankResponse.model`` empty), so the service can always answer
+  and reports SERVING as soon as its offer state is open.
+- ``SelectOffer`` / ``RecordOfferOutcome`` / ``ListOffers``: the offer policy
+  (:mod:`services.ranking.offers`), run on one worker thread that owns the SQLite
+  state, so the event loop never waits on disk.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+import logging
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 import grpc
+from prometheus_client import Counter
 
 from mercato.v1 import ranking_pb2, ranking_pb2_grpc
+from services.common.errors import Unavailable
 from services.common.server import BaseService, run_service
+from services.ranking.offers import Catalog, OfferPolicy, SqliteStore, offer_context
+from services.ranking.pipeline import RankPipeline
+from services.ranking.rules import RulesConfig
+from services.ranking.scoring import ScorerProvider, no_ranker
 from services.ranking.settings import RankingSettings
+
+log = logging.getLogger("mercato.ranking")
+T = TypeVar("T")
+
+DROPPED = Counter(
+    "mercato_ranking_dropped_total", "Candidates dropped by business rules.", ["rule"]
+)
+RANK_MODE = Counter("mercato_ranking_requests_total", "Rank calls by scoring mode.", ["mode"])
+OFFER_DECISIONS = Counter(
+    "mercato_offer_decisions_total", "Offer decisions by offer and reason.", ["offer", "reason"]
+)
+OFFER_OUTCOMES = Counter(
+    "mercato_offer_outcomes_total", "Offer outcomes recorded, by outcome.", ["outcome"]
+)
 
 
 class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
-    """RPC handlers; not yet implemented ones answer UNIMPLEMENTED."""
+    """RPC handlers of the ranking service."""
+
+    def __init__(self, service: RankingService) -> None:
+        self.service = service
+
+    async def Rank(
+        self, request: ranking_pb2.RankRequest, context: grpc.aio.ServicerContext
+    ) -> ranking_pb2.RankResponse:
+        response = self.service.pipeline.rank(request)
+        RANK_MODE.labels("model" if response.model.name else "rules_only").inc()
+        for rule, count in response.dropped.items():
+            DROPPED.labels(rule).inc(count)
+        return response
+
+    async def SelectOffer(
+        self, request: ranking_pb2.SelectOfferRequest, context: grpc.aio.ServicerContext
+    ) -> ranking_pb2.SelectOfferResponse:
+        policy = self.service.require_policy()
+        cfg = policy.catalog.settings
+        ctx = offer_context(
+            request.profile, request.context, cfg.margin_rate, cfg.default_order_value
+        )
+        offer_ids = list(request.offer_ids)
+        choice = await self.service.run(
+            lambda: policy.select(ctx, offer_ids, greedy=request.greedy, dry_run=request.dry_run)
+        )
+        if choice.decision_id:
+            OFFER_DECISIONS.labels(choice.offer.id, choice.reason).inc()
+        return ranking_pb2.SelectOfferResponse(
+            offer=choice.offer.to_proto(),
+            expected_incremental_margin=choice.expected_incremental_margin,
+            decision_id=choice.decision_id,
+            policy_version=choice.policy_version,
+            reason=choice.reason,
+        )
+
+    async def RecordOfferOutcome(
+        self, request: ranking_pb2.RecordOfferOutcomeRequest, context: grpc.aio.ServicerContext
+    ) -> ranking_pb2.RecordOfferOutcomeResponse:
+        policy = self.service.require_policy()
+        recorded = await self.service.run(
+            lambda: policy.record(
+                request.decision_id, request.outcome, request.revenue, request.margin
+            )
+        )
+        if recorded:
+            OFFER_OUTCOMES.labels(ranking_pb2.OfferOutcome.Name(request.outcome)).inc()
+        return ranking_pb2.RecordOfferOutcomeResponse(recorded=recorded)
+
+    async def ListOffers(
+        self, request: ranking_pb2.ListOffersRequest, context: grpc.aio.ServicerContext
+    ) -> ranking_pb2.ListOffersResponse:
+        policy = self.service.require_policy()
+        rows = await self.service.run(policy.status)
+        return ranking_pb2.ListOffersResponse(
+            offers=[
+                ranking_pb2.OfferStatus(
+                    offer=row.offer.to_proto(),
+                    budget=row.budget,
+                    spent=row.spent,
+                    decisions=row.decisions,
+                    redemptions=row.redemptions,
+                )
+                for row in rows
+            ]
+        )
 
 
 class RankingService(BaseService):
     """The ranking service as the runtime runs it."""
 
     name = "ranking"
+    settings: RankingSettings
+
+    def __init__(self, settings: RankingSettings, scorers: ScorerProvider = no_ranker) -> None:
+        super().__init__(settings)
+        # Config errors stop the process at start, with the file and field named.
+        self.rules = RulesConfig.load(settings.rules_file or None)
+        self.catalog = Catalog.load(settings.resolved_offers_file())
+        self.pipeline = RankPipeline(
+            self.rules,
+            scorers=scorers,
+            max_candidates=settings.max_candidates,
+            max_k=settings.max_k,
+        )
+        self.policy: OfferPolicy | None = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="offers")
 
     def register(self, server: grpc.aio.Server) -> Sequence[str]:
-        ranking_pb2_grpc.add_RankingServiceServicer_to_server(
-            RankingServicer(),  # type: ignore[abstract]  # RPCs land with the service's issue
-            server,
-        )
+        ranking_pb2_grpc.add_RankingServiceServicer_to_server(RankingServicer(self), server)
         return [ranking_pb2.DESCRIPTOR.services_by_name["RankingService"].full_name]
+
+    async def run(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` on the offer worker thread."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+
+    def require_policy(self) -> OfferPolicy:
+        if self.policy is None:
+            raise Unavailable("the offer policy is still loading its state")
+        return self.policy
+
+    def _open_policy(self) -> OfferPolicy:
+        path = self.settings.resolved_offers_state_path()
+        seed = None if self.settings.offers_seed < 0 else self.settings.offers_seed
+        policy = OfferPolicy(
+            self.catalog,
+            SqliteStore(path),
+            seed=seed,
+            retention_days=self.settings.offers_retention_days,
+        )
+        log.info(
+            "offer policy ready",
+            extra={
+                "state": str(path),
+                "offers": policy.arms,
+                "policy_version": policy.policy_version,
+            },
+        )
+        return policy
+
+    async def start(self) -> None:
+        self.policy = await self.run(self._open_policy)
+        # Rules-only ranking always answers, so the service is ready once the offer
+        # state is open; the trained ranker, when it lands, changes scores, not health.
+        await self.set_serving(True)
+
+    async def stop(self) -> None:
+        policy = self.policy
+        if policy is not None:
+            await self.run(policy.close)
+        self._executor.shutdown(wait=True)
 
 
 def main() -> None:

@@ -2,12 +2,51 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
-from services.common.settings import ServiceSettings
+from services.common.settings import ServiceSettings, mercato_home
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_OFFERS_FILE = REPO_ROOT / "config" / "offers.yaml"
 
 
 class RankingSettings(ServiceSettings):
     """Runtime settings of the ranking service."""
 
     model_config = SettingsConfigDict(env_prefix="MERCATO_RANKING_", extra="ignore")
+
+    rules_file: str = Field(
+        "",
+        description="YAML/JSON business-rules config per surface; empty = built-in defaults.",
+    )
+    max_candidates: int = Field(
+        2000, ge=1, le=100_000, description="Most candidates one Rank call may send."
+    )
+    max_k: int = Field(1000, ge=1, le=100_000, description="Largest k one Rank call may ask.")
+    offers_file: str = Field(
+        "",
+        description="YAML offer catalog; empty = config/offers.yaml shipped with Mercato.",
+    )
+    offers_state_path: str = Field(
+        "",
+        description="Offer policy state (SQLite); default MERCATO_HOME/ranking/offers.db.",
+    )
+    offers_retention_days: float = Field(
+        90.0, gt=0, description="Days a settled offer decision is kept (then NOT_FOUND)."
+    )
+    offers_seed: int = Field(
+        -1, ge=-1, description="Seed of the offer policy's sampler (-1 = from the OS)."
+    )
+
+    def resolved_offers_file(self) -> Path:
+        """The offer catalog file in force."""
+        return Path(self.offers_file) if self.offers_file else DEFAULT_OFFERS_FILE
+
+    def resolved_offers_state_path(self) -> Path:
+        """Where the offer policy keeps its state."""
+        if self.offers_state_path:
+            return Path(self.offers_state_path)
+        return mercato_home() / "ranking" / "offers.db"

@@ -1,0 +1,175 @@
+"""The Rank call: validate, merge candidates, score, apply the surface's rules.
+
+Synchronous and free of I/O, so the benchmark can time it in-process (the floor under
+the gRPC numbers) and tests can call it directly.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+from mercato.v1 import common_pb2, ranking_pb2
+from services.common.errors import InvalidArgument
+from services.ranking.rules import (
+    SURFACE_NAMES,
+    CandidateSet,
+    ItemInfo,
+    ItemVectorLookup,
+    RankContext,
+    RulesConfig,
+    apply_rules,
+)
+from services.ranking.scoring import RetrievalScorer, Scorer, ScorerProvider, no_ranker
+
+log = logging.getLogger("mercato.ranking")
+
+MAX_ID_BYTES = 128
+
+
+def _bad_id(value: str) -> str | None:
+    """Why ``value`` is not a valid item id, or None."""
+    if not value:
+        return "must not be empty"
+    # Characters never take fewer bytes than one, so only long ids need encoding.
+    if len(value) * 4 > MAX_ID_BYTES and len(value.encode()) > MAX_ID_BYTES:
+        return f"is longer than {MAX_ID_BYTES} bytes"
+    return None
+
+
+def merge_candidates(candidates: Sequence[common_pb2.Candidate]) -> CandidateSet:
+    """Unique candidates in first-seen order; a duplicate id keeps its best score (and
+    that occurrence's source). Scores must be finite."""
+    index: dict[str, int] = {}
+    ids: list[str] = []
+    scores: list[float] = []
+    sources: list[int] = []
+    for n, cand in enumerate(candidates):
+        item_id = cand.item_id
+        bad = _bad_id(item_id)
+        if bad:
+            raise InvalidArgument(f"candidates[{n}].item_id {bad}")
+        if not math.isfinite(cand.score):
+            raise InvalidArgument(f"candidates[{n}].score must be finite, got {cand.score}")
+        at = index.get(item_id)
+        if at is None:
+            index[item_id] = len(ids)
+            ids.append(item_id)
+            scores.append(cand.score)
+            sources.append(int(cand.source))
+        elif cand.score > scores[at]:
+            scores[at] = cand.score
+            sources[at] = int(cand.source)
+    return CandidateSet(ids, np.asarray(scores, dtype=np.float64), sources)
+
+
+def item_details(items: Sequence[common_pb2.Item]) -> dict[str, ItemInfo]:
+    """Validated item details by id; a later entry for the same id wins."""
+    out: dict[str, ItemInfo] = {}
+    for n, item in enumerate(items):
+        bad = _bad_id(item.item_id)
+        if bad:
+            raise InvalidArgument(f"items[{n}].item_id {bad}")
+        if not (math.isfinite(item.price) and item.price >= 0):
+            raise InvalidArgument(f"items[{n}].price must be >= 0, got {item.price}")
+        if item.stock < 0:
+            raise InvalidArgument(f"items[{n}].stock must be >= 0, got {item.stock}")
+        if not math.isfinite(item.margin):
+            raise InvalidArgument(f"items[{n}].margin must be finite, got {item.margin}")
+        out[item.item_id] = ItemInfo.from_proto(item)
+    return out
+
+
+def rank_context(profile: common_pb2.Profile, context: common_pb2.Context) -> RankContext:
+    """What the rules need from the profile and the context."""
+    if context.surface not in SURFACE_NAMES:
+        raise InvalidArgument(f"context.surface has an unknown value {context.surface}")
+    in_cart = {line.item_id for line in profile.cart.lines} | set(context.cart_item_ids)
+    return RankContext(
+        surface=SURFACE_NAMES[context.surface],
+        purchased=frozenset(p.item_id for p in profile.purchases),
+        in_cart=frozenset(in_cart),
+        anchor=context.anchor_item_id,
+    )
+
+
+class RankPipeline:
+    """Rank = validate + merge + score + rules, with the scorer resolved per alias."""
+
+    def __init__(
+        self,
+        rules: RulesConfig,
+        scorers: ScorerProvider = no_ranker,
+        vectors: ItemVectorLookup | None = None,
+        max_candidates: int = 2000,
+        max_k: int = 1000,
+    ) -> None:
+        self.rules = rules
+        self.scorers = scorers
+        self.vectors = vectors
+        self.max_candidates = max_candidates
+        self.max_k = max_k
+        self.fallback: Scorer = RetrievalScorer()
+
+    def validate(self, request: ranking_pb2.RankRequest) -> None:
+        n = len(request.candidates)
+        if n == 0:
+            raise InvalidArgument("candidates must not be empty")
+        if n > self.max_candidates:
+            raise InvalidArgument(f"at most {self.max_candidates} candidates, got {n}")
+        if not 1 <= request.k <= self.max_k:
+            raise InvalidArgument(f"k must be between 1 and {self.max_k}, got {request.k}")
+
+    def _scores(
+        self,
+        scorer: Scorer,
+        request: ranking_pb2.RankRequest,
+        candidates: CandidateSet,
+        items: dict[str, ItemInfo],
+    ) -> np.ndarray | None:
+        try:
+            scores = np.asarray(
+                scorer.score(request.profile, request.context, candidates, items),
+                dtype=np.float64,
+            )
+        except Exception:
+            log.exception("scorer failed; ranking by retrieval scores")
+            return None
+        if scores.shape != (len(candidates),) or not np.isfinite(scores).all():
+            log.error(
+                "scorer returned bad scores; ranking by retrieval scores",
+                extra={"shape": list(scores.shape)},
+            )
+            return None
+        return scores
+
+    def rank(self, request: ranking_pb2.RankRequest) -> ranking_pb2.RankResponse:
+        self.validate(request)
+        candidates = merge_candidates(request.candidates)
+        items = item_details(request.items)
+        ctx = rank_context(request.profile, request.context)
+        rules = self.rules.for_surface(ctx.surface)
+
+        scorer = self.scorers(request.model_alias)
+        scores = None
+        if scorer is not None:
+            scores = self._scores(scorer, request, candidates, items)
+        version = scorer.model_version if scorer is not None and scores is not None else None
+        if scores is None:
+            scores = self.fallback.score(request.profile, request.context, candidates, items)
+
+        result = apply_rules(candidates, scores, items, ctx, rules, request.k, self.vectors)
+        response = ranking_pb2.RankResponse(dropped=result.dropped)
+        if version is not None:
+            response.model.CopyFrom(version)
+        for idx, score, reasons in zip(result.indices, result.scores, result.reasons, strict=True):
+            response.items.add(
+                item_id=candidates.ids[idx],
+                score=score,
+                model_score=float(scores[idx]),
+                reasons=reasons,  # type: ignore[arg-type]
+            )
+        return response

@@ -1,0 +1,431 @@
+"""Business rules of the ranking service: pure functions over typed inputs.
+
+The order of work in :func:`apply_rules`:
+
+1. **Filters** drop candidates, counted per rule name in ``dropped``. The first rule that
+   matches counts: ``out_of_stock`` (stock 0, always: an item with no stock is never
+   returned), ``unknown_stock`` (no catalog details and the surface drops unknown stock),
+   ``anchor`` (the item on screen), ``in_cart`` and ``purchased`` (bought before; by
+   default only non-replenishable items are dropped, so a buy-again list keeps the
+   replenishable ones).
+2. **Relevance**: the scorer's scores of the kept candidates, min-max normalised to
+   [0, 1] within the request (scale free: retrieval inner products and ranker
+   probabilities are treated the same; all equal gives 1).
+3. **Bounded boosts**: ``relevance * (1 + b)`` with ``b = min(sum of matching boosts,
+   max_boost)``. The multiplier is at most ``1 + max_boost`` (default 1.25), so a boost
+   can only lift an item over items whose relevance is within that factor of its own.
+4. **Selection** of at most ``k`` items, greedily: with diversity ``mmr``, the next item
+   maximises ``w * boosted_relevance - (1 - w) * max similarity to the items already
+   chosen`` (cosine of item vectors where an :class:`ItemVectorLookup` gives both items'
+   vectors, else 1 for the same non-empty category and 0 otherwise); with ``none``, the
+   best boosted relevance first. An item whose category already holds ``category_cap``
+   items is passed over and counted as ``category_cap`` (uncategorised items are not
+   capped). The score returned is the selection value, non-increasing down the list.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, NamedTuple, Protocol
+
+import numpy as np
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from mercato.v1 import common_pb2
+
+SURFACE_NAMES: dict[int, str] = {
+    common_pb2.SURFACE_UNSPECIFIED: "home",
+    common_pb2.SURFACE_HOME: "home",
+    common_pb2.SURFACE_PRODUCT: "product",
+    common_pb2.SURFACE_CART: "cart",
+    common_pb2.SURFACE_CHECKOUT: "checkout",
+    common_pb2.SURFACE_BUY_AGAIN: "buy_again",
+    common_pb2.SURFACE_EMAIL: "email",
+}
+SURFACES = ("home", "product", "cart", "checkout", "buy_again", "email")
+
+# Candidate sources that name the main reason of an item themselves.
+_SOURCE_REASONS: set[int] = {
+    common_pb2.REASON_COMPLEMENT,
+    common_pb2.REASON_TRENDING,
+    common_pb2.REASON_FALLBACK,
+    common_pb2.REASON_SIMILAR,
+    common_pb2.REASON_UPSELL,
+    common_pb2.REASON_BUY_AGAIN,
+    common_pb2.REASON_NEW_ITEM,
+}
+
+
+# --------------------------------------------------------------------------- config
+
+
+class PurchasedPolicy(StrEnum):
+    """What to do with items the customer bought before."""
+
+    DROP_NON_REPLENISHABLE = "drop_non_replenishable"
+    DROP_ALL = "drop_all"
+    KEEP = "keep"
+
+
+class DiversityMethod(StrEnum):
+    """How the list is diversified."""
+
+    MMR = "mmr"  # item vectors when given, else categories
+    NONE = "none"
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DiversityRule(_Frozen):
+    """Maximal marginal relevance over item similarity."""
+
+    method: DiversityMethod = DiversityMethod.MMR
+    relevance_weight: float = Field(
+        0.8, ge=0.0, le=1.0, description="w in w * relevance - (1 - w) * similarity."
+    )
+
+
+class BoostRule(_Frozen):
+    """Bounded boosts for promoted and high-margin items."""
+
+    promoted: float = Field(0.10, ge=0.0, description="Boost of a promoted item.")
+    high_margin: float = Field(0.10, ge=0.0, description="Boost of a high-margin item.")
+    high_margin_rate: float = Field(
+        0.40, ge=0.0, le=1.0, description="margin / price at or above which an item is high-margin."
+    )
+    max_boost: float = Field(
+        0.25, ge=0.0, le=1.0, description="Cap on the summed boost: multiplier <= 1 + max_boost."
+    )
+
+
+class SurfaceRules(_Frozen):
+    """The business rules of one surface."""
+
+    drop_unknown_stock: bool = Field(
+        False, description="Drop candidates without catalog details (stock unknown)."
+    )
+    purchased: PurchasedPolicy = PurchasedPolicy.DROP_NON_REPLENISHABLE
+    drop_in_cart: bool = True
+    drop_anchor: bool = True
+    category_cap: int = Field(3, ge=0, description="Most items per category (0 = no cap).")
+    diversity: DiversityRule = DiversityRule()
+    boosts: BoostRule = BoostRule()
+
+
+# Built-in rules: the defaults plus what differs per surface.
+BUILTIN_RULES: dict[str, Any] = {
+    "defaults": {},
+    "surfaces": {
+        "product": {"category_cap": 4},
+        "cart": {"category_cap": 2},
+        "checkout": {"category_cap": 2, "diversity": {"relevance_weight": 0.7}},
+        "buy_again": {"category_cap": 0, "diversity": {"method": "none"}},
+        "email": {"category_cap": 2},
+    },
+}
+
+
+class RulesConfigError(ValueError):
+    """The rules config file is malformed."""
+
+
+def _deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+@dataclass(frozen=True)
+class RulesConfig:
+    """Rules per surface name."""
+
+    surfaces: Mapping[str, SurfaceRules]
+
+    def for_surface(self, surface: int | str) -> SurfaceRules:
+        """Rules of a surface (enum value or name); unspecified means home."""
+        name = SURFACE_NAMES.get(surface, "home") if isinstance(surface, int) else surface
+        return self.surfaces[name]
+
+    @classmethod
+    def from_mapping(cls, raw: Mapping[str, Any] | None = None) -> RulesConfig:
+        """Layer ``raw`` over the built-in rules: built-in defaults < built-in surface <
+        file defaults < file surface. Unknown keys and surfaces are errors."""
+        raw = dict(raw or {})
+        unknown = set(raw) - {"defaults", "surfaces"}
+        if unknown:
+            raise RulesConfigError(f"unknown top-level keys {sorted(unknown)}")
+        file_defaults = raw.get("defaults") or {}
+        file_surfaces = raw.get("surfaces") or {}
+        if not isinstance(file_defaults, Mapping) or not isinstance(file_surfaces, Mapping):
+            raise RulesConfigError("'defaults' and 'surfaces' must be mappings")
+        bad = set(file_surfaces) - set(SURFACES)
+        if bad:
+            raise RulesConfigError(f"unknown surfaces {sorted(bad)}; known: {list(SURFACES)}")
+        surfaces: dict[str, SurfaceRules] = {}
+        for name in SURFACES:
+            merged = _deep_merge(BUILTIN_RULES["defaults"], BUILTIN_RULES["surfaces"].get(name, {}))
+            merged = _deep_merge(merged, file_defaults)
+            merged = _deep_merge(merged, file_surfaces.get(name) or {})
+            try:
+                surfaces[name] = SurfaceRules.model_validate(merged)
+            except ValidationError as exc:
+                raise RulesConfigError(f"surface {name!r}: {exc}") from exc
+        return cls(surfaces)
+
+    @classmethod
+    def load(cls, path: str | Path | None) -> RulesConfig:
+        """Read a YAML or JSON rules file; no path gives the built-in rules."""
+        if not path:
+            return cls.from_mapping({})
+        text = Path(path).read_text()
+        try:
+            raw = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
+        except (json.JSONDecodeError, yaml.YAMLError) as exc:
+            raise RulesConfigError(f"{path}: {exc}") from exc
+        if raw is not None and not isinstance(raw, Mapping):
+            raise RulesConfigError(f"{path}: expected a mapping at the top level")
+        return cls.from_mapping(raw)
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+class ItemInfo(NamedTuple):
+    """What the rules know about a candidate. ``stock`` None means unknown.
+
+    A NamedTuple: a Rank call builds one per candidate, and tuples build fastest."""
+
+    item_id: str
+    category: str = ""
+    price: float = 0.0
+    stock: int | None = None
+    margin: float = 0.0
+    replenishable: bool = False
+    promoted: bool = False
+
+    @property
+    def known(self) -> bool:
+        return self.stock is not None
+
+    @classmethod
+    def from_proto(cls, item: common_pb2.Item) -> ItemInfo:
+        return cls(
+            item.item_id,
+            item.category,
+            item.price,
+            int(item.stock),
+            item.margin,
+            item.replenishable,
+            item.promoted,
+        )
+
+
+@dataclass(frozen=True)
+class CandidateSet:
+    """Unique candidates with their retrieval scores and sources (``Reason`` values)."""
+
+    ids: list[str]
+    scores: np.ndarray
+    sources: list[int]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+@dataclass(frozen=True)
+class RankContext:
+    """The parts of profile and context the rules use."""
+
+    surface: str = "home"
+    purchased: frozenset[str] = frozenset()
+    in_cart: frozenset[str] = frozenset()
+    anchor: str = ""
+
+
+class ItemVectorLookup(Protocol):
+    """Item vectors for diversity: ``(vectors [n, d], found [n] bool)`` for ``item_ids``.
+
+    Rows where ``found`` is False are ignored (those items fall back to category
+    similarity)."""
+
+    def __call__(self, item_ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+@dataclass
+class RankedResult:
+    """Output of :func:`apply_rules`: chosen indices into the candidate set, best first."""
+
+    indices: list[int]
+    scores: list[float]
+    reasons: list[list[int]]
+    dropped: dict[str, int] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- rules
+
+
+def drop_reason(item: ItemInfo, ctx: RankContext, rules: SurfaceRules) -> str | None:
+    """Name of the first filter that drops ``item``, or None to keep it."""
+    if item.stock is not None and item.stock <= 0:
+        return "out_of_stock"
+    if item.stock is None and rules.drop_unknown_stock:
+        return "unknown_stock"
+    if rules.drop_anchor and ctx.anchor and item.item_id == ctx.anchor:
+        return "anchor"
+    if rules.drop_in_cart and item.item_id in ctx.in_cart:
+        return "in_cart"
+    if item.item_id in ctx.purchased:
+        if rules.purchased == PurchasedPolicy.DROP_ALL:
+            return "purchased"
+        if rules.purchased == PurchasedPolicy.DROP_NON_REPLENISHABLE and not item.replenishable:
+            return "purchased"
+    return None
+
+
+def normalize_relevance(scores: np.ndarray) -> np.ndarray:
+    """Min-max scores to [0, 1]; all equal (or one) gives ones."""
+    scores = np.asarray(scores, dtype=np.float64)
+    if scores.size == 0:
+        return scores
+    lo, hi = float(scores.min()), float(scores.max())
+    if not hi > lo:
+        return np.ones_like(scores)
+    return (scores - lo) / (hi - lo)
+
+
+def boost_of(item: ItemInfo, rules: BoostRule) -> float:
+    """The bounded boost ``b`` of an item: ``0 <= b <= rules.max_boost``."""
+    total = 0.0
+    if item.promoted:
+        total += rules.promoted
+    if item.price > 0 and item.margin / item.price >= rules.high_margin_rate:
+        total += rules.high_margin
+    return min(total, rules.max_boost)
+
+
+def _similarity_fn(kept_items: Sequence[ItemInfo], vectors: ItemVectorLookup | None) -> Any:
+    """Return sim(j) -> similarity of every kept item to kept item j, in [0, 1]."""
+    cats = [item.category for item in kept_items]
+    codes: dict[str, int] = {}
+    cat_ids = np.array([codes.setdefault(c, len(codes)) if c else -1 for c in cats])
+    unit: np.ndarray | None = None
+    found = np.zeros(len(kept_items), dtype=bool)
+    if vectors is not None and kept_items:
+        mat, found_raw = vectors([item.item_id for item in kept_items])
+        mat = np.asarray(mat, dtype=np.float32)
+        found = np.asarray(found_raw, dtype=bool).copy()
+        norms = np.linalg.norm(mat, axis=1) if mat.size else np.zeros(len(kept_items))
+        found &= norms > 0
+        unit = np.zeros_like(mat)
+        unit[found] = mat[found] / norms[found, None]
+
+    def sim(j: int) -> np.ndarray:
+        same_cat = (cat_ids == cat_ids[j]) & (cat_ids >= 0)
+        out = same_cat.astype(np.float64)
+        if unit is not None and found[j]:
+            cos = np.clip(unit @ unit[j], 0.0, 1.0).astype(np.float64)
+            out = np.where(found, cos, out)
+        return out
+
+    return sim
+
+
+def apply_rules(
+    candidates: CandidateSet,
+    model_scores: np.ndarray,
+    items: Mapping[str, ItemInfo],
+    ctx: RankContext,
+    rules: SurfaceRules,
+    k: int,
+    vectors: ItemVectorLookup | None = None,
+    model_reason: int = int(common_pb2.REASON_MODEL),
+) -> RankedResult:
+    """Filter, boost, diversify and cap ``candidates``; return the top ``k``.
+
+    ``items`` may miss candidates: those have unknown stock, no category and no boost.
+    """
+    dropped: dict[str, int] = {}
+    kept: list[int] = []
+    kept_items: list[ItemInfo] = []
+    for i, item_id in enumerate(candidates.ids):
+        item = items.get(item_id) or ItemInfo(item_id)
+        reason = drop_reason(item, ctx, rules)
+        if reason is None:
+            kept.append(i)
+            kept_items.append(item)
+        else:
+            dropped[reason] = dropped.get(reason, 0) + 1
+    result = RankedResult([], [], [], dropped)
+    if not kept or k <= 0:
+        return result
+
+    relevance = normalize_relevance(np.asarray(model_scores, dtype=np.float64)[kept])
+    boosts = np.array([boost_of(item, rules.boosts) for item in kept_items])
+    value = relevance * (1.0 + boosts)
+
+    cap = rules.category_cap
+    counts: dict[str, int] = {}
+    capped = 0
+
+    def at_cap(item: ItemInfo) -> bool:
+        return cap > 0 and bool(item.category) and counts.get(item.category, 0) >= cap
+
+    chosen: list[tuple[int, float]] = []  # (position in kept, selection value)
+    if rules.diversity.method == DiversityMethod.NONE:
+        for pos in np.argsort(-value, kind="stable"):
+            if len(chosen) >= k:
+                break
+            item = kept_items[pos]
+            if at_cap(item):
+                capped += 1
+                continue
+            counts[item.category] = counts.get(item.category, 0) + 1
+            chosen.append((int(pos), float(value[pos])))
+    else:
+        w = rules.diversity.relevance_weight
+        sim = _similarity_fn(kept_items, vectors)
+        max_sim = np.zeros(len(kept))
+        available = np.ones(len(kept), dtype=bool)
+        while len(chosen) < k and available.any():
+            mmr = np.where(available, w * value - (1.0 - w) * max_sim, -np.inf)
+            pos = int(np.argmax(mmr))
+            available[pos] = False
+            item = kept_items[pos]
+            if at_cap(item):
+                capped += 1
+                continue
+            counts[item.category] = counts.get(item.category, 0) + 1
+            chosen.append((pos, float(mmr[pos])))
+            max_sim = np.maximum(max_sim, sim(pos))
+    if capped:
+        dropped["category_cap"] = capped
+
+    for pos, score in chosen:
+        idx = kept[pos]
+        item = kept_items[pos]
+        source = candidates.sources[idx]
+        if ctx.surface == "buy_again" and item.item_id in ctx.purchased and item.replenishable:
+            main = int(common_pb2.REASON_BUY_AGAIN)
+        elif source in _SOURCE_REASONS:
+            main = source
+        else:
+            main = model_reason
+        reasons = [main]
+        if boosts[pos] > 0 and relevance[pos] > 0:
+            reasons.append(int(common_pb2.REASON_BOOSTED))
+        result.indices.append(idx)
+        result.scores.append(score if math.isfinite(score) else 0.0)
+        result.reasons.append(reasons)
+    return result

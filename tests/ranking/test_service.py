@@ -1,0 +1,221 @@
+"""The ranking service as a real process: Rank, offers, clear errors, state across restarts."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from mercato.v1 import common_pb2, ranking_pb2, ranking_pb2_grpc
+from tests.procs import ServiceProc, start_service
+
+SERVICE = "mercato.v1.RankingService"
+ENV = {"MERCATO_RANKING_MAX_CANDIDATES": "50", "MERCATO_RANKING_OFFERS_SEED": "7"}
+
+
+def _stub(proc: ServiceProc) -> tuple[grpc.Channel, ranking_pb2_grpc.RankingServiceStub]:
+    channel = proc.channel()
+    return channel, ranking_pb2_grpc.RankingServiceStub(channel)
+
+
+@pytest.fixture
+def ranking(tmp_path: Path) -> Iterator[tuple[ServiceProc, ranking_pb2_grpc.RankingServiceStub]]:
+    proc = start_service("ranking", tmp_path, env=ENV)
+    channel, stub = _stub(proc)
+    try:
+        yield proc, stub
+    finally:
+        channel.close()
+        proc.terminate()
+
+
+def _rank_request(n: int = 20, k: int = 5) -> ranking_pb2.RankRequest:
+    req = ranking_pb2.RankRequest(k=k, context=common_pb2.Context(surface=common_pb2.SURFACE_HOME))
+    for i in range(n):
+        req.candidates.add(item_id=f"sku-{i}", score=1.0 - i / n)
+        req.items.add(
+            item_id=f"sku-{i}", category=f"cat{i % 3}", price=20, stock=0 if i % 4 == 0 else 5
+        )
+    return req
+
+
+def _code(call: object) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.RpcError) as err:
+        call()  # type: ignore[operator]
+    return err.value.code(), err.value.details() or ""
+
+
+def _cart_profile(value: float = 50.0) -> common_pb2.Profile:
+    profile = common_pb2.Profile(customer_id="c1", known=True, segment="active", price_band="mid")
+    profile.cart.lines.add(item_id="sku-1", quantity=2, price=value / 2)
+    return profile
+
+
+def test_rank_answers_in_rules_only_mode(
+    ranking: tuple[ServiceProc, ranking_pb2_grpc.RankingServiceStub],
+) -> None:
+    proc, stub = ranking
+    assert proc.health(SERVICE) == "SERVING"  # rules-only ranking can always answer
+    resp = stub.Rank(_rank_request(), timeout=10)
+    ids = [it.item_id for it in resp.items]
+    assert len(ids) == 5
+    assert resp.model.name == ""
+    assert resp.dropped["out_of_stock"] == 5
+    assert all(int(i.split("-")[1]) % 4 != 0 for i in ids)  # no out-of-stock item
+    assert ids[0] == "sku-1"  # best in-stock retrieval score
+    assert resp.items[0].reasons[0] == common_pb2.REASON_MODEL
+
+
+def test_bad_input_gets_clear_statuses_and_the_service_keeps_running(
+    ranking: tuple[ServiceProc, ranking_pb2_grpc.RankingServiceStub],
+) -> None:
+    proc, stub = ranking
+    empty = ranking_pb2.RankRequest(k=5)
+    assert _code(lambda: stub.Rank(empty, timeout=5)) == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "candidates must not be empty",
+    )
+    code, msg = _code(lambda: stub.Rank(_rank_request(k=0), timeout=5))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "k must be between 1 and 1000" in msg
+    code, msg = _code(lambda: stub.Rank(_rank_request(n=51), timeout=5))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "at most 50 candidates" in msg
+
+    dup = _rank_request(n=4, k=4)
+    dup.candidates.add(item_id="sku-3", score=9.0)
+    ids = [it.item_id for it in stub.Rank(dup, timeout=5).items]
+    assert ids[0] == "sku-3" and len(ids) == len(set(ids)) == 3
+
+    select = ranking_pb2.SelectOfferRequest(
+        profile=_cart_profile(), context=common_pb2.Context(surface=common_pb2.SURFACE_CART)
+    )
+    bad_offer = ranking_pb2.SelectOfferRequest(offer_ids=["mystery"])
+    bad_offer.CopyFrom(select)
+    bad_offer.offer_ids.append("mystery")
+    code, msg = _code(lambda: stub.SelectOffer(bad_offer, timeout=5))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "mystery" in msg
+    malformed = ranking_pb2.SelectOfferRequest()
+    malformed.CopyFrom(select)
+    malformed.profile.price_band = "cheap"
+    code, msg = _code(lambda: stub.SelectOffer(malformed, timeout=5))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "price_band" in msg
+    malformed.profile.price_band = ""
+    malformed.profile.cart.value = float("nan")
+    code, msg = _code(lambda: stub.SelectOffer(malformed, timeout=5))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "cart.value" in msg
+
+    unknown = ranking_pb2.RecordOfferOutcomeRequest(
+        decision_id="nope", outcome=ranking_pb2.OFFER_OUTCOME_REDEEMED
+    )
+    code, msg = _code(lambda: stub.RecordOfferOutcome(unknown, timeout=5))
+    assert code == grpc.StatusCode.NOT_FOUND and "nope" in msg
+    decision = stub.SelectOffer(select, timeout=5)
+    assert decision.decision_id and decision.policy_version
+    unset = ranking_pb2.RecordOfferOutcomeRequest(decision_id=decision.decision_id)
+    code, _ = _code(lambda: stub.RecordOfferOutcome(unset, timeout=5))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    outcome = ranking_pb2.RecordOfferOutcomeRequest(
+        decision_id=decision.decision_id, outcome=ranking_pb2.OFFER_OUTCOME_NO_CONVERSION
+    )
+    assert stub.RecordOfferOutcome(outcome, timeout=5).recorded is True
+    assert stub.RecordOfferOutcome(outcome, timeout=5).recorded is False
+
+    home = ranking_pb2.SelectOfferRequest(
+        profile=_cart_profile(), context=common_pb2.Context(surface=common_pb2.SURFACE_HOME)
+    )
+    resp = stub.SelectOffer(home, timeout=5)
+    assert resp.offer.kind == common_pb2.OFFER_KIND_NONE and resp.reason == "not_eligible"
+
+    # Still healthy and answering.
+    assert proc.health(SERVICE) == "SERVING"
+    assert stub.Rank(_rank_request(), timeout=5).items
+
+
+def _listing(stub: ranking_pb2_grpc.RankingServiceStub) -> list[tuple[str, float, float, int, int]]:
+    return [
+        (s.offer.offer_id, s.budget, round(s.spent, 6), s.decisions, s.redemptions)
+        for s in stub.ListOffers(ranking_pb2.ListOffersRequest(), timeout=5).offers
+    ]
+
+
+def _version(stub: ranking_pb2_grpc.RankingServiceStub) -> str:
+    req = ranking_pb2.SelectOfferRequest(
+        profile=_cart_profile(),
+        context=common_pb2.Context(surface=common_pb2.SURFACE_CART),
+        greedy=True,
+        dry_run=True,
+    )
+    resp = stub.SelectOffer(req, timeout=5)
+    return f"{resp.policy_version} {resp.offer.offer_id} {resp.expected_incremental_margin:.9f}"
+
+
+def _traffic(stub: ranking_pb2_grpc.RankingServiceStub, n: int, seed: int) -> list[str]:
+    """n decisions; outcomes for about two thirds; returns the open decision ids."""
+    rng = random.Random(seed)
+    surfaces = [common_pb2.SURFACE_CART, common_pb2.SURFACE_CHECKOUT, common_pb2.SURFACE_EMAIL]
+    open_ids = []
+    for _ in range(n):
+        profile = _cart_profile(rng.uniform(10, 150))
+        profile.cart.updated_at.GetCurrentTime()
+        profile.cart.updated_at.seconds -= rng.randint(0, 3 * 86400)
+        resp = stub.SelectOffer(
+            ranking_pb2.SelectOfferRequest(
+                profile=profile, context=common_pb2.Context(surface=rng.choice(surfaces))
+            ),
+            timeout=5,
+        )
+        assert resp.decision_id
+        if rng.random() < 0.66:
+            outcome = rng.choice(
+                [
+                    ranking_pb2.OFFER_OUTCOME_NO_CONVERSION,
+                    ranking_pb2.OFFER_OUTCOME_CONVERTED_WITHOUT_OFFER,
+                ]
+                + ([ranking_pb2.OFFER_OUTCOME_REDEEMED] if resp.offer.offer_id != "none" else [])
+            )
+            stub.RecordOfferOutcome(
+                ranking_pb2.RecordOfferOutcomeRequest(
+                    decision_id=resp.decision_id, outcome=outcome, revenue=60.0
+                ),
+                timeout=5,
+            )
+        else:
+            open_ids.append(resp.decision_id)
+    return open_ids
+
+
+def test_offer_state_survives_sigterm_and_a_crash(tmp_path: Path) -> None:
+    proc = start_service("ranking", tmp_path, env=ENV)
+    channel, stub = _stub(proc)
+    open_ids = _traffic(stub, 120, seed=1)
+    before, version = _listing(stub), _version(stub)
+    assert sum(row[3] for row in before) >= 120
+    channel.close()
+    assert proc.terminate() == 0
+
+    proc = start_service("ranking", tmp_path, env=ENV)
+    channel, stub = _stub(proc)
+    assert _listing(stub) == before
+    assert _version(stub) == version  # same posterior, same choice and value
+    record = ranking_pb2.RecordOfferOutcomeRequest(
+        decision_id=open_ids[0], outcome=ranking_pb2.OFFER_OUTCOME_NO_CONVERSION
+    )
+    assert stub.RecordOfferOutcome(record, timeout=5).recorded is True
+    assert stub.RecordOfferOutcome(record, timeout=5).recorded is False
+
+    # A crash (SIGKILL, no final snapshot): committed outcomes are replayed on start.
+    _traffic(stub, 40, seed=2)
+    before, version = _listing(stub), _version(stub)
+    channel.close()
+    proc.kill()
+    proc = start_service("ranking", tmp_path, env=ENV)
+    channel, stub = _stub(proc)
+    try:
+        assert _listing(stub) == before
+        assert _version(stub) == version
+        assert stub.RecordOfferOutcome(record, timeout=5).recorded is False
+    finally:
+        channel.close()
+        proc.terminate()
