@@ -175,3 +175,49 @@ def test_ab_assignment_is_stable_and_split_as_configured() -> None:
     assert first == [exp.assign(f"c{i}").name for i in range(20_000)]
     share = first.count("challenger") / len(first)
     assert 0.09 < share < 0.11
+
+
+def test_real_ranking_orders_fallback_candidates_and_offers(
+    stack: dict[str, ServiceProc], tmp_path: Path
+) -> None:
+    ranking = start_service("ranking", tmp_path)
+    gw = start_service(
+        "gateway",
+        tmp_path,
+        {
+            "MERCATO_GATEWAY_PROFILE_TARGET": stack["profile"].target,
+            "MERCATO_GATEWAY_RETRIEVAL_TARGET": f"127.0.0.1:{free_port()}",
+            "MERCATO_GATEWAY_RANKING_TARGET": ranking.target,
+        },
+    )
+    try:
+        with MercatoClient(gw.target, timeout=5) as c:
+            c.track_events(
+                [
+                    event(
+                        "r-cart",
+                        "dave",
+                        ET.EVENT_TYPE_ADD_TO_CART,
+                        "p4",
+                        NOW_US - 10**6,
+                        quantity=3,
+                    )
+                ]
+            )
+            resp = c.recommend(
+                "dave",
+                k=4,
+                include_offer=True,
+                debug=True,
+                context=common_pb2.Context(surface=common_pb2.SURFACE_CART),
+            )
+        assert {d.stage for d in resp.degraded} == {"retrieval"}  # ranking answered
+        assert [s.stage for s in resp.debug.stages][-1] in {"ranking", "offer"}
+        ids = [r.item.item_id for r in resp.items]
+        assert ids and "gone" not in ids
+        assert all(r.item.stock > 0 for r in resp.items)
+        if resp.offer.offer_id:  # the policy may rightly choose no offer
+            assert resp.offer_decision_id
+    finally:
+        gw.kill()
+        ranking.kill()
