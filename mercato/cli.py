@@ -105,34 +105,30 @@ def up(
 
 @app.command()
 def demo(
-    timeout: float = typer.Option(120.0, help="Seconds to wait for every service."),
+    users: int = typer.Option(6_000, min=100, help="Synthetic customers."),
+    items: int = typer.Option(3_000, min=100, help="Synthetic catalog size."),
+    seed: int = typer.Option(0, help="Data seed."),
+    retrain: bool = typer.Option(False, help="Train both models even if current ones exist."),
+    epochs: int = typer.Option(0, min=0, help="Training epochs (0 = the training default)."),
+    k: int = typer.Option(5, min=1, max=20, help="Items shown per call."),
+    timeout: float = typer.Option(180.0, help="Seconds to wait for every service."),
+    progress: bool = typer.Option(True, help="Show progress bars."),
 ) -> None:
-    """Start the four services, show their health and a real call to each, stop them."""
-    import grpc
+    """Generate data, train and promote both models, start the four services, show what
+    a returning, a new and an abandoned-cart customer get, and stop."""
+    from mercato.demo import DemoOptions, run_demo
 
-    from mercato.v1 import diagnostics_pb2, diagnostics_pb2_grpc
-
-    sup = Supervisor(log_dir=mercato_home() / "logs")
-    sup.start()
-    try:
-        healthy = sup.wait_healthy(timeout)
-        console.print(_status_table(sup))
-        if not healthy:
-            raise typer.Exit(1)
-        table = Table(title="A real call to each service (DiagnosticsService.Echo)")
-        for col in ("service", "answered by", "request id", "round trip"):
-            table.add_column(col)
-        for p in sup.processes:
-            with grpc.insecure_channel(f"{sup.host}:{p.port}") as ch:
-                stub = diagnostics_pb2_grpc.DiagnosticsServiceStub(ch)
-                started = time.perf_counter()
-                resp = stub.Echo(diagnostics_pb2.EchoRequest(payload=b"hello"), timeout=5)
-                elapsed = (time.perf_counter() - started) * 1000
-            table.add_row(p.name, resp.service, resp.request_id, f"{elapsed:.1f} ms")
-        console.print(table)
-    finally:
-        sup.stop()
-        console.print("stopped all services")
+    opts = DemoOptions(
+        users=users,
+        items=items,
+        seed=seed,
+        retrain=retrain,
+        epochs=epochs,
+        k=k,
+        timeout_s=timeout,
+        progress=progress,
+    )
+    raise typer.Exit(run_demo(opts, console))
 
 
 @app.command()

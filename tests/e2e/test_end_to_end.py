@@ -1,0 +1,354 @@
+"""The whole system end to end, as real processes on loopback, with real models.
+
+One module-wide stack: tiny synthetic data written to disk, a two-tower model and a
+ranker trained on it and promoted in a real MLflow store, the same data loaded into a
+real SQLite profile store, and the four services started as processes that load the
+champions from the registry. Then: every surface, events changing the next answer,
+killing each downstream mid-load, promoting a new model mid-load, and A/B splits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import grpc
+import pytest
+
+from mercato.client import MercatoClient, new_event_id
+from mercato.v1 import common_pb2
+from tests.procs import ServiceProc, start_service
+from training.index import IndexConfig
+from training.pipeline import TrainConfig, train_and_register
+from training.ranker import RankerConfig, train_and_register_ranker
+from training.registry import promote
+from training.synthetic import SyntheticConfig, write_synthetic
+from training.two_tower import TwoTowerConfig
+
+ET = common_pb2.EventType
+TINY = SyntheticConfig(n_users=500, n_items=240, n_categories=12, days=60, seed=11)
+POLL_S = 0.5
+
+
+@dataclass
+class Stack:
+    tmp: Path
+    tracking_uri: str
+    data: Path
+    env: dict[str, str]
+    procs: dict[str, ServiceProc] = field(default_factory=dict)
+    returning: str = ""
+    two_tower_version: str = ""
+    ranker_version: str = ""
+
+    def client(self) -> MercatoClient:
+        return MercatoClient(self.procs["gateway"].target, timeout=5.0)
+
+    def start(self, name: str) -> ServiceProc:
+        proc = start_service(name, self.tmp, self.env, timeout=120)
+        self.procs[name] = proc
+        if name != "gateway":
+            self.env[f"MERCATO_GATEWAY_{name.upper()}_TARGET"] = proc.target
+        return proc
+
+    def restart(self, name: str) -> ServiceProc:
+        """Start ``name`` again on its old port (the gateway's target)."""
+        old = self.procs[name]
+        proc = start_service(name, self.tmp, self.env, port=old.port, timeout=120)
+        self.procs[name] = proc
+        return proc
+
+
+def _retrieval_cfg(tracking_uri: str, data: Path, seed: int = 0) -> TrainConfig:
+    model = replace(
+        TwoTowerConfig(), dim=16, hidden=32, epochs=3, batch_size=256, progress=False, seed=seed
+    )
+    return TrainConfig(
+        data="synthetic",
+        path=str(data),
+        model=model,
+        tracking_uri=tracking_uri,
+        index=IndexConfig(recall_queries=100),
+        seed=seed,
+    )
+
+
+def _load_profiles(data: Path, sqlite_path: Path) -> None:
+    from services.profile.datasets import open_dataset
+    from services.profile.loader import load_dataset
+    from services.profile.settings import ProfileSettings
+    from services.profile.store import make_store
+
+    settings = ProfileSettings(sqlite_path=str(sqlite_path))
+
+    async def run() -> None:
+        store = make_store(settings)
+        await store.open()
+        try:
+            report = await load_dataset(store, open_dataset("synthetic", str(data)), 2000)
+            assert report.accepted > 0 and report.rejected == 0, report
+        finally:
+            await store.close()
+
+    asyncio.run(run())
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    tmp = tmp_path_factory.mktemp("e2e")
+    home = tmp / "home"
+    home.mkdir()
+    tracking_uri = f"sqlite:///{home / 'mlflow.db'}"
+    data = tmp / "data"
+    write_synthetic(TINY, data)
+
+    tt = train_and_register(_retrieval_cfg(tracking_uri, data))
+    assert tt.version
+    promote("mercato-two-tower", tracking_uri, version=tt.version, force=True)
+    rk = train_and_register_ranker(
+        RankerConfig(
+            retrieval=_retrieval_cfg(tracking_uri, data),
+            two_tower="registry",
+            epochs=3,
+            progress=False,
+            tracking_uri=tracking_uri,
+        )
+    )
+    assert rk.version
+    promote("mercato-ranker", tracking_uri, version=rk.version, force=True)
+
+    sqlite_path = home / "profile.db"
+    _load_profiles(data, sqlite_path)
+    import pandas as pd
+
+    events = pd.read_parquet(data / "events.parquet", columns=["user_id", "event"])
+    returning = str(events[events["event"] == "purchase"]["user_id"].value_counts().index[0])
+
+    env = {
+        "MERCATO_MLFLOW_TRACKING_URI": tracking_uri,
+        "MERCATO_PROFILE_SQLITE_PATH": str(sqlite_path),
+        "MERCATO_RETRIEVAL_POLL_INTERVAL_S": str(POLL_S),
+        "MERCATO_RANKING_RANKER_POLL_INTERVAL_S": str(POLL_S),
+        # fail fast on a dead hop so the kill tests measure degradation, not timeouts
+        "MERCATO_GATEWAY_BREAKER_RESET_SECONDS": "0.5",
+    }
+    st = Stack(tmp, tracking_uri, data, env, returning=returning)
+    st.two_tower_version, st.ranker_version = tt.version, rk.version
+    try:
+        for name in ("profile", "retrieval", "ranking", "gateway"):
+            st.start(name)
+        yield st
+    finally:
+        for proc in st.procs.values():
+            proc.kill()
+
+
+def _models(resp: object) -> dict[str, tuple[str, str]]:
+    return {m.name: (m.version, m.alias) for m in resp.models}  # type: ignore[attr-defined]
+
+
+def _full(resp: object) -> bool:
+    return not list(resp.degraded)  # type: ignore[attr-defined]
+
+
+# ----------------------------------------------------------------------------- answers
+
+
+def test_every_surface_is_answered_by_the_models(stack: Stack) -> None:
+    with stack.client() as c:
+        home = c.recommend(stack.returning, k=8, debug=True)
+        assert _full(home), home.degraded
+        assert len(home.items) == 8
+        assert _models(home)["mercato-two-tower"][0] == stack.two_tower_version
+        assert _models(home)["mercato-ranker"][0] == stack.ranker_version
+        assert all(r.item.title and r.item.price > 0 and r.item.stock > 0 for r in home.items)
+        assert [r.rank for r in home.items] == list(range(1, 9))
+        assert all(r.reasons for r in home.items)
+        assert {s.stage for s in home.debug.stages} >= {"profile", "retrieval", "ranking"}
+
+        anchor = home.items[0].item.item_id
+        ctx = common_pb2.Context(surface=common_pb2.SURFACE_PRODUCT, anchor_item_id=anchor)
+        product = c.recommend(stack.returning, k=6, context=ctx)
+        assert _full(product) and product.items
+        assert anchor not in {r.item.item_id for r in product.items}
+
+        for surface in (common_pb2.SURFACE_CART, common_pb2.SURFACE_CHECKOUT):
+            resp = c.recommend(stack.returning, surface=surface, k=5, include_offer=True)
+            assert _full(resp) and resp.items, common_pb2.Surface.Name(surface)
+
+        again = c.recommend(stack.returning, surface=common_pb2.SURFACE_BUY_AGAIN, k=5)
+        assert again.items
+        assert all(common_pb2.REASON_BUY_AGAIN in r.reasons for r in again.items)
+
+        for kind in (
+            common_pb2.RELATION_KIND_SIMILAR,
+            common_pb2.RELATION_KIND_COMPLEMENT,
+            common_pb2.RELATION_KIND_UPSELL,
+        ):
+            rel = c.related_items(anchor, kind=kind, k=5, customer_id=stack.returning)
+            ids = [r.item.item_id for r in rel.items]
+            assert ids and anchor not in ids, common_pb2.RelationKind.Name(kind)
+        up = c.related_items(anchor, kind=common_pb2.RELATION_KIND_UPSELL, k=5)
+        price = home.items[0].item.price
+        assert all(r.item.price > price for r in up.items)
+
+        new = c.recommend(f"brand-new-{new_event_id()}", k=5)
+        assert len(new.items) == 5
+        assert "retrieval" not in {d.stage for d in new.degraded}
+
+
+def _event(customer: str, kind: int, item_id: str, **kw: object) -> common_pb2.Event:
+    ev = common_pb2.Event(event_id=new_event_id(), customer_id=customer, type=kind, item_id=item_id)  # type: ignore[arg-type]
+    ev.timestamp.GetCurrentTime()
+    for key, value in kw.items():
+        setattr(ev, key, value)
+    return ev
+
+
+def test_events_change_the_next_recommendation(stack: Stack) -> None:
+    customer = f"shopper-{new_event_id()}"
+    with stack.client() as c:
+        before = c.recommend(customer, k=10)
+        # a burst of views in one category the customer was not shown first
+        shown_cats = Counter(r.item.category for r in before.items)
+        catalog = c.recommend(f"probe-{new_event_id()}", k=60).items
+        target = next(r.item.category for r in catalog if r.item.category not in shown_cats)
+        viewed = [r.item.item_id for r in catalog if r.item.category == target][:3]
+        c.track_events([_event(customer, ET.EVENT_TYPE_VIEW, i) for i in viewed])
+        after = c.recommend(customer, k=10)
+        share_before = shown_cats[target]
+        share_after = sum(r.item.category == target for r in after.items)
+        assert share_after > share_before, (share_before, share_after)
+
+        # a purchase of a recommended item removes it from the next answer
+        bought = after.items[0].item.item_id
+        c.track_events(
+            [_event(customer, ET.EVENT_TYPE_PURCHASE, bought, order_id=new_event_id())]
+        )
+        final = c.recommend(customer, k=10)
+        assert bought not in {r.item.item_id for r in final.items}
+
+
+# ------------------------------------------------------------------ faults under load
+
+
+class Load:
+    """Recommend calls in a loop on a thread; counts failures and degraded answers."""
+
+    def __init__(self, stack: Stack, customers: list[str]) -> None:
+        self.stack = stack
+        self.customers = customers
+        self.ok = 0
+        self.failed: list[str] = []
+        self.degraded: Counter[str] = Counter()
+        self.versions: Counter[str] = Counter()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        with MercatoClient(self.stack.procs["gateway"].target, timeout=2.0) as c:
+            n = 0
+            while not self._stop.is_set():
+                cid = self.customers[n % len(self.customers)]
+                n += 1
+                try:
+                    resp = c.recommend(cid, k=5)
+                except grpc.RpcError as exc:
+                    self.failed.append(f"{exc.code().name}: {exc.details()}")
+                    continue
+                if not resp.items:
+                    self.failed.append("empty answer")
+                self.ok += 1
+                for d in resp.degraded:
+                    self.degraded[d.stage] += 1
+                tt = _models(resp).get("mercato-two-tower")
+                if tt:
+                    self.versions[tt[0]] += 1
+
+    def __enter__(self) -> Load:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(30)
+
+    def run_for(self, seconds: float) -> None:
+        time.sleep(seconds)
+
+
+@pytest.mark.parametrize("victim", ["retrieval", "ranking", "profile"])
+def test_kill_a_downstream_mid_load(stack: Stack, victim: str) -> None:
+    customers = [stack.returning, "nobody-yet", f"x-{new_event_id()}"]
+    with Load(stack, customers) as load:
+        load.run_for(1.0)
+        stack.procs[victim].kill()
+        load.run_for(2.0)
+        degraded_while_down = load.degraded[victim]
+        stack.restart(victim)
+        load.run_for(0.5)
+    assert not load.failed, load.failed[:5]
+    assert degraded_while_down > 0, load.degraded
+    # full answers again once it is back (breaker probes after its reset time)
+    deadline = time.monotonic() + 15
+    with stack.client() as c:
+        while True:
+            resp = c.recommend(stack.returning, k=5)
+            if victim not in {d.stage for d in resp.degraded}:
+                break
+            assert time.monotonic() < deadline, resp.degraded
+            time.sleep(0.2)
+        assert _full(resp), resp.degraded
+
+
+def test_promote_a_new_model_mid_load(stack: Stack) -> None:
+    new = train_and_register(_retrieval_cfg(stack.tracking_uri, stack.data, seed=1))
+    assert new.version and new.version != stack.two_tower_version
+    with Load(stack, [stack.returning, f"y-{new_event_id()}"]) as load:
+        load.run_for(1.0)
+        promote("mercato-two-tower", stack.tracking_uri, version=new.version, force=True)
+        deadline = time.monotonic() + 30
+        while load.versions[new.version] < 20 and time.monotonic() < deadline:
+            time.sleep(0.2)
+    assert not load.failed, load.failed[:5]
+    assert load.versions[stack.two_tower_version] > 0
+    assert load.versions[new.version] >= 20, load.versions
+    assert not load.degraded, load.degraded
+    stack.two_tower_version = new.version
+
+
+def test_ab_split_serves_each_variant_its_alias(stack: Stack, tmp_path: Path) -> None:
+    experiments = tmp_path / "experiments.yaml"
+    experiments.write_text(
+        "experiments:\n"
+        "  - name: tt-next\n"
+        "    stage: retrieval\n"
+        "    variants:\n"
+        "      - {name: control, alias: champion, weight: 70}\n"
+        "      - {name: treatment, alias: challenger, weight: 30}\n"
+    )
+    gw = start_service(
+        "gateway", tmp_path, {**stack.env, "MERCATO_GATEWAY_EXPERIMENTS_FILE": str(experiments)}
+    )
+    try:
+        seen: dict[str, str] = {}
+        with MercatoClient(gw.target, timeout=5.0) as c:
+            for i in range(200):
+                cid = f"ab-{i}"
+                resp = c.recommend(cid, k=3)
+                (assignment,) = [e for e in resp.experiments if e.experiment == "tt-next"]
+                alias = _models(resp)["mercato-two-tower"][1]
+                assert alias == ("champion" if assignment.variant == "control" else "challenger")
+                seen[cid] = assignment.variant
+            for i in range(0, 200, 10):  # stable
+                again = c.recommend(f"ab-{i}", k=3)
+                assert [e.variant for e in again.experiments] == [seen[f"ab-{i}"]]
+        share = sum(v == "treatment" for v in seen.values()) / len(seen)
+        assert 0.18 < share < 0.42, share
+    finally:
+        gw.kill()
