@@ -100,7 +100,7 @@ class DiagnosticsServicer(diagnostics_pb2_grpc.DiagnosticsServiceServicer):
 
 def server_options(settings: ServiceSettings) -> list[tuple[str, int]]:
     """Channel options of every Mercato server."""
-    return [
+    options = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
         # Refuse to share a port with another process: a second server on the same port
@@ -109,6 +109,15 @@ def server_options(settings: ServiceSettings) -> list[tuple[str, int]]:
         ("grpc.keepalive_time_ms", 60_000),
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
     ]
+    if settings.max_connection_age_seconds > 0:
+        # GOAWAY after this age: clients (the gateway) reconnect through the Service and
+        # land on replicas added since; in-flight calls get the grace period to finish.
+        age_ms = int(settings.max_connection_age_seconds * 1000)
+        options += [
+            ("grpc.max_connection_age_ms", age_ms),
+            ("grpc.max_connection_age_grace_ms", max(int(settings.grace_seconds * 1000), 1000)),
+        ]
+    return options
 
 
 def server_credentials(settings: ServiceSettings) -> grpc.ServerCredentials | None:

@@ -66,6 +66,12 @@ class ServiceSettings(BaseSettings):
     grace_seconds: float = Field(
         10.0, ge=0, description="On SIGTERM, how long in-flight calls may take to finish."
     )
+    max_connection_age_seconds: float = Field(
+        300.0,
+        ge=0,
+        description="Close client connections after this age (with a grace period) so that "
+        "clients reconnect and spread over new replicas; 0 = never.",
+    )
     tls_cert_file: str = Field("", description="Server certificate (PEM); empty = plaintext.")
     tls_key_file: str = Field("", description="Server private key (PEM).")
     tls_client_ca_file: str = Field(

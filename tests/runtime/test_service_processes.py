@@ -133,3 +133,28 @@ def test_second_server_on_same_port_fails(tmp_path: Path) -> None:
         assert first.health() == "SERVING"
     finally:
         first.kill()
+
+
+def test_connections_are_recycled_after_max_age(tmp_path: Path) -> None:
+    """Servers send GOAWAY after the max connection age, so a client behind a Service
+    reconnects (and can land on a new replica); calls keep succeeding throughout."""
+    proc = start_service(
+        "ranking", tmp_path, env={"MERCATO_RANKING_MAX_CONNECTION_AGE_SECONDS": "1"}
+    )
+    states: list[grpc.ChannelConnectivity] = []
+    try:
+        with proc.channel() as ch:
+            ch.subscribe(states.append)
+            stub = diagnostics_pb2_grpc.DiagnosticsServiceStub(ch)
+            deadline = time.monotonic() + 6
+            calls = 0
+            while time.monotonic() < deadline:
+                stub.Echo(diagnostics_pb2.EchoRequest(payload=b"x"), timeout=5)
+                calls += 1
+                time.sleep(0.1)
+            ch.unsubscribe(states.append)
+        ready = [s for s in states if s == grpc.ChannelConnectivity.READY]
+        assert calls > 20
+        assert len(ready) >= 2, states  # connected more than once
+    finally:
+        proc.kill()
