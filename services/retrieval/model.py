@@ -298,7 +298,7 @@ def _sample_queries(b: TwoTowerBundle) -> list[UserQuery]:
         UserQuery([], [], []),
         UserQuery(pick[:25], pick[5:12], pick[12:15], anchor_item_id=pick[-1], surface="home"),
         UserQuery(
-            pick[:3] + ["unknown-id"],
+            [*pick[:3], "unknown-id"],
             [],
             ["unknown-id"],
             surface="product",
