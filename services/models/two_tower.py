@@ -452,8 +452,14 @@ class TwoTowerBundle:
         (d / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
 
     @classmethod
-    def load(cls, path: str | Path, verify_checksums: bool = True) -> TwoTowerBundle:
-        """Load a bundle directory; BundleError says what is missing or wrong."""
+    def load(
+        cls, path: str | Path, verify_checksums: bool = True, index_io_flags: int = 0
+    ) -> TwoTowerBundle:
+        """Load a bundle directory; BundleError says what is missing or wrong.
+
+        ``index_io_flags`` go to ``faiss.read_index`` (for example
+        ``faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY`` to memory-map the index).
+        """
         d = Path(path)
         if not d.is_dir():
             raise BundleError(f"bundle directory {d} does not exist")
@@ -496,7 +502,7 @@ class TwoTowerBundle:
             net = build_net(config, vocab)
             state = torch.load(d / "towers.pt", map_location="cpu", weights_only=True)
             net.load_state_dict(state, strict=True)
-            index = faiss.read_index(str(d / "index.faiss"))
+            index = faiss.read_index(str(d / "index.faiss"), index_io_flags)
         except BundleError:
             raise
         except Exception as e:  # any unreadable or inconsistent artifact

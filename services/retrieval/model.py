@@ -1,0 +1,418 @@
+"""A loaded two-tower version as the retrieval service serves it.
+
+:func:`load_retrieval_model` turns a downloaded bundle directory into a
+:class:`RetrievalModel`: it loads the bundle (FAISS index memory-mapped where FAISS
+allows), picks the index type by catalog size (exact Flat up to ``exact_max_items``, HNSW
+above; an index of the other type is rebuilt from the embeddings once and cached beside
+the bundle), and validates it before it may serve (dimensions agree, index size equals
+catalog size, smoke queries return sane ids).
+
+Searches read one immutable :class:`IndexState`. Items added by ``IndexItems`` go to a
+small exact "delta" index over their item-tower embeddings; each call builds a new state
+(copy-on-write) and publishes it with one reference assignment, so concurrent searches
+never see a half-updated index. The base index is never modified.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+
+from services.models.registry import ModelVersionInfo
+from services.models.two_tower import BundleError, ItemFeatures, TwoTowerBundle, UserQuery
+from services.models.watcher import ModelRejected
+from services.retrieval.user_encoder import NumpyUserEncoder
+
+log = logging.getLogger("mercato.retrieval.model")
+
+UNKNOWN_STOCK = -1
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    """How the service picks, builds and searches the index."""
+
+    exact_max_items: int = 200_000
+    hnsw_m: int = 32
+    hnsw_ef_construction: int = 80
+    hnsw_ef_search: int = 128
+    mmap: bool = True
+    oversample: float = 2.0
+    max_fetch: int = 20_000
+    exact_subset_max: int = 50_000
+    max_new_items: int = 100_000
+
+
+@dataclass(frozen=True)
+class IndexState:
+    """What one search reads. Never mutated: IndexItems publishes a new one."""
+
+    n_base: int
+    extra_ids: tuple[str, ...]
+    extra_rows: Mapping[str, int]  # item id -> global row (n_base + j)
+    extra_emb: np.ndarray  # float32 [m, dim]
+    extra_index: faiss.Index | None
+    categories: tuple[str, ...]  # code -> name
+    category_code: Mapping[str, int]
+    item_cat: np.ndarray  # int32 [n_total]
+    item_price: np.ndarray  # float32 [n_total]
+    item_stock: np.ndarray  # int64 [n_total], -1 = unknown
+    _cat_rows: dict[int, np.ndarray] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def n_total(self) -> int:
+        return self.n_base + len(self.extra_ids)
+
+    def rows_of_category(self, code: int) -> np.ndarray:
+        """Rows of one category (cached per state; a race computes it twice, harmlessly)."""
+        rows = self._cat_rows.get(code)
+        if rows is None:
+            rows = np.flatnonzero(self.item_cat == code).astype(np.int64)
+            self._cat_rows[code] = rows
+        return rows
+
+
+@dataclass
+class RowFilter:
+    """Hard filters in row space."""
+
+    exclude: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    categories: np.ndarray | None = None  # allowed category codes; None = all
+    in_stock_only: bool = False
+    min_price: float | None = None  # strictly above (up-sell)
+
+    def mask(self, st: IndexState, rows: np.ndarray) -> np.ndarray:
+        ok = rows >= 0
+        safe = np.where(ok, rows, 0)
+        if len(self.exclude):
+            ok &= ~np.isin(rows, self.exclude)
+        if self.categories is not None:
+            ok &= np.isin(st.item_cat[safe], self.categories)
+        if self.in_stock_only:
+            ok &= st.item_stock[safe] != 0
+        if self.min_price is not None:
+            ok &= st.item_price[safe] > self.min_price
+        return ok
+
+
+@dataclass
+class SearchResult:
+    rows: np.ndarray
+    scores: np.ndarray
+    fetched: int  # index results read (>= len(rows))
+    exact_subset: bool = False
+
+
+class RetrievalModel:
+    """One loaded version: the bundle, its serving index and the live item state."""
+
+    def __init__(
+        self, bundle: TwoTowerBundle, index: faiss.Index, info: ModelVersionInfo, cfg: IndexConfig
+    ) -> None:
+        self.bundle = bundle
+        self.index = index
+        self.info = info
+        self.cfg = cfg
+        self.dim = bundle.dim
+        self.index_type = describe_index(index)
+        self._write_lock = threading.Lock()
+        cats = sorted(set(bundle.item_category))
+        code = {c: i for i, c in enumerate(cats)}
+        self.state = IndexState(
+            n_base=len(bundle.item_ids),
+            extra_ids=(),
+            extra_rows={},
+            extra_emb=np.zeros((0, self.dim), dtype=np.float32),
+            extra_index=None,
+            categories=tuple(cats),
+            category_code=code,
+            item_cat=np.array([code[c] for c in bundle.item_category], dtype=np.int32),
+            item_price=np.asarray(bundle.item_price, dtype=np.float32).copy(),
+            item_stock=np.full(len(bundle.item_ids), UNKNOWN_STOCK, dtype=np.int64),
+        )
+        self.fast_user: NumpyUserEncoder | None = None
+        try:
+            enc = NumpyUserEncoder(bundle)
+            if enc.matches(_sample_queries(bundle)):
+                self.fast_user = enc
+            else:
+                log.warning("numpy user tower disagrees with torch; using torch")
+        except Exception as e:  # a tower this copy does not know: torch it is
+            log.warning("numpy user tower unavailable (%s); using torch", e)
+        stock = bundle.config.get("item_stock")
+        if isinstance(stock, list) and len(stock) == len(bundle.item_ids):
+            self.state.item_stock[:] = np.asarray(stock, dtype=np.int64)
+
+    # ------------------------------------------------------------------ lookups
+
+    def row_of(self, st: IndexState, item_id: str) -> int | None:
+        r = self.bundle.row_of(item_id)
+        if r is not None:
+            return r
+        return st.extra_rows.get(item_id)
+
+    def item_id(self, st: IndexState, row: int) -> str:
+        if row < st.n_base:
+            return self.bundle.item_ids[row]
+        return st.extra_ids[row - st.n_base]
+
+    def embeddings(self, st: IndexState, rows: np.ndarray) -> np.ndarray:
+        rows = np.asarray(rows, dtype=np.int64)
+        base = rows < st.n_base
+        if base.all():
+            return self.bundle.item_embeddings[rows]
+        out = np.empty((len(rows), self.dim), dtype=np.float32)
+        out[base] = self.bundle.item_embeddings[rows[base]]
+        out[~base] = st.extra_emb[rows[~base] - st.n_base]
+        return out
+
+    def encode_user(self, query: UserQuery) -> np.ndarray:
+        """User-tower embedding of one query (NumPy copy of the tower when it agrees)."""
+        if self.fast_user is not None:
+            return self.fast_user.encode(query)
+        return self.bundle.encode_users([query])[0]
+
+    # ------------------------------------------------------------------ search
+
+    def _search_all(self, st: IndexState, q: np.ndarray, fetch: int) -> tuple[np.ndarray, ...]:
+        q2 = np.ascontiguousarray(q.reshape(1, -1), dtype=np.float32)
+        s1, r1 = self.index.search(q2, min(fetch, st.n_base))
+        scores, rows = s1[0], r1[0].astype(np.int64)
+        if st.extra_index is not None and len(st.extra_ids):
+            s2, r2 = st.extra_index.search(q2, min(fetch, len(st.extra_ids)))
+            scores = np.concatenate([scores, s2[0]])
+            rows = np.concatenate([rows, np.where(r2[0] >= 0, r2[0] + st.n_base, -1)])
+            order = np.argsort(-scores, kind="stable")[:fetch]
+            scores, rows = scores[order], rows[order]
+        return scores, rows
+
+    def search(self, st: IndexState, q: np.ndarray, k: int, flt: RowFilter) -> SearchResult:
+        """Top ``k`` rows by inner product with ``q`` that pass ``flt``.
+
+        Category filters small enough are searched exactly over their rows; otherwise the
+        index is searched for ``k * oversample`` plus the exclusions, growing the fetch
+        (x4) while fewer than ``k`` pass, up to ``max_fetch`` or the whole catalog.
+        """
+        cfg = self.cfg
+        n = st.n_total
+        if flt.categories is not None:
+            subset = np.concatenate([st.rows_of_category(int(c)) for c in flt.categories])
+            if len(subset) <= cfg.exact_subset_max:
+                return self._exact_subset(st, q, k, flt, subset)
+        fetch = min(n, max(math.ceil(k * cfg.oversample), k + len(flt.exclude)))
+        while True:
+            scores, rows = self._search_all(st, q, fetch)
+            ok = flt.mask(st, rows)
+            if ok.sum() >= k or fetch >= n or fetch >= cfg.max_fetch:
+                break
+            fetch = min(n, cfg.max_fetch, fetch * 4)
+        rows, scores = rows[ok][:k], scores[ok][:k]
+        return SearchResult(rows=rows, scores=scores, fetched=fetch)
+
+    def _exact_subset(
+        self, st: IndexState, q: np.ndarray, k: int, flt: RowFilter, subset: np.ndarray
+    ) -> SearchResult:
+        subset = subset[flt.mask(st, subset)]
+        if len(subset) == 0:
+            return SearchResult(np.zeros(0, np.int64), np.zeros(0, np.float32), 0, True)
+        scores = self.embeddings(st, subset) @ q.astype(np.float32)
+        top = np.argpartition(-scores, k - 1)[:k] if len(subset) > k else np.arange(len(subset))
+        order = top[np.lexsort((subset[top], -scores[top]))]
+        return SearchResult(subset[order], scores[order], len(subset), True)
+
+    # ------------------------------------------------------------------ item cold start
+
+    def index_items(self, items: Sequence[ItemFeatures], stock: Sequence[int]) -> tuple[int, int]:
+        """Add unknown items (embedded by the item tower) and update known ones' metadata.
+
+        Builds a new :class:`IndexState` and publishes it with one assignment. Returns
+        (added, updated). Raises OverflowError past ``max_new_items``.
+        """
+        with self._write_lock:
+            st = self.state
+            new_items = [it for it in items if self.row_of(st, it.item_id) is None]
+            if len(st.extra_ids) + len(new_items) > self.cfg.max_new_items:
+                raise OverflowError(
+                    f"{len(st.extra_ids)} items were already added to version "
+                    f"{self.info.version} and the limit is {self.cfg.max_new_items}: "
+                    "retrain to include the new catalog"
+                )
+            cats = list(st.categories)
+            code = dict(st.category_code)
+            for it in items:
+                if it.category not in code:
+                    code[it.category] = len(cats)
+                    cats.append(it.category)
+            m = len(new_items)
+            item_cat = np.concatenate([st.item_cat, np.zeros(m, dtype=np.int32)])
+            item_price = np.concatenate([st.item_price, np.zeros(m, dtype=np.float32)])
+            item_stock = np.concatenate([st.item_stock, np.zeros(m, dtype=np.int64)])
+            extra_ids = st.extra_ids + tuple(it.item_id for it in new_items)
+            extra_rows = dict(st.extra_rows)
+            for j, it in enumerate(new_items):
+                extra_rows[it.item_id] = st.n_total + j
+            extra_emb, extra_index = st.extra_emb, st.extra_index
+            if new_items:
+                emb = self.bundle.encode_items(list(new_items))
+                extra_emb = np.ascontiguousarray(np.vstack([st.extra_emb, emb]))
+                extra_index = faiss.IndexFlatIP(self.dim)
+                extra_index.add(extra_emb)
+            for it, s in zip(items, stock, strict=True):
+                r = extra_rows.get(it.item_id)
+                if r is None:
+                    r = self.bundle.row_of(it.item_id)
+                assert r is not None
+                item_cat[r] = code[it.category]
+                item_price[r] = it.price
+                item_stock[r] = s
+            self.state = IndexState(
+                n_base=st.n_base,
+                extra_ids=extra_ids,
+                extra_rows=extra_rows,
+                extra_emb=extra_emb,
+                extra_index=extra_index,
+                categories=tuple(cats),
+                category_code=code,
+                item_cat=item_cat,
+                item_price=item_price,
+                item_stock=item_stock,
+            )
+            return m, len(items) - m
+
+
+def _sample_queries(b: TwoTowerBundle) -> list[UserQuery]:
+    """Queries that exercise every input of the user tower."""
+    ids = b.item_ids
+    rng = np.random.default_rng(0)
+    pick = [ids[int(i)] for i in rng.choice(len(ids), size=min(30, len(ids)), replace=False)]
+    cats = [c for c in b.vocab["category"] if c][:3]
+    return [
+        UserQuery([], [], []),
+        UserQuery(pick[:25], pick[5:12], pick[12:15], anchor_item_id=pick[-1], surface="home"),
+        UserQuery(
+            [*pick[:3], "unknown-id"],
+            [],
+            ["unknown-id"],
+            surface="product",
+            country=(b.vocab["country"] + [""])[1],
+            segment=(b.vocab["segment"] + [""])[1],
+            price_band="high",
+            category_affinity={c: 1.0 + i for i, c in enumerate(cats)},
+        ),
+        UserQuery([], pick[:2], [], surface="no-such-surface", price_band="???"),
+    ]
+
+
+def describe_index(index: faiss.Index) -> str:
+    """ "Flat", "HNSW32", ... for ListLoadedModels."""
+    if isinstance(index, faiss.IndexHNSW):
+        m = int(index.hnsw.nb_neighbors(1))  # type: ignore[attr-defined]
+        return f"HNSW{m},efSearch={index.hnsw.efSearch}"
+    if isinstance(index, faiss.IndexFlat):
+        return "Flat"
+    return type(index).__name__
+
+
+def _io_flags(cfg: IndexConfig) -> int:
+    return int(faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY) if cfg.mmap else 0
+
+
+def serving_index(bundle: TwoTowerBundle, bundle_dir: Path, cfg: IndexConfig) -> faiss.Index:
+    """The index to serve: the bundle's when its type fits the catalog size, else one
+    built from the embeddings (cached as ``serving-<type>.faiss`` beside the bundle)."""
+    n = len(bundle.item_ids)
+    want_hnsw = n > cfg.exact_max_items
+    index = bundle.index
+    is_hnsw = isinstance(index, faiss.IndexHNSW)
+    is_flat = isinstance(index, faiss.IndexFlat)
+    if not ((want_hnsw and is_hnsw) or (not want_hnsw and is_flat)):
+        name = (
+            f"serving-HNSW{cfg.hnsw_m}-efc{cfg.hnsw_ef_construction}.faiss"
+            if want_hnsw
+            else "serving-Flat.faiss"
+        )
+        path = bundle_dir.parent / name
+        if not path.is_file():
+            x = np.ascontiguousarray(bundle.item_embeddings, dtype=np.float32)
+            built: faiss.Index
+            if want_hnsw:
+                hnsw = faiss.IndexHNSWFlat(bundle.dim, cfg.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+                hnsw.hnsw.efConstruction = cfg.hnsw_ef_construction
+                built = hnsw
+            else:
+                built = faiss.IndexFlatIP(bundle.dim)
+            log.info("building the serving index", extra={"index_file": name, "items": n})
+            built.add(x)
+            tmp = path.with_suffix(".tmp")
+            faiss.write_index(built, str(tmp))
+            tmp.rename(path)
+        index = faiss.read_index(str(path), _io_flags(cfg))
+    if isinstance(index, faiss.IndexHNSW):
+        index.hnsw.efSearch = cfg.hnsw_ef_search
+    if index.ntotal != n or index.d != bundle.dim:
+        raise ModelRejected(f"index has {index.ntotal} x {index.d}, want {n} x {bundle.dim}")
+    return index
+
+
+def validate(model: RetrievalModel) -> None:
+    """Smoke queries before a version may serve; raises ModelRejected."""
+    b, st = model.bundle, model.state
+    n = st.n_base
+    if n == 0:
+        raise ModelRejected("the catalog is empty")
+    probe = [it for it, _ in b.popularity[:5]]
+    queries = [
+        UserQuery(recent_item_ids=[], purchased_item_ids=[], cart_item_ids=[]),
+        UserQuery(recent_item_ids=probe, purchased_item_ids=probe[:2], cart_item_ids=[]),
+    ]
+    users = b.encode_users(queries)
+    if users.shape != (2, model.dim) or not np.isfinite(users).all():
+        raise ModelRejected(f"user tower gives {users.shape} (finite: no), want (2, {model.dim})")
+    k = min(10, n)
+    for q in users:
+        res = model.search(st, q, k, RowFilter())
+        if len(res.rows) != k or res.rows.min() < 0 or res.rows.max() >= n:
+            raise ModelRejected(f"smoke query returned rows {res.rows.tolist()} for {n} items")
+        if len(set(res.rows.tolist())) != k or not np.isfinite(res.scores).all():
+            raise ModelRejected("smoke query returned duplicate ids or non-finite scores")
+        if np.any(np.diff(res.scores) > 1e-4):
+            raise ModelRejected("smoke query scores are not in descending order")
+    # An item's own embedding must find the item (near-)first.
+    rng = np.random.default_rng(0)
+    rows = rng.choice(n, size=min(5, n), replace=False)
+    found = 0
+    for r in rows:
+        res = model.search(st, b.item_embeddings[r], k, RowFilter())
+        found += int(r in res.rows)
+    if found < len(rows) - 1:
+        raise ModelRejected(f"only {found} of {len(rows)} items find themselves in their top {k}")
+
+
+def load_retrieval_model(path: Path, info: ModelVersionInfo, cfg: IndexConfig) -> RetrievalModel:
+    """Load, index and validate one downloaded version (the watcher's ``load``)."""
+    try:
+        bundle = TwoTowerBundle.load(path, index_io_flags=_io_flags(cfg))
+    except BundleError as e:
+        raise ModelRejected(str(e)) from e
+    index = serving_index(bundle, Path(path), cfg)
+    model = RetrievalModel(bundle, index, info, cfg)
+    validate(model)
+    return model
+
+
+def model_summary(model: RetrievalModel) -> dict[str, Any]:
+    """Facts for logs and ListLoadedModels."""
+    return {
+        "version": model.info.version,
+        "items": model.state.n_total,
+        "dim": model.dim,
+        "index": model.index_type,
+    }

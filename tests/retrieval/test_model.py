@@ -1,0 +1,98 @@
+"""The serving model in-process: NumPy user tower, index choice, copy-on-write item adds."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from services.models.registry import ModelVersionInfo
+from services.models.two_tower import ItemFeatures, TwoTowerBundle, UserQuery
+from services.retrieval.model import IndexConfig, RowFilter, load_retrieval_model
+from services.retrieval.user_encoder import NumpyUserEncoder
+from tests.retrieval.conftest import Store
+
+INFO = ModelVersionInfo("m", "1", "r", "champion")
+
+
+def test_numpy_user_tower_equals_torch(store: Store) -> None:
+    b = TwoTowerBundle.load(store.bundle_dir)
+    enc = NumpyUserEncoder(b)
+    rng = np.random.default_rng(0)
+    ids, cats = b.item_ids, [c for c in b.vocab["category"] if c]
+    queries = []
+    for i in range(40):
+        pick = [ids[int(r)] for r in rng.choice(len(ids), 40, replace=False)]
+        queries.append(
+            UserQuery(
+                recent_item_ids=[*pick[: int(rng.integers(0, 30))], "nope"],
+                purchased_item_ids=pick[30 : 30 + int(rng.integers(0, 10))],
+                cart_item_ids=pick[: int(rng.integers(0, 3))],
+                anchor_item_id=pick[-1] if i % 2 else "",
+                surface=["", "home", "product", "cart", "bogus"][i % 5],
+                country=b.vocab["country"][i % len(b.vocab["country"])],
+                segment=b.vocab["segment"][i % len(b.vocab["segment"])],
+                price_band=["", "low", "mid", "high"][i % 4],
+                category_affinity={cats[i % len(cats)]: 0.7, "unknown-cat": 0.3}
+                if i % 3 == 0
+                else {},
+            )
+        )
+    want = b.encode_users(queries)
+    got = np.stack([enc.encode(q) for q in queries])
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+    assert enc.matches(queries)
+
+
+def test_index_type_by_catalog_size_and_mmap(store: Store, tmp_path: Path) -> None:
+    d = tmp_path / "v1" / "bundle"
+    shutil.copytree(store.bundle_dir, d)
+    flat = load_retrieval_model(d, INFO, IndexConfig())
+    assert flat.index_type == "Flat"
+    # Above the threshold the service builds HNSW from the embeddings once and caches it.
+    hnsw = load_retrieval_model(
+        d, INFO, IndexConfig(exact_max_items=10, hnsw_m=8, hnsw_ef_search=64)
+    )
+    assert isinstance(hnsw.index, faiss.IndexHNSW) and hnsw.index_type.startswith("HNSW8")
+    cached = tmp_path / "v1" / "serving-HNSW8-efc80.faiss"
+    assert cached.is_file()
+    maps = Path("/proc/self/maps").read_text()
+    assert str(cached) in maps  # memory-mapped, not copied
+    b = flat.bundle
+    q = flat.encode_user(UserQuery(b.item_ids[:5], [], []))
+    exact = flat.search(flat.state, q, 50, RowFilter())
+    approx = hnsw.search(hnsw.state, q, 50, RowFilter())
+    assert len(set(exact.rows.tolist()) & set(approx.rows.tolist())) >= 45
+
+
+def test_index_items_is_copy_on_write(store: Store, tmp_path: Path) -> None:
+    m = load_retrieval_model(store.bundle_dir, INFO, IndexConfig(max_new_items=3))
+    before = m.state
+    q = m.encode_user(UserQuery([], [], []))
+    old = m.search(before, q, 10, RowFilter())
+    cat = m.bundle.item_category[0]
+    added, updated = m.index_items(
+        [ItemFeatures("X1", cat, 9.0), ItemFeatures(m.bundle.item_ids[0], "moved", 1.0)], [2, 0]
+    )
+    assert (added, updated) == (1, 1)
+    after = m.state
+    assert after is not before and before.n_total == after.n_total - 1
+    # The old snapshot still answers exactly as before (a search in flight is unaffected).
+    again = m.search(before, q, 10, RowFilter())
+    assert again.rows.tolist() == old.rows.tolist()
+    assert before.item_stock[0] == -1 and after.item_stock[0] == 0
+    assert after.category_code["moved"] == after.item_cat[0]
+    row = m.row_of(after, "X1")
+    assert row == before.n_total
+    vec = m.bundle.encode_items([ItemFeatures("X1", cat, 9.0)])[0]
+    hit = m.search(after, vec, 1, RowFilter())
+    assert hit.rows.tolist() == [row]
+    try:
+        m.index_items([ItemFeatures(f"Y{i}", cat, 1.0) for i in range(3)], [1, 1, 1])
+    except OverflowError as e:
+        assert "retrain" in str(e)
+    else:
+        raise AssertionError("the add limit was not enforced")
+    assert m.state is after
