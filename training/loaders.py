@@ -161,3 +161,55 @@ def load_movielens(path: str | Path, min_rating: int = 0, seed: int = 0) -> Reta
         target_events=("rating",),
         meta={"path": str(f), "min_rating": min_rating, "seed": seed},
     )
+
+
+# Export event types -> training event types; the rest (remove_from_cart, offers, clicks,
+# exposures) are not interactions with an item the model learns from.
+EXPORT_EVENTS = {"view": "view", "add_to_cart": "cart", "purchase": "purchase"}
+
+
+def load_events_export(path: str | Path) -> RetailData:
+    """The event log of the profile service, as written by ``mercato export-events``
+    (CSV or Parquet; see :mod:`services.profile.export`).
+
+    Views, add-to-carts and purchases with an item become view / cart / purchase events;
+    a session is the export's ``session_id``, else its ``order_id``, else the event
+    alone. Items get their latest logged category and median positive price.
+    """
+    from services.profile.export import read_events_frame
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{p} does not exist")
+    df = read_events_frame(p)
+    df = df[df["event_type"].isin(list(EXPORT_EVENTS)) & (df["item_id"] != "")]
+    if df.empty:
+        raise ValueError(f"{p} holds no view, add_to_cart or purchase events with an item")
+    df = df.sort_values("timestamp", kind="stable")
+    key = df["session_id"].where(df["session_id"] != "", df["order_id"])
+    key = key.where(key != "", "event:" + df["event_id"])
+    session = pd.factorize(df["customer_id"] + "\x1f" + key)[0].astype(np.int64)
+    ts = (df["timestamp"].astype("int64") // 10**9).to_numpy(np.int64)
+    events = pd.DataFrame(
+        {
+            "user_id": df["customer_id"].to_numpy(),
+            "item_id": df["item_id"].to_numpy(),
+            "ts": ts,
+            "event": df["event_type"].map(EXPORT_EVENTS).to_numpy(),
+            "session_id": session,
+            "surface": df["surface"].to_numpy(),
+        }
+    )
+    priced = df[df["price"] > 0]
+    items = pd.DataFrame({"item_id": np.sort(df["item_id"].unique())})
+    items["category"] = items["item_id"].map(df.groupby("item_id")["category"].last()).fillna("")
+    items["price"] = items["item_id"].map(priced.groupby("item_id")["price"].median()).fillna(0.0)
+    users = pd.DataFrame({"user_id": np.sort(df["customer_id"].unique()), "country": ""})
+    return RetailData(
+        name="events",
+        events=events,
+        items=items,
+        users=users,
+        target_events=("purchase",),
+        meta={"path": str(p)},
+    )
