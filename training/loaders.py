@@ -189,7 +189,8 @@ def load_events_export(path: str | Path) -> RetailData:
     key = df["session_id"].where(df["session_id"] != "", df["order_id"])
     key = key.where(key != "", "event:" + df["event_id"])
     session = pd.factorize(df["customer_id"] + "\x1f" + key)[0].astype(np.int64)
-    ts = (df["timestamp"].astype("int64") // 10**9).to_numpy(np.int64)
+    epoch = pd.Timestamp(0, tz="UTC")
+    ts = ((df["timestamp"] - epoch) // pd.Timedelta(seconds=1)).to_numpy(np.int64)
     events = pd.DataFrame(
         {
             "user_id": df["customer_id"].to_numpy(),
