@@ -18,9 +18,18 @@ console = Console()
 
 @train_app.command("retrieval")
 def train_retrieval(
-    data: str = typer.Option("synthetic", help="synthetic | online-retail | movielens"),
+    data: str = typer.Option(
+        "synthetic", help="synthetic | online-retail | movielens | events (export-events file)"
+    ),
     path: str = typer.Option("", help="Data file or folder (required for real data sets)."),
     split: str = typer.Option("auto", help="auto | time | user-random"),
+    protocol: str = typer.Option(
+        "default", help="default | recbole (test queries from train history only)"
+    ),
+    min_rating: int = typer.Option(0, help="MovieLens: drop ratings below this."),
+    k_core: int = typer.Option(0, help="Keep users and items with >= this many events."),
+    baselines: str = typer.Option("als,ease", help="Baselines besides popularity ('' = none)."),
+    max_recent: int = typer.Option(20, help="Recent items in the user tower."),
     users: int = typer.Option(10_000, help="Synthetic: customers."),
     items: int = typer.Option(5_000, help="Synthetic: catalog size."),
     days: int = typer.Option(120, help="Synthetic: days of history."),
@@ -43,8 +52,12 @@ def train_retrieval(
     register: bool = typer.Option(True, help="Register the bundle as a model version."),
     progress: bool = typer.Option(True, help="Progress bars per epoch."),
 ) -> None:
-    """Train the two-tower retrieval model, evaluate it against popularity on the same
-    split, log everything to MLflow and register the serving bundle."""
+    """Train the two-tower retrieval model, evaluate it against popularity, ALS and EASE
+    on the same split, log everything to MLflow and register the serving bundle.
+
+    Data-parallel: ``torchrun --nproc_per_node 2 -m mercato.cli train retrieval ...``."""
+    from training.baselines import BaselineConfig
+    from training.features import FeatureConfig
     from training.index import IndexConfig
     from training.pipeline import TrainConfig, train_and_register
     from training.synthetic import SyntheticConfig
@@ -56,6 +69,14 @@ def train_retrieval(
         data=data,
         path=path,
         split=split,
+        protocol=protocol,
+        min_rating=min_rating,
+        min_user_interactions=k_core,
+        min_item_interactions=k_core,
+        baselines=replace(
+            BaselineConfig(), models=tuple(b for b in baselines.split(",") if b), seed=seed
+        ),
+        features=FeatureConfig(max_recent=max_recent),
         synthetic=replace(SyntheticConfig(), n_users=users, n_items=items, days=days, seed=seed),
         model=replace(
             TwoTowerConfig(),
@@ -79,7 +100,10 @@ def train_retrieval(
         register=register,
     )
     res = train_and_register(cfg)
-    print(res.table)
+    if not res.run_id:  # another rank than 0 of a distributed run: rank 0 reports
+        return
+    if not progress:  # with progress the pipeline printed rich tables already
+        print(res.table)
     console.print(f"run {res.run_id} in {res.tracking_uri}")
     if res.version:
         console.print(

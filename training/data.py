@@ -199,3 +199,32 @@ def user_random_split(
         params={"valid_frac": valid_frac, "test_frac": test_frac, "seed": seed},
         data_fingerprint=data.fingerprint(),
     )
+
+
+def k_core(data: RetailData, min_user: int, min_item: int) -> RetailData:
+    """Keep users and items with at least ``min_user`` / ``min_item`` interactions,
+    repeating until both hold (RecBole's ``user/item_inter_num_interval``)."""
+    ev = data.events
+    while True:
+        n = len(ev)
+        if min_item:
+            c = ev["item_id"].map(ev["item_id"].value_counts())
+            ev = ev[c >= min_item]
+        if min_user:
+            c = ev["user_id"].map(ev["user_id"].value_counts())
+            ev = ev[c >= min_user]
+        if len(ev) == n:
+            break
+    items = data.items[data.items["item_id"].isin(ev["item_id"].unique())]
+    users = data.users[data.users["user_id"].isin(ev["user_id"].unique())]
+    meta = {**data.meta, "k_core": [min_user, min_item]}
+    return RetailData(data.name, ev, items, users, data.target_events, meta)
+
+
+def profile_dataset(path: str) -> Any:
+    """Hook of ``mercato load --data synthetic --path <folder>`` (the profile service):
+    the synthetic set written by ``mercato train generate`` as a ProfileDataset; see
+    :mod:`training.profile_data`."""
+    from training.profile_data import profile_dataset as make
+
+    return make(path)

@@ -16,7 +16,7 @@ User metrics are averaged over users with a non-empty truth.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import scipy.sparse as sp
@@ -114,12 +114,52 @@ class EmbeddingScorer:
         return self.users[rows] @ self.items.T
 
 
+def _columns(ks: tuple[int, ...]) -> list[str]:
+    return [f"{m}@{k}" for m in ("recall", "ndcg", "hit") for k in ks] + [f"coverage@{ks[-1]}"]
+
+
 def format_table(results: dict[str, dict[str, float]], ks: tuple[int, ...] = DEFAULT_KS) -> str:
-    """A markdown table: one row per model, Recall/NDCG/HitRate@K and coverage."""
-    cols = [f"{m}@{k}" for m in ("recall", "ndcg", "hit") for k in ks] + [f"coverage@{ks[-1]}"]
-    lines = ["| model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    """A markdown table: one row per model, Recall/NDCG/HitRate@K, coverage and the
+    training time in seconds when known."""
+    cols = _columns(ks)
+    timed = any("train_seconds" in m for m in results.values())
+    head = cols + (["train s"] if timed else [])
+    lines = ["| model | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
     for model, m in results.items():
-        lines.append(
-            f"| {model} | " + " | ".join(f"{m.get(c, float('nan')):.4f}" for c in cols) + " |"
-        )
+        cells = [f"{m.get(c, float('nan')):.4f}" for c in cols]
+        if timed:
+            cells.append(f"{m.get('train_seconds', float('nan')):.1f}")
+        lines.append(f"| {model} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def results_csv(results: dict[str, dict[str, dict[str, float]]]) -> str:
+    """split,model,metric,value rows of a whole evaluation."""
+    rows = ["split,model,metric,value"]
+    for split, models in results.items():
+        for model, m in models.items():
+            rows += [f"{split},{model},{k},{v:.6g}" for k, v in sorted(m.items())]
+    return "\n".join(rows) + "\n"
+
+
+def rich_table(
+    results: dict[str, dict[str, float]], ks: tuple[int, ...] = DEFAULT_KS, title: str = ""
+) -> Any:
+    """The evaluation as a rich Table (Recall and NDCG at every K, coverage, time);
+    the best value of each column in bold."""
+    from rich.table import Table
+
+    cols = [f"{m}@{k}" for m in ("recall", "ndcg") for k in ks] + [f"coverage@{ks[-1]}"]
+    t = Table(title=title or None)
+    t.add_column("model")
+    for c in [*cols, "train s"]:
+        t.add_column(c, justify="right")
+    best = {c: max((m.get(c, float("-inf")) for m in results.values()), default=0.0) for c in cols}
+    for model, m in results.items():
+        cells = []
+        for c in cols:
+            v = m.get(c, float("nan"))
+            cells.append(f"[bold]{v:.4f}[/bold]" if v == best[c] else f"{v:.4f}")
+        cells.append(f"{m.get('train_seconds', float('nan')):.1f}")
+        t.add_row(model, *cells)
+    return t

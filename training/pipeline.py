@@ -1,5 +1,15 @@
 """The retrieval training pipeline: data -> split -> two-tower -> evaluation against
-baselines -> FAISS index -> serving bundle -> MLflow run -> registered version.
+baselines (popularity, ALS, EASE) -> FAISS index -> serving bundle (with popularity and
+basket complements) -> MLflow run (params, per-epoch metrics, table, curve) ->
+registered version.
+
+Protocols (``protocol``): ``default`` builds every evaluation query from all history
+before the evaluated part (test queries see train + validation); ``recbole`` follows
+RecBole for general recommenders: models are fit on train only, queries of every part use
+the train history only, and the test ranking excludes train and validation items.
+
+Under torchrun every rank runs this function; only rank 0 logs and registers (see
+:mod:`training.distributed`).
 
 ``train_and_register(TrainConfig(...))`` is the one call the CLI, the benchmarks and
 other engineers' tests use; a tiny config trains in seconds into any MLflow store.
@@ -20,19 +30,26 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 import numpy as np
 import pandas as pd
+from rich.console import Console
 
 from services.common.threads import configure_threads
 from services.models.registry import BUNDLE_ARTIFACT_PATH
 from services.models.two_tower import FORMAT_VERSION, MODEL_TYPE, TwoTowerBundle
-from training.data import RetailData, Split, time_split, user_random_split
+from training import distributed
+from training.baselines import BaselineConfig, fit_baseline, interactions
+from training.complements import ComplementsConfig, basket_complements
+from training.data import RetailData, Split, k_core, time_split, user_random_split
 from training.evaluate import (
     DEFAULT_KS,
     EmbeddingScorer,
     PopularityScorer,
     evaluate,
     format_table,
+    results_csv,
+    rich_table,
 )
 from training.features import (
+    EvalSet,
     FeatureConfig,
     Vocab,
     build_eval_set,
@@ -44,13 +61,19 @@ from training.index import IndexConfig, ann_recall, build_index, index_kind
 from training.synthetic import SyntheticConfig
 from training.two_tower import TwoTowerConfig, encode_users, train_two_tower
 
+console = Console(stderr=True)
+
 
 @dataclass
 class TrainConfig:
     """Everything one training run needs; defaults are the demo-sized synthetic run."""
 
-    data: str = "synthetic"  # "synthetic" | "online-retail" | "movielens"
+    data: str = "synthetic"  # "synthetic" | "online-retail" | "movielens" | "events"
     path: str = ""  # data file/folder (synthetic: a folder written by write_synthetic, optional)
+    min_rating: int = 0  # movielens: ratings below are dropped
+    min_user_interactions: int = 0  # k-core filter (0 = none)
+    min_item_interactions: int = 0
+    protocol: str = "default"  # "default" | "recbole" (see the module docstring)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     split: str = "auto"  # "auto" | "time" | "user-random"
     valid_frac: float = 0.1
@@ -58,6 +81,8 @@ class TrainConfig:
     model: TwoTowerConfig = field(default_factory=TwoTowerConfig)
     features: FeatureConfig = field(default_factory=FeatureConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
+    baselines: BaselineConfig = field(default_factory=BaselineConfig)
+    complements: ComplementsConfig = field(default_factory=ComplementsConfig)
     ks: tuple[int, ...] = DEFAULT_KS
     max_eval_users: int = 0  # 0 = every user with future targets
     popularity_size: int = 1000
@@ -105,6 +130,7 @@ class RegisteredResult:
     best_epoch: int
     train_seconds: float
     table: str
+    fit_seconds: dict[str, float] = field(default_factory=dict)  # model -> fit time
 
     def metric(
         self, split: str = "valid", model: str = "two_tower", name: str = "recall@20"
@@ -113,7 +139,14 @@ class RegisteredResult:
 
 
 def load_data(cfg: TrainConfig) -> RetailData:
-    """The data set a config names."""
+    """The data set a config names, after the k-core filter when one is set."""
+    data = _load_raw(cfg)
+    if cfg.min_user_interactions or cfg.min_item_interactions:
+        data = k_core(data, cfg.min_user_interactions, cfg.min_item_interactions)
+    return data
+
+
+def _load_raw(cfg: TrainConfig) -> RetailData:
     if cfg.data == "synthetic":
         from training.synthetic import generate, load_synthetic
 
@@ -127,8 +160,12 @@ def load_data(cfg: TrainConfig) -> RetailData:
     if cfg.data == "movielens":
         from training.loaders import load_movielens
 
-        return load_movielens(cfg.path)
-    raise ValueError(f"unknown data {cfg.data!r}: synthetic | online-retail | movielens")
+        return load_movielens(cfg.path, min_rating=cfg.min_rating, seed=cfg.seed)
+    if cfg.data == "events":
+        from training.loaders import load_events_export
+
+        return load_events_export(cfg.path)
+    raise ValueError(f"unknown data {cfg.data!r}: synthetic | online-retail | movielens | events")
 
 
 def make_split(data: RetailData, cfg: TrainConfig) -> Split:
@@ -158,40 +195,106 @@ def _metric_key(name: str) -> str:
     return name.replace("@", "_")
 
 
+def _eval_sets(
+    cfg: TrainConfig, data: RetailData, split: Split, vocab: Vocab
+) -> tuple[EvalSet, EvalSet | None, pd.DataFrame, pd.DataFrame]:
+    """Validation and test queries, and the history each one's queries are built from."""
+    valid = build_eval_set(
+        "valid", split.train, split.valid, vocab, data.target_events, cfg.max_eval_users, cfg.seed
+    )
+    if cfg.protocol == "recbole":
+        history_test = split.train
+    elif cfg.protocol == "default":
+        history_test = pd.concat([split.train, split.valid], ignore_index=True)
+    else:
+        raise ValueError(f"unknown protocol {cfg.protocol!r}: default | recbole")
+    if not cfg.evaluate_test:
+        return valid, None, split.train, history_test
+    test = build_eval_set(
+        "test", history_test, split.test, vocab, data.target_events, cfg.max_eval_users, cfg.seed
+    )
+    if cfg.protocol == "recbole":
+        # Validation items are excluded from the test ranking (and were never truth).
+        seen = interactions(split.valid, vocab, test.users)
+        seen.data[:] = 1.0
+        exclude = ((test.exclude + seen) > 0).astype(np.float32).tocsr()
+        truth = (test.truth - test.truth.multiply(exclude)).tocsr()
+        truth.eliminate_zeros()
+        keep = np.flatnonzero(np.diff(truth.indptr) > 0)
+        test = EvalSet("test", test.users[keep], test.feats.take(keep), truth[keep], exclude[keep])
+    return valid, test, split.train, history_test
+
+
+def training_curve_png(history: list[dict[str, float]], path: Path, title: str) -> bool:
+    """Train loss and validation metric per epoch as a PNG; False without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    if not history:
+        return False
+    epochs = [r["epoch"] for r in history]
+    metric = next((k for k in history[0] if k.startswith("epoch_valid_")), "")
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(epochs, [r["train_loss"] for r in history], "o-", color="tab:blue")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("train loss", color="tab:blue")
+    if metric:
+        ax2 = ax.twinx()
+        ax2.plot(epochs, [r[metric] for r in history], "s-", color="tab:orange")
+        ax2.set_ylabel(metric.replace("epoch_", "").replace("_", " ", 1), color="tab:orange")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
 def train_and_register(cfg: TrainConfig) -> RegisteredResult:
-    """Run the whole pipeline; see the module docstring. Returns a RegisteredResult."""
+    """Run the whole pipeline; see the module docstring. Returns a RegisteredResult
+    (on ranks other than 0 of a distributed run: one without MLflow ids)."""
     configure_threads(cfg.threads)
     import torch
 
+    rank, world = distributed.init_from_env()
     torch.manual_seed(cfg.seed)
     from training import registry
 
+    main = rank == 0
+    log = (lambda msg: console.print(msg)) if (main and cfg.model.progress) else None
     t_start = time.perf_counter()
     data = load_data(cfg)
     split = make_split(data, cfg)
+    if log:
+        log(f"data {data.summary()} split {split.kind} {split.summary()}")
     vocab = build_vocab(data, cfg.features)
     examples, _, _ = walk_history(encode_events(split.train, vocab), vocab, emit_examples=True)
     assert examples is not None
     if len(examples.target) == 0:
         raise ValueError("no training examples: the train split is empty")
-    valid = build_eval_set(
-        "valid", split.train, split.valid, vocab, data.target_events, cfg.max_eval_users, cfg.seed
-    )
-    history_test = pd.concat([split.train, split.valid], ignore_index=True)
-    test = (
-        build_eval_set(
-            "test",
-            history_test,
-            split.test,
-            vocab,
-            data.target_events,
-            cfg.max_eval_users,
-            cfg.seed,
-        )
-        if cfg.evaluate_test
-        else None
-    )
+    valid, test, history_valid, history_test = _eval_sets(cfg, data, split, vocab)
     prep_seconds = time.perf_counter() - t_start
+
+    if not main:
+        net, items, hist = train_two_tower(vocab, examples, valid, cfg.model)
+        distributed.barrier()
+        return RegisteredResult(
+            run_id="",
+            experiment_id="",
+            tracking_uri="",
+            model_name=cfg.model_name,
+            version=None,
+            alias=None,
+            bundle_dir=Path(),
+            metrics={},
+            split_signature=split.signature(),
+            best_epoch=hist.best_epoch,
+            train_seconds=hist.seconds,
+            table="",
+        )
 
     client, tracking_uri = registry.client_for(cfg.tracking_uri or None)
     exp_id = registry.ensure_experiment(
@@ -204,9 +307,11 @@ def train_and_register(cfg: TrainConfig) -> RegisteredResult:
             "model_family": "two-tower",
             "dataset": data.name,
             "split": split.kind,
+            "protocol": cfg.protocol,
             "split_signature": split.signature(),
             "data_fingerprint": split.data_fingerprint,
             "host.python": platform.python_version(),
+            "world_size": str(world),
         },
     )
     run_id = run.info.run_id
@@ -222,6 +327,7 @@ def train_and_register(cfg: TrainConfig) -> RegisteredResult:
                 "examples": len(examples.target),
                 "valid_users": len(valid),
                 "test_users": len(test) if test is not None else 0,
+                "world_size": world,
             }
         )
         plist = [Param(k, str(v)[:6000]) for k, v in sorted(params.items())]
@@ -236,20 +342,45 @@ def train_and_register(cfg: TrainConfig) -> RegisteredResult:
             )
 
         net, items, hist = train_two_tower(vocab, examples, valid, cfg.model, on_epoch=on_epoch)
+        distributed.barrier()
         item_emb = items.all_embeddings(net)
         pop = popularity_counts(split.train, vocab, data.target_events)
+        fit_seconds: dict[str, float] = {"two_tower": hist.seconds, "popularity": 0.0}
         results: dict[str, dict[str, dict[str, float]]] = {}
-        eval_sets = [("valid", valid)] + ([("test", test)] if test is not None else [])
-        for name, es in eval_sets:
-            pop_s = popularity_counts(
-                split.train if name == "valid" else history_test, vocab, data.target_events
-            )
+        eval_sets = [("valid", valid, history_valid)]
+        if test is not None:
+            eval_sets.append(("test", test, history_test))
+        for name, es, hist_events in eval_sets:
+            pop_s = popularity_counts(hist_events, vocab, data.target_events)
             results[name] = {
                 "two_tower": evaluate(
                     EmbeddingScorer(encode_users(net, es.feats), item_emb), es, cfg.ks
                 ),
                 "popularity": evaluate(PopularityScorer(pop_s), es, cfg.ks),
             }
+        # Baselines: fit on train, hyper-parameters chosen on validation.
+        baseline_info: dict[str, Any] = {}
+        if cfg.baselines.models:
+            train_x = interactions(split.train, vocab)
+            hv = interactions(history_valid, vocab, valid.users)
+            for bname in cfg.baselines.models:
+                fb = fit_baseline(
+                    bname,
+                    train_x,
+                    valid,
+                    hv,
+                    cfg.baselines,
+                    f"recall@{cfg.model.early_stop_k}",
+                    log,
+                )
+                fit_seconds[bname] = fb.fit_seconds
+                baseline_info[bname] = {"chosen": fb.params, "tried": fb.tried}
+                for name, es, hist_events in eval_sets:
+                    h = hv if name == "valid" else interactions(hist_events, vocab, es.users)
+                    results[name][bname] = evaluate(fb.model.scorer(h), es, cfg.ks)
+        for models in results.values():
+            for model, m in models.items():
+                m["train_seconds"] = fit_seconds.get(model, 0.0)
         # Index and its recall against exact search, on validation users as queries.
         index = build_index(item_emb, cfg.index)
         q = encode_users(
@@ -278,14 +409,23 @@ def train_and_register(cfg: TrainConfig) -> RegisteredResult:
         order = np.argsort(-pop, kind="stable")[: cfg.popularity_size]
         total = float(pop.sum()) or 1.0
         popularity = [(vocab.item_ids[r], float(pop[r] / total)) for r in order if pop[r] >= 1]
+        complements = basket_complements(split.train, data.target_events, cfg.complements)
         tables = {s: format_table(m, cfg.ks) for s, m in results.items()}
         table = "\n\n".join(f"### {s}\n\n{t}" for s, t in tables.items())
+        if cfg.model.progress:
+            for s_name, per_model in results.items():
+                title = f"{data.name} {split.kind}: {s_name}"
+                console.print(rich_table(per_model, cfg.ks, title=title))
         report = {
             "metrics": results,
             "split": {"kind": split.kind, "signature": split.signature(), **split.params},
+            "protocol": cfg.protocol,
             "dataset": data.summary(),
             "history": hist.epochs,
             "best_epoch": hist.best_epoch,
+            "baselines": baseline_info,
+            "fit_seconds": fit_seconds,
+            "complements": {"items": len(complements)},
             "index": {"kind": index_kind(index), "ann_recall": recall, "k": cfg.index.recall_k},
         }
         config = {
@@ -315,7 +455,7 @@ def train_and_register(cfg: TrainConfig) -> RegisteredResult:
             net=net,
             index=index,
             popularity=popularity,
-            complements={},
+            complements=complements,
             eval_report=report,
         )
         out = Path(tempfile.mkdtemp(prefix="mercato-bundle-"))
@@ -325,7 +465,11 @@ def train_and_register(cfg: TrainConfig) -> RegisteredResult:
         eval_dir = out / "eval"
         eval_dir.mkdir()
         (eval_dir / "table.md").write_text(table + "\n")
+        (eval_dir / "table.csv").write_text(results_csv(results))
         (eval_dir / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True))
+        training_curve_png(
+            hist.epochs, eval_dir / "training_curve.png", f"two-tower on {data.name}"
+        )
         client.log_artifacts(run_id, str(eval_dir), "eval")
 
         version = None
@@ -360,4 +504,5 @@ def train_and_register(cfg: TrainConfig) -> RegisteredResult:
         best_epoch=hist.best_epoch,
         train_seconds=hist.seconds,
         table=table,
+        fit_seconds=fit_seconds,
     )

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from services.models.two_tower import TwoTowerNet
+from training import distributed
 from training.evaluate import EmbeddingScorer, evaluate
 from training.features import EvalSet, Examples, UserFeatures, Vocab
 
@@ -164,11 +165,18 @@ def train_two_tower(
     cfg: TwoTowerConfig,
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
 ) -> tuple[TwoTowerNet, ItemTable, TrainHistory]:
-    """Train with early stopping on ``valid``; returns the best net and its item table."""
+    """Train with early stopping on ``valid``; returns the best net and its item table.
+
+    Under torch.distributed (see :mod:`training.distributed`) every rank trains on its
+    slice of each global batch of ``batch_size`` rows and gradients are averaged, so all
+    ranks end with the same weights; rank 0 evaluates and decides early stopping.
+    """
+    rank, world = distributed.rank_world()
     torch.manual_seed(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed + 7919 * rank)
     rng = np.random.default_rng(cfg.seed)
     net = new_net(vocab, cfg)
+    distributed.broadcast_parameters(net)
     items = ItemTable(vocab, np.unique(examples.target))
     n_items = vocab.n_items
     if cfg.loss not in ("inbatch", "full"):
@@ -197,13 +205,15 @@ def train_two_tower(
         bar = tqdm(
             range(steps),
             desc=f"epoch {epoch + 1}/{cfg.epochs}",
-            disable=not cfg.progress,
+            disable=not cfg.progress or rank != 0,
             leave=False,
             unit="batch",
         )
         te = time.perf_counter()
         for s in bar:
-            rows = perm[s * cfg.batch_size : (s + 1) * cfg.batch_size]
+            rows = perm[s * cfg.batch_size : (s + 1) * cfg.batch_size][rank::world]
+            if len(rows) == 0:  # a last global batch smaller than the world
+                rows = perm[s * cfg.batch_size : s * cfg.batch_size + 1]
             x = _user_tensors(examples.feats, rows)
             aff = net.affinity_from_history(x["recent"], x["purchased"])
             u = net.encode_user(**x, affinity=aff)
@@ -223,28 +233,34 @@ def train_two_tower(
             loss = (F.cross_entropy(logits, labels, reduction="none") * w).sum() / w.sum()
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            distributed.average_gradients(net)
             opt.step()
             total += float(loss.detach()) * len(rows)
             seen += len(rows)
             if s % 20 == 0:
                 bar.set_postfix(loss=f"{total / seen:.4f}")
         train_s = time.perf_counter() - te
-        item_emb = items.all_embeddings(net)
-        user_emb = encode_users(net, valid.feats)
-        m = evaluate(EmbeddingScorer(user_emb, item_emb), valid, ks=(cfg.early_stop_k,))
+        value = 0.0
+        if rank == 0:
+            item_emb = items.all_embeddings(net)
+            user_emb = encode_users(net, valid.feats)
+            m = evaluate(EmbeddingScorer(user_emb, item_emb), valid, ks=(cfg.early_stop_k,))
+            value = m.get(metric, 0.0)
+        value = distributed.broadcast_float(value)
+        m = {metric: value}
         row = {
             "epoch": float(epoch + 1),
             "train_loss": total / max(seen, 1),
-            f"epoch_valid_{metric.replace('@', '_')}": m.get(metric, 0.0),
+            f"epoch_valid_{metric.replace('@', '_')}": value,
             "epoch_seconds": train_s,
         }
         hist.epochs.append(row)
-        if cfg.progress:
+        if cfg.progress and rank == 0:
             tqdm.write(
                 f"epoch {epoch + 1}: loss {row['train_loss']:.4f} valid {metric} "
                 f"{m.get(metric, 0.0):.4f} ({train_s:.1f}s)"
             )
-        if on_epoch is not None:
+        if on_epoch is not None and rank == 0:
             on_epoch(epoch + 1, row)
         if m.get(metric, 0.0) > hist.best_metric:
             hist.best_metric, hist.best_epoch = m.get(metric, 0.0), epoch + 1

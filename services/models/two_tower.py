@@ -15,7 +15,8 @@ A bundle is a directory::
     towers.pt              state dict of both towers (loaded with weights_only=True)
     index.faiss            FAISS index over item_embeddings, ids == rows, inner product
     popularity.json        [[item_id, score], ...] descending (fallback)
-    complements.json       {item_id: [[item_id, score], ...]} (cross-sell; may be empty)
+    complements.json       {item_id: [[item_id, score], ...]} best first (cross-sell from
+                           baskets; optional: bundles without it have no complements)
     eval.json              evaluation report of the training run (optional)
     manifest.json          sha256 and size of every file above
 
@@ -51,8 +52,8 @@ REQUIRED_FILES = (
     "towers.pt",
     "index.faiss",
     "popularity.json",
-    "complements.json",
 )
+OPTIONAL_FILES = ("complements.json", "eval.json")
 
 
 @dataclass
@@ -292,7 +293,8 @@ class TwoTowerBundle:
         self.net = net.eval()
         self.index = index
         self.popularity = popularity
-        self.complements = complements or {}
+        self._complements = complements
+        self._complements_path: Path | None = None
         self.eval_report = eval_report or {}
         self._row = {iid: i for i, iid in enumerate(item_ids)}
         self._lookup = {k: {v: i for i, v in enumerate(vals)} for k, vals in vocab.items()}
@@ -323,6 +325,29 @@ class TwoTowerBundle:
         for key in ("category", "surface", "country", "segment"):
             if key not in self.vocab or not self.vocab[key] or self.vocab[key][0] != "":
                 raise BundleError(f"vocab.json: {key!r} missing or does not start with ''")
+
+    # -- cross-sell
+    @property
+    def complement_pairs(self) -> dict[str, list[tuple[str, float]]]:
+        """Every item's complements (loaded from complements.json on first use)."""
+        if self._complements is None:
+            pairs: dict[str, list[tuple[str, float]]] = {}
+            p = self._complements_path
+            if p is not None and p.is_file():
+                try:
+                    raw = json.loads(p.read_text())
+                    pairs = {str(k): [(str(i), float(sc)) for i, sc in v] for k, v in raw.items()}
+                except (OSError, ValueError, TypeError) as e:
+                    raise BundleError(f"{p}: unreadable complements: {e}") from e
+            self._complements = pairs
+        return self._complements
+
+    def complements(self, item_id: str, n: int = 10) -> list[tuple[str, float]]:
+        """Up to ``n`` items bought together with ``item_id`` as (item_id, score), best
+        first; empty for an unknown item or a bundle without complements."""
+        if n <= 0:
+            return []
+        return self.complement_pairs.get(item_id, [])[:n]
 
     @property
     def dim(self) -> int:
@@ -437,9 +462,9 @@ class TwoTowerBundle:
         faiss.write_index(self.index, str(d / "index.faiss"))
         (d / "popularity.json").write_text(json.dumps([[i, float(s)] for i, s in self.popularity]))
         (d / "complements.json").write_text(
-            json.dumps({k: [[i, float(s)] for i, s in v] for k, v in self.complements.items()})
+            json.dumps({k: [[i, float(s)] for i, s in v] for k, v in self.complement_pairs.items()})
         )
-        files = list(REQUIRED_FILES)
+        files = [*REQUIRED_FILES, "complements.json"]
         if self.eval_report:
             (d / "eval.json").write_text(json.dumps(self.eval_report, indent=2, sort_keys=True))
             files.append("eval.json")
@@ -492,10 +517,6 @@ class TwoTowerBundle:
             popularity = [
                 (str(i), float(s)) for i, s in json.loads((d / "popularity.json").read_text())
             ]
-            complements = {
-                str(k): [(str(i), float(s)) for i, s in v]
-                for k, v in json.loads((d / "complements.json").read_text()).items()
-            }
             report = (
                 json.loads((d / "eval.json").read_text()) if (d / "eval.json").is_file() else {}
             )
@@ -507,7 +528,7 @@ class TwoTowerBundle:
             raise
         except Exception as e:  # any unreadable or inconsistent artifact
             raise BundleError(f"{d}: cannot load bundle: {type(e).__name__}: {e}") from e
-        return cls(
+        bundle = cls(
             config=config,
             vocab=vocab,
             item_ids=[str(x) for x in items["item_ids"]],
@@ -517,6 +538,10 @@ class TwoTowerBundle:
             net=net,
             index=index,
             popularity=popularity,
-            complements=complements,
+            complements=None,
             eval_report=report,
         )
+        # Read lazily on first use; only a file the manifest vouches for.
+        if "complements.json" in listed:
+            bundle._complements_path = d / "complements.json"
+        return bundle

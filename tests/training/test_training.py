@@ -237,6 +237,57 @@ def test_tiny_train_register_load_by_alias_gives_same_scores(trained, tmp_path: 
     assert remote.popularity and remote.popularity[0][1] >= remote.popularity[-1][1]
 
 
+def test_run_has_baselines_table_curve_and_complements(trained) -> None:
+    cfg, res = trained
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(cfg.tracking_uri)
+    for part in ("valid", "test"):
+        assert set(res.metrics[part]) == {"two_tower", "popularity", "als", "ease"}
+        for m in res.metrics[part].values():
+            assert 0.0 <= m["recall@10"] <= m["recall@20"] <= m["recall@100"] <= 1.0
+    # The synthetic data has item-item structure that EASE finds even at this tiny size.
+    v = res.metrics["valid"]
+    assert v["ease"]["recall@20"] > v["popularity"]["recall@20"]
+    run = client.get_run(res.run_id)
+    for key in ("valid_als_recall_20", "test_ease_ndcg_10", "valid_popularity_hit_50"):
+        assert key in run.data.metrics
+    assert run.data.metrics["valid_ease_recall_20"] == pytest.approx(v["ease"]["recall@20"])
+    curve = client.get_metric_history(res.run_id, "train_loss")
+    assert [m.step for m in curve] == list(range(1, len(curve) + 1)) and len(curve) >= 2
+    arts = {a.path for a in client.list_artifacts(res.run_id, "eval")}
+    assert {"eval/table.md", "eval/table.csv", "eval/training_curve.png"} <= arts
+    local = Path(client.download_artifacts(res.run_id, "eval/training_curve.png"))
+    assert local.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = Path(client.download_artifacts(res.run_id, "eval/table.md")).read_text()
+    assert "| ease |" in table and "| als |" in table and "train s" in table
+    # Complements were mined from baskets and are served by the bundle.
+    bundle = TwoTowerBundle.load(res.bundle_dir)
+    pairs = json.loads((res.bundle_dir / "complements.json").read_text())
+    assert pairs, "no complement pairs from the synthetic baskets"
+    item = next(iter(pairs))
+    got = bundle.complements(item, 3)
+    assert 1 <= len(got) <= 3 and got == [(i, pytest.approx(s)) for i, s in pairs[item][:3]]
+    assert [s for _, s in got] == sorted((s for _, s in got), reverse=True)
+    assert bundle.complements("NO-SUCH-ITEM", 5) == [] and bundle.complements(item, 0) == []
+
+
+def test_bundle_without_complements_file_still_loads(trained, tmp_path: Path) -> None:
+    """Bundles written before complements existed have no complements.json."""
+    import shutil
+
+    _, res = trained
+    old = tmp_path / "old"
+    shutil.copytree(res.bundle_dir, old)
+    (old / "complements.json").unlink()
+    manifest = json.loads((old / "manifest.json").read_text())
+    del manifest["files"]["complements.json"]
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    b = TwoTowerBundle.load(old)
+    some = next(iter(json.loads((res.bundle_dir / "complements.json").read_text())))
+    assert b.complements(some, 5) == []
+
+
 def test_bundle_refuses_missing_or_corrupt_files(trained, tmp_path: Path) -> None:
     import shutil
 
@@ -264,7 +315,8 @@ def test_promotion_gate_refuses_a_worse_model(trained) -> None:
     first = promote(cfg.model_name, cfg.tracking_uri)
     assert first.promoted and first.version == res.version
     # An untrained model (lr ~ 0) on the same data and split.
-    worse = train_and_register(replace(cfg, model=replace(cfg.model, lr=1e-9, epochs=1)))
+    fast = replace(cfg, baselines=replace(cfg.baselines, models=()))
+    worse = train_and_register(replace(fast, model=replace(cfg.model, lr=1e-9, epochs=1)))
     assert worse.split_signature == res.split_signature
     w, b = worse.metric(), res.metric()
     assert w < b, f"precondition: the untrained model should be worse ({w} vs {b})"
@@ -282,7 +334,7 @@ def test_promotion_gate_refuses_a_worse_model(trained) -> None:
     assert back.promoted
     # A model trained on other data is not comparable without --force.
     other = train_and_register(
-        replace(cfg, synthetic=replace(TINY, seed=9), model=replace(cfg.model, epochs=1))
+        replace(fast, synthetic=replace(TINY, seed=9), model=replace(cfg.model, epochs=1))
     )
     assert other.split_signature != res.split_signature
     with pytest.raises(PromotionRefused, match="not comparable"):

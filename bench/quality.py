@@ -1,0 +1,190 @@
+"""Retrieval quality benchmark: two-tower vs popularity vs ALS vs EASE, same split,
+full ranking over every item (``make bench-quality``).
+
+Datasets (``--data-dir``, default ``../shared/data`` relative to the repository):
+
+- ``retail``: UCI Online Retail invoices, time split 80/10/10 (sessions = invoices);
+- ``ml1m``: MovieLens-1M, every rating an interaction, per-user random split 80/10/10;
+- ``ml1m-recbole``: MovieLens-1M under RecBole's protocol: ratings >= 3, users and
+  items with >= 10 interactions, random 80/10/10 per user, fit on train only, test
+  queries from the train history with train and validation items excluded, embedding
+  size 64.
+
+Each dataset is one run of the training pipeline (``training.pipeline``) into a
+throw-away MLflow store; baseline hyper-parameters and two-tower early stopping are
+chosen on validation; the tables report the test part. Writes
+``bench/results/quality.json`` and ``quality.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from services.common.threads import configure_threads  # noqa: E402
+
+configure_threads(int(os.environ.get("BENCH_THREADS", "1")))
+
+from training.baselines import BaselineConfig  # noqa: E402
+from training.features import FeatureConfig  # noqa: E402
+from training.pipeline import TrainConfig, train_and_register  # noqa: E402
+from training.two_tower import TwoTowerConfig  # noqa: E402
+
+KS = (10, 20, 50, 100)
+COLS = ("recall@10", "recall@20", "ndcg@10", "ndcg@20")
+MODELS = ("two_tower", "popularity", "als", "ease")
+
+BASELINES = BaselineConfig(
+    ease_lambdas=(100.0, 250.0, 500.0, 1000.0),
+    als_factors=64,
+    als_regularizations=(0.01, 0.1),
+    als_alphas=(1.0, 5.0, 20.0),
+    als_iterations=15,
+)
+
+
+def configs(data_dir: Path, loss: str, epochs: int, steps: int) -> dict[str, TrainConfig]:
+    # An "epoch" is at most ``steps`` batches (a random sample of the examples): the
+    # real sets have 0.3-0.8 M examples and this has to fit a shared 2-core machine.
+    model = replace(
+        TwoTowerConfig(),
+        dim=64,
+        hidden=256,
+        loss=loss,
+        epochs=epochs,
+        patience=2,
+        batch_size=1024,
+        max_steps_per_epoch=steps,
+    )
+    base = TrainConfig(ks=KS, baselines=BASELINES, register=False, model=model)
+    return {
+        "retail": replace(
+            base,
+            data="online-retail",
+            path=str(data_dir / "online-retail"),
+            split="time",
+            features=FeatureConfig(max_recent=50, max_purchased=50),
+        ),
+        "ml1m": replace(
+            base,
+            data="movielens",
+            path=str(data_dir / "ml-1m"),
+            split="user-random",
+            features=FeatureConfig(max_recent=50),
+        ),
+        "ml1m-recbole": replace(
+            base,
+            data="movielens",
+            path=str(data_dir / "ml-1m"),
+            split="user-random",
+            protocol="recbole",
+            min_rating=3,
+            min_user_interactions=10,
+            min_item_interactions=10,
+            features=FeatureConfig(max_recent=50),
+        ),
+    }
+
+
+def markdown(results: dict[str, dict[str, object]]) -> str:
+    lines = [
+        "| dataset | split | model | " + " | ".join(COLS) + " | train s |",
+        "|---" * (len(COLS) + 4) + "|",
+    ]
+    for name, r in results.items():
+        test = r["test"]
+        assert isinstance(test, dict)
+        for model in MODELS:
+            m = test.get(model)
+            if m is None:
+                continue
+            cells = " | ".join(f"{m[c]:.4f}" for c in COLS)
+            lines.append(
+                f"| {name} | {r['split']} | {model} | {cells} | {m['train_seconds']:.1f} |"
+            )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"))
+    ap.add_argument("--datasets", default="retail,ml1m,ml1m-recbole")
+    ap.add_argument("--loss", default="full", help="two-tower loss: full | inbatch")
+    ap.add_argument("--epochs", type=int, default=6)
+    ap.add_argument("--steps", type=int, default=150, help="max batches per epoch")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "quality"))
+    args = ap.parse_args()
+    data_dir = Path(args.data_dir)
+    if not data_dir.is_dir():
+        sys.exit(f"no data folder {data_dir} (see --data-dir)")
+    cfgs = configs(data_dir, args.loss, args.epochs, args.steps)
+    store = Path(tempfile.mkdtemp(prefix="mercato-bench-quality-"))
+    results: dict[str, dict[str, object]] = {}
+    t_all = time.perf_counter()
+    for name in args.datasets.split(","):
+        cfg = replace(
+            cfgs[name], tracking_uri=f"sqlite:///{store / 'mlflow.db'}", run_name=f"bench-{name}"
+        )
+        print(f"== {name}: {cfg.data} split={cfg.split} protocol={cfg.protocol}", flush=True)
+        t0 = time.perf_counter()
+        res = train_and_register(cfg)
+        results[name] = {
+            "data": cfg.data,
+            "split": cfg.split if cfg.protocol == "default" else f"{cfg.split} ({cfg.protocol})",
+            "protocol": cfg.protocol,
+            "valid": res.metrics["valid"],
+            "test": res.metrics["test"],
+            "best_epoch": res.best_epoch,
+            "fit_seconds": res.fit_seconds,
+            "wall_seconds": time.perf_counter() - t0,
+        }
+        print(f"== {name} done in {time.perf_counter() - t0:.0f}s", flush=True)
+    meta = {
+        "command": "python bench/quality.py " + " ".join(sys.argv[1:]),
+        "loss": args.loss,
+        "epochs": args.epochs,
+        "steps_per_epoch": args.steps,
+        "threads": int(os.environ.get("BENCH_THREADS", "1")),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "total_seconds": time.perf_counter() - t_all,
+        "baselines": {
+            "ease_lambdas": BASELINES.ease_lambdas,
+            "als": {
+                "factors": BASELINES.als_factors,
+                "regularizations": BASELINES.als_regularizations,
+                "alphas": BASELINES.als_alphas,
+                "iterations": BASELINES.als_iterations,
+            },
+        },
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(
+        json.dumps({"meta": meta, "results": results}, indent=2, sort_keys=True)
+    )
+    table = markdown(results)
+    out.with_suffix(".md").write_text(
+        "# Retrieval quality (test part, full ranking)\n\n"
+        f"`{meta['command']}`, two-tower loss `{args.loss}`, "
+        f"{meta['threads']} thread(s) on a {meta['cpus']}-core machine, "
+        f"{meta['total_seconds']:.0f} s in total. Train s = fit time of the chosen "
+        "configuration (two-tower: all epochs incl. per-epoch validation).\n\n"
+        f"{table}\n"
+    )
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
