@@ -1,0 +1,226 @@
+"""ModelWatcher against a real MLflow store (sqlite in tmp_path)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+from pathlib import Path
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+import pytest
+from prometheus_client import REGISTRY
+
+from services.models.registry import ModelVersionInfo
+from services.models.watcher import ModelRejected, ModelWatcher
+from training.registry import client_for, ensure_experiment, register_bundle
+
+MODEL = "watcher-test-model"
+
+
+class Store:
+    """A real MLflow store where each version's bundle is one text file."""
+
+    def __init__(self, tmp: Path, name: str = MODEL) -> None:
+        self.uri = f"sqlite:///{tmp / 'mlflow.db'}"
+        self.tmp = tmp
+        self.name = name
+        self.client, _ = client_for(self.uri)
+        self.exp = ensure_experiment(self.client, "watcher-test", self.uri, None)
+
+    def register(self, content: str | None, alias: str | None = "challenger") -> str:
+        run = self.client.create_run(self.exp)
+        src = self.tmp / f"src-{run.info.run_id}"
+        src.mkdir()
+        if content is not None:
+            (src / "value.txt").write_text(content)
+        else:
+            (src / "other.txt").write_text("no value file")
+        self.client.log_artifacts(run.info.run_id, str(src), "bundle")
+        self.client.set_terminated(run.info.run_id)
+        mv = register_bundle(self.client, run.info.run_id, self.name, alias)
+        return str(mv.version)
+
+    def alias(self, alias: str, version: str) -> None:
+        self.client.set_registered_model_alias(self.name, alias, version)
+
+
+class Loader:
+    """load(): reads value.txt; 'bad' fails validation; records calls and threads."""
+
+    def __init__(self, delay: float = 0.0) -> None:
+        self.calls: list[str] = []
+        self.threads: set[int] = set()
+        self.delay = delay
+
+    def __call__(self, path: Path, info: ModelVersionInfo) -> str:
+        self.calls.append(info.version)
+        self.threads.add(threading.get_ident())
+        if self.delay:
+            time.sleep(self.delay)
+        value = (path / "value.txt").read_text()  # missing file -> FileNotFoundError
+        if value == "bad":
+            raise ModelRejected("value is 'bad'")
+        return value
+
+
+def metric(name: str, **labels: str) -> float | None:
+    return REGISTRY.get_sample_value(name, labels)
+
+
+def make_watcher(store: Store, loader: Loader, aliases: list[str], **kw: object) -> ModelWatcher:
+    return ModelWatcher(
+        model_name=store.name,
+        aliases=aliases,
+        tracking_uri=store.uri,
+        cache_dir=store.tmp / "cache",
+        load=loader,
+        service="test",
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+def test_loads_aliases_shares_versions_and_swaps(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    v1 = store.register("one")
+    store.alias("champion", v1)
+    loader = Loader()
+    w = make_watcher(store, loader, ["champion", "challenger"], poll_interval_s=60)
+    changes: list[int] = []
+    w.add_listener(lambda: changes.append(len(w.loaded())))
+
+    async def run() -> None:
+        await w.start()
+        try:
+            champ, chall = w.get("champion"), w.get("challenger")
+            assert champ is not None and chall is not None
+            assert (champ.model, champ.info.version, champ.info.alias) == ("one", v1, "champion")
+            assert (chall.info.version, chall.info.alias) == (v1, "challenger")
+            assert chall.model is champ.model
+            assert loader.calls == [v1]  # one version under two aliases: loaded once
+            assert threading.get_ident() not in loader.threads  # loaded in a worker thread
+            assert metric("mercato_model_loaded_version", model=MODEL, alias="champion") == float(
+                v1
+            )
+            assert changes == [1, 2]
+
+            v2 = store.register("two")  # challenger -> v2
+            await w.poll()
+            assert w.get("challenger").model == "two"  # type: ignore[union-attr]
+            assert w.get("champion") is champ  # untouched
+            store.alias("champion", v2)
+            await w.poll()
+            new = w.get("champion")
+            assert new is not None and (new.model, new.info.version) == ("two", v2)
+            assert loader.calls == [v1, v2]
+            assert champ.model == "one"  # a reader's snapshot never changes under it
+            assert metric("mercato_model_loaded_version", model=MODEL, alias="champion") == float(
+                v2
+            )
+            assert sorted(w.loaded()) == ["challenger", "champion"]
+            # The cache keeps only what is served.
+            assert sorted(p.name for p in (tmp_path / "cache" / MODEL).iterdir()) == [f"v{v2}"]
+        finally:
+            await w.stop()
+
+    asyncio.run(run())
+
+
+def test_broken_versions_are_refused_and_the_old_one_keeps_serving(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    good = store.register("good", alias="champion")
+    loader = Loader()
+    w = make_watcher(store, loader, ["champion"], poll_interval_s=60)
+
+    async def run() -> None:
+        await w.start()
+        try:
+            assert w.get("champion").model == "good"  # type: ignore[union-attr]
+            invalid = store.register("bad", alias="champion")
+            await w.poll()
+            assert w.get("champion").info.version == good  # type: ignore[union-attr]
+            assert (
+                metric(
+                    "mercato_model_refused_total",
+                    model=MODEL,
+                    alias="champion",
+                    version=invalid,
+                    reason="invalid",
+                )
+                == 1.0
+            )
+            missing = store.register(None, alias="champion")  # no value.txt
+            await w.poll()
+            await w.poll()  # a refused version is not retried on every poll
+            assert w.get("champion").model == "good"  # type: ignore[union-attr]
+            assert (
+                metric(
+                    "mercato_model_refused_total",
+                    model=MODEL,
+                    alias="champion",
+                    version=missing,
+                    reason="load",
+                )
+                == 1.0
+            )
+            assert loader.calls == [good, invalid, missing]
+            assert metric("mercato_model_loaded_version", model=MODEL, alias="champion") == float(
+                good
+            )
+            fixed = store.register("fixed", alias="champion")
+            await w.poll()
+            assert w.get("champion").info.version == fixed  # type: ignore[union-attr]
+        finally:
+            await w.stop()
+
+    asyncio.run(run())
+
+
+def test_missing_model_then_background_poll_and_runtime_alias(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    loader = Loader(delay=0.3)
+    w = make_watcher(store, loader, ["champion"], poll_interval_s=0.2)
+    notified = asyncio.Event()
+
+    async def run() -> None:
+        w.add_listener(notified.set)
+        await w.start()  # nothing registered: no error, nothing loaded
+        try:
+            assert w.get("champion") is None and w.loaded() == {}
+            v1 = await asyncio.to_thread(store.register, "one", "champion")
+            # The background poll picks it up; the loop keeps ticking during the slow load.
+            ticks = 0
+            deadline = time.monotonic() + 20
+            while w.get("champion") is None and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+                ticks += 1
+            assert w.get("champion").info.version == v1  # type: ignore[union-attr]
+            assert notified.is_set()
+            assert ticks >= 20  # 0.3 s load in a thread did not block the event loop
+            v2 = await asyncio.to_thread(store.register, "two", "exp-b")
+            w.watch("exp-b")  # per-request alias: loaded in the background
+            w.watch("exp-b")  # idempotent
+            deadline = time.monotonic() + 20
+            while w.get("exp-b") is None and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            got = w.get("exp-b")
+            assert got is not None and (got.model, got.info.version) == ("two", v2)
+            assert w.aliases == ["champion", "exp-b"]
+        finally:
+            await w.stop()
+
+    asyncio.run(run())
+
+
+def test_rejects_bad_interval(tmp_path: Path) -> None:
+    with pytest.raises(ValueError):
+        ModelWatcher(
+            model_name="m",
+            aliases=["champion"],
+            tracking_uri="sqlite:///x.db",
+            cache_dir=tmp_path,
+            load=lambda p, i: None,
+            poll_interval_s=0,
+        )
