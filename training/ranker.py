@@ -165,12 +165,10 @@ def item_table_at(
         long_c = np.bincount(rows, minlength=n).astype(np.float64)
         short_c = long_c * (trend_days / popularity_days)
     else:
-        long_c = np.bincount(
-            rows[ts >= now - popularity_days * 86_400], minlength=n
-        ).astype(np.float64)
-        short_c = np.bincount(rows[ts >= now - trend_days * 86_400], minlength=n).astype(
+        long_c = np.bincount(rows[ts >= now - popularity_days * 86_400], minlength=n).astype(
             np.float64
         )
+        short_c = np.bincount(rows[ts >= now - trend_days * 86_400], minlength=n).astype(np.float64)
     short_rate = short_c / trend_days
     long_rate = long_c / popularity_days
     return ItemTable(
@@ -639,7 +637,7 @@ def train_and_register_ranker(cfg: RankerConfig) -> RankerResult:
     )
     rng = np.random.default_rng(cfg.seed)
     perm = rng.permutation(len(lists))
-    n_valid = int(round(len(lists) * cfg.valid_user_frac))
+    n_valid = round(len(lists) * cfg.valid_user_frac)
     valid = lists.take(np.sort(perm[:n_valid]))
     fit = lists.take(np.sort(perm[n_valid:]))
     if len(fit) == 0 or not (np.diff(valid.truth.indptr) > 0).any():
@@ -701,9 +699,9 @@ def train_and_register_ranker(cfg: RankerConfig) -> RankerResult:
                 prefix = window if order == "ranker" else f"{window}_{order}"
                 final += [Metric(f"{prefix}_{k.replace('@', '_')}", v, ts, 0) for k, v in m.items()]
         for window, res in results.items():
-            a = res["retrieval"].get("ndcg@10", 0.0)
-            if a > 0:
-                gain = res["ranker"].get("ndcg@10", 0.0) / a - 1.0
+            base_ndcg = res["retrieval"].get("ndcg@10", 0.0)
+            if base_ndcg > 0:
+                gain = res["ranker"].get("ndcg@10", 0.0) / base_ndcg - 1.0
                 final.append(Metric(f"{window}_ndcg_10_relative_gain", gain, ts, 0))
         final += [
             Metric("best_epoch", float(hist.best_epoch), ts, 0),

@@ -148,9 +148,7 @@ class ItemTable:
 # --------------------------------------------------------------------------- features
 
 
-def build_features(
-    query: RankerQuery, cands: CandidateDetails, table: ItemTable
-) -> np.ndarray:
+def build_features(query: RankerQuery, cands: CandidateDetails, table: ItemTable) -> np.ndarray:
     """Feature matrix float32 ``[len(cands), N_FEATURES]`` in :data:`FEATURES` order."""
     n = len(cands.ids)
     x = np.zeros((n, N_FEATURES), dtype=np.float64)
@@ -327,8 +325,7 @@ class RankerBundle:
             err = float(np.max(np.abs(got - want))) if len(want) else 0.0
             if not err <= SMOKE_TOLERANCE:
                 raise RankerBundleError(
-                    f"smoke test: scores differ from training's by {err:.3g} "
-                    f"(> {SMOKE_TOLERANCE})"
+                    f"smoke test: scores differ from training's by {err:.3g} (> {SMOKE_TOLERANCE})"
                 )
 
     @torch.no_grad()
@@ -368,7 +365,9 @@ class RankerBundle:
             files.append("eval.json")
         manifest = {
             "format_version": FORMAT_VERSION,
-            "files": {n: {"sha256": _sha256(d / n), "bytes": (d / n).stat().st_size} for n in files},
+            "files": {
+                n: {"sha256": _sha256(d / n), "bytes": (d / n).stat().st_size} for n in files
+            },
         }
         (d / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
 

@@ -161,9 +161,9 @@ class RegistryScorers:
         scorer = self._scorers.get(key)
         if scorer is None or scorer.bundle is not loaded.model:
             scorer = RankerScorer(loaded.model, loaded.info)
-            self._scorers = {
-                k: v for k, v in self._scorers.items() if k[0] != alias
-            } | {key: scorer}
+            self._scorers = {k: v for k, v in self._scorers.items() if k[0] != alias} | {
+                key: scorer
+            }
         return scorer
 
     def _store_missing(self) -> bool:

@@ -210,11 +210,11 @@ def test_bundle_refuses_corrupt_or_inconsistent_files(trained, tmp_path: Path) -
         RankerBundle.load(_broken_copy(res.bundle_dir, tmp_path / "nan"))
     edited = shutil.copytree(res.bundle_dir, tmp_path / "edited")
     (edited / "items.json").write_text("{}")
-    with pytest.raises(RankerBundleError, match="items.json does not match"):
+    with pytest.raises(RankerBundleError, match=r"items\.json does not match"):
         RankerBundle.load(edited)
     missing = shutil.copytree(res.bundle_dir, tmp_path / "missing")
     (missing / "normalization.json").unlink()
-    with pytest.raises(RankerBundleError, match="normalization.json is missing"):
+    with pytest.raises(RankerBundleError, match=r"normalization\.json is missing"):
         RankerBundle.load(missing)
 
 
@@ -230,7 +230,7 @@ class Served:
 
 @pytest.fixture(scope="module")
 def served(trained) -> Iterator[Served]:
-    res, cfg, tmp = trained
+    _, cfg, tmp = trained
     env = {
         "MERCATO_RANKING_TRACKING_URI": cfg.tracking_uri,
         "MERCATO_RANKING_RANKER_POLL_INTERVAL_S": "0.3",
@@ -246,13 +246,15 @@ def served(trained) -> Iterator[Served]:
 
 
 def _ts(seconds: float) -> dict[str, int]:
-    return {"seconds": int(seconds), "nanos": int(round((seconds % 1) * 1e9))}
+    return {"seconds": int(seconds), "nanos": round((seconds % 1) * 1e9)}
 
 
-def _request(bundle: RankerBundle, seed: int, n: int = 30, alias: str = "") -> ranking_pb2.RankRequest:
+def _request(
+    bundle: RankerBundle, seed: int, n: int = 30, alias: str = ""
+) -> ranking_pb2.RankRequest:
     """A fixed request over catalog items, a few unknown ones and some out of stock."""
     rng = random.Random(seed)
-    ids = rng.sample(bundle.items.item_ids, n - 3) + ["new-1", "new-2", "new-3"]
+    ids = [*rng.sample(bundle.items.item_ids, n - 3), "new-1", "new-2", "new-3"]
     cats = sorted(set(bundle.items.category))
     profile = common_pb2.Profile(customer_id=f"c{seed}", known=True, price_band="mid")
     for k, iid in enumerate(rng.sample(bundle.items.item_ids, 6)):
@@ -320,7 +322,7 @@ def _wait_model(stub, req, version: str | None, timeout: float = 30.0) -> rankin
 def test_served_scores_equal_the_exported_model_and_promotion_moves_the_default(
     trained, served: Served
 ) -> None:
-    res, cfg, _ = trained
+    res, _, _ = trained
     bundle = RankerBundle.load(res.bundle_dir)
     req = _request(bundle, seed=1)
     # The challenger is served from the start; the default alias (champion) is not
@@ -329,9 +331,7 @@ def test_served_scores_equal_the_exported_model_and_promotion_moves_the_default(
     assert ch.model.name == "mercato-ranker" and ch.model.run_id == res.run_id
     assert served.stub.Rank(req, timeout=10).model.name == ""
 
-    cli = CliRunner().invoke(
-        app, ["promote", "--model", "ranker", "--tracking-uri", served.uri]
-    )
+    cli = CliRunner().invoke(app, ["promote", "--model", "ranker", "--tracking-uri", served.uri])
     assert cli.exit_code == 0, cli.output
     assert "promoted mercato-ranker v1 to @champion" in cli.output
     resp = _wait_model(served.stub, req, "1")
@@ -366,18 +366,28 @@ def test_rules_hold_with_the_ranker_on(trained, served: Served) -> None:
 def test_gate_and_a_broken_version_refused_while_the_old_one_keeps_serving(
     trained, served: Served, tmp_path: Path
 ) -> None:
-    res, cfg, _ = trained
+    res, _, _ = trained
     client, _ = registry.client_for(served.uri)
     exp = client.get_experiment_by_name("mercato-ranker")
     # A worse run on the same split: the gate refuses it.
     worse = client.create_run(exp.experiment_id, tags={"split_signature": res.split_signature})
-    client.log_metric(worse.info.run_id, "valid_ndcg_10", res.metrics["valid"]["ranker"]["ndcg@10"] - 0.05)
+    client.log_metric(
+        worse.info.run_id, "valid_ndcg_10", res.metrics["valid"]["ranker"]["ndcg@10"] - 0.05
+    )
     client.log_artifacts(worse.info.run_id, str(res.bundle_dir), "bundle")
     client.set_terminated(worse.info.run_id)
     mv_worse = registry.register_bundle(client, worse.info.run_id, "mercato-ranker", alias=None)
     cli = CliRunner().invoke(
         app,
-        ["promote", "--model", "ranker", "--version", str(mv_worse.version), "--tracking-uri", served.uri],
+        [
+            "promote",
+            "--model",
+            "ranker",
+            "--version",
+            str(mv_worse.version),
+            "--tracking-uri",
+            served.uri,
+        ],
     )
     assert cli.exit_code == 1 and "refused" in cli.output
 
