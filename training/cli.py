@@ -173,7 +173,11 @@ def train_ranker_cmd(
         alias=alias,
         register=register,
     )
-    res = train_and_register_ranker(cfg)
+    try:
+        res = train_and_register_ranker(cfg)
+    except (LookupError, ValueError) as e:
+        console.print(f"[red]{e}[/red]")
+        raise typer.Exit(2) from e
     print(res.table)
     console.print(f"run {res.run_id} in {res.tracking_uri} (best epoch {res.best_epoch})")
     if res.version:

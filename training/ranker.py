@@ -154,6 +154,35 @@ class RankLists:
         )
 
 
+def category_transitions(
+    history: pd.DataFrame, vocab: Vocab, min_p: float = 0.005
+) -> dict[str, dict[str, float]]:
+    """P(next category b | category a) over consecutive events of a session that change
+    category (a != b): complements (phone -> phone case) and common paths."""
+    cat_names = np.asarray(vocab.categories, dtype=object)[vocab.item_category]
+    h = pd.DataFrame(
+        {
+            "u": history["user_id"].to_numpy(),
+            "s": history["session_id"].to_numpy(),
+            "ts": history["ts"].to_numpy(),
+            "c": cat_names[history["item_id"].map(vocab.item_row).to_numpy(np.int64)],
+        }
+    ).sort_values(["u", "s", "ts"], kind="stable")
+    same = (h["u"].to_numpy()[1:] == h["u"].to_numpy()[:-1]) & (
+        h["s"].to_numpy()[1:] == h["s"].to_numpy()[:-1]
+    )
+    a, b = h["c"].to_numpy()[:-1], h["c"].to_numpy()[1:]
+    keep = same & (a != b) & (a != "") & (b != "")
+    counts = pd.DataFrame({"a": a[keep], "b": b[keep]}).groupby(["a", "b"]).size()
+    out: dict[str, dict[str, float]] = {}
+    totals = counts.groupby(level=0).sum()
+    for (ca, cb), n in counts.items():
+        p = float(n) / float(totals[ca])
+        if p >= min_p:
+            out.setdefault(str(ca), {})[str(cb)] = p
+    return out
+
+
 def item_table_at(
     history: pd.DataFrame, vocab: Vocab, now: float, popularity_days: float, trend_days: float
 ) -> ItemTable:
@@ -177,6 +206,7 @@ def item_table_at(
         price=vocab.item_price.astype(np.float64),
         popularity=np.log1p(long_c),
         trend=np.log((short_rate + 1.0) / (long_rate + 1.0)),
+        transitions=category_transitions(history, vocab),
     )
 
 

@@ -12,14 +12,18 @@ trend (interactions before the training cutoff, from the bundle); price, and pri
 relative to the customer's price level (mean unit price paid, ``rfm.monetary`` / units
 bought); the customer's category affinity for the item's category, the share of recent
 items in that category and the hours since the latest of them; whether the category is
-in the cart or the anchor's; stock and margin rate where known; the surface (one-hot).
+in the cart or the anchor's; how often shoppers move from the customer's categories (by
+affinity), the cart's and the anchor's to the item's category within a session (the
+bundle's category transition table: complements such as phone -> phone case); stock and
+margin rate where known; the surface (one-hot).
 
 A bundle is a directory::
 
     config.json         format_version, model_type, feature names, hidden sizes, ...
     ranker.pt           state dict of :class:`RankerNet` (loaded with weights_only=True)
     normalization.json  per-feature mean and std (features are standardised before the MLP)
-    items.json          item_ids with category, price, popularity, trend (training cutoff)
+    items.json          item_ids with category, price, popularity, trend (training cutoff),
+                        and the category transition table
     smoke.json          fixed feature rows and the scores training computed for them
     eval.json           evaluation report of the training run (optional)
     manifest.json       sha256 and size of every file above
@@ -66,6 +70,9 @@ FEATURES: tuple[str, ...] = (
     "category_seen",
     "category_in_cart",
     "anchor_same_category",
+    "category_transition",
+    "cart_transition",
+    "anchor_transition",
     "log_stock",
     "stock_known",
     "margin_rate",
@@ -73,6 +80,7 @@ FEATURES: tuple[str, ...] = (
     *(f"surface_{s}" for s in SURFACE_FEATURES),
 )
 N_FEATURES = len(FEATURES)
+_F = {name: i for i, name in enumerate(FEATURES)}
 REQUIRED_FILES = ("config.json", "ranker.pt", "normalization.json", "items.json", "smoke.json")
 SMOKE_TOLERANCE = 1e-4
 # "No related activity" is encoded as this many hours (about 3 years) plus a flag.
@@ -117,6 +125,8 @@ class ItemTable:
     price: np.ndarray
     popularity: np.ndarray  # log1p(interactions in the popularity window)
     trend: np.ndarray  # log((recent rate + 1) / (longer-window rate + 1))
+    # P(next category b | category a) within sessions, a != b: {a: {b: p}}
+    transitions: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.row = {iid: i for i, iid in enumerate(self.item_ids)}
@@ -128,6 +138,10 @@ class ItemTable:
             "price": [float(x) for x in self.price],
             "popularity": [round(float(x), 6) for x in self.popularity],
             "trend": [round(float(x), 6) for x in self.trend],
+            "transitions": {
+                a: {b: round(float(p), 6) for b, p in row.items()}
+                for a, row in self.transitions.items()
+            },
         }
 
     @classmethod
@@ -142,6 +156,10 @@ class ItemTable:
             price=np.asarray(d["price"], dtype=np.float64),
             popularity=np.asarray(d["popularity"], dtype=np.float64),
             trend=np.asarray(d["trend"], dtype=np.float64),
+            transitions={
+                str(a): {str(b): float(p) for b, p in row.items()}
+                for a, row in d.get("transitions", {}).items()
+            },
         )
 
 
@@ -155,33 +173,33 @@ def build_features(query: RankerQuery, cands: CandidateDetails, table: ItemTable
     if n == 0:
         return x.astype(np.float32)
     s = np.asarray(cands.scores, dtype=np.float64)
-    x[:, 0] = s
-    x[:, 1] = s.max() - s
+    x[:, _F["retrieval_score"]] = s
+    x[:, _F["score_gap"]] = s.max() - s
     std = s.std()
-    x[:, 2] = (s - s.mean()) / std if std > 1e-12 else 0.0
+    x[:, _F["score_z"]] = (s - s.mean()) / std if std > 1e-12 else 0.0
     order = np.argsort(-s, kind="stable")
     rank = np.empty(n, dtype=np.float64)
     rank[order] = np.arange(n)
-    x[:, 3] = np.log1p(rank)
+    x[:, _F["log_rank"]] = np.log1p(rank)
 
     rows = np.array([table.row.get(i, -1) for i in cands.ids], dtype=np.int64)
     known = rows >= 0
-    x[known, 4] = table.popularity[rows[known]]
-    x[known, 5] = table.trend[rows[known]]
-    x[:, 6] = known
+    x[known, _F["popularity"]] = table.popularity[rows[known]]
+    x[known, _F["trend"]] = table.trend[rows[known]]
+    x[:, _F["item_known"]] = known
 
     price = np.asarray(cands.price, dtype=np.float64).copy()
     fill = (price <= 0) & known
     price[fill] = table.price[rows[fill]]
     has_price = price > 0
-    x[has_price, 7] = np.log1p(price[has_price])
-    x[:, 8] = has_price
+    x[has_price, _F["log_price"]] = np.log1p(price[has_price])
+    x[:, _F["price_known"]] = has_price
     if query.mean_unit_price > 0:
         rel = np.zeros(n)
         rel[has_price] = np.log(price[has_price] / query.mean_unit_price)
-        x[:, 9] = rel
-        x[:, 10] = np.abs(rel)
-        x[:, 11] = has_price
+        x[:, _F["rel_price"]] = rel
+        x[:, _F["abs_rel_price"]] = np.abs(rel)
+        x[:, _F["rel_price_known"]] = has_price
 
     cats = [
         c or (table.category[r] if r >= 0 else "")
@@ -204,33 +222,46 @@ def build_features(query: RankerQuery, cands: CandidateDetails, table: ItemTable
     cart_cats = {cat_of(i) for i in query.cart} - {""}
     anchor_cat = cat_of(query.anchor) if query.anchor else ""
     aff = query.category_affinity
+    trans = table.transitions
+    empty: dict[str, float] = {}
+    # Expected transition into each category from the customer's categories (by affinity).
+    from_aff: dict[str, float] = {}
+    for a, w in aff.items():
+        if w > 0 and math.isfinite(w):
+            for b, p in trans.get(a, empty).items():
+                from_aff[b] = from_aff.get(b, 0.0) + w * p
+    cart_rows = [trans.get(a, empty) for a in cart_cats]
+    anchor_row = trans.get(anchor_cat, empty) if anchor_cat else empty
     for j, c in enumerate(cats):
         if not c:
-            x[j, 14] = NEVER_HOURS
+            x[j, _F["category_hours_since"]] = math.log1p(NEVER_HOURS)
             continue
+        x[j, _F["category_transition"]] = from_aff.get(c, 0.0)
+        x[j, _F["cart_transition"]] = max((r.get(c, 0.0) for r in cart_rows), default=0.0)
+        x[j, _F["anchor_transition"]] = anchor_row.get(c, 0.0)
         v = aff.get(c, 0.0)
-        x[j, 12] = v if math.isfinite(v) else 0.0
+        x[j, _F["category_affinity"]] = v if math.isfinite(v) else 0.0
         seen = recent_cats.get(c)
         if seen is not None:
-            x[j, 13] = seen[0] / max(n_recent, 1)
+            x[j, _F["category_recent_share"]] = seen[0] / max(n_recent, 1)
             hours = max(0.0, (query.now - seen[1]) / 3600.0)
-            x[j, 14] = math.log1p(min(hours, NEVER_HOURS))
-            x[j, 15] = 1.0
+            x[j, _F["category_hours_since"]] = math.log1p(min(hours, NEVER_HOURS))
+            x[j, _F["category_seen"]] = 1.0
         else:
-            x[j, 14] = math.log1p(NEVER_HOURS)
-        x[j, 16] = c in cart_cats
-        x[j, 17] = bool(anchor_cat) and c == anchor_cat
+            x[j, _F["category_hours_since"]] = math.log1p(NEVER_HOURS)
+        x[j, _F["category_in_cart"]] = c in cart_cats
+        x[j, _F["anchor_same_category"]] = bool(anchor_cat) and c == anchor_cat
 
     stock = np.asarray(cands.stock, dtype=np.float64)
     has_stock = stock >= 0
-    x[has_stock, 18] = np.log1p(stock[has_stock])
-    x[:, 19] = has_stock
+    x[has_stock, _F["log_stock"]] = np.log1p(stock[has_stock])
+    x[:, _F["stock_known"]] = has_stock
     margin = np.asarray(cands.margin, dtype=np.float64)
     has_margin = (margin != 0) & has_price
-    x[has_margin, 20] = np.clip(margin[has_margin] / price[has_margin], -1.0, 1.0)
-    x[:, 21] = has_margin
+    x[has_margin, _F["margin_rate"]] = np.clip(margin[has_margin] / price[has_margin], -1.0, 1.0)
+    x[:, _F["margin_known"]] = has_margin
     if query.surface in SURFACE_FEATURES:
-        x[:, 22 + SURFACE_FEATURES.index(query.surface)] = 1.0
+        x[:, _F[f"surface_{query.surface}"]] = 1.0
     return x.astype(np.float32)
 
 
