@@ -1,9 +1,14 @@
-"""Ranking benchmark: Rank latency (gRPC and in-process) and the offer policy against
-fixed policies on the simulated population.
+"""Ranking benchmark: Rank latency (gRPC and in-process), the trained ranker against the
+retrieval order on the held-out window (NDCG@10), and the offer policy against fixed
+policies on the simulated population.
 
     python bench/ranking.py [--decisions 40000] [--seeds 0 1] [--calls 300]
+                            [--quality-seeds 0 1] [--quality-users 10000 --quality-items 5000]
+                            [--skip-latency] [--skip-quality] [--skip-offers]
 
-Writes bench/results/ranking.json, bench/results/ranking.md and
+The quality part runs ``mercato train ranker`` (default synthetic data, two-tower trained
+in the same run) once per seed into a temporary MLflow store, and times Rank in-process
+with that ranker loaded. Writes bench/results/ranking.json, bench/results/ranking.md and
 bench/results/ranking_offers.png. ``make bench-ranking`` runs it.
 """
 
@@ -126,6 +131,102 @@ def bench_rank(calls: int, warmup: int = 30) -> list[dict[str, Any]]:
     return rows
 
 
+def bench_quality(
+    seeds: list[int], users: int, items: int, calls: int, warmup: int = 30
+) -> dict[str, Any]:
+    """Train the ranker per seed; NDCG@10 / Recall@10 of ranker vs retrieval order on the
+    held-out (test) window; in-process Rank latency with the first seed's ranker."""
+    from dataclasses import replace
+
+    from services.models.ranker import RankerBundle
+    from services.models.registry import ModelVersionInfo
+    from services.ranking.ranker import RankerScorer
+    from training.pipeline import TrainConfig
+    from training.ranker import RankerConfig, train_and_register_ranker
+    from training.synthetic import SyntheticConfig
+    from training.two_tower import TwoTowerConfig
+
+    runs: list[dict[str, Any]] = []
+    latency: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        uri = f"sqlite:///{Path(tmp) / 'mlflow.db'}"
+        for seed in seeds:
+            t = time.perf_counter()
+            retrieval = TrainConfig(
+                synthetic=replace(SyntheticConfig(), n_users=users, n_items=items, seed=seed),
+                model=replace(TwoTowerConfig(), seed=seed, progress=False),
+                seed=seed,
+                tracking_uri=uri,
+            )
+            cfg = RankerConfig(retrieval=retrieval, seed=seed, tracking_uri=uri, progress=False)
+            res = train_and_register_ranker(cfg)
+            seconds = time.perf_counter() - t
+            runs.append(
+                {
+                    "seed": seed,
+                    "seconds": seconds,
+                    "best_epoch": res.best_epoch,
+                    "metrics": res.metrics,
+                }
+            )
+            test = res.metrics["test"]
+            print(
+                f"  ranker seed {seed}: test NDCG@10 {test['ranker']['ndcg@10']:.4f} vs "
+                f"retrieval order {test['retrieval']['ndcg@10']:.4f} ({seconds:.0f}s)",
+                flush=True,
+            )
+            if seed == seeds[0] and calls:
+                bundle = RankerBundle.load(res.bundle_dir)
+                info = ModelVersionInfo("mercato-ranker", res.version or "", res.run_id, "bench")
+                scorer = RankerScorer(bundle, info)
+                pipeline = RankPipeline(RulesConfig.load(None), scorers=lambda alias, s=scorer: s)
+                for n in SIZES:
+                    blob = rank_request(n).SerializeToString()
+                    for _ in range(warmup):
+                        pipeline.rank(ranking_pb2.RankRequest.FromString(blob))
+                    samples = []
+                    for _ in range(calls):
+                        t = time.perf_counter()
+                        resp = pipeline.rank(ranking_pb2.RankRequest.FromString(blob))
+                        samples.append(time.perf_counter() - t)
+                    assert resp.model.name == "mercato-ranker"
+                    latency.append(
+                        {"path": "in-process, ranker", "candidates": n, **percentiles(samples)}
+                    )
+    return {"users": users, "items": items, "runs": runs, "latency": latency}
+
+
+def quality_markdown(q: dict[str, Any]) -> list[str]:
+    lines = [
+        "",
+        f"## Ranker vs retrieval order, held-out window (synthetic, {q['users']:,} customers, "
+        f"{q['items']:,} items)",
+        "",
+        "Test window = the last 10 % of sessions; each customer's 50 two-tower candidates "
+        "(history excluded) ordered by the retrieval score or by the ranker; truth = items "
+        "bought in the window that are new to the customer; NDCG/Recall with the retrieval "
+        "evaluation's definitions (`training/ranker.py`).",
+        "",
+        "| seed | customers | retrieval NDCG@10 | ranker NDCG@10 | change | "
+        "retrieval Recall@10 | ranker Recall@10 | change | valid NDCG@10 change | best epoch |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+
+    def ch(a: float, b: float) -> str:
+        return f"{(b / a - 1) * 100:+.1f} %" if a > 0 else "n/a"
+
+    for run in q["runs"]:
+        t, v = run["metrics"]["test"], run["metrics"]["valid"]
+        r, m = t["retrieval"], t["ranker"]
+        lines.append(
+            f"| {run['seed']} | {int(r['users']):,} | {r['ndcg@10']:.4f} | {m['ndcg@10']:.4f} | "
+            f"{ch(r['ndcg@10'], m['ndcg@10'])} | {r['recall@10']:.4f} | {m['recall@10']:.4f} | "
+            f"{ch(r['recall@10'], m['recall@10'])} | "
+            f"{ch(v['retrieval']['ndcg@10'], v['ranker']['ndcg@10'])} | {run['best_epoch']} |"
+        )
+    return lines
+
+
 def bench_offers(decisions: int, seeds: list[int]) -> dict[str, Any]:
     catalog = Catalog.load(DEFAULT_OFFERS_FILE)
     window = min(10_000, decisions)
@@ -158,7 +259,12 @@ def _fmt(v: float) -> str:
     return f"{v:,.0f}" if abs(v) >= 100 else f"{v:.2f}"
 
 
-def markdown(rank_rows: list[dict[str, Any]], offers: dict[str, Any], meta: dict[str, Any]) -> str:
+def markdown(
+    rank_rows: list[dict[str, Any]],
+    offers: dict[str, Any] | None,
+    meta: dict[str, Any],
+    quality: dict[str, Any] | None = None,
+) -> str:
     lines = [
         "# Ranking benchmark",
         "",
@@ -171,11 +277,15 @@ def markdown(rank_rows: list[dict[str, Any]], offers: dict[str, Any], meta: dict
         "| path | candidates | p50 ms | p99 ms | mean ms |",
         "| --- | ---: | ---: | ---: | ---: |",
     ]
-    for r in rank_rows:
+    for r in rank_rows + (quality["latency"] if quality else []):
         n = r["candidates"] or "-"
         lines.append(
             f"| {r['path']} | {n} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['mean_ms']:.2f} |"
         )
+    if quality:
+        lines += quality_markdown(quality)
+    if offers is None:
+        return "\n".join([*lines, ""])
     w = offers["window"]
     first = offers["runs"][0]
     lines += [
@@ -227,6 +337,11 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--calls", type=int, default=300)
     parser.add_argument("--skip-latency", action="store_true")
+    parser.add_argument("--skip-quality", action="store_true")
+    parser.add_argument("--skip-offers", action="store_true")
+    parser.add_argument("--quality-seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--quality-users", type=int, default=10_000)
+    parser.add_argument("--quality-items", type=int, default=5_000)
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
     meta = {
@@ -238,14 +353,30 @@ def main() -> None:
     }
     print("Rank latency ...", flush=True)
     rank_rows = [] if args.skip_latency else bench_rank(args.calls)
-    print("Offer simulation ...", flush=True)
-    offers = bench_offers(args.decisions, args.seeds)
+    quality = None
+    if not args.skip_quality:
+        print("Ranker quality ...", flush=True)
+        quality = bench_quality(
+            args.quality_seeds,
+            args.quality_users,
+            args.quality_items,
+            0 if args.skip_latency else args.calls,
+        )
+    offers = None
+    if not args.skip_offers:
+        print("Offer simulation ...", flush=True)
+        offers = bench_offers(args.decisions, args.seeds)
     (RESULTS / "ranking.json").write_text(
-        json.dumps({"meta": meta, "rank_latency": rank_rows, "offers": offers}, indent=2)
+        json.dumps(
+            {"meta": meta, "rank_latency": rank_rows, "ranker": quality, "offers": offers},
+            indent=2,
+        )
     )
-    md = markdown(rank_rows, offers, meta)
+    md = markdown(rank_rows, offers, meta, quality)
     (RESULTS / "ranking.md").write_text(md)
     print(md)
+    if offers is None:
+        return
     learned = [{r["policy"]: r for r in run["rows"]}["learned"] for run in offers["runs"]]
     print(
         "learned share of oracle (last window), per seed:",

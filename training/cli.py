@@ -112,6 +112,105 @@ def train_retrieval(
         )
 
 
+@train_app.command("ranker")
+def train_ranker_cmd(
+    data: str = typer.Option("synthetic", help="synthetic | online-retail | movielens"),
+    path: str = typer.Option("", help="Data file or folder (required for real data sets)."),
+    split: str = typer.Option("auto", help="auto | time | user-random"),
+    users: int = typer.Option(10_000, help="Synthetic: customers."),
+    items: int = typer.Option(5_000, help="Synthetic: catalog size."),
+    days: int = typer.Option(120, help="Synthetic: days of history."),
+    two_tower: str = typer.Option(
+        "train",
+        help="train (a two-tower on the train window, in this run) | registry (load "
+        "--two-tower-alias of mercato-two-tower; must be trained on the same data/split).",
+    ),
+    two_tower_alias: str = typer.Option("champion"),
+    tt_dim: int = typer.Option(64, help="Two-tower (when trained here): embedding size."),
+    tt_epochs: int = typer.Option(15, help="Two-tower (when trained here): epochs."),
+    tt_batch_size: int = typer.Option(512),
+    candidates: int = typer.Option(50, help="Retrieval candidates per customer to rerank."),
+    hidden: str = typer.Option("64,32", help="MLP hidden sizes."),
+    loss: str = typer.Option("listwise", help="listwise (softmax CE) | pointwise (BCE)"),
+    epochs: int = typer.Option(30),
+    patience: int = typer.Option(4, help="Epochs without validation NDCG@10 gain."),
+    lr: float = typer.Option(3e-3),
+    batch_lists: int = typer.Option(128, help="Customer lists per batch."),
+    max_users: int = typer.Option(0, help="Cap on customers per window (0 = all)."),
+    max_eval_users: int = typer.Option(0, help="Two-tower validation users cap (0 = all)."),
+    seed: int = typer.Option(0),
+    threads: int = typer.Option(1, help="torch / BLAS threads."),
+    tracking_uri: str = typer.Option("", help="MLflow tracking URI (default: local SQLite)."),
+    model_name: str = typer.Option("mercato-ranker"),
+    alias: str = typer.Option("challenger", help="Alias the new version gets ('' = none)."),
+    register: bool = typer.Option(True, help="Register the bundle as a model version."),
+    progress: bool = typer.Option(True, help="Progress per epoch."),
+) -> None:
+    """Train the ranker on two-tower candidates, evaluate it against the retrieval order
+    on the held-out window, log everything to MLflow and register the serving bundle."""
+    from training.pipeline import TrainConfig
+    from training.ranker import RankerConfig, train_and_register_ranker
+    from training.synthetic import SyntheticConfig
+    from training.two_tower import TwoTowerConfig
+
+    if data != "synthetic" and not path:
+        raise typer.BadParameter(f"--path is required for --data {data}")
+    try:
+        hidden_sizes = tuple(int(h) for h in hidden.split(",") if h.strip())
+    except ValueError as e:
+        raise typer.BadParameter(f"--hidden must be comma-separated integers: {hidden}") from e
+    retrieval = TrainConfig(
+        data=data,
+        path=path,
+        split=split,
+        synthetic=replace(SyntheticConfig(), n_users=users, n_items=items, days=days, seed=seed),
+        model=replace(
+            TwoTowerConfig(),
+            dim=tt_dim,
+            epochs=tt_epochs,
+            batch_size=tt_batch_size,
+            seed=seed,
+            progress=progress,
+        ),
+        max_eval_users=max_eval_users,
+        seed=seed,
+        threads=threads,
+        tracking_uri=tracking_uri,
+    )
+    cfg = RankerConfig(
+        retrieval=retrieval,
+        two_tower=two_tower,
+        two_tower_alias=two_tower_alias,
+        candidates=candidates,
+        hidden=hidden_sizes,
+        loss=loss,
+        epochs=epochs,
+        patience=patience,
+        lr=lr,
+        batch_lists=batch_lists,
+        max_users=max_users,
+        seed=seed,
+        threads=threads,
+        progress=progress,
+        tracking_uri=tracking_uri,
+        model_name=model_name,
+        alias=alias,
+        register=register,
+    )
+    try:
+        res = train_and_register_ranker(cfg)
+    except (LookupError, ValueError) as e:
+        console.print(f"[red]{e}[/red]")
+        raise typer.Exit(2) from e
+    print(res.table)
+    console.print(f"run {res.run_id} in {res.tracking_uri} (best epoch {res.best_epoch})")
+    if res.version:
+        console.print(
+            f"registered {res.model_name} v{res.version}"
+            + (f" as @{res.alias}" if res.alias else "")
+        )
+
+
 @train_app.command("generate")
 def generate_data(
     out: str = typer.Option(..., help="Folder for items/users/events Parquet files."),
@@ -140,12 +239,27 @@ def generate_data(
     console.print(f"wrote {counts} to {out} in {time.perf_counter() - t0:.1f}s")
 
 
+PROMOTE_DEFAULTS = {
+    "retrieval": ("mercato-two-tower", "valid_recall_20"),
+    "ranker": ("mercato-ranker", "valid_ndcg_10"),
+}
+
+
 def promote_command(
-    model_name: str = typer.Option("mercato-two-tower", help="Registered model name."),
+    model: str = typer.Option(
+        "retrieval", help="retrieval (mercato-two-tower) | ranker (mercato-ranker)."
+    ),
+    model_name: str = typer.Option(
+        "", help="Registered model name (default: the --model's, e.g. mercato-two-tower)."
+    ),
     from_alias: str = typer.Option("challenger", help="Alias of the candidate."),
     to_alias: str = typer.Option("champion", help="Alias to move."),
     version: str = typer.Option("", help="Candidate version (instead of --from-alias)."),
-    metric: str = typer.Option("valid_recall_20", help="Run metric compared; higher is better."),
+    metric: str = typer.Option(
+        "",
+        help="Run metric compared; higher is better (default: valid_recall_20 for "
+        "retrieval, valid_ndcg_10 for ranker).",
+    ),
     force: bool = typer.Option(False, "--force", help="Promote even if the gate refuses."),
     tracking_uri: str = typer.Option("", help="MLflow tracking URI (default: local SQLite)."),
 ) -> None:
@@ -153,9 +267,18 @@ def promote_command(
     the champion's on the same split (or with --force)."""
     from training.registry import PromotionRefused, promote
 
+    if model not in PROMOTE_DEFAULTS:
+        raise typer.BadParameter(f"--model must be one of {sorted(PROMOTE_DEFAULTS)}")
+    default_name, default_metric = PROMOTE_DEFAULTS[model]
     try:
         r = promote(
-            model_name, tracking_uri or None, from_alias, to_alias, metric, version or None, force
+            model_name or default_name,
+            tracking_uri or None,
+            from_alias,
+            to_alias,
+            metric or default_metric,
+            version or None,
+            force,
         )
     except PromotionRefused as e:
         console.print(f"[red]refused[/red]: {e}")

@@ -70,14 +70,18 @@ def register_bundle(
     model_name: str = MODEL_NAME,
     alias: str | None = "challenger",
     tags: dict[str, str] | None = None,
+    description: str = "",
 ) -> ModelVersion:
-    """New version of ``model_name`` from the run's ``bundle/`` artifacts; sets ``alias``."""
+    """New version of ``model_name`` from the run's ``bundle/`` artifacts; sets ``alias``.
+
+    ``description`` describes the registered model when this call creates it."""
     try:
         client.get_registered_model(model_name)
     except MlflowException:
         client.create_registered_model(
             model_name,
-            description="Mercato two-tower retrieval: serving bundle (towers, "
+            description=description
+            or "Mercato two-tower retrieval: serving bundle (towers, "
             "item embeddings, FAISS index, vocabularies, popularity).",
         )
     run = client.get_run(run_id)

@@ -1,9 +1,13 @@
 """gRPC server of the ranking service.
 
 - ``Rank``: :class:`~services.ranking.pipeline.RankPipeline` (scorer + business rules).
-  Until the trained ranker is loaded the scorer is the candidates' retrieval score
-  ("rules-only" mode, ``RankResponse.model`` empty), so the service can always answer
-  and reports SERVING as soon as its offer state is open.
+  The scorer is the trained ranker (``mercato-ranker``) loaded for the request's alias
+  by :class:`~services.ranking.ranker.RegistryScorers`, which follows the registry in
+  the background (validation and hot swap: :mod:`services.models.watcher`). Until a
+  version is loaded for the alias (or with ``MERCATO_RANKING_RANKER_ENABLED=false``) the
+  scorer is the candidates' retrieval score ("rules-only" mode, ``RankResponse.model``
+  empty), so the service can always answer and reports SERVING as soon as its offer
+  state is open.
 - ``SelectOffer`` / ``RecordOfferOutcome`` / ``ListOffers``: the offer policy
   (:mod:`services.ranking.offers`), run on one worker thread that owns the SQLite
   state, so the event loop never waits on disk.
@@ -15,7 +19,7 @@ import asyncio
 import logging
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import grpc
 from prometheus_client import Counter
@@ -28,6 +32,9 @@ from services.ranking.pipeline import RankPipeline
 from services.ranking.rules import RulesConfig
 from services.ranking.scoring import ScorerProvider, no_ranker
 from services.ranking.settings import RankingSettings
+
+if TYPE_CHECKING:
+    from services.ranking.ranker import RegistryScorers
 
 log = logging.getLogger("mercato.ranking")
 T = TypeVar("T")
@@ -119,8 +126,17 @@ class RankingService(BaseService):
     name = "ranking"
     settings: RankingSettings
 
-    def __init__(self, settings: RankingSettings, scorers: ScorerProvider = no_ranker) -> None:
+    def __init__(self, settings: RankingSettings, scorers: ScorerProvider | None = None) -> None:
         super().__init__(settings)
+        self.registry_scorers: RegistryScorers | None = None
+        if scorers is None:
+            if settings.ranker_enabled:
+                from services.ranking.ranker import RegistryScorers
+
+                self.registry_scorers = RegistryScorers(settings)
+                scorers = self.registry_scorers
+            else:
+                scorers = no_ranker
         # Config errors stop the process at start, with the file and field named.
         self.rules = RulesConfig.load(settings.rules_file or None)
         self.catalog = Catalog.load(settings.resolved_offers_file())
@@ -170,8 +186,12 @@ class RankingService(BaseService):
         # Rules-only ranking always answers, so the service is ready once the offer
         # state is open; the trained ranker, when it lands, changes scores, not health.
         await self.set_serving(True)
+        if self.registry_scorers is not None:
+            self.registry_scorers.start()
 
     async def stop(self) -> None:
+        if self.registry_scorers is not None:
+            await self.registry_scorers.stop()
         policy = self.policy
         if policy is not None:
             await self.run(policy.close)

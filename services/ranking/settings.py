@@ -7,7 +7,7 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
-from services.common.settings import ServiceSettings, mercato_home
+from services.common.settings import ServiceSettings, default_tracking_uri, mercato_home
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_OFFERS_FILE = REPO_ROOT / "config" / "offers.yaml"
@@ -40,6 +40,49 @@ class RankingSettings(ServiceSettings):
     offers_seed: int = Field(
         -1, ge=-1, description="Seed of the offer policy's sampler (-1 = from the OS)."
     )
+
+    ranker_enabled: bool = Field(
+        True, description="Follow the registry for the trained ranker (false = rules-only)."
+    )
+    ranker_model_name: str = Field("mercato-ranker", description="Registered ranker to serve.")
+    ranker_aliases: str = Field(
+        "champion,challenger",
+        description="Comma-separated registry aliases kept loaded from the start.",
+    )
+    ranker_default_alias: str = Field(
+        "champion", description="Alias of Rank requests that name none."
+    )
+    ranker_max_aliases: int = Field(
+        8, ge=1, le=64, description="Most aliases loaded at once (per-request aliases included)."
+    )
+    tracking_uri: str = Field(
+        "", description="MLflow tracking URI; empty = MERCATO_MLFLOW_TRACKING_URI or local."
+    )
+    ranker_poll_interval_s: float = Field(
+        10.0, gt=0, description="Seconds between registry checks for moved aliases."
+    )
+    ranker_cache_dir: str = Field(
+        "", description="Where ranker versions are downloaded; default MERCATO_HOME/ranking/models."
+    )
+
+    def ranker_alias_list(self) -> list[str]:
+        """Aliases watched from the start (the default alias first)."""
+        out = [self.ranker_default_alias]
+        for a in self.ranker_aliases.split(","):
+            a = a.strip()
+            if a and a not in out:
+                out.append(a)
+        return out
+
+    def resolved_tracking_uri(self) -> str:
+        """The MLflow tracking URI in force."""
+        return self.tracking_uri or default_tracking_uri()
+
+    def resolved_ranker_cache_dir(self) -> Path:
+        """Download folder of ranker versions."""
+        if self.ranker_cache_dir:
+            return Path(self.ranker_cache_dir)
+        return mercato_home() / "ranking" / "models"
 
     def resolved_offers_file(self) -> Path:
         """The offer catalog file in force."""

@@ -1,0 +1,449 @@
+"""Serving side of the trained ranker (``mercato-ranker``): features, network, bundle.
+
+The ranking service imports this module; it depends on numpy, torch and the standard
+library only (never on ``training``). Training builds its feature matrices with
+:func:`build_features` from here, so training and serving share one definition of
+every feature.
+
+Features of one (customer, candidate) pair, all computable from a ``RankRequest`` plus
+the bundle's item table (see :data:`FEATURES`): the retrieval score, its gap to the
+best candidate, its z-score and log rank within the request; the item's popularity and
+trend (interactions before the training cutoff, from the bundle); price, and price
+relative to the customer's price level (mean unit price paid, ``rfm.monetary`` / units
+bought); the customer's category affinity for the item's category, the share of recent
+items in that category and the hours since the latest of them; whether the category is
+in the cart or the anchor's; how often shoppers move from the customer's categories (by
+affinity), the cart's and the anchor's to the item's category within a session (the
+bundle's category transition table: complements such as phone -> phone case); stock and
+margin rate where known; the surface (one-hot).
+
+A bundle is a directory::
+
+    config.json         format_version, model_type, feature names, hidden sizes, ...
+    ranker.pt           state dict of :class:`RankerNet` (loaded with weights_only=True)
+    normalization.json  per-feature mean and std (features are standardised before the MLP)
+    items.json          item_ids with category, price, popularity, trend (training cutoff),
+                        and the category transition table
+    smoke.json          fixed feature rows and the scores training computed for them
+    eval.json           evaluation report of the training run (optional)
+    manifest.json       sha256 and size of every file above
+
+Loading validates: every file matches the manifest, config / normalisation / state dict
+agree on the feature count, and the network reproduces ``smoke.json``'s scores (finite,
+within 1e-4) before a version may serve.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+FORMAT_VERSION = 1
+MODEL_TYPE = "ranker"
+MODEL_NAME = "mercato-ranker"
+SURFACE_FEATURES = ("home", "product", "cart", "checkout", "buy_again", "email")
+FEATURES: tuple[str, ...] = (
+    "retrieval_score",
+    "score_gap",
+    "score_z",
+    "log_rank",
+    "popularity",
+    "trend",
+    "item_known",
+    "log_price",
+    "price_known",
+    "rel_price",
+    "abs_rel_price",
+    "rel_price_known",
+    "category_affinity",
+    "category_recent_share",
+    "category_hours_since",
+    "category_seen",
+    "category_in_cart",
+    "anchor_same_category",
+    "category_transition",
+    "cart_transition",
+    "anchor_transition",
+    "log_stock",
+    "stock_known",
+    "margin_rate",
+    "margin_known",
+    *(f"surface_{s}" for s in SURFACE_FEATURES),
+)
+N_FEATURES = len(FEATURES)
+_F = {name: i for i, name in enumerate(FEATURES)}
+REQUIRED_FILES = ("config.json", "ranker.pt", "normalization.json", "items.json", "smoke.json")
+SMOKE_TOLERANCE = 1e-4
+# "No related activity" is encoded as this many hours (about 3 years) plus a flag.
+NEVER_HOURS = 26_000.0
+
+
+class RankerBundleError(Exception):
+    """A ranker bundle is missing, corrupt, inconsistent or fails its smoke test."""
+
+
+@dataclass
+class RankerQuery:
+    """What the ranker knows about the customer and the request."""
+
+    now: float  # request time, epoch seconds
+    surface: str = "home"  # one of SURFACE_FEATURES (others: no surface feature set)
+    recent: list[tuple[str, float]] = field(default_factory=list)  # (item_id, ts), newest first
+    cart: list[str] = field(default_factory=list)
+    anchor: str = ""
+    category_affinity: dict[str, float] = field(default_factory=dict)
+    mean_unit_price: float = 0.0  # 0 = unknown (never bought)
+
+
+@dataclass
+class CandidateDetails:
+    """The candidates of one request, as arrays (row j = candidate j)."""
+
+    ids: list[str]
+    scores: np.ndarray  # retrieval scores
+    price: np.ndarray  # 0 = unknown
+    stock: np.ndarray  # -1 = unknown
+    margin: np.ndarray  # 0 = unknown
+    category: list[str]  # "" = unknown
+
+
+@dataclass
+class ItemTable:
+    """Per-item facts known at the training cutoff (row order = ``item_ids``)."""
+
+    item_ids: list[str]
+    category: list[str]
+    price: np.ndarray
+    popularity: np.ndarray  # log1p(interactions in the popularity window)
+    trend: np.ndarray  # log((recent rate + 1) / (longer-window rate + 1))
+    # P(next category b | category a) within sessions, a != b: {a: {b: p}}
+    transitions: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.row = {iid: i for i, iid in enumerate(self.item_ids)}
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "item_ids": self.item_ids,
+            "category": self.category,
+            "price": [float(x) for x in self.price],
+            "popularity": [round(float(x), 6) for x in self.popularity],
+            "trend": [round(float(x), 6) for x in self.trend],
+            "transitions": {
+                a: {b: round(float(p), 6) for b, p in row.items()}
+                for a, row in self.transitions.items()
+            },
+        }
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> ItemTable:
+        n = len(d["item_ids"])
+        for key in ("category", "price", "popularity", "trend"):
+            if len(d[key]) != n:
+                raise RankerBundleError(f"items.json: {key!r} has {len(d[key])} rows, not {n}")
+        return cls(
+            item_ids=[str(x) for x in d["item_ids"]],
+            category=[str(x) for x in d["category"]],
+            price=np.asarray(d["price"], dtype=np.float64),
+            popularity=np.asarray(d["popularity"], dtype=np.float64),
+            trend=np.asarray(d["trend"], dtype=np.float64),
+            transitions={
+                str(a): {str(b): float(p) for b, p in row.items()}
+                for a, row in d.get("transitions", {}).items()
+            },
+        )
+
+
+# --------------------------------------------------------------------------- features
+
+
+def build_features(query: RankerQuery, cands: CandidateDetails, table: ItemTable) -> np.ndarray:
+    """Feature matrix float32 ``[len(cands), N_FEATURES]`` in :data:`FEATURES` order."""
+    n = len(cands.ids)
+    x = np.zeros((n, N_FEATURES), dtype=np.float64)
+    if n == 0:
+        return x.astype(np.float32)
+    s = np.asarray(cands.scores, dtype=np.float64)
+    x[:, _F["retrieval_score"]] = s
+    x[:, _F["score_gap"]] = s.max() - s
+    std = s.std()
+    x[:, _F["score_z"]] = (s - s.mean()) / std if std > 1e-12 else 0.0
+    order = np.argsort(-s, kind="stable")
+    rank = np.empty(n, dtype=np.float64)
+    rank[order] = np.arange(n)
+    x[:, _F["log_rank"]] = np.log1p(rank)
+
+    rows = np.array([table.row.get(i, -1) for i in cands.ids], dtype=np.int64)
+    known = rows >= 0
+    x[known, _F["popularity"]] = table.popularity[rows[known]]
+    x[known, _F["trend"]] = table.trend[rows[known]]
+    x[:, _F["item_known"]] = known
+
+    price = np.asarray(cands.price, dtype=np.float64).copy()
+    fill = (price <= 0) & known
+    price[fill] = table.price[rows[fill]]
+    has_price = price > 0
+    x[has_price, _F["log_price"]] = np.log1p(price[has_price])
+    x[:, _F["price_known"]] = has_price
+    if query.mean_unit_price > 0:
+        rel = np.zeros(n)
+        rel[has_price] = np.log(price[has_price] / query.mean_unit_price)
+        x[:, _F["rel_price"]] = rel
+        x[:, _F["abs_rel_price"]] = np.abs(rel)
+        x[:, _F["rel_price_known"]] = has_price
+
+    cats = [
+        c or (table.category[r] if r >= 0 else "")
+        for c, r in zip(cands.category, rows.tolist(), strict=True)
+    ]
+
+    def cat_of(item_id: str) -> str:
+        r = table.row.get(item_id)
+        return table.category[r] if r is not None else ""
+
+    recent_cats: dict[str, tuple[int, float]] = {}  # category -> (count, latest ts)
+    n_recent = 0
+    for item_id, ts in query.recent:
+        c = cat_of(item_id)
+        n_recent += 1
+        if not c:
+            continue
+        cnt, latest = recent_cats.get(c, (0, -math.inf))
+        recent_cats[c] = (cnt + 1, max(latest, ts))
+    cart_cats = {cat_of(i) for i in query.cart} - {""}
+    anchor_cat = cat_of(query.anchor) if query.anchor else ""
+    aff = query.category_affinity
+    trans = table.transitions
+    empty: dict[str, float] = {}
+    # Expected transition into each category from the customer's categories (by affinity).
+    from_aff: dict[str, float] = {}
+    for a, w in aff.items():
+        if w > 0 and math.isfinite(w):
+            for b, p in trans.get(a, empty).items():
+                from_aff[b] = from_aff.get(b, 0.0) + w * p
+    cart_rows = [trans.get(a, empty) for a in cart_cats]
+    anchor_row = trans.get(anchor_cat, empty) if anchor_cat else empty
+    for j, c in enumerate(cats):
+        if not c:
+            x[j, _F["category_hours_since"]] = math.log1p(NEVER_HOURS)
+            continue
+        x[j, _F["category_transition"]] = from_aff.get(c, 0.0)
+        x[j, _F["cart_transition"]] = max((r.get(c, 0.0) for r in cart_rows), default=0.0)
+        x[j, _F["anchor_transition"]] = anchor_row.get(c, 0.0)
+        v = aff.get(c, 0.0)
+        x[j, _F["category_affinity"]] = v if math.isfinite(v) else 0.0
+        seen = recent_cats.get(c)
+        if seen is not None:
+            x[j, _F["category_recent_share"]] = seen[0] / max(n_recent, 1)
+            hours = max(0.0, (query.now - seen[1]) / 3600.0)
+            x[j, _F["category_hours_since"]] = math.log1p(min(hours, NEVER_HOURS))
+            x[j, _F["category_seen"]] = 1.0
+        else:
+            x[j, _F["category_hours_since"]] = math.log1p(NEVER_HOURS)
+        x[j, _F["category_in_cart"]] = c in cart_cats
+        x[j, _F["anchor_same_category"]] = bool(anchor_cat) and c == anchor_cat
+
+    stock = np.asarray(cands.stock, dtype=np.float64)
+    has_stock = stock >= 0
+    x[has_stock, _F["log_stock"]] = np.log1p(stock[has_stock])
+    x[:, _F["stock_known"]] = has_stock
+    margin = np.asarray(cands.margin, dtype=np.float64)
+    has_margin = (margin != 0) & has_price
+    x[has_margin, _F["margin_rate"]] = np.clip(margin[has_margin] / price[has_margin], -1.0, 1.0)
+    x[:, _F["margin_known"]] = has_margin
+    if query.surface in SURFACE_FEATURES:
+        x[:, _F[f"surface_{query.surface}"]] = 1.0
+    return x.astype(np.float32)
+
+
+# --------------------------------------------------------------------------- network
+
+
+class RankerNet(nn.Module):
+    """MLP over standardised features -> one score per (customer, candidate)."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    def __init__(self, n_features: int, hidden: Sequence[int] = (64, 32), dropout: float = 0.0):
+        super().__init__()
+        layers: list[nn.Module] = []
+        d = n_features
+        for h in hidden:
+            layers += [nn.Linear(d, h), nn.ReLU()]
+            if dropout > 0:
+                layers.append(nn.Dropout(dropout))
+            d = h
+        layers.append(nn.Linear(d, 1))
+        self.mlp = nn.Sequential(*layers)
+        self.register_buffer("mean", torch.zeros(n_features))
+        self.register_buffer("std", torch.ones(n_features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` [..., F] raw features -> scores [...]."""
+        return self.mlp((x - self.mean) / self.std).squeeze(-1)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class RankerBundle:
+    """A loaded, validated ranker: features + network + item table."""
+
+    def __init__(
+        self,
+        config: dict[str, Any],
+        net: RankerNet,
+        items: ItemTable,
+        smoke: dict[str, Any] | None = None,
+        eval_report: dict[str, Any] | None = None,
+    ) -> None:
+        self.config = config
+        self.net = net.eval()
+        self.items = items
+        self.smoke = smoke or {}
+        self.eval_report = eval_report or {}
+        self.check()
+
+    @property
+    def features(self) -> list[str]:
+        return list(self.config["features"])
+
+    def check(self) -> None:
+        """Raise RankerBundleError unless config, network and smoke scores agree."""
+        c = self.config
+        for key in ("format_version", "model_type", "features", "hidden"):
+            if key not in c:
+                raise RankerBundleError(f"config.json has no {key!r}")
+        if c["format_version"] != FORMAT_VERSION or c["model_type"] != MODEL_TYPE:
+            raise RankerBundleError(
+                f"not a {MODEL_TYPE} bundle of format {FORMAT_VERSION}: "
+                f"{c['model_type']} v{c['format_version']}"
+            )
+        if list(c["features"]) != list(FEATURES):
+            raise RankerBundleError(
+                f"config.json lists {len(c['features'])} features that differ from the "
+                f"{N_FEATURES} this server computes"
+            )
+        if tuple(self.net.mean.shape) != (N_FEATURES,) or tuple(self.net.std.shape) != (
+            N_FEATURES,
+        ):
+            raise RankerBundleError("normalisation does not have one entry per feature")
+        if not (torch.isfinite(self.net.mean).all() and (self.net.std > 0).all()):
+            raise RankerBundleError("normalisation has non-finite means or non-positive stds")
+        if self.smoke:
+            x = np.asarray(self.smoke["features"], dtype=np.float32)
+            want = np.asarray(self.smoke["scores"], dtype=np.float32)
+            if x.ndim != 2 or x.shape[1] != N_FEATURES or want.shape != (x.shape[0],):
+                raise RankerBundleError(f"smoke.json has features {x.shape}, scores {want.shape}")
+            got = self.score_features(x)
+            if not np.isfinite(got).all():
+                raise RankerBundleError("smoke test: scores are not finite")
+            err = float(np.max(np.abs(got - want))) if len(want) else 0.0
+            if not err <= SMOKE_TOLERANCE:
+                raise RankerBundleError(
+                    f"smoke test: scores differ from training's by {err:.3g} (> {SMOKE_TOLERANCE})"
+                )
+
+    @torch.no_grad()
+    def score_features(self, x: np.ndarray) -> np.ndarray:
+        """Scores float32 [n] of raw feature rows [n, F]."""
+        if len(x) == 0:
+            return np.zeros(0, dtype=np.float32)
+        t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+        return self.net(t).numpy().astype(np.float32)
+
+    def score(self, query: RankerQuery, cands: CandidateDetails) -> np.ndarray:
+        """One score per candidate (higher is better)."""
+        return self.score_features(build_features(query, cands, self.items))
+
+    # -- persistence
+    def save(self, path: str | Path) -> None:
+        d = Path(path)
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "config.json").write_text(json.dumps(self.config, indent=2, sort_keys=True))
+        state = {k: v for k, v in self.net.state_dict().items() if k not in ("mean", "std")}
+        torch.save(state, d / "ranker.pt")
+        (d / "normalization.json").write_text(
+            json.dumps(
+                {
+                    "features": list(FEATURES),
+                    "mean": [float(v) for v in self.net.mean],
+                    "std": [float(v) for v in self.net.std],
+                },
+                indent=1,
+            )
+        )
+        (d / "items.json").write_text(json.dumps(self.items.to_json()))
+        (d / "smoke.json").write_text(json.dumps(self.smoke))
+        files = list(REQUIRED_FILES)
+        if self.eval_report:
+            (d / "eval.json").write_text(json.dumps(self.eval_report, indent=2, sort_keys=True))
+            files.append("eval.json")
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "files": {
+                n: {"sha256": _sha256(d / n), "bytes": (d / n).stat().st_size} for n in files
+            },
+        }
+        (d / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
+
+    @classmethod
+    def load(cls, path: str | Path) -> RankerBundle:
+        """Load and validate a bundle directory; RankerBundleError says what is wrong."""
+        d = Path(path)
+        if not d.is_dir():
+            raise RankerBundleError(f"bundle directory {d} does not exist")
+        try:
+            manifest = json.loads((d / "manifest.json").read_text())
+        except FileNotFoundError as e:
+            raise RankerBundleError(f"{d}: manifest.json is missing") from e
+        except (OSError, ValueError) as e:
+            raise RankerBundleError(f"{d}: manifest.json is unreadable: {e}") from e
+        listed = manifest.get("files", {})
+        for name in REQUIRED_FILES:
+            if name not in listed:
+                raise RankerBundleError(f"{d}: manifest.json does not list {name}")
+        for name, meta in listed.items():
+            p = d / name
+            if not p.is_file():
+                raise RankerBundleError(f"{d}: {name} is missing")
+            if p.stat().st_size != meta.get("bytes") or _sha256(p) != meta.get("sha256"):
+                raise RankerBundleError(f"{d}: {name} does not match manifest.json")
+        try:
+            config = json.loads((d / "config.json").read_text())
+            norm = json.loads((d / "normalization.json").read_text())
+            items = ItemTable.from_json(json.loads((d / "items.json").read_text()))
+            smoke = json.loads((d / "smoke.json").read_text())
+            report = (
+                json.loads((d / "eval.json").read_text()) if (d / "eval.json").is_file() else {}
+            )
+            if list(norm.get("features", [])) != list(config.get("features", [])):
+                raise RankerBundleError("normalization.json and config.json list other features")
+            net = RankerNet(
+                len(config["features"]),
+                hidden=[int(h) for h in config["hidden"]],
+            )
+            state = torch.load(d / "ranker.pt", map_location="cpu", weights_only=True)
+            state["mean"] = torch.tensor(norm["mean"], dtype=torch.float32)
+            state["std"] = torch.tensor(norm["std"], dtype=torch.float32)
+            net.load_state_dict(state, strict=True)
+        except RankerBundleError:
+            raise
+        except Exception as e:  # any unreadable or inconsistent artifact
+            raise RankerBundleError(f"{d}: cannot load bundle: {type(e).__name__}: {e}") from e
+        return cls(config=config, net=net, items=items, smoke=smoke, eval_report=report)

@@ -1,0 +1,193 @@
+"""The trained ranker in the ranking service: Rank request -> ranker features -> scores,
+and the :class:`~services.ranking.scoring.ScorerProvider` that follows the registry.
+
+- :func:`load_ranker` is the watcher's ``load``: it loads a downloaded ``mercato-ranker``
+  bundle and validates it (files match the manifest, config / normalisation / weights
+  agree on the features, the smoke scores are reproduced and finite); any failure
+  raises, so :class:`~services.models.watcher.ModelWatcher` refuses the version and the
+  alias keeps serving what it had (or rules-only when it had nothing).
+- :class:`RegistryScorers` resolves a request's alias ("" = the default alias) to the
+  version loaded for it. Aliases not watched yet are watched on first use (up to
+  ``ranker_max_aliases``); until their version is loaded they rank rules-only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+from mercato.v1 import common_pb2
+from services.models.ranker import CandidateDetails, RankerBundle, RankerBundleError, RankerQuery
+from services.models.registry import ModelVersionInfo
+from services.models.watcher import ModelRejected, ModelWatcher
+from services.ranking.rules import SURFACE_NAMES, CandidateSet, ItemInfo
+from services.ranking.scoring import Scorer
+from services.ranking.settings import RankingSettings
+
+log = logging.getLogger("mercato.ranking")
+ALIAS_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def _ts(t: object) -> float:
+    return float(t.seconds) + float(t.nanos) * 1e-9  # type: ignore[attr-defined]
+
+
+def ranker_query(profile: common_pb2.Profile, context: common_pb2.Context) -> RankerQuery:
+    """What the ranker's features need from the profile and the context."""
+    now = _ts(context.timestamp) if context.HasField("timestamp") else time.time()
+    cart = [line.item_id for line in profile.cart.lines]
+    for item_id in context.cart_item_ids:
+        if item_id not in cart:
+            cart.append(item_id)
+    units = sum(max(p.quantity, 0) for p in profile.purchases)
+    monetary = profile.rfm.monetary
+    mean_price = monetary / units if units > 0 and monetary > 0 else 0.0
+    return RankerQuery(
+        now=now,
+        surface=SURFACE_NAMES.get(context.surface, ""),
+        recent=[(r.item_id, _ts(r.timestamp)) for r in profile.recent_items],
+        cart=cart,
+        anchor=context.anchor_item_id,
+        category_affinity=dict(profile.category_affinity),
+        mean_unit_price=mean_price,
+    )
+
+
+def candidate_details(candidates: CandidateSet, items: Mapping[str, ItemInfo]) -> CandidateDetails:
+    """Candidate arrays; a candidate without details has unknown price, stock, margin."""
+    n = len(candidates)
+    price = np.zeros(n)
+    stock = np.full(n, -1.0)
+    margin = np.zeros(n)
+    category = [""] * n
+    for j, item_id in enumerate(candidates.ids):
+        info = items.get(item_id)
+        if info is None:
+            continue
+        price[j] = info.price
+        if info.stock is not None:
+            stock[j] = info.stock
+        margin[j] = info.margin
+        category[j] = info.category
+    return CandidateDetails(
+        ids=list(candidates.ids),
+        scores=np.asarray(candidates.scores, dtype=np.float64),
+        price=price,
+        stock=stock,
+        margin=margin,
+        category=category,
+    )
+
+
+class RankerScorer:
+    """A loaded ranker version as a :class:`~services.ranking.scoring.Scorer`."""
+
+    def __init__(self, bundle: RankerBundle, info: ModelVersionInfo) -> None:
+        self.bundle = bundle
+        self.info = info
+        self._version = common_pb2.ModelVersion(
+            name=info.name, version=info.version, alias=info.alias, run_id=info.run_id
+        )
+
+    @property
+    def model_version(self) -> common_pb2.ModelVersion | None:
+        return self._version
+
+    def score(
+        self,
+        profile: common_pb2.Profile,
+        context: common_pb2.Context,
+        candidates: CandidateSet,
+        items: Mapping[str, ItemInfo],
+    ) -> np.ndarray:
+        query = ranker_query(profile, context)
+        scores = self.bundle.score(query, candidate_details(candidates, items))
+        return scores.astype(np.float64)
+
+
+def load_ranker(bundle_dir: Path, info: ModelVersionInfo) -> RankerBundle:
+    """The watcher's ``load``: load and validate, or raise to refuse the version."""
+    try:
+        bundle = RankerBundle.load(bundle_dir)
+    except RankerBundleError as e:
+        raise ModelRejected(str(e)) from e
+    log.info(
+        "ranker bundle validated",
+        extra={"version": info.version, "run_id": info.run_id, "items": len(bundle.items.item_ids)},
+    )
+    return bundle
+
+
+class RegistryScorers:
+    """ScorerProvider over a :class:`ModelWatcher` of ``mercato-ranker``."""
+
+    def __init__(self, settings: RankingSettings) -> None:
+        self.settings = settings
+        self.default_alias = settings.ranker_default_alias
+        self.tracking_uri = settings.resolved_tracking_uri()
+        self.watcher: ModelWatcher[RankerBundle] = ModelWatcher(
+            model_name=settings.ranker_model_name,
+            aliases=settings.ranker_alias_list(),
+            tracking_uri=self.tracking_uri,
+            cache_dir=settings.resolved_ranker_cache_dir(),
+            load=load_ranker,
+            poll_interval_s=settings.ranker_poll_interval_s,
+            service="ranking",
+        )
+        self._scorers: dict[tuple[str, str], RankerScorer] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._following = False
+
+    def __call__(self, alias: str) -> Scorer | None:
+        alias = alias or self.default_alias
+        loaded = self.watcher.get(alias)
+        if loaded is None:
+            if (
+                self._following
+                and ALIAS_RE.match(alias)
+                and alias not in self.watcher.aliases
+                and len(self.watcher.aliases) < self.settings.ranker_max_aliases
+            ):
+                self.watcher.watch(alias)
+            return None
+        key = (alias, loaded.info.version)
+        scorer = self._scorers.get(key)
+        if scorer is None or scorer.bundle is not loaded.model:
+            scorer = RankerScorer(loaded.model, loaded.info)
+            self._scorers = {k: v for k, v in self._scorers.items() if k[0] != alias} | {
+                key: scorer
+            }
+        return scorer
+
+    def _store_missing(self) -> bool:
+        """True while the embedded SQLite store does not exist yet (nothing registered):
+        looking it up would create it, so wait for training to create it."""
+        uri = self.tracking_uri
+        return uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).is_file()
+
+    async def _run(self) -> None:
+        while self._store_missing():
+            await asyncio.sleep(self.settings.ranker_poll_interval_s)
+        self._following = True
+        await self.watcher.start()
+
+    def start(self) -> None:
+        """Start following the registry in the background (Rank answers rules-only until
+        a version is loaded)."""
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="ranker-watch")
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        await self.watcher.stop()

@@ -1,0 +1,414 @@
+"""The trained ranker: evaluation arithmetic, training -> MLflow -> registry, the bundle
+without training code, and the ranking service serving it from the registry (real
+process, real SQLite MLflow store): scores equal the exported model's, promotion moves
+the default alias, a broken version is refused while the old one keeps serving, and the
+business rules still hold."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+from typer.testing import CliRunner
+
+from mercato.cli import app
+from mercato.v1 import common_pb2, ranking_pb2, ranking_pb2_grpc
+from services.models.ranker import (
+    N_FEATURES,
+    CandidateDetails,
+    RankerBundle,
+    RankerBundleError,
+    RankerQuery,
+)
+from tests.procs import ServiceProc, start_service
+from training import registry
+from training.pipeline import TrainConfig
+from training.ranker import (
+    RankerConfig,
+    RankerResult,
+    RankLists,
+    rerank_metrics,
+    train_and_register_ranker,
+    train_ranker,
+)
+from training.synthetic import SyntheticConfig
+from training.two_tower import TwoTowerConfig
+
+TINY = SyntheticConfig(n_users=600, n_items=240, n_categories=12, days=60, seed=5)
+NOW = 1_720_000_000.0
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def test_rerank_metrics_match_a_hand_computed_example() -> None:
+    # User 0: candidates [5, 7, 2, 9]; truth {7, 9, 11} (11 was not retrieved).
+    # User 1: no truth -> not counted. User 2: one padded slot (-1) with the best score.
+    rows = np.array([[5, 7, 2, 9], [1, 2, 3, 4], [3, -1, 8, 6]])
+    retrieval = np.array([[4.0, 3.0, 2.0, 1.0], [4, 3, 2, 1], [3.0, 9.0, 2.0, 1.0]])
+    ranker = np.array([[0.1, 0.9, 0.5, 0.2], [1, 2, 3, 4], [0.0, 9.0, 0.0, 1.0]])
+    truth = sp.csr_matrix((3, 12), dtype=np.float32).tolil()
+    for r, c in [(0, 7), (0, 9), (0, 11), (2, 6)]:
+        truth[r, c] = 1.0
+    truth = truth.tocsr()
+    d = [1 / math.log2(r + 1) for r in range(1, 6)]  # discount of rank 1..5
+
+    base = rerank_metrics(rows, retrieval, truth, ks=(2, 4))
+    model = rerank_metrics(rows, ranker, truth, ks=(2, 4))
+    assert base["users"] == model["users"] == 2
+    # Retrieval order: user 0 hits at ranks 2 and 4; user 2 ([3, 8, 6]) at rank 3.
+    u0_ndcg2 = d[1] / (d[0] + d[1])
+    u0_ndcg4 = (d[1] + d[3]) / (d[0] + d[1] + d[2])
+    assert base["ndcg@2"] == pytest.approx((u0_ndcg2 + 0.0) / 2)
+    assert base["ndcg@4"] == pytest.approx((u0_ndcg4 + d[2] / d[0]) / 2)
+    assert base["recall@2"] == pytest.approx((1 / 3 + 0) / 2)
+    assert base["recall@4"] == pytest.approx((2 / 3 + 1) / 2)
+    # Ranker order: user 0 [7, 2, 9, 5] hits at 1 and 3; user 2 [6, 3, 8] at 1
+    # (the padded slot never ranks, whatever its score).
+    assert model["ndcg@2"] == pytest.approx((d[0] / (d[0] + d[1]) + 1.0) / 2)
+    assert model["ndcg@4"] == pytest.approx(((d[0] + d[2]) / (d[0] + d[1] + d[2]) + 1.0) / 2)
+    assert model["recall@2"] == pytest.approx((1 / 3 + 1) / 2)
+    assert model["hit@2"] == pytest.approx(1.0)
+
+
+def _random_lists(seed: int, users: int = 40, n: int = 12) -> RankLists:
+    rng = np.random.default_rng(seed)
+    rows = np.stack([rng.permutation(60)[:n] for _ in range(users)])
+    x = rng.normal(size=(users, n, N_FEATURES)).astype(np.float32)
+    labels = (x[:, :, 4] > 0.8).astype(np.float32) * 2  # "popularity" predicts the label
+    truth = sp.lil_matrix((users, 60), dtype=np.float32)
+    for u in range(users):
+        for j in np.flatnonzero(labels[u]):
+            truth[u, rows[u, j]] = 1.0
+    return RankLists(
+        users=[str(u) for u in range(users)],
+        rows=rows,
+        retrieval=x[:, :, 0].astype(np.float64),
+        x=x,
+        labels=labels,
+        truth=truth.tocsr(),
+        mask=np.ones((users, n), dtype=bool),
+    )
+
+
+def test_training_is_deterministic_by_seed_and_learns_a_planted_signal() -> None:
+    fit, valid = _random_lists(1), _random_lists(2)
+    cfg = RankerConfig(epochs=15, patience=15, progress=False, candidates=12, ks=(10,))
+    a, ha = train_ranker(fit, valid, cfg)
+    b, hb = train_ranker(fit, valid, cfg)
+    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+        assert ka == kb and torch.equal(va, vb)
+    assert [r["train_loss"] for r in ha.epochs] == [r["train_loss"] for r in hb.epochs]
+    base = rerank_metrics(valid.rows, valid.retrieval, valid.truth, (10,))["ndcg@10"]
+    assert ha.best_metric > base  # the feature that predicts the label was learned
+    c, _ = train_ranker(fit, valid, replace(cfg, seed=1))
+    assert not torch.equal(a.mlp[0].weight, c.mlp[0].weight)
+
+
+# ----------------------------------------------------------------------------- training
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[RankerResult, RankerConfig, Path]:
+    tmp = tmp_path_factory.mktemp("ranker")
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    retrieval = TrainConfig(
+        synthetic=TINY,
+        model=replace(
+            TwoTowerConfig(), dim=16, hidden=32, epochs=2, batch_size=256, progress=False
+        ),
+        tracking_uri=uri,
+    )
+    cfg = RankerConfig(
+        retrieval=retrieval, tracking_uri=uri, epochs=4, patience=4, progress=False, seed=0
+    )
+    return train_and_register_ranker(cfg), cfg, tmp
+
+
+def test_training_logs_per_epoch_metrics_curve_and_registers_a_challenger(trained) -> None:
+    res, cfg, _ = trained
+    client, _ = registry.client_for(cfg.tracking_uri)
+    run = client.get_run(res.run_id)
+    assert client.get_experiment(run.info.experiment_id).name == "mercato-ranker"
+    m = run.data.metrics
+    for key in ("valid_ndcg_10", "test_ndcg_10", "test_retrieval_ndcg_10", "test_recall_10"):
+        assert key in m and 0.0 <= m[key] <= 1.0
+    assert m["test_ndcg_10"] == pytest.approx(res.metrics["test"]["ranker"]["ndcg@10"])
+    curve = client.get_metric_history(res.run_id, "epoch_valid_ndcg_10")
+    assert sorted(p.step for p in curve) == list(range(1, len(curve) + 1)) and len(curve) >= 1
+    arts = {a.path for a in client.list_artifacts(res.run_id, "eval")}
+    assert {"eval/curve.png", "eval/table.md", "eval/report.json"} <= arts
+    assert "| test | ranker |" in res.table and "| test | change |" in res.table
+    mv = client.get_model_version_by_alias("mercato-ranker", "challenger")
+    assert str(mv.version) == res.version == "1"
+    assert mv.tags["split_signature"] == res.split_signature
+    # The ranker's split is the one `mercato train retrieval` uses with the same options.
+    assert res.two_tower == {"source": "trained in this run"}
+
+
+def test_bundle_loads_without_training_code_and_reproduces_scores(trained) -> None:
+    res, _, _ = trained
+    code = (
+        "import json, sys\n"
+        "import numpy as np\n"
+        "from services.models.ranker import RankerBundle\n"
+        "b = RankerBundle.load(sys.argv[1])\n"
+        "x = np.asarray(b.smoke['features'], dtype=np.float32)\n"
+        "assert not [m for m in sys.modules if m.split('.')[0] == 'training'], 'training'\n"
+        "print(json.dumps(b.score_features(x).tolist()))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(res.bundle_dir)],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+    )
+    got = np.array(json.loads(out.stdout))
+    want = np.array(res.smoke["scores"])
+    assert len(got) == len(want) > 0
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+def _broken_copy(src: Path, dst: Path) -> Path:
+    """A copy whose weights are NaN but whose manifest is consistent: only the smoke test
+    can catch it."""
+    shutil.copytree(src, dst)
+    state = torch.load(dst / "ranker.pt", weights_only=True)
+    first = next(k for k in state if k.endswith("weight"))
+    state[first] = torch.full_like(state[first], float("nan"))
+    torch.save(state, dst / "ranker.pt")
+    manifest = json.loads((dst / "manifest.json").read_text())
+    import hashlib
+
+    blob = (dst / "ranker.pt").read_bytes()
+    manifest["files"]["ranker.pt"] = {
+        "sha256": hashlib.sha256(blob).hexdigest(),
+        "bytes": len(blob),
+    }
+    (dst / "manifest.json").write_text(json.dumps(manifest))
+    return dst
+
+
+def test_bundle_refuses_corrupt_or_inconsistent_files(trained, tmp_path: Path) -> None:
+    res, _, _ = trained
+    with pytest.raises(RankerBundleError, match="smoke test"):
+        RankerBundle.load(_broken_copy(res.bundle_dir, tmp_path / "nan"))
+    edited = shutil.copytree(res.bundle_dir, tmp_path / "edited")
+    (edited / "items.json").write_text("{}")
+    with pytest.raises(RankerBundleError, match=r"items\.json does not match"):
+        RankerBundle.load(edited)
+    missing = shutil.copytree(res.bundle_dir, tmp_path / "missing")
+    (missing / "normalization.json").unlink()
+    with pytest.raises(RankerBundleError, match=r"normalization\.json is missing"):
+        RankerBundle.load(missing)
+
+
+# ----------------------------------------------------------------------------- service
+
+
+@dataclass
+class Served:
+    proc: ServiceProc
+    stub: ranking_pb2_grpc.RankingServiceStub
+    uri: str
+
+
+@pytest.fixture(scope="module")
+def served(trained) -> Iterator[Served]:
+    _, cfg, tmp = trained
+    env = {
+        "MERCATO_RANKING_TRACKING_URI": cfg.tracking_uri,
+        "MERCATO_RANKING_RANKER_POLL_INTERVAL_S": "0.3",
+        "MERCATO_RANKING_OFFERS_SEED": "1",
+    }
+    proc = start_service("ranking", tmp / "svc", env=env)
+    channel = proc.channel()
+    try:
+        yield Served(proc, ranking_pb2_grpc.RankingServiceStub(channel), cfg.tracking_uri)
+    finally:
+        channel.close()
+        proc.terminate()
+
+
+def _ts(seconds: float) -> dict[str, int]:
+    return {"seconds": int(seconds), "nanos": round((seconds % 1) * 1e9)}
+
+
+def _request(
+    bundle: RankerBundle, seed: int, n: int = 30, alias: str = ""
+) -> ranking_pb2.RankRequest:
+    """A fixed request over catalog items, a few unknown ones and some out of stock."""
+    rng = random.Random(seed)
+    ids = [*rng.sample(bundle.items.item_ids, n - 3), "new-1", "new-2", "new-3"]
+    cats = sorted(set(bundle.items.category))
+    profile = common_pb2.Profile(customer_id=f"c{seed}", known=True, price_band="mid")
+    for k, iid in enumerate(rng.sample(bundle.items.item_ids, 6)):
+        profile.recent_items.add(item_id=iid, type=1, timestamp=_ts(NOW - 3600 * (k + 1) * 7))
+    profile.category_affinity.update({cats[0]: 0.6, cats[1]: 0.4})
+    profile.purchases.add(item_id=bundle.items.item_ids[0], count=1, quantity=2)
+    profile.rfm.monetary = 80.0
+    profile.cart.lines.add(item_id=bundle.items.item_ids[1], quantity=1)
+    req = ranking_pb2.RankRequest(
+        profile=profile,
+        context=common_pb2.Context(surface=common_pb2.SURFACE_HOME, timestamp=_ts(NOW)),
+        k=n,
+        model_alias=alias,
+    )
+    for j, iid in enumerate(ids):
+        req.candidates.add(item_id=iid, score=float(rng.uniform(-1, 1)))
+        if j % 5 == 4:
+            continue  # no details: unknown stock, price, category
+        row = bundle.items.row.get(iid)
+        req.items.add(
+            item_id=iid,
+            category=bundle.items.category[row] if row is not None else rng.choice(cats),
+            price=round(rng.uniform(2, 60), 2),
+            stock=0 if j % 7 == 0 else rng.randint(1, 30),
+            margin=round(rng.uniform(0, 10), 2) if j % 3 else 0.0,
+        )
+    return req
+
+
+def _expected_scores(bundle: RankerBundle, req: ranking_pb2.RankRequest) -> dict[str, float]:
+    """The exported model on the same inputs, built by hand from the request."""
+    p = req.profile
+    details = {it.item_id: it for it in req.items}
+    ids = [c.item_id for c in req.candidates]
+    query = RankerQuery(
+        now=NOW,
+        surface="home",
+        recent=[(r.item_id, float(r.timestamp.seconds)) for r in p.recent_items],
+        cart=[line.item_id for line in p.cart.lines],
+        category_affinity=dict(p.category_affinity),
+        mean_unit_price=80.0 / 2,
+    )
+    cands = CandidateDetails(
+        ids=ids,
+        scores=np.array([c.score for c in req.candidates], dtype=np.float64),
+        price=np.array([details[i].price if i in details else 0.0 for i in ids]),
+        stock=np.array([float(details[i].stock) if i in details else -1.0 for i in ids]),
+        margin=np.array([details[i].margin if i in details else 0.0 for i in ids]),
+        category=[details[i].category if i in details else "" for i in ids],
+    )
+    return dict(zip(ids, bundle.score(query, cands).tolist(), strict=True))
+
+
+def _wait_model(stub, req, version: str | None, timeout: float = 30.0) -> ranking_pb2.RankResponse:
+    deadline = time.monotonic() + timeout
+    while True:
+        resp = stub.Rank(req, timeout=10)
+        got = resp.model.version if resp.model.name else None
+        if got == version or time.monotonic() > deadline:
+            assert got == version, f"alias serves {got}, want {version}"
+            return resp
+        time.sleep(0.2)
+
+
+def test_served_scores_equal_the_exported_model_and_promotion_moves_the_default(
+    trained, served: Served
+) -> None:
+    res, _, _ = trained
+    bundle = RankerBundle.load(res.bundle_dir)
+    req = _request(bundle, seed=1)
+    # The challenger is served from the start; the default alias (champion) is not
+    # registered yet: rules-only.
+    ch = _wait_model(served.stub, _request(bundle, seed=1, alias="challenger"), "1")
+    assert ch.model.name == "mercato-ranker" and ch.model.run_id == res.run_id
+    assert served.stub.Rank(req, timeout=10).model.name == ""
+
+    cli = CliRunner().invoke(app, ["promote", "--model", "ranker", "--tracking-uri", served.uri])
+    assert cli.exit_code == 0, cli.output
+    assert "promoted mercato-ranker v1 to @champion" in cli.output
+    resp = _wait_model(served.stub, req, "1")
+    assert resp.model.alias == "champion"
+    want = _expected_scores(bundle, req)
+    assert len(resp.items) >= 10
+    for it in resp.items:
+        assert it.model_score == pytest.approx(want[it.item_id], rel=1e-5, abs=1e-5)
+
+
+def test_rules_hold_with_the_ranker_on(trained, served: Served) -> None:
+    res, _, _ = trained
+    bundle = RankerBundle.load(res.bundle_dir)
+    for seed in range(2, 12):
+        req = _request(bundle, seed=seed, alias="challenger")
+        req.k = 10
+        resp = _wait_model(served.stub, req, "1")
+        stock = {it.item_id: it.stock for it in req.items}
+        cat = {it.item_id: it.category for it in req.items}
+        ids = [it.item_id for it in resp.items]
+        assert ids and len(ids) == len(set(ids)) <= 10
+        assert all(stock.get(i, 1) > 0 for i in ids), "out-of-stock item returned"
+        counts: dict[str, int] = {}
+        for i in ids:
+            if cat.get(i):
+                counts[cat[i]] = counts.get(cat[i], 0) + 1
+        assert max(counts.values(), default=0) <= 3  # home category cap
+        assert resp.dropped["out_of_stock"] == sum(1 for v in stock.values() if v == 0)
+        assert all(math.isfinite(it.model_score) for it in resp.items)
+
+
+def test_gate_and_a_broken_version_refused_while_the_old_one_keeps_serving(
+    trained, served: Served, tmp_path: Path
+) -> None:
+    res, _, _ = trained
+    client, _ = registry.client_for(served.uri)
+    exp = client.get_experiment_by_name("mercato-ranker")
+    # A worse run on the same split: the gate refuses it.
+    worse = client.create_run(exp.experiment_id, tags={"split_signature": res.split_signature})
+    client.log_metric(
+        worse.info.run_id, "valid_ndcg_10", res.metrics["valid"]["ranker"]["ndcg@10"] - 0.05
+    )
+    client.log_artifacts(worse.info.run_id, str(res.bundle_dir), "bundle")
+    client.set_terminated(worse.info.run_id)
+    mv_worse = registry.register_bundle(client, worse.info.run_id, "mercato-ranker", alias=None)
+    cli = CliRunner().invoke(
+        app,
+        [
+            "promote",
+            "--model",
+            "ranker",
+            "--version",
+            str(mv_worse.version),
+            "--tracking-uri",
+            served.uri,
+        ],
+    )
+    assert cli.exit_code == 1 and "refused" in cli.output
+
+    # A broken version (NaN weights, consistent manifest) pushed to champion by force.
+    broken_dir = _broken_copy(res.bundle_dir, tmp_path / "bundle")
+    run = client.create_run(exp.experiment_id, tags={"split_signature": res.split_signature})
+    client.log_artifacts(run.info.run_id, str(broken_dir), "bundle")
+    client.set_terminated(run.info.run_id)
+    mv = registry.register_bundle(client, run.info.run_id, "mercato-ranker", alias=None)
+    bundle = RankerBundle.load(res.bundle_dir)
+    req = _request(bundle, seed=20)
+    before = _wait_model(served.stub, req, "1")
+    client.set_registered_model_alias("mercato-ranker", "champion", mv.version)
+    deadline = time.monotonic() + 30
+    while "model version refused" not in served.proc.log() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    log = served.proc.log()
+    assert "model version refused" in log and f'"version": "{mv.version}"' in log
+    after = served.stub.Rank(req, timeout=10)
+    assert after.model.version == "1"
+    assert [(i.item_id, i.model_score) for i in after.items] == [
+        (i.item_id, i.model_score) for i in before.items
+    ]
+    assert served.proc.health("mercato.v1.RankingService") == "SERVING"
