@@ -35,6 +35,7 @@ from services.common.logs import request_id_var
 from services.gateway.breaker import CircuitBreaker
 from services.gateway.downstream import Deadline, Downstream, HopError
 from services.gateway.experiments import Experiment
+from services.gateway.exposures import ExposureLog, exposure_event
 from services.gateway.settings import GatewaySettings
 
 MAX_ID_BYTES = 128
@@ -103,8 +104,10 @@ class Pipeline:
         settings: GatewaySettings,
         channels: dict[str, grpc.aio.Channel],
         experiments: list[Experiment],
+        exposures: ExposureLog | None = None,
     ) -> None:
         self.s = settings
+        self.exposures = exposures
         b = {
             name: CircuitBreaker(name, settings.breaker_failures, settings.breaker_reset_seconds)
             for name in ("profile", "retrieval", "ranking")
@@ -301,6 +304,37 @@ class Pipeline:
                 break
         return out
 
+    def expose(
+        self,
+        call: str,
+        customer_id: str,
+        surface: int,
+        items: Sequence[gateway_pb2.RecommendedItem],
+        assigned: Sequence[gateway_pb2.ExperimentAssignment],
+        trace: Trace,
+        offer_id: str = "",
+        decision_id: str = "",
+        anchor_item_id: str = "",
+    ) -> None:
+        """Queue the exposure event of an answer (anonymous callers are not logged)."""
+        if self.exposures is None or not customer_id:
+            return
+        self.exposures.log(
+            exposure_event(
+                customer_id=customer_id,
+                request_id=request_id_var.get(),
+                surface=surface,
+                call=call,
+                item_ids=[r.item.item_id for r in items],
+                experiments=[(a.experiment, a.variant) for a in assigned],
+                models=trace.models,
+                offer_id=offer_id,
+                decision_id=decision_id,
+                degraded=[d.stage for d in trace.degraded],
+                anchor_item_id=anchor_item_id,
+            )
+        )
+
     # -- public calls ----------------------------------------------------------------
 
     async def recommend(
@@ -355,6 +389,17 @@ class Pipeline:
         info = trace.debug_info()
         if info is not None:
             resp.debug.CopyFrom(info)
+        self.expose(
+            "recommend",
+            req.customer_id,
+            ctx.surface,
+            resp.items,
+            assigned,
+            trace,
+            resp.offer.offer_id,
+            resp.offer_decision_id,
+            ctx.anchor_item_id,
+        )
         return resp
 
     async def candidates(
@@ -440,7 +485,7 @@ class Pipeline:
             raise InvalidArgument(f"unknown kind {req.kind}")
         deadline = self.deadline(context)
         trace = Trace(req.debug)
-        aliases, _ = self.assignments(req.customer_id)
+        aliases, assigned = self.assignments(req.customer_id)
         profile = await self.get_profile(req.customer_id, deadline, trace)
         started = time.perf_counter()
         try:
@@ -490,6 +535,15 @@ class Pipeline:
         info = trace.debug_info()
         if info is not None:
             resp_out.debug.CopyFrom(info)
+        self.expose(
+            "related",
+            req.customer_id,
+            common_pb2.SURFACE_PRODUCT,
+            resp_out.items,
+            assigned,
+            trace,
+            anchor_item_id=req.item_id,
+        )
         return resp_out
 
     async def cart(
@@ -503,7 +557,7 @@ class Pipeline:
             ctx.surface = common_pb2.SURFACE_CART
         deadline = self.deadline(context)
         trace = Trace(req.debug)
-        aliases, _ = self.assignments(req.customer_id)
+        aliases, assigned = self.assignments(req.customer_id)
         profile = await self.get_profile(req.customer_id, deadline, trace)
         cart_ids = [line.item_id for line in profile.cart.lines] or list(ctx.cart_item_ids)
         offer_task = None
@@ -562,6 +616,16 @@ class Pipeline:
         info = trace.debug_info()
         if info is not None:
             out.debug.CopyFrom(info)
+        self.expose(
+            "cart",
+            req.customer_id,
+            ctx.surface,
+            out.items,
+            assigned,
+            trace,
+            out.offer.offer_id,
+            out.offer_decision_id,
+        )
         return out
 
     async def _fallback_trending(

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from mercato.v1 import common_pb2
 from services.common.errors import NotFound, Unavailable
 from services.profile.logic import (
+    LOG_ONLY_EVENTS,
     CustomerStatic,
     LogEvent,
     ProfileConfig,
@@ -115,6 +116,8 @@ def plan_batch(
                 key = (scope, ev.item_id)
                 plan.increments[key] = plan.increments.get(key, 0.0) + inc
     for ev in plan.accepted:
+        if ev.type in LOG_ONLY_EVENTS:
+            continue  # logged, but no part of the derived profile
         state = plan.states.get(ev.customer_id)
         if state is None:
             stored = states.get(ev.customer_id)
