@@ -35,6 +35,7 @@ app.add_typer(profile_cli.app)  # load, export-events
 
 app.add_typer(train_app, name="train")
 app.add_typer(gateway_cli.report_app, name="report")
+app.command("campaign")(gateway_cli.campaign)
 app.command("promote")(promote_command)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -76,3 +77,87 @@ def report_ab(
             path = Path(tmp) / f"report.{fmt}"
             write_report(lines, path)
             print(path.read_text(), end="")
+
+
+def campaign(
+    segment: str = typer.Option(..., help="abandoned-carts | lapsed | category-fans."),
+    out: Path = typer.Option(..., help="Output file: .csv or .parquet."),
+    k: int = typer.Option(10, min=1, max=100, help="Items per customer."),
+    category: str = typer.Option("", help="category-fans: the category."),
+    min_affinity: float = typer.Option(
+        0.2, min=0, max=1, help="category-fans: least share of the customer's interest."
+    ),
+    idle_hours: float = typer.Option(24.0, min=0, help="abandoned-carts: idle at least."),
+    max_idle_days: float = typer.Option(30.0, min=0, help="abandoned-carts: idle at most."),
+    lapsed_days: float = typer.Option(180.0, min=0, help="lapsed: days since last purchase."),
+    limit: int = typer.Option(0, min=0, help="At most this many customers (0 = all)."),
+    gateway: str = typer.Option("", help="Gateway host:port (default: the local one)."),
+    profile: str = typer.Option("", help="Profile host:port (default: the local one)."),
+    api_key: str = typer.Option("", envvar="MERCATO_API_KEY", help="Gateway API key."),
+    concurrency: int = typer.Option(8, min=1, max=256, help="Gateway calls in flight."),
+    timeout: float = typer.Option(2.0, min=0.01, help="Deadline of each gateway call (s)."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+) -> None:
+    """Recommendations and the chosen offer for every customer of a segment, through the
+    gateway (same models, rules and offer budgets as online), streamed to CSV/Parquet.
+    TLS to the services: MERCATO_CLIENT_TLS_{CA,CERT,KEY}_FILE."""
+    from tqdm import tqdm
+
+    from services.common.channels import aio_channel
+    from services.common.settings import ClientTlsSettings
+    from services.common.supervisor import ports_from_env
+    from services.gateway.campaign import CampaignSpec, offers_summary, run_campaign
+
+    try:
+        spec = CampaignSpec(
+            segment=segment,
+            k=k,
+            idle_hours=idle_hours,
+            max_idle_days=max_idle_days,
+            lapsed_days=lapsed_days,
+            category=category,
+            min_affinity=min_affinity,
+            limit=limit,
+        )
+        if out.suffix.lower() not in (".csv", ".parquet"):
+            raise ValueError("--out must end in .csv or .parquet")
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    ports = ports_from_env()
+    gw_target = gateway or f"127.0.0.1:{ports['gateway'][0]}"
+    prof_target = profile or f"127.0.0.1:{ports['profile'][0]}"
+
+    async def run() -> Any:
+        tls = ClientTlsSettings()
+        gw_ch = aio_channel(gw_target, tls)
+        prof_ch = aio_channel(prof_target, tls)
+        try:
+            with tqdm(unit="customer", desc=f"campaign {segment}", disable=not progress) as bar:
+                return await run_campaign(
+                    spec,
+                    gw_ch,
+                    prof_ch,
+                    out,
+                    api_key=api_key,
+                    concurrency=concurrency,
+                    timeout=timeout,
+                    progress=bar,
+                )
+        finally:
+            await gw_ch.close()
+            await prof_ch.close()
+
+    import grpc
+
+    try:
+        result = asyncio.run(run())
+    except grpc.aio.AioRpcError as exc:
+        console.print(f"[red]listing the segment failed: {exc.code().name}: {exc.details()}[/red]")
+        raise typer.Exit(1) from exc
+    console.print(
+        f"wrote {result.rows} rows for {result.customers} customers to {out}; "
+        f"offers {result.offers} {offers_summary(result)}; degraded answers {result.degraded}; "
+        f"failed {result.failed}"
+    )
+    if result.failed:
+        raise typer.Exit(1)

@@ -206,6 +206,12 @@ class ProfileStore(abc.ABC):
         order, and the cursor to continue from."""
 
     @abc.abstractmethod
+    async def page_customer_ids(self, cursor: str, limit: int) -> tuple[list[str], str]:
+        """About ``limit`` ids of customers with a derived state after ``cursor`` ("" =
+        from the start) and the cursor to continue from ("" when the scan is complete).
+        Each id appears once per complete scan."""
+
+    @abc.abstractmethod
     def scan_states(self, batch: int = 500) -> AsyncIterator[list[tuple[str, ProfileState]]]:
         """Every stored derived state, in batches (verification, maintenance)."""
 
