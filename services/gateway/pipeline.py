@@ -33,6 +33,7 @@ from mercato.v1 import (
 from services.common.errors import InvalidArgument, NotFound, ServiceError, Unavailable
 from services.common.logs import request_id_var
 from services.gateway.breaker import CircuitBreaker
+from services.gateway.cache import TtlCache
 from services.gateway.downstream import Deadline, Downstream, HopError
 from services.gateway.experiments import Experiment
 from services.gateway.exposures import ExposureLog, exposure_event
@@ -119,6 +120,12 @@ class Pipeline:
         self.retrieval_stub = retrieval_pb2_grpc.RetrievalServiceStub(channels["retrieval"])
         self.ranking_stub = ranking_pb2_grpc.RankingServiceStub(channels["ranking"])
         self.experiments = experiments
+        self.details_cache: TtlCache[str, common_pb2.Item] = TtlCache(
+            "details", settings.details_cache_items, settings.details_cache_seconds
+        )
+        self.trending_cache: TtlCache[str, list[tuple[str, float]]] = TtlCache(
+            "trending", 256, settings.trending_cache_seconds
+        )
         self.offer_surfaces = {s.strip() for s in settings.offer_surfaces.split(",") if s.strip()}
 
     # -- helpers -----------------------------------------------------------------------
@@ -179,13 +186,36 @@ class Pipeline:
         exclude: set[str],
         deadline: Deadline,
     ) -> list[common_pb2.Candidate]:
-        """Popular items as candidates (the retrieval fallback)."""
-        req = profile_pb2.GetTrendingRequest(
-            k=min(1000, k + len(exclude)),
-            category=categories[0] if len(categories) == 1 else "",
-            in_stock_only=True,
-            exclude_item_ids=sorted(exclude),
+        """Popular items as candidates (the retrieval fallback). The list of a category is
+        cached briefly and filtered here; a live call with the exclusions is made when the
+        cached list runs short."""
+        category = categories[0] if len(categories) == 1 else ""
+        if self.trending_cache.enabled:
+            rows = self.trending_cache.get(category)
+            if rows is None:
+                depth = self._trending_depth()
+                rows = await self._trending_call(
+                    profile_pb2.GetTrendingRequest(k=depth, category=category, in_stock_only=True),
+                    deadline,
+                )
+                self.trending_cache.put(category, rows)
+            out = [(i, s) for i, s in rows if i not in exclude][:k]
+            if len(out) >= k or len(rows) < self._trending_depth():
+                return self._trending_candidates(out)
+        rows = await self._trending_call(
+            profile_pb2.GetTrendingRequest(
+                k=min(1000, k + len(exclude)),
+                category=category,
+                in_stock_only=True,
+                exclude_item_ids=sorted(exclude),
+            ),
+            deadline,
         )
+        return self._trending_candidates([(i, s) for i, s in rows if i not in exclude][:k])
+
+    async def _trending_call(
+        self, req: profile_pb2.GetTrendingRequest, deadline: Deadline
+    ) -> list[tuple[str, float]]:
         resp = await self.profile.call(
             "trending",
             self.profile_stub.GetTrending,
@@ -194,13 +224,17 @@ class Pipeline:
             self.s.profile_timeout_ms / 1000,
             self.s.read_retries,
         )
+        return [(t.item_id, float(t.score)) for t in resp.items]
+
+    def _trending_depth(self) -> int:
+        return min(1000, self.s.candidates_k + 100)
+
+    @staticmethod
+    def _trending_candidates(rows: list[tuple[str, float]]) -> list[common_pb2.Candidate]:
         return [
-            common_pb2.Candidate(
-                item_id=t.item_id, score=float(t.score), source=common_pb2.REASON_TRENDING
-            )
-            for t in resp.items
-            if t.item_id not in exclude
-        ][:k]
+            common_pb2.Candidate(item_id=i, score=s, source=common_pb2.REASON_TRENDING)
+            for i, s in rows
+        ]
 
     async def item_details(
         self, ids: list[str], deadline: Deadline, trace: Trace
@@ -209,21 +243,37 @@ class Pipeline:
         if not ids:
             return {}
         started = time.perf_counter()
+        found: dict[str, common_pb2.Item] = {}
+        missing = ids
+        if self.details_cache.enabled:
+            missing = []
+            for i in ids:
+                hit = self.details_cache.get(i)
+                if hit is None:
+                    missing.append(i)
+                else:
+                    found[i] = hit
+            if not missing:
+                trace.stage("details", started, len(found), detail="cached")
+                return found
         try:
             resp = await self.profile.call(
                 "details",
                 self.profile_stub.GetItems,
-                profile_pb2.GetItemsRequest(item_ids=ids),
+                profile_pb2.GetItemsRequest(item_ids=missing),
                 deadline,
                 self.s.details_timeout_ms / 1000,
                 self.s.read_retries,
             )
         except HopError as err:
             trace.degrade("details", "ids_only", err.reason)
-            trace.stage("details", started, 0, True, err.reason)
-            return {}
-        trace.stage("details", started, len(resp.items))
-        return {item.item_id: item for item in resp.items}
+            trace.stage("details", started, len(found), True, err.reason)
+            return found
+        for item in resp.items:
+            found[item.item_id] = item
+            self.details_cache.put(item.item_id, item)
+        trace.stage("details", started, len(found))
+        return found
 
     async def select_offer(
         self,

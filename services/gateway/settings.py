@@ -63,3 +63,10 @@ class GatewaySettings(ServiceSettings):
     exposure_flush_ms: float = Field(
         200, gt=0, description="Longest wait to fill an exposure batch."
     )
+    details_cache_seconds: float = Field(
+        2.0, ge=0, description="How long item details (incl. stock) are reused; 0 = off."
+    )
+    details_cache_items: int = Field(200_000, ge=0, description="Items kept in that cache.")
+    trending_cache_seconds: float = Field(
+        2.0, ge=0, description="How long a trending list is reused; 0 = off."
+    )
