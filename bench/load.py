@@ -433,12 +433,13 @@ def start_stack(tmp: Path, args: argparse.Namespace) -> dict[str, ServiceProc]:
     return procs
 
 
-def start_gateway(tmp: Path, procs: dict[str, ServiceProc]) -> ServiceProc:
+def start_gateway(tmp: Path, procs: dict[str, ServiceProc], candidates_k: int) -> ServiceProc:
     return start_service(
         "gateway",
         tmp / "gateway",
         {
             "MERCATO_GATEWAY_LOG_LEVEL": "WARNING",
+            "MERCATO_GATEWAY_CANDIDATES_K": str(candidates_k),
             "MERCATO_GATEWAY_PROFILE_TARGET": procs["profile"].target,
             "MERCATO_GATEWAY_RETRIEVAL_TARGET": procs["retrieval"].target,
             "MERCATO_GATEWAY_RANKING_TARGET": procs["ranking"].target,
@@ -461,7 +462,7 @@ def bench_catalog(items: int, args: argparse.Namespace) -> dict[str, Any]:
             data = load_data(procs["profile"], items, args.users, args.seed)
             customers = data.pop("customer_ids")
             print(f"[{items} items] loaded: {data}", flush=True)
-            gateway = start_gateway(tmp, procs)
+            gateway = start_gateway(tmp, procs, args.candidates_k)
             procs["gateway"] = gateway
             status = models_status(procs)
             print(f"[{items} items] model services: {status}", flush=True)
@@ -492,7 +493,8 @@ def markdown(report: dict[str, Any]) -> str:
         lines += [
             f"## {cat['items']:,} items, {cat['customers']:,} customers, {cat['events']:,} events",
             "",
-            f"Model services (health): {run['model_services']}",
+            f"Model services (health): {run['model_services']}; Recommend k="
+            f"{report['args']['k']}, candidates ranked per call: {report['args']['candidates_k']}",
             "",
             "| call | mode | load | throughput/s | p50 ms | p95 ms | p99 ms | errors | degraded |",
             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
@@ -539,7 +541,10 @@ def main() -> None:
     ap.add_argument("--duration", type=float, default=15.0, help="Seconds per run.")
     ap.add_argument("--repeats", type=int, default=3, help="Runs per measurement (median).")
     ap.add_argument("--timeout", type=float, default=1.0, help="Deadline of each call (s).")
-    ap.add_argument("--k", type=int, default=10)
+    ap.add_argument("--k", type=int, default=10, help="Items per Recommend.")
+    ap.add_argument(
+        "--candidates-k", type=int, default=200, help="Gateway CANDIDATES_K (ranked per call)."
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="Small catalog, short runs.")
     ap.add_argument("--tag", default="load", help="Result file name (bench/results/TAG.*).")

@@ -59,6 +59,24 @@ class TtlCache(Generic[K, V]):
         self._hit.inc()
         return entry[1]
 
+    def get_many(self, keys: list[K]) -> tuple[dict[K, V], list[K]]:
+        """Fresh entries of ``keys`` and the keys without one (metrics counted once)."""
+        now = self.clock()
+        found: dict[K, V] = {}
+        missing: list[K] = []
+        data = self._data
+        for key in keys:
+            entry = data.get(key)
+            if entry is not None and entry[0] > now:
+                found[key] = entry[1]
+            else:
+                missing.append(key)
+        if found:
+            self._hit.inc(len(found))
+        if missing:
+            self._miss.inc(len(missing))
+        return found, missing
+
     def put(self, key: K, value: V) -> None:
         if not self.enabled:
             return

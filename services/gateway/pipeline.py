@@ -246,13 +246,7 @@ class Pipeline:
         found: dict[str, common_pb2.Item] = {}
         missing = ids
         if self.details_cache.enabled:
-            missing = []
-            for i in ids:
-                hit = self.details_cache.get(i)
-                if hit is None:
-                    missing.append(i)
-                else:
-                    found[i] = hit
+            found, missing = self.details_cache.get_many(ids)
             if not missing:
                 trace.stage("details", started, len(found), detail="cached")
                 return found

@@ -13,6 +13,7 @@ def test_ttl_cache_expires_and_evicts_least_recent() -> None:
     assert cache.get("a") == 1
     cache.put("c", 3)  # "a" was stored first: evicted although it was read
     assert cache.get("a") is None and cache.get("b") == 2 and cache.get("c") == 3
+    assert cache.get_many(["b", "x", "c"]) == ({"b": 2, "c": 3}, ["x"])
     now[0] = 2.5
     assert cache.get("b") is None and len(cache) == 1
     off: TtlCache[str, int] = TtlCache("off", max_entries=10, ttl=0.0)
