@@ -36,6 +36,7 @@ app.add_typer(profile_cli.app)  # load, export-events
 app.add_typer(train_app, name="train")
 app.add_typer(gateway_cli.report_app, name="report")
 app.command("campaign")(gateway_cli.campaign)
+app.add_typer(gateway_cli.keys_app, name="keys")
 app.command("promote")(promote_command)
 
 

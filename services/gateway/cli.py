@@ -161,3 +161,14 @@ def campaign(
     )
     if result.failed:
         raise typer.Exit(1)
+
+
+keys_app = typer.Typer(help="Gateway API keys.", no_args_is_help=True)
+
+
+@keys_app.command("hash")
+def keys_hash(key: str = typer.Argument(..., help="The new API key.")) -> None:
+    """Print the SHA-256 digest to store in the keys file (the key itself is never stored)."""
+    from services.gateway.auth import hash_key
+
+    print(hash_key(key))
