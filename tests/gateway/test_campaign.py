@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 from typer.testing import CliRunner
 
 from mercato.cli import app
+from mercato.client import MercatoClient
 from mercato.v1 import common_pb2, profile_pb2, profile_pb2_grpc, ranking_pb2, ranking_pb2_grpc
 from tests.procs import free_port, start_service
 from tests.profile.factory import DAY_US, NOW_US, event, item
@@ -104,6 +105,28 @@ def test_campaigns_through_the_gateway(tmp_path: Path) -> None:
         assert len(given) <= 2
         assert status["reminder"].decisions == len(given)
         assert status["reminder"].spent <= 0.02 + 1e-9
+
+        # an outcome sent to the gateway's TrackEvents reaches the offer policy
+        row = next(r for r in rows if r["offer_decision_id"])
+        bought = event(
+            "buy-after-email",
+            row["customer_id"],
+            ET.EVENT_TYPE_PURCHASE,
+            "i3",
+            NOW_US,
+            attributes={"decision_id": row["offer_decision_id"]},
+        )
+        with MercatoClient(gateway.target, timeout=5) as client:
+            assert client.track_events([bought]).accepted == 1
+        with ranking.channel() as ch:
+            again = ranking_pb2_grpc.RankingServiceStub(ch).RecordOfferOutcome(
+                ranking_pb2.RecordOfferOutcomeRequest(
+                    decision_id=row["offer_decision_id"],
+                    outcome=ranking_pb2.OFFER_OUTCOME_CONVERTED_WITHOUT_OFFER,
+                ),
+                timeout=5,
+            )
+        assert not again.recorded  # the gateway had forwarded it already
 
         out = tmp_path / "lapsed.csv"
         res = runner.invoke(
