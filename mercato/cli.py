@@ -25,6 +25,7 @@ from services.common.supervisor import (
     stop_from_pid_file,
     write_pid_file,
 )
+from services.gateway import cli as gateway_cli
 from services.profile import cli as profile_cli
 from training.cli import promote_command, train_app
 
@@ -33,6 +34,9 @@ console = Console()
 app.add_typer(profile_cli.app)  # load, export-events
 
 app.add_typer(train_app, name="train")
+app.add_typer(gateway_cli.report_app, name="report")
+app.command("campaign")(gateway_cli.campaign)
+app.add_typer(gateway_cli.keys_app, name="keys")
 app.command("promote")(promote_command)
 
 

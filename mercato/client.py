@@ -24,7 +24,7 @@ import grpc
 
 from mercato.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
-__all__ = ["MercatoClient", "new_event_id"]
+__all__ = ["MercatoClient", "new_event_id", "tls_credentials"]
 
 _SERVICE = "mercato.v1.GatewayService"
 
@@ -49,6 +49,26 @@ def _service_config(retries: int) -> str:
     return json.dumps(policy)
 
 
+def tls_credentials(
+    ca_file: str, cert_file: str | None = None, key_file: str | None = None
+) -> grpc.ChannelCredentials:
+    """Channel credentials from PEM files: the CA to trust, and optionally a client
+    certificate and its key (mTLS)."""
+    if bool(cert_file) != bool(key_file):
+        raise ValueError("a client certificate needs both cert_file and key_file")
+    with open(ca_file, "rb") as f:
+        ca = f.read()
+    cert = key = None
+    if cert_file and key_file:
+        with open(cert_file, "rb") as f:
+            cert = f.read()
+        with open(key_file, "rb") as f:
+            key = f.read()
+    return grpc.ssl_channel_credentials(
+        root_certificates=ca, private_key=key, certificate_chain=cert
+    )
+
+
 def new_event_id() -> str:
     """A fresh unique event id."""
     return uuid.uuid4().hex
@@ -66,13 +86,27 @@ class MercatoClient:
         retries: int = 2,
         credentials: grpc.ChannelCredentials | None = None,
         max_message_bytes: int = 4 * 1024 * 1024,
+        tls_ca_file: str | None = None,
+        tls_cert_file: str | None = None,
+        tls_key_file: str | None = None,
+        tls_server_name: str | None = None,
     ) -> None:
+        """``tls_ca_file`` turns TLS on (the CA the gateway's certificate chains to);
+        ``tls_cert_file`` + ``tls_key_file`` present a client certificate (mTLS);
+        ``tls_server_name`` checks the certificate against another name than the
+        target's host. ``credentials`` gives ready-made channel credentials instead."""
+        if credentials is None and tls_ca_file:
+            credentials = tls_credentials(tls_ca_file, tls_cert_file, tls_key_file)
+        elif credentials is None and (tls_cert_file or tls_key_file):
+            raise ValueError("tls_cert_file / tls_key_file need tls_ca_file")
         options: list[tuple[str, object]] = [
             ("grpc.enable_retries", 1 if retries > 0 else 0),
             ("grpc.service_config", _service_config(retries)),
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
         ]
+        if tls_server_name:
+            options.append(("grpc.ssl_target_name_override", tls_server_name))
         if credentials is None:
             self._channel = grpc.insecure_channel(target, options=options)
         else:

@@ -34,12 +34,15 @@ class ServiceProc:
     metrics_port: int
     process: subprocess.Popen[bytes]
     log_path: Path
+    credentials: grpc.ChannelCredentials | None = None  # TLS services: how to reach them
 
     @property
     def target(self) -> str:
         return f"127.0.0.1:{self.port}"
 
     def channel(self) -> grpc.Channel:
+        if self.credentials is not None:
+            return grpc.secure_channel(self.target, self.credentials)
         return grpc.insecure_channel(self.target)
 
     def log(self) -> str:
@@ -94,6 +97,7 @@ def start_service(
     port: int | None = None,
     wait: str | None = "SERVING",
     timeout: float = 60.0,
+    credentials: grpc.ChannelCredentials | None = None,
 ) -> ServiceProc:
     """Start ``python -m services.<name>`` on free ports with its state under ``tmp_path``."""
     port = port or free_port()
@@ -119,7 +123,7 @@ def start_service(
             stdout=log,
             stderr=subprocess.STDOUT,
         )
-    svc = ServiceProc(name, port, metrics_port, proc, log_path)
+    svc = ServiceProc(name, port, metrics_port, proc, log_path, credentials)
     if wait:
         try:
             svc.wait_status(wait, timeout)

@@ -719,3 +719,73 @@ class GetTrendingResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetTrendingResponse: _TypeAlias = GetTrendingResponse  # noqa: Y015
+
+@_typing.final
+class ListCustomersRequest(_message.Message):
+    """Request of ProfileService.ListCustomers. Filters combine with AND; unset ones match all."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    SEGMENT_FIELD_NUMBER: _builtins.int
+    MIN_RECENCY_DAYS_FIELD_NUMBER: _builtins.int
+    CATEGORY_FIELD_NUMBER: _builtins.int
+    MIN_CATEGORY_AFFINITY_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """Customers scanned per page, 1 to 1000 (0 = 100)."""
+    page_token: _builtins.str
+    """Token from a previous response; empty for the first page."""
+    segment: _builtins.str
+    """Only customers of this segment ("new", "active", "loyal", "at_risk", "lapsed" or an override)."""
+    min_recency_days: _builtins.float
+    """Only customers whose last purchase is at least this many days old (0 = no filter)."""
+    category: _builtins.str
+    """Only customers with at least `min_category_affinity` interest in this category."""
+    min_category_affinity: _builtins.float
+    """Threshold of `category` (share of interest, 0 to 1; 0 with a category = any interest)."""
+    def __init__(
+        self,
+        *,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+        segment: _builtins.str = ...,
+        min_recency_days: _builtins.float = ...,
+        category: _builtins.str = ...,
+        min_category_affinity: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["category", b"category", "min_category_affinity", b"min_category_affinity", "min_recency_days", b"min_recency_days", "page_size", b"page_size", "page_token", b"page_token", "segment", b"segment"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListCustomersRequest: _TypeAlias = ListCustomersRequest  # noqa: Y015
+
+@_typing.final
+class ListCustomersResponse(_message.Message):
+    """Response of ProfileService.ListCustomers."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROFILES_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Token for the next page; empty when the scan is complete."""
+    @_builtins.property
+    def profiles(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Profile]:
+        """The matching profiles of this page."""
+
+    def __init__(
+        self,
+        *,
+        profiles: _abc.Iterable[_common_pb2.Profile] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "profiles", b"profiles"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListCustomersResponse: _TypeAlias = ListCustomersResponse  # noqa: Y015

@@ -91,6 +91,11 @@ class ProfileServiceStub:
                 request_serializer=mercato_dot_v1_dot_profile__pb2.GetTrendingRequest.SerializeToString,
                 response_deserializer=mercato_dot_v1_dot_profile__pb2.GetTrendingResponse.FromString,
                 _registered_method=True)
+        self.ListCustomers = channel.unary_unary(
+                '/mercato.v1.ProfileService/ListCustomers',
+                request_serializer=mercato_dot_v1_dot_profile__pb2.ListCustomersRequest.SerializeToString,
+                response_deserializer=mercato_dot_v1_dot_profile__pb2.ListCustomersResponse.FromString,
+                _registered_method=True)
 
 
 class ProfileServiceServicer:
@@ -184,6 +189,15 @@ class ProfileServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListCustomers(self, request, context):
+        """Pages through customers with a derived profile (campaigns: lapsed customers, a
+        category's fans), optionally filtered. A page scans `page_size` customers and returns
+        those that match, so it may hold fewer (even none) while `next_page_token` is set.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ProfileServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -241,6 +255,11 @@ def add_ProfileServiceServicer_to_server(servicer, server):
                     servicer.GetTrending,
                     request_deserializer=mercato_dot_v1_dot_profile__pb2.GetTrendingRequest.FromString,
                     response_serializer=mercato_dot_v1_dot_profile__pb2.GetTrendingResponse.SerializeToString,
+            ),
+            'ListCustomers': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListCustomers,
+                    request_deserializer=mercato_dot_v1_dot_profile__pb2.ListCustomersRequest.FromString,
+                    response_serializer=mercato_dot_v1_dot_profile__pb2.ListCustomersResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -542,6 +561,33 @@ class ProfileService:
             '/mercato.v1.ProfileService/GetTrending',
             mercato_dot_v1_dot_profile__pb2.GetTrendingRequest.SerializeToString,
             mercato_dot_v1_dot_profile__pb2.GetTrendingResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListCustomers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mercato.v1.ProfileService/ListCustomers',
+            mercato_dot_v1_dot_profile__pb2.ListCustomersRequest.SerializeToString,
+            mercato_dot_v1_dot_profile__pb2.ListCustomersResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -70,6 +70,11 @@ class ProfileServiceStub:
     """Pages through the catalog (index builds, exports)."""
     GetTrending: _grpc.UnaryUnaryMultiCallable[_profile_pb2.GetTrendingRequest, _profile_pb2.GetTrendingResponse]
     """Returns items ranked by time-decayed popularity over recent events, overall or per category."""
+    ListCustomers: _grpc.UnaryUnaryMultiCallable[_profile_pb2.ListCustomersRequest, _profile_pb2.ListCustomersResponse]
+    """Pages through customers with a derived profile (campaigns: lapsed customers, a
+    category's fans), optionally filtered. A page scans `page_size` customers and returns
+    those that match, so it may hold fewer (even none) while `next_page_token` is set.
+    """
 
 @_typing.type_check_only
 class ProfileServiceAsyncStub(ProfileServiceStub):
@@ -111,6 +116,11 @@ class ProfileServiceAsyncStub(ProfileServiceStub):
     """Pages through the catalog (index builds, exports)."""
     GetTrending: _aio.UnaryUnaryMultiCallable[_profile_pb2.GetTrendingRequest, _profile_pb2.GetTrendingResponse]  # type: ignore[assignment]
     """Returns items ranked by time-decayed popularity over recent events, overall or per category."""
+    ListCustomers: _aio.UnaryUnaryMultiCallable[_profile_pb2.ListCustomersRequest, _profile_pb2.ListCustomersResponse]  # type: ignore[assignment]
+    """Pages through customers with a derived profile (campaigns: lapsed customers, a
+    category's fans), optionally filtered. A page scans `page_size` customers and returns
+    those that match, so it may hold fewer (even none) while `next_page_token` is set.
+    """
 
 class ProfileServiceServicer(metaclass=_abc_1.ABCMeta):
     """Owns Mercato's operational data. Events are durable once acknowledged and
@@ -215,5 +225,16 @@ class ProfileServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_profile_pb2.GetTrendingResponse, _abc.Awaitable[_profile_pb2.GetTrendingResponse]]:
         """Returns items ranked by time-decayed popularity over recent events, overall or per category."""
+
+    @_abc_1.abstractmethod
+    def ListCustomers(
+        self,
+        request: _profile_pb2.ListCustomersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_profile_pb2.ListCustomersResponse, _abc.Awaitable[_profile_pb2.ListCustomersResponse]]:
+        """Pages through customers with a derived profile (campaigns: lapsed customers, a
+        category's fans), optionally filtered. A page scans `page_size` customers and returns
+        those that match, so it may hold fewer (even none) while `next_page_token` is set.
+        """
 
 def add_ProfileServiceServicer_to_server(servicer: ProfileServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -131,8 +131,22 @@ class Supervisor:
 
 def health_status(target: str, service: str = "", timeout: float = 1.0) -> str:
     """The gRPC health status of ``target`` as a string, or UNREACHABLE."""
+    from services.common.channels import client_credentials
+    from services.common.settings import ClientTlsSettings
+
+    tls = ClientTlsSettings()  # MERCATO_CLIENT_TLS_*: the services run with TLS
+    creds = client_credentials(tls)
+    options = (
+        [("grpc.ssl_target_name_override", tls.server_name_override)]
+        if tls.server_name_override
+        else []
+    )
     try:
-        with grpc.insecure_channel(target) as channel:
+        with (
+            grpc.insecure_channel(target)
+            if creds is None
+            else grpc.secure_channel(target, creds, options=options)
+        ) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             resp = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
             return str(health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status))

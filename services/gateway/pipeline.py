@@ -33,8 +33,10 @@ from mercato.v1 import (
 from services.common.errors import InvalidArgument, NotFound, ServiceError, Unavailable
 from services.common.logs import request_id_var
 from services.gateway.breaker import CircuitBreaker
+from services.gateway.cache import TtlCache
 from services.gateway.downstream import Deadline, Downstream, HopError
 from services.gateway.experiments import Experiment
+from services.gateway.exposures import ExposureLog, exposure_event
 from services.gateway.settings import GatewaySettings
 
 MAX_ID_BYTES = 128
@@ -103,8 +105,10 @@ class Pipeline:
         settings: GatewaySettings,
         channels: dict[str, grpc.aio.Channel],
         experiments: list[Experiment],
+        exposures: ExposureLog | None = None,
     ) -> None:
         self.s = settings
+        self.exposures = exposures
         b = {
             name: CircuitBreaker(name, settings.breaker_failures, settings.breaker_reset_seconds)
             for name in ("profile", "retrieval", "ranking")
@@ -116,6 +120,12 @@ class Pipeline:
         self.retrieval_stub = retrieval_pb2_grpc.RetrievalServiceStub(channels["retrieval"])
         self.ranking_stub = ranking_pb2_grpc.RankingServiceStub(channels["ranking"])
         self.experiments = experiments
+        self.details_cache: TtlCache[str, common_pb2.Item] = TtlCache(
+            "details", settings.details_cache_items, settings.details_cache_seconds
+        )
+        self.trending_cache: TtlCache[str, list[tuple[str, float]]] = TtlCache(
+            "trending", 256, settings.trending_cache_seconds
+        )
         self.offer_surfaces = {s.strip() for s in settings.offer_surfaces.split(",") if s.strip()}
 
     # -- helpers -----------------------------------------------------------------------
@@ -176,13 +186,36 @@ class Pipeline:
         exclude: set[str],
         deadline: Deadline,
     ) -> list[common_pb2.Candidate]:
-        """Popular items as candidates (the retrieval fallback)."""
-        req = profile_pb2.GetTrendingRequest(
-            k=min(1000, k + len(exclude)),
-            category=categories[0] if len(categories) == 1 else "",
-            in_stock_only=True,
-            exclude_item_ids=sorted(exclude),
+        """Popular items as candidates (the retrieval fallback). The list of a category is
+        cached briefly and filtered here; a live call with the exclusions is made when the
+        cached list runs short."""
+        category = categories[0] if len(categories) == 1 else ""
+        if self.trending_cache.enabled:
+            rows = self.trending_cache.get(category)
+            if rows is None:
+                depth = self._trending_depth()
+                rows = await self._trending_call(
+                    profile_pb2.GetTrendingRequest(k=depth, category=category, in_stock_only=True),
+                    deadline,
+                )
+                self.trending_cache.put(category, rows)
+            out = [(i, s) for i, s in rows if i not in exclude][:k]
+            if len(out) >= k or len(rows) < self._trending_depth():
+                return self._trending_candidates(out)
+        rows = await self._trending_call(
+            profile_pb2.GetTrendingRequest(
+                k=min(1000, k + len(exclude)),
+                category=category,
+                in_stock_only=True,
+                exclude_item_ids=sorted(exclude),
+            ),
+            deadline,
         )
+        return self._trending_candidates([(i, s) for i, s in rows if i not in exclude][:k])
+
+    async def _trending_call(
+        self, req: profile_pb2.GetTrendingRequest, deadline: Deadline
+    ) -> list[tuple[str, float]]:
         resp = await self.profile.call(
             "trending",
             self.profile_stub.GetTrending,
@@ -191,13 +224,17 @@ class Pipeline:
             self.s.profile_timeout_ms / 1000,
             self.s.read_retries,
         )
+        return [(t.item_id, float(t.score)) for t in resp.items]
+
+    def _trending_depth(self) -> int:
+        return min(1000, self.s.candidates_k + 100)
+
+    @staticmethod
+    def _trending_candidates(rows: list[tuple[str, float]]) -> list[common_pb2.Candidate]:
         return [
-            common_pb2.Candidate(
-                item_id=t.item_id, score=float(t.score), source=common_pb2.REASON_TRENDING
-            )
-            for t in resp.items
-            if t.item_id not in exclude
-        ][:k]
+            common_pb2.Candidate(item_id=i, score=s, source=common_pb2.REASON_TRENDING)
+            for i, s in rows
+        ]
 
     async def item_details(
         self, ids: list[str], deadline: Deadline, trace: Trace
@@ -206,21 +243,31 @@ class Pipeline:
         if not ids:
             return {}
         started = time.perf_counter()
+        found: dict[str, common_pb2.Item] = {}
+        missing = ids
+        if self.details_cache.enabled:
+            found, missing = self.details_cache.get_many(ids)
+            if not missing:
+                trace.stage("details", started, len(found), detail="cached")
+                return found
         try:
             resp = await self.profile.call(
                 "details",
                 self.profile_stub.GetItems,
-                profile_pb2.GetItemsRequest(item_ids=ids),
+                profile_pb2.GetItemsRequest(item_ids=missing),
                 deadline,
                 self.s.details_timeout_ms / 1000,
                 self.s.read_retries,
             )
         except HopError as err:
             trace.degrade("details", "ids_only", err.reason)
-            trace.stage("details", started, 0, True, err.reason)
-            return {}
-        trace.stage("details", started, len(resp.items))
-        return {item.item_id: item for item in resp.items}
+            trace.stage("details", started, len(found), True, err.reason)
+            return found
+        for item in resp.items:
+            found[item.item_id] = item
+            self.details_cache.put(item.item_id, item)
+        trace.stage("details", started, len(found))
+        return found
 
     async def select_offer(
         self,
@@ -301,6 +348,37 @@ class Pipeline:
                 break
         return out
 
+    def expose(
+        self,
+        call: str,
+        customer_id: str,
+        surface: int,
+        items: Sequence[gateway_pb2.RecommendedItem],
+        assigned: Sequence[gateway_pb2.ExperimentAssignment],
+        trace: Trace,
+        offer_id: str = "",
+        decision_id: str = "",
+        anchor_item_id: str = "",
+    ) -> None:
+        """Queue the exposure event of an answer (anonymous callers are not logged)."""
+        if self.exposures is None or not customer_id:
+            return
+        self.exposures.log(
+            exposure_event(
+                customer_id=customer_id,
+                request_id=request_id_var.get(),
+                surface=surface,
+                call=call,
+                item_ids=[r.item.item_id for r in items],
+                experiments=[(a.experiment, a.variant) for a in assigned],
+                models=trace.models,
+                offer_id=offer_id,
+                decision_id=decision_id,
+                degraded=[d.stage for d in trace.degraded],
+                anchor_item_id=anchor_item_id,
+            )
+        )
+
     # -- public calls ----------------------------------------------------------------
 
     async def recommend(
@@ -355,6 +433,17 @@ class Pipeline:
         info = trace.debug_info()
         if info is not None:
             resp.debug.CopyFrom(info)
+        self.expose(
+            "recommend",
+            req.customer_id,
+            ctx.surface,
+            resp.items,
+            assigned,
+            trace,
+            resp.offer.offer_id,
+            resp.offer_decision_id,
+            ctx.anchor_item_id,
+        )
         return resp
 
     async def candidates(
@@ -440,7 +529,7 @@ class Pipeline:
             raise InvalidArgument(f"unknown kind {req.kind}")
         deadline = self.deadline(context)
         trace = Trace(req.debug)
-        aliases, _ = self.assignments(req.customer_id)
+        aliases, assigned = self.assignments(req.customer_id)
         profile = await self.get_profile(req.customer_id, deadline, trace)
         started = time.perf_counter()
         try:
@@ -490,6 +579,15 @@ class Pipeline:
         info = trace.debug_info()
         if info is not None:
             resp_out.debug.CopyFrom(info)
+        self.expose(
+            "related",
+            req.customer_id,
+            common_pb2.SURFACE_PRODUCT,
+            resp_out.items,
+            assigned,
+            trace,
+            anchor_item_id=req.item_id,
+        )
         return resp_out
 
     async def cart(
@@ -503,7 +601,7 @@ class Pipeline:
             ctx.surface = common_pb2.SURFACE_CART
         deadline = self.deadline(context)
         trace = Trace(req.debug)
-        aliases, _ = self.assignments(req.customer_id)
+        aliases, assigned = self.assignments(req.customer_id)
         profile = await self.get_profile(req.customer_id, deadline, trace)
         cart_ids = [line.item_id for line in profile.cart.lines] or list(ctx.cart_item_ids)
         offer_task = None
@@ -562,6 +660,16 @@ class Pipeline:
         info = trace.debug_info()
         if info is not None:
             out.debug.CopyFrom(info)
+        self.expose(
+            "cart",
+            req.customer_id,
+            ctx.surface,
+            out.items,
+            assigned,
+            trace,
+            out.offer.offer_id,
+            out.offer_decision_id,
+        )
         return out
 
     async def _fallback_trending(

@@ -13,6 +13,7 @@ from services.common.server import BaseService, run_service
 from services.common.settings import ClientTlsSettings
 from services.gateway.auth import ApiKeyAuthenticator
 from services.gateway.experiments import load_experiments
+from services.gateway.exposures import ExposureLog
 from services.gateway.pipeline import Pipeline
 from services.gateway.settings import GatewaySettings
 
@@ -66,8 +67,19 @@ class GatewayService(BaseService):
             "retrieval": aio_channel(settings.retrieval_target, tls, settings.max_message_bytes),
             "ranking": aio_channel(settings.ranking_target, tls, settings.max_message_bytes),
         }
+        self.exposures = ExposureLog(
+            self.channels["profile"],
+            max_queue=settings.exposure_queue_size,
+            batch_size=settings.exposure_batch_size,
+            flush_interval=settings.exposure_flush_ms / 1000,
+            timeout=settings.track_timeout_ms / 1000,
+            enabled=settings.exposures_enabled,
+        )
         self.pipeline = Pipeline(
-            settings, self.channels, load_experiments(settings.experiments_file)
+            settings,
+            self.channels,
+            load_experiments(settings.experiments_file),
+            exposures=self.exposures,
         )
 
     def register(self, server: grpc.aio.Server) -> Sequence[str]:
@@ -77,6 +89,8 @@ class GatewayService(BaseService):
         return [gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_name]
 
     async def stop(self) -> None:
+        # In-flight calls have drained: send the exposures they queued, then close.
+        await self.exposures.close(timeout=max(1.0, self.gs.track_timeout_ms / 1000 * 2))
         for ch in self.channels.values():
             await ch.close()
 

@@ -51,3 +51,22 @@ class GatewaySettings(ServiceSettings):
     offer_surfaces: str = Field(
         "cart,checkout,email", description="Surfaces on which Recommend may return an offer."
     )
+    exposures_enabled: bool = Field(
+        True, description="Log every answer as an exposure event in the profile event log."
+    )
+    exposure_queue_size: int = Field(
+        10_000, ge=1, description="Exposures waiting to be sent before new ones are dropped."
+    )
+    exposure_batch_size: int = Field(
+        200, ge=1, le=1000, description="Exposure events per TrackEvents batch."
+    )
+    exposure_flush_ms: float = Field(
+        200, gt=0, description="Longest wait to fill an exposure batch."
+    )
+    details_cache_seconds: float = Field(
+        2.0, ge=0, description="How long item details (incl. stock) are reused; 0 = off."
+    )
+    details_cache_items: int = Field(200_000, ge=0, description="Items kept in that cache.")
+    trending_cache_seconds: float = Field(
+        2.0, ge=0, description="How long a trending list is reused; 0 = off."
+    )

@@ -53,6 +53,10 @@ ITEM_EVENTS = frozenset(
         ET.EVENT_TYPE_CLICK,
     }
 )
+# Events that only record what Mercato showed (experiment exposures): kept in the log for
+# reports (``mercato report ab``) but they change no derived profile: a customer who was
+# only shown recommendations stays unknown, and last_seen is the customer's own activity.
+LOG_ONLY_EVENTS = frozenset({ET.EVENT_TYPE_EXPOSURE})
 # Events that name an offer (offer_id required).
 OFFER_EVENTS = frozenset({ET.EVENT_TYPE_OFFER_SHOWN, ET.EVENT_TYPE_OFFER_REDEEMED})
 # How much one event says about interest in its item's category / its item's popularity.
@@ -343,6 +347,8 @@ def recompute_profile(
     cfg = cfg or ProfileConfig()
     state: ProfileState | None = None
     for ev in events:
+        if ev.type in LOG_ONLY_EVENTS:
+            continue
         if state is None:
             state = ProfileState()
         apply_event(state, ev, cfg)

@@ -253,6 +253,45 @@ class ProfileServicer(profile_pb2_grpc.ProfileServiceServicer):
             missing_item_ids=[i for i in ids if i not in found],
         )
 
+    async def ListCustomers(
+        self, request: profile_pb2.ListCustomersRequest, context: grpc.aio.ServicerContext
+    ) -> profile_pb2.ListCustomersResponse:
+        require(0 <= request.page_size <= 1000, "page_size must be between 0 and 1000")
+        require(request.min_recency_days >= 0, "min_recency_days must be >= 0")
+        require(0 <= request.min_category_affinity <= 1, "min_category_affinity must be in [0, 1]")
+        require(
+            not request.min_category_affinity or bool(request.category),
+            "min_category_affinity needs a category",
+        )
+        cursor = ""
+        if request.page_token:
+            raw = _decode_token(request.page_token, "ListCustomers")
+            if not isinstance(raw, str):
+                raise InvalidArgument("page_token is not a token of ListCustomers")
+            cursor = raw
+        ids, nxt = await self.store.page_customer_ids(cursor, request.page_size or 100)
+        resp = profile_pb2.ListCustomersResponse()
+        if ids:
+            now = now_us()
+            for rec in await self.store.get_customers(list(dict.fromkeys(ids))):
+                if rec.state is None:
+                    continue
+                prof = build_profile(rec.customer_id, rec.state, rec.static, now, self.cfg)
+                if request.segment and prof.segment != request.segment:
+                    continue
+                if request.min_recency_days and not (
+                    prof.rfm.frequency > 0 and prof.rfm.recency_days >= request.min_recency_days
+                ):
+                    continue
+                if request.category:
+                    share = prof.category_affinity.get(request.category, 0.0)
+                    if share <= 0 or share < request.min_category_affinity:
+                        continue
+                resp.profiles.append(prof)
+        if nxt:
+            resp.next_page_token = _encode_token(nxt)
+        return resp
+
     async def ListItems(
         self, request: profile_pb2.ListItemsRequest, context: grpc.aio.ServicerContext
     ) -> profile_pb2.ListItemsResponse:

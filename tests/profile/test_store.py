@@ -222,3 +222,25 @@ def test_sqlite_forward_migration_keeps_data(tmp_path: Path, cfg: ProfileConfig)
 def test_float_state_round_trip_is_exact() -> None:
     s = ProfileState(monetary=0.1 + 0.2, affinity={"a": math.pi / 3})
     assert ProfileState.from_json(s.to_json()) == s
+
+
+async def test_page_customer_ids_covers_every_customer_with_a_state(
+    store: ProfileStore, cfg: ProfileConfig
+) -> None:
+    items = catalog()
+    await store.append_events(to_log(random_events(3, 80, customers=9), items))
+    # a customer seen only through an exposure has no derived state: not listed
+    exposure = common_pb2.Event(
+        event_id="x1", customer_id="only-shown", type=ET.EVENT_TYPE_EXPOSURE
+    )
+    exposure.timestamp.FromMicroseconds(NOW_US)
+    await store.append_events(to_log([exposure], items))
+    seen: list[str] = []
+    cursor = ""
+    while True:
+        ids, cursor = await store.page_customer_ids(cursor, 4)
+        seen += ids
+        if not cursor:
+            break
+    assert set(seen) == set(await states_of(store))
+    assert "only-shown" not in seen

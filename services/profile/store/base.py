@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from mercato.v1 import common_pb2
 from services.common.errors import NotFound, Unavailable
 from services.profile.logic import (
+    LOG_ONLY_EVENTS,
     CustomerStatic,
     LogEvent,
     ProfileConfig,
@@ -115,6 +116,8 @@ def plan_batch(
                 key = (scope, ev.item_id)
                 plan.increments[key] = plan.increments.get(key, 0.0) + inc
     for ev in plan.accepted:
+        if ev.type in LOG_ONLY_EVENTS:
+            continue  # logged, but no part of the derived profile
         state = plan.states.get(ev.customer_id)
         if state is None:
             stored = states.get(ev.customer_id)
@@ -201,6 +204,12 @@ class ProfileStore(abc.ABC):
     async def read_log(self, after: str, limit: int) -> tuple[list[LogEvent], str]:
         """Up to ``limit`` log events after the cursor ("" = from the start), in log
         order, and the cursor to continue from."""
+
+    @abc.abstractmethod
+    async def page_customer_ids(self, cursor: str, limit: int) -> tuple[list[str], str]:
+        """About ``limit`` ids of customers with a derived state after ``cursor`` ("" =
+        from the start) and the cursor to continue from ("" when the scan is complete).
+        Each id appears once per complete scan."""
 
     @abc.abstractmethod
     def scan_states(self, batch: int = 500) -> AsyncIterator[list[tuple[str, ProfileState]]]:

@@ -316,6 +316,14 @@ class RedisStore(ProfileStore):
         states = await self.r.mget([self.k_state(c) for c in found])
         return [(c, ProfileState.from_json(s)) for c, s in zip(found, states, strict=True) if s]
 
+    @_unavailable
+    async def page_customer_ids(self, cursor: str, limit: int) -> tuple[list[str], str]:
+        cut = len(self.k_state(""))
+        nxt, keys = await self.r.scan(int(cursor or 0), match=self.k_state("*"), count=limit)
+        # SCAN guarantees every key present for the whole scan is returned; one may come
+        # twice across pages, so callers de-duplicate within a page only if they must.
+        return [k.decode()[cut:] for k in keys], "" if int(nxt) == 0 else str(nxt)
+
     async def scan_states(self, batch: int = 500) -> AsyncIterator[list[tuple[str, ProfileState]]]:
         cut = len(self.k_state(""))
         async for keys in self._scan(self.k_state("*"), batch):

@@ -468,6 +468,22 @@ class SqliteStore(ProfileStore):
         )
         return [(cid, ProfileState.from_json(state)) for cid, state in rows]
 
+    async def page_customer_ids(self, cursor: str, limit: int) -> tuple[list[str], str]:
+        try:
+            rows = (
+                self._read()
+                .execute(
+                    "SELECT customer_id FROM customers WHERE customer_id > ? "
+                    "AND state IS NOT NULL ORDER BY customer_id LIMIT ?",
+                    (cursor, limit),
+                )
+                .fetchall()
+            )
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"profile database read failed: {exc}") from exc
+        ids = [r[0] for r in rows]
+        return ids, ids[-1] if len(ids) == limit else ""
+
     async def scan_states(self, batch: int = 500) -> AsyncIterator[list[tuple[str, ProfileState]]]:
         last = ""
         while True:

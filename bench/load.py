@@ -1,0 +1,580 @@
+"""Load benchmark of the gateway (``make bench-load``).
+
+All four services run as real processes on this machine (``tests/procs.py``), each with
+a fresh ``MERCATO_HOME``; the profile store (SQLite) is filled with the synthetic retail
+generator (``training.synthetic``) through the real write path: ``--items`` catalog items
+(``UpsertItems``) and the events of ``--users`` customers (``TrackEvents``, timestamps
+shifted so the newest event is now). Then, from one asyncio gRPC client process:
+
+- **floor**: ``DiagnosticsService.Echo`` on the gateway (the same runtime: interceptors,
+  metrics, limits; no downstream calls), closed loop and open loop like Recommend;
+- **closed loop**: ``--concurrency`` Recommend calls always in flight for ``--duration``
+  seconds: throughput and latency;
+- **open loop**: Recommend sent at a fixed ``--rate`` per second for ``--duration``
+  seconds, latency measured from the scheduled send time (no coordinated omission);
+
+with throughput, p50/p95/p99, errors, the fraction of answers marked degraded (and by
+which stage), and per-hop latency from the gateway's Prometheus histogram
+``mercato_gateway_hop_latency_seconds`` (difference of scrapes before/after each run;
+quantiles are bucket upper bounds). Models: retrieval and ranking load whatever the
+MLflow registry at ``MERCATO_MLFLOW_TRACKING_URI`` holds (none by default: retrieval
+then answers UNIMPLEMENTED/UNAVAILABLE and every answer is degraded to trending items,
+ranking ranks by rules only). Such numbers are a preliminary baseline, not the target
+configuration. The client shares the machine's cores with the four services.
+
+Results: ``bench/results/load.json`` and ``bench/results/load.md`` (``--tag`` changes the
+name). ``--quick`` runs a small catalog for a few seconds (smoke test of the bench).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import re
+import statistics
+import sys
+import tempfile
+import time
+import urllib.request
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from mercato.v1 import (  # noqa: E402
+    common_pb2,
+    diagnostics_pb2,
+    diagnostics_pb2_grpc,
+    gateway_pb2,
+    gateway_pb2_grpc,
+    profile_pb2,
+    profile_pb2_grpc,
+)
+from services.common.channels import channel_options  # noqa: E402
+from tests.procs import ServiceProc, start_service  # noqa: E402
+
+ET = common_pb2.EventType
+HOME = common_pb2.Context(surface=common_pb2.SURFACE_HOME)
+EVENT_TYPES = {
+    "view": ET.EVENT_TYPE_VIEW,
+    "cart": ET.EVENT_TYPE_ADD_TO_CART,
+    "add_to_cart": ET.EVENT_TYPE_ADD_TO_CART,
+    "purchase": ET.EVENT_TYPE_PURCHASE,
+}
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))]
+
+
+# --- data -------------------------------------------------------------------------
+
+
+def load_data(profile: ServiceProc, items: int, users: int, seed: int) -> dict[str, Any]:
+    """Synthetic catalog + events into the profile service over gRPC; returns counts."""
+    from training.synthetic import SyntheticConfig, build_catalog, iter_blocks
+
+    started = time.perf_counter()
+    cfg = SyntheticConfig(n_users=users, n_items=items, days=30, seed=seed)
+    cat = build_catalog(cfg)
+    frame = cat.items_frame()
+    rng_stock = (frame.index.to_numpy() * 7919) % 50  # deterministic, some out of stock
+    built = time.perf_counter()
+    options = channel_options(64 * 1024 * 1024)
+    with grpc.insecure_channel(profile.target, options=options) as ch:
+        stub = profile_pb2_grpc.ProfileServiceStub(ch)
+        batch: list[common_pb2.Item] = []
+        for row, stock in zip(frame.itertuples(index=False), rng_stock, strict=True):
+            batch.append(
+                common_pb2.Item(
+                    item_id=row.item_id,
+                    title=f"{row.category.rsplit('/', 1)[-1]} {row.item_id}",
+                    category=row.category,
+                    price=float(row.price),
+                    stock=int(stock),
+                    attributes={"brand": row.attr_brand, "color": row.attr_color},
+                )
+            )
+            if len(batch) == 1000:
+                stub.UpsertItems(profile_pb2.UpsertItemsRequest(items=batch), timeout=60)
+                batch = []
+        if batch:
+            stub.UpsertItems(profile_pb2.UpsertItemsRequest(items=batch), timeout=60)
+        items_done = time.perf_counter()
+        blocks = list(iter_blocks(cfg, cat))
+        last_ts = max(int(ev["ts"].max()) for ev, _ in blocks)
+        shift = int(time.time()) - 60 - last_ts
+        n_events = 0
+        customers: list[str] = []
+        for ev, us in blocks:
+            customers += list(us["user_id"].astype(str))
+            events: list[common_pb2.Event] = []
+            for i, r in enumerate(ev.itertuples(index=False)):
+                kind = EVENT_TYPES.get(str(r.event))
+                if kind is None:
+                    continue
+                e = common_pb2.Event(
+                    event_id=f"s{seed}-{r.user_id}-{i}-{r.ts}",
+                    customer_id=str(r.user_id),
+                    type=kind,
+                    item_id=str(r.item_id),
+                    session_id=str(r.session_id),
+                )
+                e.timestamp.FromSeconds(int(r.ts) + shift)
+                if kind == ET.EVENT_TYPE_PURCHASE:
+                    e.order_id = f"o-{r.user_id}-{r.session_id}"
+                events.append(e)
+                if len(events) == 1000:
+                    stub.TrackEvents(
+                        profile_pb2.ProfileServiceTrackEventsRequest(
+                            events=events, partial_accept=True
+                        ),
+                        timeout=120,
+                    )
+                    n_events += len(events)
+                    events = []
+            if events:
+                stub.TrackEvents(
+                    profile_pb2.ProfileServiceTrackEventsRequest(
+                        events=events, partial_accept=True
+                    ),
+                    timeout=120,
+                )
+                n_events += len(events)
+    done = time.perf_counter()
+    return {
+        "items": items,
+        "customers": len(customers),
+        "events": n_events,
+        "generate_s": round(built - started, 1),
+        "upsert_items_s": round(items_done - built, 1),
+        "track_events_s": round(done - items_done, 1),
+        "customer_ids": customers,
+    }
+
+
+# --- metrics ----------------------------------------------------------------------
+
+_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)\{(.*)\}\s+([0-9.eE+-]+|NaN|\+Inf)$")
+
+
+def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Prometheus text exposition as {(name, labels): value}."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    out: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+    for line in text.splitlines():
+        m = _SAMPLE.match(line)
+        if not m:
+            continue
+        labels = tuple(sorted(re.findall(r'(\w+)="([^"]*)"', m.group(2))))
+        out[(m.group(1), labels)] = float(m.group(3))
+    return out
+
+
+def hop_latency(
+    before: dict[Any, float], after: dict[Any, float], metric: str, by: str
+) -> dict[str, dict[str, float]]:
+    """Per label ``by`` (hop / method): calls, mean and bucket-bound p50/p99 in ms over
+    the window between two scrapes (all outcomes together)."""
+    buckets: dict[str, dict[float, float]] = {}
+    sums: dict[str, float] = {}
+    counts: dict[str, float] = {}
+    for (name, labels), value in after.items():
+        d = dict(labels)
+        key = d.get(by)
+        if key is None:
+            continue
+        delta = value - before.get((name, labels), 0.0)
+        if name == metric + "_bucket":
+            le = float("inf") if d["le"] == "+Inf" else float(d["le"])
+            buckets.setdefault(key, {})
+            buckets[key][le] = buckets[key].get(le, 0.0) + delta
+        elif name == metric + "_sum":
+            sums[key] = sums.get(key, 0.0) + delta
+        elif name == metric + "_count":
+            counts[key] = counts.get(key, 0.0) + delta
+    out = {}
+    for key, n in counts.items():
+        if n <= 0:
+            continue
+        cum = sorted(buckets.get(key, {}).items())
+
+        def q(p: float, cum: list[tuple[float, float]] = cum, n: float = n) -> float:
+            for le, c in cum:
+                if c >= p * n:
+                    return le * 1000
+            return float("inf")
+
+        out[key] = {
+            "calls": int(n),
+            "mean_ms": round(sums.get(key, 0.0) / n * 1000, 3),
+            "p50_ms_le": q(0.5),
+            "p99_ms_le": q(0.99),
+        }
+    return out
+
+
+# --- load -------------------------------------------------------------------------
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.latencies: list[float] = []
+        self.errors: Counter[str] = Counter()
+        self.degraded = 0
+        self.degraded_by: Counter[str] = Counter()
+        self.answers = 0
+        self.empty = 0
+
+    def ok(self, latency: float, resp: Any) -> None:
+        self.latencies.append(latency)
+        self.answers += 1
+        degraded = getattr(resp, "degraded", None)
+        if degraded:
+            self.degraded += 1
+            for d in degraded:
+                self.degraded_by[f"{d.stage}:{d.fallback}"] += 1
+        if hasattr(resp, "items") and not resp.items:
+            self.empty += 1
+
+    def summary(self, seconds: float) -> dict[str, Any]:
+        lat = self.latencies
+        return {
+            "ok": len(lat),
+            "errors": sum(self.errors.values()),
+            "error_codes": dict(self.errors),
+            "seconds": round(seconds, 2),
+            "throughput_per_s": round(len(lat) / seconds, 1) if seconds > 0 else 0.0,
+            "p50_ms": round(pct(lat, 50) * 1000, 2),
+            "p95_ms": round(pct(lat, 95) * 1000, 2),
+            "p99_ms": round(pct(lat, 99) * 1000, 2),
+            "max_ms": round(max(lat) * 1000, 2) if lat else float("nan"),
+            "degraded_fraction": round(self.degraded / self.answers, 4) if self.answers else 0.0,
+            "degraded_by": dict(self.degraded_by),
+            "empty_answers": self.empty,
+        }
+
+
+class Target:
+    """What one call does (Recommend for a random known customer, or Echo)."""
+
+    def __init__(self, channel: grpc.aio.Channel, kind: str, customers: list[str], k: int) -> None:
+        self.kind = kind
+        self.customers = customers
+        self.k = k
+        self.gw = gateway_pb2_grpc.GatewayServiceStub(channel)
+        self.echo = diagnostics_pb2_grpc.DiagnosticsServiceStub(channel)
+        self.rng = random.Random(len(customers))
+
+    async def call(self, timeout: float) -> Any:
+        if self.kind == "echo":
+            return await self.echo.Echo(diagnostics_pb2.EchoRequest(payload=b"x"), timeout=timeout)
+        cid = self.customers[self.rng.randrange(len(self.customers))]
+        return await self.gw.Recommend(
+            gateway_pb2.RecommendRequest(
+                customer_id=cid,
+                k=self.k,
+                context=common_pb2.Context(surface=common_pb2.SURFACE_HOME),
+            ),
+            timeout=timeout,
+        )
+
+
+async def closed_loop(
+    target: Any, concurrency: int, seconds: float, timeout: float
+) -> dict[str, Any]:
+    rec = Recorder()
+    end = time.perf_counter() + seconds
+
+    async def worker() -> None:
+        while time.perf_counter() < end:
+            t0 = time.perf_counter()
+            try:
+                resp = await target.call(timeout)
+                rec.ok(time.perf_counter() - t0, resp)
+            except grpc.aio.AioRpcError as exc:
+                rec.errors[exc.code().name] += 1
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return {
+        "mode": "closed",
+        "concurrency": concurrency,
+        **rec.summary(time.perf_counter() - started),
+    }
+
+
+async def open_loop(
+    target: Any, rate: float, seconds: float, timeout: float, max_in_flight: int = 5000
+) -> dict[str, Any]:
+    rec = Recorder()
+    tasks: set[asyncio.Task[None]] = set()
+    skipped = 0
+
+    async def one(scheduled: float) -> None:
+        try:
+            resp = await target.call(timeout)
+            rec.ok(time.perf_counter() - scheduled, resp)
+        except grpc.aio.AioRpcError as exc:
+            rec.errors[exc.code().name] += 1
+
+    started = time.perf_counter()
+    total = int(rate * seconds)
+    for i in range(total):
+        scheduled = started + i / rate
+        delay = scheduled - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        if len(tasks) >= max_in_flight:
+            skipped += 1  # the client cannot keep up: counted as errors
+            rec.errors["CLIENT_OVERLOAD"] += 1
+            continue
+        task = asyncio.create_task(one(scheduled))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+    if tasks:
+        await asyncio.gather(*tasks)
+    elapsed = time.perf_counter() - started
+    out = {"mode": "open", "rate": rate, **rec.summary(elapsed)}
+    out["achieved_send_rate"] = round((total - skipped) / max(seconds, 1e-9), 1)
+    return out
+
+
+async def run_phase(
+    gateway: ServiceProc,
+    customers: list[str],
+    args: argparse.Namespace,
+) -> dict[str, Any]:
+    options = channel_options(16 * 1024 * 1024)
+    results: dict[str, Any] = {}
+    # A few channels: one HTTP/2 connection per channel; spread the client's calls.
+    channels = [grpc.aio.insecure_channel(gateway.target, options=options) for _ in range(4)]
+    try:
+        for kind in ("echo", "recommend"):
+            targets = [Target(ch, kind, customers, args.k) for ch in channels]
+            # warm-up
+            await asyncio.gather(*(t.call(5.0) for t in targets for _ in range(20)))
+            for mode in ("closed", "open"):
+                per: list[dict[str, Any]] = []
+                hops: list[dict[str, Any]] = []
+                for _ in range(args.repeats):
+                    before = scrape(gateway.metrics_port)
+                    multi = MultiTarget(targets)
+                    if mode == "closed":
+                        r = await closed_loop(multi, args.concurrency, args.duration, args.timeout)
+                    else:
+                        r = await open_loop(multi, args.rate, args.duration, args.timeout)
+                    after = scrape(gateway.metrics_port)
+                    per.append(r)
+                    hops.append(
+                        hop_latency(before, after, "mercato_gateway_hop_latency_seconds", "hop")
+                    )
+                    await asyncio.sleep(0.5)
+                results[f"{kind}_{mode}"] = median_run(per) | {"hops": hops[len(hops) // 2]}
+                if kind == "recommend" and mode == "open":
+                    for rate in args.extra_rates:
+                        r = await open_loop(MultiTarget(targets), rate, args.duration, args.timeout)
+                        results[f"recommend_open_{int(rate)}"] = r
+    finally:
+        for ch in channels:
+            await ch.close()
+    return results
+
+
+class MultiTarget:
+    """Round-robin over targets on different channels."""
+
+    def __init__(self, targets: list[Target]) -> None:
+        self.targets = targets
+        self.i = 0
+
+    async def call(self, timeout: float) -> Any:
+        self.i += 1
+        return await self.targets[self.i % len(self.targets)].call(timeout)
+
+
+def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run with the median p99 (all its numbers), plus the spread of the repeats."""
+    ordered = sorted(runs, key=lambda r: r["p99_ms"])
+    mid = dict(ordered[len(ordered) // 2])
+    if len(runs) > 1:
+        mid["repeats"] = len(runs)
+        mid["p99_ms_all"] = [r["p99_ms"] for r in runs]
+        mid["throughput_all"] = [r["throughput_per_s"] for r in runs]
+        mid["throughput_median"] = statistics.median(r["throughput_per_s"] for r in runs)
+    return mid
+
+
+# --- main -------------------------------------------------------------------------
+
+
+def start_stack(tmp: Path, args: argparse.Namespace) -> dict[str, ServiceProc]:
+    env = {"MERCATO_PROFILE_LOG_LEVEL": "WARNING"}
+    procs: dict[str, ServiceProc] = {}
+    procs["profile"] = start_service("profile", tmp / "profile", env, timeout=120)
+    for name in ("retrieval", "ranking"):
+        p = start_service(
+            name, tmp / name, {f"MERCATO_{name.upper()}_LOG_LEVEL": "WARNING"}, wait=None
+        )
+        p.wait_status("SERVING", 300, service="liveness")
+        procs[name] = p
+    return procs
+
+
+def start_gateway(tmp: Path, procs: dict[str, ServiceProc], candidates_k: int) -> ServiceProc:
+    return start_service(
+        "gateway",
+        tmp / "gateway",
+        {
+            "MERCATO_GATEWAY_LOG_LEVEL": "WARNING",
+            "MERCATO_GATEWAY_CANDIDATES_K": str(candidates_k),
+            "MERCATO_GATEWAY_PROFILE_TARGET": procs["profile"].target,
+            "MERCATO_GATEWAY_RETRIEVAL_TARGET": procs["retrieval"].target,
+            "MERCATO_GATEWAY_RANKING_TARGET": procs["ranking"].target,
+        },
+    )
+
+
+def models_status(procs: dict[str, ServiceProc]) -> dict[str, str]:
+    # "" = the readiness of the whole service (NOT_SERVING until a model is loaded)
+    return {name: procs[name].health("") for name in ("retrieval", "ranking")}
+
+
+def bench_catalog(items: int, args: argparse.Namespace) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="mercato-load-") as tmpdir:
+        tmp = Path(tmpdir)
+        procs = start_stack(tmp, args)
+        gateway: ServiceProc | None = None
+        try:
+            print(f"[{items} items] loading synthetic data ...", flush=True)
+            data = load_data(procs["profile"], items, args.users, args.seed)
+            customers = data.pop("customer_ids")
+            print(f"[{items} items] loaded: {data}", flush=True)
+            gateway = start_gateway(tmp, procs, args.candidates_k)
+            procs["gateway"] = gateway
+            status = models_status(procs)
+            print(f"[{items} items] model services: {status}", flush=True)
+            results = asyncio.run(run_phase(gateway, customers, args))
+            return {"catalog": data, "model_services": status, "results": results}
+        finally:
+            for name in ("gateway", "ranking", "retrieval", "profile"):
+                if name in procs:
+                    procs[name].terminate()
+
+
+def markdown(report: dict[str, Any]) -> str:
+    lines = [
+        "# Gateway load benchmark",
+        "",
+        f"Command: `{report['command']}`  ",
+        f"Machine: {report['machine']}  ",
+        f"Date: {report['date']}",
+        "",
+        "All four services as real processes on this machine plus the load generator "
+        "(one asyncio gRPC client process). Open loop: latency from the scheduled send "
+        "time. `degraded` = share of answers with a fallback. Echo = the gateway's "
+        "DiagnosticsService.Echo through the same runtime (the floor).",
+        "",
+    ]
+    for run in report["runs"]:
+        cat = run["catalog"]
+        lines += [
+            f"## {cat['items']:,} items, {cat['customers']:,} customers, {cat['events']:,} events",
+            "",
+            f"Model services (health): {run['model_services']}; Recommend k="
+            f"{report['args']['k']}, candidates ranked per call: {report['args']['candidates_k']}",
+            "",
+            "| call | mode | load | throughput/s | p50 ms | p95 ms | p99 ms | errors | degraded |",
+            "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for key, r in run["results"].items():
+            kind = key.split("_")[0]
+            load = f"{r['concurrency']} in flight" if r["mode"] == "closed" else f"{r['rate']:g}/s"
+            lines.append(
+                f"| {kind} | {r['mode']} | {load} | {r['throughput_per_s']:,.0f} | "
+                f"{r['p50_ms']:.2f} | {r['p95_ms']:.2f} | {r['p99_ms']:.2f} | {r['errors']} | "
+                f"{r['degraded_fraction']:.0%} |"
+            )
+        hops = run["results"].get("recommend_open", {}).get("hops", {})
+        if hops:
+            lines += [
+                "",
+                "Per hop (gateway histogram, open loop; p50/p99 are bucket upper bounds):",
+                "",
+                "| hop | calls | mean ms | p50 ms <= | p99 ms <= |",
+                "| --- | ---: | ---: | ---: | ---: |",
+            ]
+            for hop, h in sorted(hops.items()):
+                lines.append(
+                    f"| {hop} | {h['calls']} | {h['mean_ms']:.2f} | {h['p50_ms_le']:g} | "
+                    f"{h['p99_ms_le']:g} |"
+                )
+        degraded = run["results"].get("recommend_open", {}).get("degraded_by", {})
+        if degraded:
+            lines += ["", f"Degraded stages (open loop): {degraded}"]
+        lines.append("")
+    lines += report.get("notes", [])
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--items", type=int, nargs="+", default=[100_000, 1_000_000])
+    ap.add_argument("--users", type=int, default=2000, help="Customers generated (events).")
+    ap.add_argument("--rate", type=float, default=500.0, help="Open-loop requests per second.")
+    ap.add_argument(
+        "--extra-rates", type=float, nargs="*", default=[1000.0], help="More open-loop rates."
+    )
+    ap.add_argument("--concurrency", type=int, default=32, help="Closed-loop calls in flight.")
+    ap.add_argument("--duration", type=float, default=15.0, help="Seconds per run.")
+    ap.add_argument("--repeats", type=int, default=3, help="Runs per measurement (median).")
+    ap.add_argument("--timeout", type=float, default=1.0, help="Deadline of each call (s).")
+    ap.add_argument("--k", type=int, default=10, help="Items per Recommend.")
+    ap.add_argument(
+        "--candidates-k", type=int, default=200, help="Gateway CANDIDATES_K (ranked per call)."
+    )
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--quick", action="store_true", help="Small catalog, short runs.")
+    ap.add_argument("--tag", default="load", help="Result file name (bench/results/TAG.*).")
+    args = ap.parse_args()
+    if args.quick:
+        args.items = [10_000]
+        args.users = 300
+        args.duration = 3.0
+        args.repeats = 1
+        args.rate = 200.0
+        args.extra_rates = []
+        args.concurrency = 16
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    runs = [bench_catalog(n, args) for n in args.items]
+    report = {
+        "command": "python bench/load.py " + " ".join(sys.argv[1:]),
+        "machine": (
+            f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+        ),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "args": {k: v for k, v in vars(args).items()},
+        "runs": runs,
+        "notes": [],
+    }
+    out = REPO / "bench" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{args.tag}.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    (out / f"{args.tag}.md").write_text(markdown(report))
+    print(markdown(report))
+
+
+if __name__ == "__main__":
+    main()
