@@ -196,7 +196,9 @@ def train_ranker(path: Path, opts: DemoOptions, console: Console, tracking_uri: 
         raise RuntimeError("ranker training did not register a version")
     console.print(result.table)
     _tag_version(name, result.version, tracking_uri, path.name)
-    promoted = promote(name, tracking_uri, metric="valid_ndcg_10", version=result.version, force=True)
+    promoted = promote(
+        name, tracking_uri, metric="valid_ndcg_10", version=result.version, force=True
+    )
     console.print(f"promoted {name} v{promoted.version} to @champion")
 
 

@@ -314,7 +314,7 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
     ) -> list[common_pb2.Candidate]:
         """Basket co-occurrence from the bundle; filled up with similar items when the
         bundle has none (or too few) for these anchors."""
-        comp = model.bundle.complements
+        comp = model.bundle.complement_pairs
         scores: dict[int, float] = {}
         for a in anchors:
             for item_id, s in comp.get(model.item_id(st, a), ()):

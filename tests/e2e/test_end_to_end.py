@@ -227,9 +227,7 @@ def test_events_change_the_next_recommendation(stack: Stack) -> None:
 
         # a purchase of a recommended item removes it from the next answer
         bought = after.items[0].item.item_id
-        c.track_events(
-            [_event(customer, ET.EVENT_TYPE_PURCHASE, bought, order_id=new_event_id())]
-        )
+        c.track_events([_event(customer, ET.EVENT_TYPE_PURCHASE, bought, order_id=new_event_id())])
         final = c.recommend(customer, k=10)
         assert bought not in {r.item.item_id for r in final.items}
 

@@ -311,7 +311,7 @@ def test_related_items(
         ),
         timeout=5,
     )
-    if not bundle.complements.get(bundle.item_ids[anchor]):
+    if not bundle.complement_pairs.get(bundle.item_ids[anchor]):
         sim = stub.RetrieveRelated(
             retrieval_pb2.RetrieveRelatedRequest(
                 item_ids=[bundle.item_ids[anchor]], kind=common_pb2.RELATION_KIND_SIMILAR, k=15
