@@ -17,12 +17,25 @@ re-run of the same load is a no-op.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
 from training.data import RetailData
+
+#: Leaf categories of the synthetic tree that people buy again and again (buy-again surface).
+REPLENISHABLE = frozenset(
+    {"coffee", "snacks", "tea", "pasta", "sauces", "skincare", "hair_care", "makeup", "socks"}
+)
+
+
+def is_replenishable(category: str) -> bool:
+    """``grocery/tea`` and its copies in bigger catalogs (``grocery/tea_2``)."""
+    leaf = re.sub(r"_\d+$", "", category.split("/")[-1])
+    return leaf in REPLENISHABLE
+
 
 _TYPES = {
     "view": "EVENT_TYPE_VIEW",
@@ -70,6 +83,7 @@ class SyntheticProfileDataset:
                 stock=int(stock[k]),
                 attributes=a,
                 created_at=us_to_ts(created * 1_000_000),
+                replenishable=is_replenishable(str(row.category)),
             )
 
     def customers(self) -> Iterator[object]:
