@@ -8,6 +8,7 @@ the model of its alias once and uses only that object, so a swap never mixes ver
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 from collections.abc import Sequence
@@ -451,6 +452,7 @@ class RetrievalService(BaseService):
         )
         self._serving = False
         self._health_tasks: set[asyncio.Task[None]] = set()
+        self._start_task: asyncio.Task[None] | None = None
         self.watcher.add_listener(self._on_models_changed)
 
     def register(self, server: grpc.aio.Server) -> Sequence[str]:
@@ -470,7 +472,12 @@ class RetrievalService(BaseService):
             task.add_done_callback(self._health_tasks.discard)
 
     async def start(self) -> None:
-        """First registry poll (health stays NOT_SERVING until the default alias loads)."""
+        """Start watching the registry in the background (the first look-up imports MLflow
+        and may download a large bundle; a SIGTERM meanwhile must stop the process at once).
+        Health stays NOT_SERVING until the default alias has a model."""
+        self._start_task = asyncio.get_running_loop().create_task(self._first_load())
+
+    async def _first_load(self) -> None:
         await self.watcher.start()
         if self.watcher.get(self.rsettings.default_alias) is None:
             log.warning(
@@ -483,6 +490,10 @@ class RetrievalService(BaseService):
             )
 
     async def stop(self) -> None:
+        if self._start_task is not None and not self._start_task.done():
+            self._start_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._start_task
         await self.watcher.stop()
 
 
