@@ -53,7 +53,14 @@ from mercato.v1 import (  # noqa: E402
     retrieval_pb2_grpc,
 )
 from services.models.registry import ModelVersionInfo  # noqa: E402
-from services.models.two_tower import ItemFeatures, TwoTowerBundle, build_net  # noqa: E402
+from services.models.two_tower import (  # noqa: E402
+    ItemFeatures,
+    TwoTowerBundle,
+    _pad,
+    attribute_tokens,
+    build_net,
+    price_buckets,
+)
 from services.retrieval.model import IndexConfig, RowFilter, load_retrieval_model  # noqa: E402
 from services.retrieval.server import user_query  # noqa: E402
 from tests.procs import start_service  # noqa: E402
@@ -124,25 +131,60 @@ def catalog_features(n: int, seed: int) -> tuple[list[ItemFeatures], np.ndarray]
 
 
 def build_bundle(small: TwoTowerBundle, n: int, out: Path) -> Path:
-    """A bundle of ``n`` generated items embedded by the small model's item tower."""
+    """A bundle of ``n`` generated items whose embeddings come from the small model's item
+    tower. Each generated item gets an id embedding interpolated between two trained items
+    of its category (so vectors are distinct and lie where trained items lie; features
+    alone would give many identical vectors, which no real catalog has), then the tower
+    embeds it with its category, price and attributes."""
     if (out / "manifest.json").is_file():
         return out
     t0 = time.perf_counter()
     feats, pop = catalog_features(n, seed=1000 + n)
-    emb = np.concatenate(
-        [small.encode_items(feats[i : i + 50_000]) for i in range(0, n, 50_000)]
-    ).astype(np.float32)
-    print(f"  {n}: embedded {n} items in {time.perf_counter() - t0:.1f} s", flush=True)
+    rng = np.random.default_rng(n)
     config = dict(small.config)
     config.update(n_items=n, n_items_trained=0, dataset=f"bench-synthetic-{n}")
+    f = config["features"]
+    codes = {c: i for i, c in enumerate(small.vocab["category"])}
+    cat = np.array([codes.get(x.category, 0) for x in feats], dtype=np.int64)
+    trained = small.net.item_id.weight.detach().numpy()[1:]
+    small_cat = np.array([codes.get(c, 0) for c in small.item_category], dtype=np.int64)
+    ids = np.zeros((n + 1, small.dim), dtype=np.float32)
+    for c in np.unique(cat):
+        rows = np.flatnonzero(cat == c)
+        pool = np.flatnonzero(small_cat == c)
+        if len(pool) == 0:
+            pool = np.arange(len(trained))
+        a = trained[rng.choice(pool, len(rows))]
+        b = trained[rng.choice(pool, len(rows))]
+        w = rng.random((len(rows), 1)).astype(np.float32)
+        ids[rows + 1] = w * a + (1 - w) * b
     net = build_net(config, small.vocab)
     state = small.net.state_dict()
-    state["item_id.weight"] = torch.zeros((n + 1, small.dim))
-    codes = {c: i for i, c in enumerate(small.vocab["category"])}
+    state["item_id.weight"] = torch.from_numpy(ids)
     item_cat = torch.zeros(n + 1, dtype=torch.long)
-    item_cat[1:] = torch.tensor([codes.get(f.category, 0) for f in feats])
+    item_cat[1:] = torch.from_numpy(cat)
     state["item_category"] = item_cat
     net.load_state_dict(state)
+    net.eval()
+    prices = price_buckets(np.array([x.price for x in feats]), f["price_boundaries"])
+    emb = np.empty((n, small.dim), dtype=np.float32)
+    with torch.no_grad():
+        for i in range(0, n, 50_000):
+            j = min(n, i + 50_000)
+            attrs = _pad(
+                [
+                    attribute_tokens(x.attributes, f["attr_buckets"], f["max_attrs"])
+                    for x in feats[i:j]
+                ],
+                f["max_attrs"],
+            )
+            emb[i:j] = net.encode_item(
+                torch.arange(i + 1, j + 1),
+                torch.from_numpy(cat[i:j]),
+                torch.from_numpy(prices[i:j]),
+                torch.from_numpy(attrs),
+            ).numpy()
+    print(f"  {n}: embedded {n} items in {time.perf_counter() - t0:.1f} s", flush=True)
     index: faiss.Index
     t1 = time.perf_counter()
     if n <= IndexConfig().exact_max_items:
@@ -159,9 +201,9 @@ def build_bundle(small: TwoTowerBundle, n: int, out: Path) -> Path:
     bundle = TwoTowerBundle(
         config=config,
         vocab=small.vocab,
-        item_ids=[f.item_id for f in feats],
-        item_category=[f.category for f in feats],
-        item_price=np.array([f.price for f in feats], dtype=np.float32),
+        item_ids=[x.item_id for x in feats],
+        item_category=[x.category for x in feats],
+        item_price=np.array([x.price for x in feats], dtype=np.float32),
         item_embeddings=emb,
         net=net,
         index=index,
@@ -387,17 +429,23 @@ def bench_size(args: argparse.Namespace, work: Path, small: TwoTowerBundle, n: i
             echo = diagnostics_pb2_grpc.DiagnosticsServiceStub(ch)
             listed = stub.ListLoadedModels(retrieval_pb2.ListLoadedModelsRequest(), timeout=10)
             index_type = listed.models[0].index_type
-            lat_echo = timed(
-                lambda _: echo.Echo(diagnostics_pb2.EchoRequest(payload=b"x"), timeout=5), reqs
-            )
             got: list[list[str]] = []
-
-            def call(r: Any) -> None:
+            ping = diagnostics_pb2.EchoRequest(payload=b"x")
+            for r in reqs[:50]:  # warm-up
+                stub.Retrieve(r, timeout=5)
+                echo.Echo(ping, timeout=5)
+            # Echo and Retrieve alternate, so both see the same machine load.
+            lat_echo, lat_grpc = [], []
+            for r in reqs:
+                t = time.perf_counter()
+                echo.Echo(ping, timeout=5)
+                t1 = time.perf_counter()
                 resp = stub.Retrieve(r, timeout=5)
+                t2 = time.perf_counter()
+                lat_echo.append((t1 - t) * 1e3)
+                lat_grpc.append((t2 - t1) * 1e3)
                 if len(got) < 20:
                     got.append([c.item_id for c in resp.candidates])
-
-            lat_grpc = timed(call, reqs)
         tput = {
             c: round(throughput(svc.target, reqs, args.seconds, c), 1) for c in args.concurrency
         }
@@ -430,8 +478,9 @@ def markdown(res: dict) -> str:
         f"`{res['command']}` on {res['machine']} ({res['cpus']} CPUs, shared with other "
         f"jobs; noisy: compare within a run). Retrieve k={K}, exclude purchased + in "
         f"cart, 1 thread for torch/FAISS in the service; latencies from one sequential "
-        f"client over {res['calls']} calls; throughput with N calls in flight for "
-        f"{res['seconds']} s; recall over {res['recall_queries']} user queries.",
+        f"client over {res['calls']} calls, Echo and Retrieve alternating; throughput "
+        f"with N calls in flight for {res['seconds']} s; recall over "
+        f"{res['recall_queries']} user queries.",
         "",
         "| items | index | Recall@100 | gRPC p50 / p99 ms | in-process p50 / p99 ms "
         "| user tower p50 ms | index search p50 ms | Echo p50 / p99 ms | calls/s |",

@@ -45,7 +45,7 @@ def _status_table(sup: Supervisor) -> Table:
     for col in ("service", "gRPC address", "health", "metrics", "pid"):
         table.add_column(col)
     for p in sup.processes:
-        color = "green" if p.status == "SERVING" else "red"
+        color = "green" if p.status == "SERVING" else "yellow" if "no model" in p.status else "red"
         table.add_row(
             p.name,
             f"{sup.host}:{p.port}",

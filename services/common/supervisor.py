@@ -26,6 +26,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from services.common.settings import DEFAULT_PORTS, mercato_home
 
 SERVICES = ("profile", "retrieval", "ranking", "gateway")
+# Services that run but are not ready (NOT_SERVING) until a model is registered and
+# promoted; they count as started when their liveness health name is SERVING.
+WAITS_FOR_MODEL = frozenset({"retrieval"})
+NO_MODEL_STATUS = "NOT_SERVING (no model yet: mercato train retrieval && mercato promote)"
+LIVENESS = "liveness"
 
 
 def ports_from_env(env: Mapping[str, str] | None = None) -> dict[str, tuple[int, int]]:
@@ -97,7 +102,10 @@ class Supervisor:
         return self.processes
 
     def wait_healthy(self, timeout: float = 60.0) -> bool:
-        """Wait until every service reports SERVING (or exits). True when all serve."""
+        """Wait until every service reports SERVING (or exits). True when all serve.
+
+        A service of ``WAITS_FOR_MODEL`` that is alive but has no model yet counts as
+        started: its status says so (it turns SERVING once a model is promoted)."""
         deadline = time.monotonic() + timeout
         pending = {p.name: p for p in self.processes}
         while pending and time.monotonic() < deadline:
@@ -106,12 +114,20 @@ class Supervisor:
                     proc.status = f"EXITED ({proc.process.returncode})"
                     del pending[name]
                     continue
-                proc.status = health_status(f"{self.host}:{proc.port}")
+                target = f"{self.host}:{proc.port}"
+                proc.status = health_status(target)
                 if proc.status == "SERVING":
+                    del pending[name]
+                elif (
+                    proc.status == "NOT_SERVING"
+                    and name in WAITS_FOR_MODEL
+                    and health_status(target, LIVENESS) == "SERVING"
+                ):
+                    proc.status = NO_MODEL_STATUS
                     del pending[name]
             if pending:
                 time.sleep(0.2)
-        return all(p.status == "SERVING" for p in self.processes)
+        return all(p.status in ("SERVING", NO_MODEL_STATUS) for p in self.processes)
 
     def stop(self, timeout: float = 15.0) -> None:
         """SIGTERM every process, then SIGKILL those still alive after ``timeout``."""

@@ -3,7 +3,7 @@
 A :class:`ModelWatcher` polls the aliases of one registered model (``champion``,
 ``challenger``, any alias a request asks for). When an alias points at a new version, the
 watcher downloads that version's bundle artifact and hands the local directory to the
-service's ``load`` callable, in a worker thread (never on the event loop). ``load``
+service's ``load`` callable, in a daemon worker thread (never on the event loop). ``load``
 loads *and validates*: when it raises, the version is refused (log line + the
 ``mercato_model_refused_total`` counter) and the alias keeps serving what it had. Once a
 version loads, the alias is swapped with one reference assignment of a new immutable
@@ -23,13 +23,14 @@ import asyncio
 import contextlib
 import logging
 import shutil
+import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import MappingProxyType
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -68,6 +69,42 @@ MODEL_POLL_ERRORS = Counter(
 REASON_DOWNLOAD = "download"  # the artifact could not be fetched (retried next poll)
 REASON_LOAD = "load"  # load() raised something else: unreadable or broken files
 REASON_INVALID = "invalid"  # load() raised ModelRejected: validation failed
+
+
+R = TypeVar("R")
+
+
+async def run_in_daemon_thread(fn: Callable[..., R], *args: Any) -> R:
+    """Run blocking ``fn(*args)`` in a new daemon thread and await its result.
+
+    Like ``asyncio.to_thread`` but the thread never holds up process exit: a SIGTERM that
+    arrives while MLflow is still importing or a large bundle is downloading stops the
+    service at once instead of after the download.
+    """
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[R] = loop.create_future()
+
+    def settle(ok: bool, value: Any) -> None:
+        if fut.done():
+            return
+        if ok:
+            fut.set_result(value)
+        else:
+            fut.set_exception(value)
+
+    def run() -> None:
+        try:
+            result: Any = fn(*args)
+            ok = True
+        except BaseException as e:  # handed to the awaiting task
+            result, ok = e, False
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+            loop.call_soon_threadsafe(settle, ok, result)
+
+    threading.Thread(
+        target=run, name=f"model-{getattr(fn, '__name__', 'work')}", daemon=True
+    ).start()
+    return await fut
 
 
 class ModelRejected(Exception):
@@ -211,7 +248,9 @@ class ModelWatcher(Generic[T]):
     async def _poll_alias(self, alias: str) -> None:
         current = self._snapshot.get(alias)
         try:
-            info = await asyncio.to_thread(resolve_alias, self.model_name, alias, self.tracking_uri)
+            info = await run_in_daemon_thread(
+                resolve_alias, self.model_name, alias, self.tracking_uri
+            )
         except LookupError as e:
             MODEL_POLL_ERRORS.labels(self.model_name, alias).inc()
             if alias not in self._missing_logged:
@@ -246,12 +285,12 @@ class ModelWatcher(Generic[T]):
     async def _download_and_load(self, alias: str, info: ModelVersionInfo) -> LoadedModel[T] | None:
         t0 = time.perf_counter()
         try:
-            local = await asyncio.to_thread(self._download, info)
+            local = await run_in_daemon_thread(self._download, info)
         except Exception as e:
             self._refuse(alias, info.version, REASON_DOWNLOAD, e, remember=False)
             return None
         try:
-            model = await asyncio.to_thread(self._load, local, info)
+            model = await run_in_daemon_thread(self._load, local, info)
         except ModelRejected as e:
             self._refuse(alias, info.version, REASON_INVALID, e, remember=True)
             return None

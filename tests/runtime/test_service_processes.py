@@ -46,7 +46,8 @@ def test_service_process_lifecycle(name: str, tmp_path: Path) -> None:
     # with those services.
     proc = start_service(name, tmp_path, wait=None)
     try:
-        proc.wait_status("SERVING", timeout=60)
+        # Liveness: retrieval is NOT_SERVING (readiness) until a model is promoted.
+        proc.wait_status("SERVING", timeout=60, service="liveness")
         assert proc.health(SERVICES[name]) in {"SERVING", "NOT_SERVING"}
         assert proc.health("mercato.v1.DiagnosticsService") in {"SERVING", "NOT_SERVING"}
 
