@@ -8,7 +8,7 @@ export OPENBLAS_NUM_THREADS ?= 1
 export OMP_NUM_THREADS ?= 1
 BUF := node_modules/.bin/buf
 
-.PHONY: help setup demo up down test test-fast protos protos-check lint bench bench-profile bench-ranking bench-retrieval bench-load clean k8s-validate
+.PHONY: help setup demo up down test test-fast protos protos-check lint bench bench-profile bench-ranking bench-retrieval bench-load bench-quality clean k8s-validate
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-16s %s\n", $$1, $$2}'
@@ -59,7 +59,7 @@ K8S_VERSION ?= 1.32.0
 k8s-validate: $(if $(wildcard $(PY)),,setup) ## Render every k8s overlay, validate it strictly against K8S_VERSION, run our checks
 	$(PY) -m tools.k8s_check --kubernetes-version $(K8S_VERSION)
 
-bench: setup bench-profile bench-ranking bench-retrieval bench-load ## Run all benchmarks (writes bench/results/*.json and *.md)
+bench: setup bench-profile bench-ranking bench-retrieval bench-load bench-quality ## Run all benchmarks (writes bench/results/*.json and *.md)
 
 bench-profile: setup ## Profile service: GetProfile p50/p99, TrackEvents events/s, both backends (ARGS="--customers 10000" for a quick run)
 	$(PY) bench/profile_bench.py $(ARGS)
@@ -72,6 +72,9 @@ bench-retrieval: setup ## Retrieve p50/p99 over gRPC vs in-process, Recall@100 a
 
 bench-load: setup ## Gateway load with all four services, 100k and 1M items (ARGS="--quick" for a smoke run)
 	$(PY) bench/load.py $(ARGS)
+
+bench-quality: setup ## Two-tower vs popularity/ALS/EASE on Online Retail and MovieLens-1M (bench/results/quality.*)
+	$(PY) bench/quality.py $(ARGS)
 
 clean: ## Remove local state (.mercato) and caches
 	rm -rf .mercato .pytest_cache .mypy_cache .ruff_cache

@@ -124,7 +124,16 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--steps", type=int, default=150, help="max batches per epoch")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "quality"))
+    ap.add_argument(
+        "--combine",
+        nargs="*",
+        default=None,
+        help="Only merge the JSON files of earlier partial runs into --out (no training).",
+    )
     args = ap.parse_args()
+    if args.combine is not None:
+        combine([Path(p) for p in args.combine], Path(args.out))
+        return
     data_dir = Path(args.data_dir)
     if not data_dir.is_dir():
         sys.exit(f"no data folder {data_dir} (see --data-dir)")
@@ -152,6 +161,7 @@ def main() -> None:
         print(f"== {name} done in {time.perf_counter() - t0:.0f}s", flush=True)
     meta = {
         "command": "python bench/quality.py " + " ".join(sys.argv[1:]),
+        "datasets": list(results),
         "loss": args.loss,
         "epochs": args.epochs,
         "steps_per_epoch": args.steps,
@@ -169,21 +179,40 @@ def main() -> None:
             },
         },
     }
-    out = Path(args.out)
+    write(Path(args.out), [meta], results)
+
+
+def write(out: Path, metas: list[dict[str, object]], results: dict[str, dict[str, object]]) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(
-        json.dumps({"meta": meta, "results": results}, indent=2, sort_keys=True)
+        json.dumps({"runs": metas, "results": results}, indent=2, sort_keys=True)
     )
     table = markdown(results)
+    runs = "\n".join(
+        f"- `{m['command']}`: {', '.join(m['datasets'])}; two-tower loss `{m['loss']}`, "  # type: ignore[arg-type]
+        f"{m['epochs']} epochs of at most {m['steps_per_epoch']} batches; "
+        f"{m['threads']} thread(s) on a {m['cpus']}-core machine shared with other jobs; "
+        f"{float(m['total_seconds']):.0f} s wall"  # type: ignore[arg-type]
+        for m in metas
+    )
     out.with_suffix(".md").write_text(
-        "# Retrieval quality (test part, full ranking)\n\n"
-        f"`{meta['command']}`, two-tower loss `{args.loss}`, "
-        f"{meta['threads']} thread(s) on a {meta['cpus']}-core machine, "
-        f"{meta['total_seconds']:.0f} s in total. Train s = fit time of the chosen "
-        "configuration (two-tower: all epochs incl. per-epoch validation).\n\n"
+        "# Retrieval quality (test part, full ranking over all items)\n\n"
+        f"{runs}\n\nTrain s = fit time of the chosen configuration (two-tower: all "
+        "epochs including the per-epoch validation; ALS/EASE: the configuration chosen "
+        "on validation).\n\n"
         f"{table}\n"
     )
     print(table)
+
+
+def combine(parts: list[Path], out: Path) -> None:
+    metas: list[dict[str, object]] = []
+    results: dict[str, dict[str, object]] = {}
+    for p in parts:
+        doc = json.loads(p.read_text())
+        metas += doc["runs"]
+        results.update(doc["results"])
+    write(out, metas, results)
 
 
 if __name__ == "__main__":

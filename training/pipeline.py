@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -61,7 +62,8 @@ from training.index import IndexConfig, ann_recall, build_index, index_kind
 from training.synthetic import SyntheticConfig
 from training.two_tower import TwoTowerConfig, encode_users, train_two_tower
 
-console = Console(stderr=True)
+# Progress and tables go to stderr; logs redirected to a file get full-width tables.
+console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 
 
 @dataclass
