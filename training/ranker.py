@@ -91,10 +91,10 @@ class RankerConfig:
     candidates: int = 50
     hidden: tuple[int, ...] = (64, 32)
     loss: str = "listwise"  # "listwise" | "pointwise"
-    lr: float = 3e-3
+    lr: float = 1e-3
     weight_decay: float = 1e-5
     epochs: int = 30
-    patience: int = 4
+    patience: int = 5
     batch_lists: int = 128
     early_stop_k: int = 10
     ks: tuple[int, ...] = (10, 20)
