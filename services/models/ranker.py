@@ -20,7 +20,7 @@ margin rate where known; the surface (one-hot).
 A bundle is a directory::
 
     config.json         format_version, model_type, feature names, hidden sizes, ...
-    ranker.pt           state dict of :class:`RankerNet` (loaded with weights_only=True)
+    ranker.pt           state dict of :class:`RankerNet` (wide & deep; weights_only=True)
     normalization.json  per-feature mean and std (features are standardised before the MLP)
     items.json          item_ids with category, price, popularity, trend (training cutoff),
                         and the category transition table
@@ -288,12 +288,22 @@ def build_features(query: RankerQuery, cands: CandidateDetails, table: ItemTable
 
 
 class RankerNet(nn.Module):
-    """MLP over standardised features -> one score per (customer, candidate)."""
+    """Wide & deep scorer over standardised features: ``wide(z) + mlp(z)``.
+
+    With ``start_from`` (a feature name) the wide part starts as that feature alone and
+    the MLP's output layer starts at zero, so the untrained model ranks exactly by that
+    feature (training starts from the retrieval order, not from noise)."""
 
     mean: torch.Tensor
     std: torch.Tensor
 
-    def __init__(self, n_features: int, hidden: Sequence[int] = (64, 32), dropout: float = 0.0):
+    def __init__(
+        self,
+        n_features: int,
+        hidden: Sequence[int] = (64, 32),
+        dropout: float = 0.0,
+        start_from: str | None = None,
+    ):
         super().__init__()
         layers: list[nn.Module] = []
         d = n_features
@@ -302,14 +312,24 @@ class RankerNet(nn.Module):
             if dropout > 0:
                 layers.append(nn.Dropout(dropout))
             d = h
-        layers.append(nn.Linear(d, 1))
+        out = nn.Linear(d, 1)
+        layers.append(out)
         self.mlp = nn.Sequential(*layers)
+        self.wide = nn.Linear(n_features, 1)
         self.register_buffer("mean", torch.zeros(n_features))
         self.register_buffer("std", torch.ones(n_features))
+        if start_from is not None:
+            with torch.no_grad():
+                nn.init.zeros_(out.weight)
+                nn.init.zeros_(out.bias)
+                nn.init.zeros_(self.wide.weight)
+                nn.init.zeros_(self.wide.bias)
+                self.wide.weight[0, FEATURES.index(start_from)] = 1.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` [..., F] raw features -> scores [...]."""
-        return self.mlp((x - self.mean) / self.std).squeeze(-1)
+        z = (x - self.mean) / self.std
+        return (self.mlp(z) + self.wide(z)).squeeze(-1)
 
 
 def _sha256(path: Path) -> str:
