@@ -193,7 +193,43 @@ def bench_quality(
                     latency.append(
                         {"path": "in-process, ranker", "candidates": n, **percentiles(samples)}
                     )
+                latency += grpc_with_ranker(Path(tmp), uri, calls, warmup)
     return {"users": users, "items": items, "runs": runs, "latency": latency}
+
+
+def grpc_with_ranker(tmp: Path, uri: str, calls: int, warmup: int) -> list[dict[str, Any]]:
+    """Rank over gRPC with mercato-ranker@challenger loaded from the registry."""
+    rows: list[dict[str, Any]] = []
+    env = {
+        "MERCATO_RANKING_LOG_LEVEL": "WARNING",
+        "MERCATO_RANKING_TRACKING_URI": uri,
+        "MERCATO_RANKING_RANKER_POLL_INTERVAL_S": "0.5",
+    }
+    proc = start_service("ranking", tmp / "svc", env=env)
+    try:
+        with proc.channel() as channel:
+            stub = ranking_pb2_grpc.RankingServiceStub(channel)
+            deadline = time.monotonic() + 120
+            probe = rank_request(100)
+            probe.model_alias = "challenger"
+            while not stub.Rank(probe, timeout=10).model.name:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the ranker was not loaded within 120 s")
+                time.sleep(0.5)
+            for n in SIZES:
+                req = rank_request(n)
+                req.model_alias = "challenger"
+                samples = []
+                for i in range(warmup + calls):
+                    t = time.perf_counter()
+                    resp = stub.Rank(req, timeout=10)
+                    if i >= warmup:
+                        samples.append(time.perf_counter() - t)
+                assert resp.model.name == "mercato-ranker" and len(resp.items) == K
+                rows.append({"path": "gRPC, ranker", "candidates": n, **percentiles(samples)})
+    finally:
+        proc.terminate()
+    return rows
 
 
 def quality_markdown(q: dict[str, Any]) -> list[str]:

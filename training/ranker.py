@@ -22,9 +22,12 @@ the split signature is the two-tower's)::
 - Features: :func:`services.models.ranker.build_features` (shared with serving), from a
   profile-like view of the customer at the cutoff (recent items with times, cart,
   time-decayed category affinity as the profile service computes it, mean unit price).
-- Model: :class:`services.models.ranker.RankerNet`, a standardising MLP, trained with a
-  listwise softmax cross-entropy (ListNet top-1) or pointwise weighted BCE; early
-  stopping on validation NDCG@10 of a held-out 20 % of the customers of the fit window.
+- Model: :class:`services.models.ranker.RankerNet`, wide & deep over standardised
+  features, initialised to rank exactly by the retrieval score; trained with a listwise
+  softmax cross-entropy (ListNet top-1) or pointwise weighted BCE; early stopping on
+  validation NDCG@10 of a held-out 20 % of the customers of the fit window. The
+  untrained model is "epoch 0": best epoch 0 means no epoch beat the retrieval order on
+  validation and the exported model ranks as retrieval does.
 - Evaluation on the test window: NDCG@K / Recall@K of the ranker order and of the
   retrieval order over the same candidate lists, with the retrieval evaluation's
   definitions (binary gain on target events of items new to the customer; IDCG over
@@ -91,10 +94,10 @@ class RankerConfig:
     candidates: int = 50
     hidden: tuple[int, ...] = (64, 32)
     loss: str = "listwise"  # "listwise" | "pointwise"
-    lr: float = 3e-3
+    lr: float = 1e-3
     weight_decay: float = 1e-5
     epochs: int = 30
-    patience: int = 4
+    patience: int = 5
     batch_lists: int = 128
     early_stop_k: int = 10
     ks: tuple[int, ...] = (10, 20)
@@ -461,7 +464,7 @@ def train_ranker(
 
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    net = RankerNet(N_FEATURES, cfg.hidden)
+    net = RankerNet(N_FEATURES, cfg.hidden, start_from="score_z")
     flat = fit.x[fit.mask]
     if len(flat):
         mean = flat.mean(0)
@@ -475,7 +478,11 @@ def train_ranker(
     ks = tuple(sorted({cfg.early_stop_k, *cfg.ks}))
     hist = RankerHistory()
     base = rerank_metrics(valid.rows, valid.retrieval, valid.truth, ks)
-    best: dict[str, Any] | None = None
+    # Epoch 0 is the untrained net, which ranks by the retrieval score: an epoch must beat
+    # it to be kept, so the exported model is never worse than retrieval on validation.
+    start = rerank_metrics(valid.rows, _net_scores(net, valid.x), valid.truth, ks)
+    hist.best_metric = start.get(metric, 0.0)
+    best: dict[str, Any] | None = copy.deepcopy(net.state_dict())
     bad = 0
     t0 = time.perf_counter()
     for epoch in range(1, cfg.epochs + 1):

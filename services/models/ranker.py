@@ -20,7 +20,7 @@ margin rate where known; the surface (one-hot).
 A bundle is a directory::
 
     config.json         format_version, model_type, feature names, hidden sizes, ...
-    ranker.pt           state dict of :class:`RankerNet` (loaded with weights_only=True)
+    ranker.pt           state dict of :class:`RankerNet` (wide & deep; weights_only=True)
     normalization.json  per-feature mean and std (features are standardised before the MLP)
     items.json          item_ids with category, price, popularity, trend (training cutoff),
                         and the category transition table
@@ -232,25 +232,44 @@ def build_features(query: RankerQuery, cands: CandidateDetails, table: ItemTable
                 from_aff[b] = from_aff.get(b, 0.0) + w * p
     cart_rows = [trans.get(a, empty) for a in cart_cats]
     anchor_row = trans.get(anchor_cat, empty) if anchor_cat else empty
-    for j, c in enumerate(cats):
+    # Category features: computed once per distinct category of the request.
+    cat_cols = [
+        _F[name]
+        for name in (
+            "category_affinity",
+            "category_recent_share",
+            "category_hours_since",
+            "category_seen",
+            "category_in_cart",
+            "anchor_same_category",
+            "category_transition",
+            "cart_transition",
+            "anchor_transition",
+        )
+    ]
+    uniq: dict[str, int] = {}
+    cat_ix = np.array([uniq.setdefault(c, len(uniq)) for c in cats], dtype=np.int64)
+    vals = np.zeros((len(uniq), len(cat_cols)), dtype=np.float64)
+    never = math.log1p(NEVER_HOURS)
+    for c, k in uniq.items():
+        row = vals[k]
+        row[2] = never
         if not c:
-            x[j, _F["category_hours_since"]] = math.log1p(NEVER_HOURS)
             continue
-        x[j, _F["category_transition"]] = from_aff.get(c, 0.0)
-        x[j, _F["cart_transition"]] = max((r.get(c, 0.0) for r in cart_rows), default=0.0)
-        x[j, _F["anchor_transition"]] = anchor_row.get(c, 0.0)
         v = aff.get(c, 0.0)
-        x[j, _F["category_affinity"]] = v if math.isfinite(v) else 0.0
+        row[0] = v if math.isfinite(v) else 0.0
         seen = recent_cats.get(c)
         if seen is not None:
-            x[j, _F["category_recent_share"]] = seen[0] / max(n_recent, 1)
+            row[1] = seen[0] / max(n_recent, 1)
             hours = max(0.0, (query.now - seen[1]) / 3600.0)
-            x[j, _F["category_hours_since"]] = math.log1p(min(hours, NEVER_HOURS))
-            x[j, _F["category_seen"]] = 1.0
-        else:
-            x[j, _F["category_hours_since"]] = math.log1p(NEVER_HOURS)
-        x[j, _F["category_in_cart"]] = c in cart_cats
-        x[j, _F["anchor_same_category"]] = bool(anchor_cat) and c == anchor_cat
+            row[2] = math.log1p(min(hours, NEVER_HOURS))
+            row[3] = 1.0
+        row[4] = c in cart_cats
+        row[5] = bool(anchor_cat) and c == anchor_cat
+        row[6] = from_aff.get(c, 0.0)
+        row[7] = max((r.get(c, 0.0) for r in cart_rows), default=0.0)
+        row[8] = anchor_row.get(c, 0.0)
+    x[:, cat_cols] = vals[cat_ix]
 
     stock = np.asarray(cands.stock, dtype=np.float64)
     has_stock = stock >= 0
@@ -269,12 +288,22 @@ def build_features(query: RankerQuery, cands: CandidateDetails, table: ItemTable
 
 
 class RankerNet(nn.Module):
-    """MLP over standardised features -> one score per (customer, candidate)."""
+    """Wide & deep scorer over standardised features: ``wide(z) + mlp(z)``.
+
+    With ``start_from`` (a feature name) the wide part starts as that feature alone and
+    the MLP's output layer starts at zero, so the untrained model ranks exactly by that
+    feature (training starts from the retrieval order, not from noise)."""
 
     mean: torch.Tensor
     std: torch.Tensor
 
-    def __init__(self, n_features: int, hidden: Sequence[int] = (64, 32), dropout: float = 0.0):
+    def __init__(
+        self,
+        n_features: int,
+        hidden: Sequence[int] = (64, 32),
+        dropout: float = 0.0,
+        start_from: str | None = None,
+    ):
         super().__init__()
         layers: list[nn.Module] = []
         d = n_features
@@ -283,14 +312,24 @@ class RankerNet(nn.Module):
             if dropout > 0:
                 layers.append(nn.Dropout(dropout))
             d = h
-        layers.append(nn.Linear(d, 1))
+        out = nn.Linear(d, 1)
+        layers.append(out)
         self.mlp = nn.Sequential(*layers)
+        self.wide = nn.Linear(n_features, 1)
         self.register_buffer("mean", torch.zeros(n_features))
         self.register_buffer("std", torch.ones(n_features))
+        if start_from is not None:
+            with torch.no_grad():
+                nn.init.zeros_(out.weight)
+                nn.init.zeros_(out.bias)
+                nn.init.zeros_(self.wide.weight)
+                nn.init.zeros_(self.wide.bias)
+                self.wide.weight[0, FEATURES.index(start_from)] = 1.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` [..., F] raw features -> scores [...]."""
-        return self.mlp((x - self.mean) / self.std).squeeze(-1)
+        z = (x - self.mean) / self.std
+        return (self.mlp(z) + self.wide(z)).squeeze(-1)
 
 
 def _sha256(path: Path) -> str:
