@@ -414,16 +414,23 @@ async def run_phase(
             targets = [Target(ch, kind, customers, args.k) for ch in channels]
             # warm-up
             await asyncio.gather(*(t.call(5.0) for t in targets for _ in range(20)))
-            for mode in ("closed", "open"):
+            per = []
+            for _ in range(args.repeats):
+                per.append(await measure(kind, "closed", 0, targets, gateway, pids, args))
+                await asyncio.sleep(0.5)
+            results[f"{kind}_closed"] = median_run(per)
+            # Open loop from the lowest rate up, so that an overloaded run (queues,
+            # open breakers) cannot spoil the lighter ones; a pause between runs.
+            rates = sorted({args.rate, *args.extra_rates}) if kind == "recommend" else [args.rate]
+            for rate in rates:
+                await asyncio.sleep(3)
+                repeats = args.repeats if rate == args.rate else 1
                 per = []
-                for _ in range(args.repeats):
-                    per.append(await measure(kind, mode, args.rate, targets, gateway, pids, args))
+                for _ in range(repeats):
+                    per.append(await measure(kind, "open", rate, targets, gateway, pids, args))
                     await asyncio.sleep(0.5)
-                results[f"{kind}_{mode}"] = median_run(per)
-                if kind == "recommend" and mode == "open":
-                    for rate in args.extra_rates:
-                        r = await measure(kind, mode, rate, targets, gateway, pids, args)
-                        results[f"recommend_open_{rate:g}"] = r
+                key = f"{kind}_open" if rate == args.rate else f"{kind}_open_{rate:g}"
+                results[key] = median_run(per)
     finally:
         for ch in channels:
             await ch.close()
