@@ -186,17 +186,23 @@ def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 def hop_latency(
     before: dict[Any, float], after: dict[Any, float], metric: str, by: str
 ) -> dict[str, dict[str, float]]:
-    """Per label ``by`` (hop / method): calls, mean and bucket-bound p50/p99 in ms over
-    the window between two scrapes (all outcomes together)."""
+    """Per label ``by`` (hop / method): successful calls, their mean and bucket-bound
+    p50/p99 in ms over the window between two scrapes, and the other outcomes' counts."""
     buckets: dict[str, dict[float, float]] = {}
     sums: dict[str, float] = {}
     counts: dict[str, float] = {}
+    not_ok: dict[str, dict[str, int]] = {}
     for (name, labels), value in after.items():
         d = dict(labels)
         key = d.get(by)
-        if key is None:
+        if key is None or not name.startswith(metric):
             continue
         delta = value - before.get((name, labels), 0.0)
+        outcome = d.get("outcome", d.get("code", "OK"))
+        if outcome != "OK":  # latency of successful calls only; the others are counted
+            if name == metric + "_count" and delta > 0:
+                not_ok.setdefault(key, {})[outcome] = int(delta)
+            continue
         if name == metric + "_bucket":
             le = float("inf") if d["le"] == "+Inf" else float(d["le"])
             buckets.setdefault(key, {})
@@ -222,7 +228,11 @@ def hop_latency(
             "mean_ms": round(sums.get(key, 0.0) / n * 1000, 3),
             "p50_ms_le": q(0.5),
             "p99_ms_le": q(0.99),
+            "not_ok": not_ok.get(key, {}),
         }
+    for key, failures in not_ok.items():
+        out.setdefault(key, {"calls": 0, "mean_ms": 0.0, "p50_ms_le": 0.0, "p99_ms_le": 0.0})
+        out[key]["not_ok"] = failures
     return out
 
 
@@ -352,8 +362,46 @@ async def open_loop(
     return out
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_snapshot(pids: dict[str, int]) -> dict[str, float]:
+    snap = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    snap["client"] = time.process_time()
+    return snap
+
+
+async def measure(
+    kind: str,
+    mode: str,
+    rate: float,
+    targets: list[Target],
+    gateway: ServiceProc,
+    pids: dict[str, int],
+    args: argparse.Namespace,
+) -> dict[str, Any]:
+    """One run, with its per-hop latency and the CPU each process spent per call (CPU
+    time does not depend on how busy the shared machine is, unlike latency)."""
+    before, cpu0 = scrape(gateway.metrics_port), cpu_snapshot(pids)
+    multi = MultiTarget(targets)
+    if mode == "closed":
+        r = await closed_loop(multi, args.concurrency, args.duration, args.timeout)
+    else:
+        r = await open_loop(multi, rate, args.duration, args.timeout)
+    cpu1, after = cpu_snapshot(pids), scrape(gateway.metrics_port)
+    calls = max(1, r["ok"] + r["errors"])
+    r["cpu_ms_per_call"] = {k: round((cpu1[k] - cpu0[k]) / calls * 1000, 3) for k in cpu0}
+    r["cpu_ms_per_call"]["total"] = round(sum(r["cpu_ms_per_call"].values()), 3)
+    r["hops"] = hop_latency(before, after, "mercato_gateway_hop_latency_seconds", "hop")
+    return r
+
+
 async def run_phase(
     gateway: ServiceProc,
+    pids: dict[str, int],
     customers: list[str],
     args: argparse.Namespace,
 ) -> dict[str, Any]:
@@ -366,27 +414,23 @@ async def run_phase(
             targets = [Target(ch, kind, customers, args.k) for ch in channels]
             # warm-up
             await asyncio.gather(*(t.call(5.0) for t in targets for _ in range(20)))
-            for mode in ("closed", "open"):
-                per: list[dict[str, Any]] = []
-                hops: list[dict[str, Any]] = []
-                for _ in range(args.repeats):
-                    before = scrape(gateway.metrics_port)
-                    multi = MultiTarget(targets)
-                    if mode == "closed":
-                        r = await closed_loop(multi, args.concurrency, args.duration, args.timeout)
-                    else:
-                        r = await open_loop(multi, args.rate, args.duration, args.timeout)
-                    after = scrape(gateway.metrics_port)
-                    per.append(r)
-                    hops.append(
-                        hop_latency(before, after, "mercato_gateway_hop_latency_seconds", "hop")
-                    )
+            per = []
+            for _ in range(args.repeats):
+                per.append(await measure(kind, "closed", 0, targets, gateway, pids, args))
+                await asyncio.sleep(0.5)
+            results[f"{kind}_closed"] = median_run(per)
+            # Open loop from the lowest rate up, so that an overloaded run (queues,
+            # open breakers) cannot spoil the lighter ones; a pause between runs.
+            rates = sorted({args.rate, *args.extra_rates}) if kind == "recommend" else [args.rate]
+            for rate in rates:
+                await asyncio.sleep(3)
+                repeats = args.repeats if rate == args.rate else 1
+                per = []
+                for _ in range(repeats):
+                    per.append(await measure(kind, "open", rate, targets, gateway, pids, args))
                     await asyncio.sleep(0.5)
-                results[f"{kind}_{mode}"] = median_run(per) | {"hops": hops[len(hops) // 2]}
-                if kind == "recommend" and mode == "open":
-                    for rate in args.extra_rates:
-                        r = await open_loop(MultiTarget(targets), rate, args.duration, args.timeout)
-                        results[f"recommend_open_{int(rate)}"] = r
+                key = f"{kind}_open" if rate == args.rate else f"{kind}_open_{rate:g}"
+                results[key] = median_run(per)
     finally:
         for ch in channels:
             await ch.close()
@@ -466,12 +510,25 @@ def bench_catalog(items: int, args: argparse.Namespace) -> dict[str, Any]:
             procs["gateway"] = gateway
             status = models_status(procs)
             print(f"[{items} items] model services: {status}", flush=True)
-            results = asyncio.run(run_phase(gateway, customers, args))
-            return {"catalog": data, "model_services": status, "results": results}
+            load_before = os.getloadavg()
+            pids = {name: p.process.pid for name, p in procs.items()}
+            results = asyncio.run(run_phase(gateway, pids, customers, args))
+            return {
+                "catalog": data,
+                "model_services": status,
+                "results": results,
+                "loadavg_1m_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
+            }
         finally:
             for name in ("gateway", "ranking", "retrieval", "profile"):
                 if name in procs:
                     procs[name].terminate()
+
+
+def _errors(r: dict[str, Any]) -> str:
+    if not r["errors"]:
+        return "0"
+    return f"{r['errors']} " + ", ".join(f"{k} {v}" for k, v in sorted(r["error_codes"].items()))
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -496,6 +553,9 @@ def markdown(report: dict[str, Any]) -> str:
             f"Model services (health): {run['model_services']}; Recommend k="
             f"{report['args']['k']}, candidates ranked per call: {report['args']['candidates_k']}",
             "",
+            f"Machine load average (1 min) before/after the runs: "
+            f"{run.get('loadavg_1m_before_after')} (the machine is shared)",
+            "",
             "| call | mode | load | throughput/s | p50 ms | p95 ms | p99 ms | errors | degraded |",
             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
         ]
@@ -504,26 +564,46 @@ def markdown(report: dict[str, Any]) -> str:
             load = f"{r['concurrency']} in flight" if r["mode"] == "closed" else f"{r['rate']:g}/s"
             lines.append(
                 f"| {kind} | {r['mode']} | {load} | {r['throughput_per_s']:,.0f} | "
-                f"{r['p50_ms']:.2f} | {r['p95_ms']:.2f} | {r['p99_ms']:.2f} | {r['errors']} | "
-                f"{r['degraded_fraction']:.0%} |"
+                f"{r['p50_ms']:.2f} | {r['p95_ms']:.2f} | {r['p99_ms']:.2f} | "
+                f"{_errors(r)} | {r['degraded_fraction']:.0%} |"
             )
-        hops = run["results"].get("recommend_open", {}).get("hops", {})
-        if hops:
+        lines += [
+            "",
+            "CPU time per call by process (ms; user + system, independent of how busy the "
+            "shared machine is):",
+            "",
+            "| run | gateway | profile | retrieval | ranking | client | total |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for key, r in run["results"].items():
+            c = r.get("cpu_ms_per_call", {})
+            if c:
+                lines.append(
+                    f"| {key} | {c['gateway']:.2f} | {c['profile']:.2f} | {c['retrieval']:.2f} "
+                    f"| {c['ranking']:.2f} | {c['client']:.2f} | {c['total']:.2f} |"
+                )
+        for key in ("recommend_closed", "recommend_open"):
+            r = run["results"].get(key, {})
+            hops = r.get("hops", {})
+            if not hops:
+                continue
+            mode = "closed loop" if key.endswith("closed") else f"open loop {r['rate']:g}/s"
             lines += [
                 "",
-                "Per hop (gateway histogram, open loop; p50/p99 are bucket upper bounds):",
+                f"Per hop, Recommend {mode} (gateway histogram, successful calls; p50/p99 "
+                "are bucket upper bounds):",
                 "",
-                "| hop | calls | mean ms | p50 ms <= | p99 ms <= |",
-                "| --- | ---: | ---: | ---: | ---: |",
+                "| hop | OK calls | mean ms | p50 ms <= | p99 ms <= | other outcomes |",
+                "| --- | ---: | ---: | ---: | ---: | --- |",
             ]
             for hop, h in sorted(hops.items()):
+                other = ", ".join(f"{k} {v}" for k, v in sorted(h.get("not_ok", {}).items()))
                 lines.append(
                     f"| {hop} | {h['calls']} | {h['mean_ms']:.2f} | {h['p50_ms_le']:g} | "
-                    f"{h['p99_ms_le']:g} |"
+                    f"{h['p99_ms_le']:g} | {other} |"
                 )
-        degraded = run["results"].get("recommend_open", {}).get("degraded_by", {})
-        if degraded:
-            lines += ["", f"Degraded stages (open loop): {degraded}"]
+            if r.get("degraded_by"):
+                lines += ["", f"Degraded stages ({mode}): {r['degraded_by']}"]
         lines.append("")
     lines += report.get("notes", [])
     return "\n".join(lines) + "\n"

@@ -34,6 +34,12 @@ class CircuitBreaker:
             return True
         return False
 
+    def abandon(self, was_probe: bool) -> None:
+        """A call ended without an outcome (cancelled by its caller). When it was the probe,
+        free the probe slot: otherwise the breaker would stay open for good."""
+        if was_probe:
+            self._probing = False
+
     def success(self) -> None:
         """Record a successful call (closes the breaker)."""
         self.consecutive_failures = 0

@@ -80,6 +80,7 @@ class Downstream:
             if timeout <= 0.001:
                 HOP_LATENCY.labels(hop, "no_time").observe(0)
                 raise HopError(hop, "no time left in the caller's deadline")
+            probe = self.breaker.is_open
             if not self.breaker.allow():
                 HOP_LATENCY.labels(hop, "breaker_open").observe(0)
                 raise HopError(hop, f"circuit breaker open for {self.name}")
@@ -100,6 +101,8 @@ class Downstream:
                     continue
                 raise HopError(hop, f"{exc.code().name}: {exc.details()}", exc.code()) from exc
             except asyncio.CancelledError:
+                # The caller went away (its deadline passed): no verdict on the downstream.
+                self.breaker.abandon(probe)
                 raise
             HOP_LATENCY.labels(hop, "OK").observe(time.perf_counter() - started)
             self.breaker.success()

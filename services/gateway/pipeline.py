@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import grpc
+from google.protobuf.internal import encoder, wire_format
 
 from mercato.v1 import (
     common_pb2,
@@ -40,6 +41,24 @@ from services.gateway.exposures import ExposureLog, exposure_event
 from services.gateway.settings import GatewaySettings
 
 MAX_ID_BYTES = 128
+# Tag of RankRequest.items (field number, wire type 2 = length-delimited).
+_ITEMS_TAG = encoder.TagBytes(
+    ranking_pb2.RankRequest.DESCRIPTOR.fields_by_name["items"].number,
+    wire_format.WIRETYPE_LENGTH_DELIMITED,
+)
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        low, n = n & 0x7F, n >> 7
+        if n:
+            out.append(low | 0x80)
+        else:
+            out.append(low)
+            return bytes(out)
+
+
 _SURFACE_NAMES = {
     common_pb2.SURFACE_UNSPECIFIED: "home",
     common_pb2.SURFACE_HOME: "home",
@@ -119,16 +138,36 @@ class Pipeline:
         self.profile_stub = profile_pb2_grpc.ProfileServiceStub(channels["profile"])
         self.retrieval_stub = retrieval_pb2_grpc.RetrievalServiceStub(channels["retrieval"])
         self.ranking_stub = ranking_pb2_grpc.RankingServiceStub(channels["ranking"])
+        # Rank with a request already serialized (see rank()).
+        self.rank_raw = channels["ranking"].unary_unary(
+            "/mercato.v1.RankingService/Rank",
+            request_serializer=None,
+            response_deserializer=ranking_pb2.RankResponse.FromString,
+        )
         self.experiments = experiments
         self.details_cache: TtlCache[str, common_pb2.Item] = TtlCache(
             "details", settings.details_cache_items, settings.details_cache_seconds
         )
-        self.trending_cache: TtlCache[str, list[tuple[str, float]]] = TtlCache(
+        self._item_fields: dict[str, tuple[common_pb2.Item, bytes]] = {}
+        self.trending_cache: TtlCache[str, list[common_pb2.Candidate]] = TtlCache(
             "trending", 256, settings.trending_cache_seconds
         )
         self.offer_surfaces = {s.strip() for s in settings.offer_surfaces.split(",") if s.strip()}
 
     # -- helpers -----------------------------------------------------------------------
+
+    def _item_field(self, item: common_pb2.Item) -> bytes:
+        """``item`` encoded as one entry of ``RankRequest.items`` (tag, length, bytes),
+        kept with the cached details so it is encoded once per cache period."""
+        field = self._item_fields.get(item.item_id)
+        if field is None or field[0] is not item:
+            data = item.SerializeToString()
+            field = (item, _ITEMS_TAG + _varint(len(data)) + data)
+            if self.details_cache.enabled:
+                self._item_fields[item.item_id] = field
+                if len(self._item_fields) > 2 * self.s.details_cache_items:
+                    self._item_fields.clear()  # entries of evicted items: start over
+        return field[1]
 
     def deadline(self, context: grpc.aio.ServicerContext) -> Deadline:
         remaining = context.time_remaining()
@@ -191,18 +230,18 @@ class Pipeline:
         cached list runs short."""
         category = categories[0] if len(categories) == 1 else ""
         if self.trending_cache.enabled:
-            rows = self.trending_cache.get(category)
-            if rows is None:
+            cached = self.trending_cache.get(category)
+            if cached is None:
                 depth = self._trending_depth()
-                rows = await self._trending_call(
+                cached = await self._trending_call(
                     profile_pb2.GetTrendingRequest(k=depth, category=category, in_stock_only=True),
                     deadline,
                 )
-                self.trending_cache.put(category, rows)
-            out = [(i, s) for i, s in rows if i not in exclude][:k]
-            if len(out) >= k or len(rows) < self._trending_depth():
-                return self._trending_candidates(out)
-        rows = await self._trending_call(
+                self.trending_cache.put(category, cached)
+            out = [c for c in cached if c.item_id not in exclude][:k]
+            if len(out) >= k or len(cached) < self._trending_depth():
+                return out
+        fresh = await self._trending_call(
             profile_pb2.GetTrendingRequest(
                 k=min(1000, k + len(exclude)),
                 category=category,
@@ -211,11 +250,12 @@ class Pipeline:
             ),
             deadline,
         )
-        return self._trending_candidates([(i, s) for i, s in rows if i not in exclude][:k])
+        return [c for c in fresh if c.item_id not in exclude][:k]
 
     async def _trending_call(
         self, req: profile_pb2.GetTrendingRequest, deadline: Deadline
-    ) -> list[tuple[str, float]]:
+    ) -> list[common_pb2.Candidate]:
+        """Trending items as candidates (built once per cached list, never changed)."""
         resp = await self.profile.call(
             "trending",
             self.profile_stub.GetTrending,
@@ -224,17 +264,15 @@ class Pipeline:
             self.s.profile_timeout_ms / 1000,
             self.s.read_retries,
         )
-        return [(t.item_id, float(t.score)) for t in resp.items]
+        return [
+            common_pb2.Candidate(
+                item_id=t.item_id, score=float(t.score), source=common_pb2.REASON_TRENDING
+            )
+            for t in resp.items
+        ]
 
     def _trending_depth(self) -> int:
         return min(1000, self.s.candidates_k + 100)
-
-    @staticmethod
-    def _trending_candidates(rows: list[tuple[str, float]]) -> list[common_pb2.Candidate]:
-        return [
-            common_pb2.Candidate(item_id=i, score=s, source=common_pb2.REASON_TRENDING)
-            for i, s in rows
-        ]
 
     async def item_details(
         self, ids: list[str], deadline: Deadline, trace: Trace
@@ -309,16 +347,20 @@ class Pipeline:
         started = time.perf_counter()
         if candidates:
             try:
+                head = ranking_pb2.RankRequest(
+                    profile=profile, context=context, candidates=candidates, k=k, model_alias=alias
+                )
                 resp = await self.ranking.call(
                     "ranking",
-                    self.ranking_stub.Rank,
-                    ranking_pb2.RankRequest(
-                        profile=profile,
-                        context=context,
-                        candidates=candidates,
-                        k=k,
-                        items=[details[c.item_id] for c in candidates if c.item_id in details],
-                        model_alias=alias,
+                    self.rank_raw,
+                    # The items field appended as pre-serialized bytes (a repeated field may
+                    # come in any number of pieces): copying ~200 Item messages into the
+                    # request cost more than the rest of the call.
+                    head.SerializeToString()
+                    + b"".join(
+                        self._item_field(details[c.item_id])
+                        for c in candidates
+                        if c.item_id in details
                     ),
                     deadline,
                     self.s.ranking_timeout_ms / 1000,
