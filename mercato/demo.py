@@ -230,6 +230,8 @@ def pick_customers(path: Path) -> tuple[str, str]:
 def run_demo(opts: DemoOptions, console: Console | None = None) -> int:
     """The whole demo; returns a process exit code."""
     console = console or Console()
+    if not console.is_terminal:
+        console.width = max(console.width, 150)
     os.environ.setdefault("MERCATO_HOME", str(opts.home))
     tracking_uri = default_tracking_uri()
     with _step(console, "1. data"):
@@ -248,13 +250,14 @@ def run_demo(opts: DemoOptions, console: Console | None = None) -> int:
         healthy = sup.wait_healthy(opts.timeout_s)
         for p in sup.processes:
             console.print(f"{p.name:<10} {sup.host}:{p.port:<6} {p.status}")
-        if not healthy:
-            console.print(f"[red]not every service is SERVING; logs in {opts.home / 'logs'}")
+        if not healthy or not _models_loaded(sup, opts.timeout_s, console):
+            console.print(f"[red]not every service is ready; logs in {opts.home / 'logs'}")
             return 1
         with _step(console, "6. real requests through the gateway"):
             gateway = f"{sup.host}:{sup.ports['gateway'][0]}"
             abandoned = _abandoned_cart_customer(f"{sup.host}:{sup.ports['profile'][0]}")
-            rows, notes = ask(gateway, returning, new, abandoned, opts.k)
+            profile = f"{sup.host}:{sup.ports['profile'][0]}"
+            rows, notes = ask(gateway, profile, returning, new, abandoned, opts.k)
             console.print(_table(rows))
             for line in notes:
                 console.print(line)
@@ -262,6 +265,32 @@ def run_demo(opts: DemoOptions, console: Console | None = None) -> int:
         with _step(console, "7. stop"):
             sup.stop()
     return 0
+
+
+def _models_loaded(sup: Supervisor, timeout_s: float, console: Console) -> bool:
+    """Wait until retrieval serves its champion (health SERVING) and the ranking service
+    has loaded the ranker (it ranks rules-only until then)."""
+    from mercato.client import MercatoClient
+    from services.common.supervisor import health_status
+
+    deadline = time.monotonic() + timeout_s
+    retrieval = f"{sup.host}:{sup.ports['retrieval'][0]}"
+    while health_status(retrieval) != "SERVING":
+        if time.monotonic() > deadline:
+            console.print("[red]retrieval did not load its model")
+            return False
+        time.sleep(0.2)
+    with MercatoClient(f"{sup.host}:{sup.ports['gateway'][0]}", timeout=5.0) as client:
+        while True:
+            resp = client.recommend("", k=1)
+            if any(m.name == "mercato-ranker" for m in resp.models):
+                break
+            if time.monotonic() > deadline:
+                console.print("[red]ranking did not load the ranker")
+                return False
+            time.sleep(0.2)
+    console.print("retrieval and ranking serve their champions")
+    return True
 
 
 def _abandoned_cart_customer(profile_target: str) -> str | None:
@@ -307,40 +336,71 @@ def _describe(resp: Any) -> str:
     models = ", ".join(f"{m.name} v{m.version} @{m.alias}" for m in resp.models) or "no model"
     degraded = ", ".join(f"{d.stage}->{d.fallback}" for d in resp.degraded) or "none"
     offer = ""
-    if resp.HasField("offer") and resp.offer.offer_id:
+    if "offer" in resp.DESCRIPTOR.fields_by_name and resp.offer.offer_id:
         offer = f"; offer: {resp.offer.description or resp.offer.offer_id}"
     return f"models: {models}; degraded: {degraded}{offer}"
 
 
+def _who(profile_target: str, customer_id: str) -> str:
+    """One line on what the store knows about a customer: why they get what they get."""
+    import grpc
+
+    from mercato.v1 import profile_pb2, profile_pb2_grpc
+
+    with grpc.insecure_channel(profile_target) as channel:
+        stub = profile_pb2_grpc.ProfileServiceStub(channel)
+        p = stub.GetProfile(profile_pb2.GetProfileRequest(customer_id=customer_id), timeout=5)
+    prof = p.profile
+    if not prof.known:
+        return "unknown to the store: no history, answered from context and popularity"
+    top = sorted(prof.category_affinity.items(), key=lambda kv: -kv[1])[:3]
+    cats = ", ".join(f"{c} {a:.2f}" for c, a in top)
+    return (
+        f"{len(prof.purchases)} items bought, {len(prof.recent_items)} recent events, "
+        f"price band {prof.price_band or '?'}; top categories: {cats}"
+    )
+
+
 def ask(
-    gateway: str, returning: str, new: str, abandoned: str | None, k: int
+    gateway: str,
+    profile_target: str,
+    returning: str,
+    new: str,
+    abandoned: str | None,
+    k: int,
 ) -> tuple[list[Shown], list[str]]:
-    """The demo's requests; returns table rows and one summary line per call."""
+    """The demo's requests; returns table rows and summary lines."""
     from mercato.client import MercatoClient
     from mercato.v1 import common_pb2
 
     rows: list[Shown] = []
     notes: list[str] = []
     with MercatoClient(gateway, timeout=5.0) as client:
+        home_items: list[str] = []
         for who, cid in (("returning", returning), ("new", new)):
+            notes.append(f"[bold]{who} {cid}[/bold]: {_who(profile_target, cid)}")
             resp = client.recommend(cid, surface=common_pb2.SURFACE_HOME, k=k)
-            rows += _rows(f"{who} {cid}", "Recommend home", resp.items)
-            notes.append(f"[bold]{who} {cid}[/bold] Recommend home: {_describe(resp)}")
-        if rows:
-            item_id = rows[0].item_id
-            if item_id:
-                rel = client.related_items(
-                    item_id, kind=common_pb2.RELATION_KIND_COMPLEMENT, k=k, customer_id=returning
-                )
-                rows += _rows(f"returning {returning}", f"goes with {item_id}", rel.items)
-                notes.append(f"[bold]related to {item_id}[/bold]: {_describe(rel)}")
-        if abandoned:
-            cart = client.cart_recommendations(abandoned, k=k, include_offer=True)
-            rows += _rows(f"abandoned cart {abandoned}", "cart", cart.items)
-            lines = ", ".join(f"{ln.item_id} x{ln.quantity}" for ln in cart.cart.lines)
-            notes.append(
-                f"[bold]abandoned cart {abandoned}[/bold] (cart: {lines}): {_describe(cart)}"
+            rows += _rows(f"{who} {cid}", "home feed", resp.items)
+            notes.append(f"  home feed -> {_describe(resp)}")
+            if who == "returning":
+                home_items = [r.item.item_id for r in resp.items]
+        # cross-sell on a product page: the first recommended item that has complements
+        for item_id in home_items:
+            rel = client.related_items(
+                item_id, kind=common_pb2.RELATION_KIND_COMPLEMENT, k=k, customer_id=returning
             )
+            if any(common_pb2.REASON_COMPLEMENT in r.reasons for r in rel.items):
+                rows += _rows(f"returning {returning}", f"goes with {item_id}", rel.items)
+                notes.append(f"  goes with {item_id} -> {_describe(rel)}")
+                break
+        if abandoned:
+            notes.append(
+                f"[bold]abandoned cart {abandoned}[/bold]: {_who(profile_target, abandoned)}"
+            )
+            cart = client.cart_recommendations(abandoned, k=k, include_offer=True)
+            rows += _rows(f"abandoned cart {abandoned}", "cart page", cart.items)
+            lines = ", ".join(f"{ln.item_id} x{ln.quantity}" for ln in cart.cart.lines)
+            notes.append(f"  cart ({lines}) -> {_describe(cart)}")
         else:
             notes.append("no abandoned cart in the store")
     return rows, notes
