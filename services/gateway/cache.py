@@ -52,12 +52,16 @@ class TtlCache(Generic[K, V]):
     def get(self, key: K) -> V | None:
         entry = self._data.get(key)
         if entry is None or entry[0] <= self.clock():
-            if entry is not None:
-                del self._data[key]
             self._miss.inc()
             return None
         self._hit.inc()
         return entry[1]
+
+    def get_stale(self, key: K) -> V | None:
+        """The last value stored for ``key``, however old (expired entries stay until
+        evicted by size): a last resort when the source is down (stale-if-error)."""
+        entry = self._data.get(key)
+        return None if entry is None else entry[1]
 
     def get_many(self, keys: list[K]) -> tuple[dict[K, V], list[K]]:
         """Fresh entries of ``keys`` and the keys without one (metrics counted once)."""

@@ -229,6 +229,18 @@ class Pipeline:
         cached briefly and filtered here; a live call with the exclusions is made when the
         cached list runs short."""
         category = categories[0] if len(categories) == 1 else ""
+        try:
+            return await self._trending(category, k, exclude, deadline)
+        except HopError:
+            # stale-if-error: the last list seen beats no answer while profile is down
+            stale = self.trending_cache.get_stale(category)
+            if stale is None:
+                raise
+            return [c for c in stale if c.item_id not in exclude][:k]
+
+    async def _trending(
+        self, category: str, k: int, exclude: set[str], deadline: Deadline
+    ) -> list[common_pb2.Candidate]:
         if self.trending_cache.enabled:
             cached = self.trending_cache.get(category)
             if cached is None:

@@ -15,7 +15,8 @@ def test_ttl_cache_expires_and_evicts_least_recent() -> None:
     assert cache.get("a") is None and cache.get("b") == 2 and cache.get("c") == 3
     assert cache.get_many(["b", "x", "c"]) == ({"b": 2, "c": 3}, ["x"])
     now[0] = 2.5
-    assert cache.get("b") is None and len(cache) == 1
+    assert cache.get("b") is None and cache.get_many(["b"]) == ({}, ["b"])
+    assert cache.get_stale("b") == 2 and cache.get_stale("a") is None  # stale-if-error
     off: TtlCache[str, int] = TtlCache("off", max_entries=10, ttl=0.0)
     off.put("a", 1)
     assert not off.enabled and off.get("a") is None

@@ -5,6 +5,7 @@ rules that need no model. Also auth, rate limits, validation and event forwardin
 from __future__ import annotations
 
 import hashlib
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -163,6 +164,42 @@ def test_everything_down_still_answers(tmp_path: Path) -> None:
             assert err.value.code() == grpc.StatusCode.UNAVAILABLE
     finally:
         gw.kill()
+
+
+def test_profile_and_retrieval_down_serve_the_last_trending_list(tmp_path: Path) -> None:
+    """stale-if-error: with profile down as well as retrieval, the last trending list the
+    gateway saw (older than its cache TTL) still answers, marked degraded."""
+    profile = start_service("profile", tmp_path)
+    with profile.channel() as ch:
+        stub = profile_pb2_grpc.ProfileServiceStub(ch)
+        stub.UpsertItems(
+            profile_pb2.UpsertItemsRequest(items=[item(f"s{k}", "garden", 3.0) for k in range(6)]),
+            timeout=10,
+        )
+        evs = [event(f"sv{k}", "u1", ET.EVENT_TYPE_VIEW, f"s{k}", NOW_US - 10**6) for k in range(6)]
+        stub.TrackEvents(profile_pb2.ProfileServiceTrackEventsRequest(events=evs), timeout=10)
+    gw = start_service(
+        "gateway",
+        tmp_path,
+        {
+            "MERCATO_GATEWAY_PROFILE_TARGET": profile.target,
+            "MERCATO_GATEWAY_RETRIEVAL_TARGET": f"127.0.0.1:{free_port()}",
+            "MERCATO_GATEWAY_RANKING_TARGET": f"127.0.0.1:{free_port()}",
+            "MERCATO_GATEWAY_TRENDING_CACHE_SECONDS": "0.5",
+        },
+    )
+    try:
+        with MercatoClient(gw.target, timeout=5) as c:
+            fresh = [r.item.item_id for r in c.recommend("u9", k=4).items]
+            assert len(fresh) == 4
+            profile.kill()
+            time.sleep(1.0)  # the cached list is now expired
+            resp = c.recommend("u9", k=4)
+            assert [r.item.item_id for r in resp.items] == fresh
+            assert {d.stage for d in resp.degraded} >= {"profile", "retrieval"}
+    finally:
+        gw.kill()
+        profile.kill()
 
 
 def test_ab_assignment_is_stable_and_split_as_configured() -> None:
