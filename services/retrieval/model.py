@@ -164,6 +164,16 @@ class RetrievalModel:
             return self.bundle.item_ids[row]
         return st.extra_ids[row - st.n_base]
 
+    def complements_of(self, item_id: str) -> list[tuple[str, float]]:
+        """Basket complements of an item from the bundle, best first (empty if none).
+
+        Works with both bundle APIs: ``complements`` as a dict attribute, or as a
+        ``complements(item_id, n)`` method over a lazily read ``complements.json``."""
+        comp: Any = self.bundle.complements
+        if callable(comp):
+            return list(comp(item_id, 1000))
+        return list(comp.get(item_id, ()))
+
     def embeddings(self, st: IndexState, rows: np.ndarray) -> np.ndarray:
         rows = np.asarray(rows, dtype=np.int64)
         base = rows < st.n_base
@@ -406,6 +416,7 @@ def load_retrieval_model(path: Path, info: ModelVersionInfo, cfg: IndexConfig) -
         raise ModelRejected(str(e)) from e
     index = serving_index(bundle, Path(path), cfg)
     model = RetrievalModel(bundle, index, info, cfg)
+    model.complements_of("")  # read a lazily loaded complements file now, not in a call
     validate(model)
     return model
 
