@@ -70,7 +70,11 @@ N_CATEGORIES = 40
 K = 100
 HNSW_M = 32
 HNSW_EF_CONSTRUCTION = 80
-EF_SWEEP = (64, 96, 128, 192, 256, 384, 512)
+# Search-breadth sweeps: HNSW efSearch, IVF nprobe (of about 2 * sqrt(n) lists).
+SWEEPS = {
+    "hnsw": ("efSearch", (64, 128, 256, 512)),
+    "ivf": ("nprobe", (8, 16, 32, 64, 128)),
+}
 
 
 def pct(xs: list[float], p: float) -> float:
@@ -343,11 +347,11 @@ def in_process(
     bdir: Path,
     info: ModelVersionInfo,
     pop: np.ndarray,
-    is_hnsw: bool,
+    ann: str,
     n: int,
 ) -> tuple[dict[str, Any], list[Any]]:
     """Recall, the efSearch sweep and the in-process floor, with the service's own code."""
-    model = load_retrieval_model(bdir, info, IndexConfig())
+    model = load_retrieval_model(bdir, info, IndexConfig(ann=ann))
     b = model.bundle
     reqs = requests(b, pop, args.calls, seed=n)
     users = np.stack([model.encode_user(user_query(r.profile, r.context)) for r in reqs])
@@ -355,19 +359,29 @@ def in_process(
     qs = users[: args.recall_queries]
     _, kth = exact_topk(emb, qs, K)
 
-    # efSearch sweep (HNSW): recall and in-process search time per value.
+    # Search-breadth sweep (ANN): recall and in-process search time per value; the
+    # smallest value reaching the target recall is the one served.
     sweep = []
     ef = 0
-    if is_hnsw:
-        for e in EF_SWEEP:
-            model.index.hnsw.efSearch = e
+    if ann in SWEEPS:
+        name, values = SWEEPS[ann]
+
+        def set_breadth(v: int) -> None:
+            if ann == "hnsw":
+                model.index.hnsw.efSearch = v
+            else:
+                model.index.nprobe = v
+
+        for e in values:
+            set_breadth(e)
             rec = recall(model.index, emb, qs, kth, K)
             lat = timed(lambda q: model.index.search(q.reshape(1, -1), K), list(users[:500]))
-            sweep.append({"ef_search": e, "recall_at_100": round(rec, 4), **summary(lat)})
-            print(f"  efSearch {e}: recall@100 {rec:.4f}, p50 {pct(lat, 50):.3f} ms", flush=True)
+            sweep.append({"param": name, "value": e, "recall_at_100": round(rec, 4)})
+            sweep[-1].update(summary(lat))
+            print(f"  {ann} {name} {e}: recall@100 {rec:.4f}, p50 {pct(lat, 50):.3f} ms")
         ok = [s for s in sweep if s["recall_at_100"] >= args.target_recall]
-        ef = int(ok[0]["ef_search"]) if ok else EF_SWEEP[-1]
-        model.index.hnsw.efSearch = ef
+        ef = int(ok[0]["value"]) if ok else values[-1]
+        set_breadth(ef)
     rec = recall(model.index, emb, qs, kth, K)
 
     # In-process floor: what the servicer does, without gRPC.
@@ -398,15 +412,16 @@ def in_process(
     }, reqs
 
 
-def bench_size(args: argparse.Namespace, work: Path, small: TwoTowerBundle, n: int) -> dict:
+def bench_size(
+    args: argparse.Namespace, work: Path, small: TwoTowerBundle, n: int, ann: str
+) -> dict:
     print(f"catalog of {n} items", flush=True)
     bdir = build_bundle(small, n, work / f"catalog-{n}" / "bundle")
     pop = np.load(bdir.parent / "popularity_weights.npy")
     model_name = f"bench-two-tower-{n}"
     uri, version = register(work, bdir, model_name)
-    is_hnsw = n > IndexConfig().exact_max_items
     info = ModelVersionInfo(model_name, version, "", "champion")
-    inproc, reqs = in_process(args, bdir, info, pop, is_hnsw, n)
+    inproc, reqs = in_process(args, bdir, info, pop, ann, n)
     ef = inproc["ef_search"]
 
     env = {
@@ -418,8 +433,10 @@ def bench_size(args: argparse.Namespace, work: Path, small: TwoTowerBundle, n: i
         "MERCATO_RETRIEVAL_THREADS": "1",
         "MERCATO_RETRIEVAL_LOG_LEVEL": "WARNING",
     }
-    if ef:
-        env["MERCATO_RETRIEVAL_HNSW_EF_SEARCH"] = str(ef)
+    if ann in SWEEPS:
+        env["MERCATO_RETRIEVAL_ANN_INDEX"] = ann
+        key = "HNSW_EF_SEARCH" if ann == "hnsw" else "IVF_NPROBE"
+        env[f"MERCATO_RETRIEVAL_{key}"] = str(ef)
     t0 = time.perf_counter()
     svc = start_service("retrieval", work / f"svc-{n}", env=env, timeout=900)
     load_s = time.perf_counter() - t0
@@ -455,7 +472,8 @@ def bench_size(args: argparse.Namespace, work: Path, small: TwoTowerBundle, n: i
     row = {
         "items": n,
         "index": index_type,
-        "ef_search": ef or None,
+        "ann": ann,
+        "search_breadth": ef or None,
         "recall_at_100": round(inproc["recall"], 4),
         "grpc": summary(lat_grpc),
         "direct": summary(inproc["direct"]),
@@ -497,17 +515,23 @@ def markdown(res: dict) -> str:
         )
     for r in res["sizes"]:
         if r["ef_sweep"]:
+            name = r["ef_sweep"][0]["param"]
+            built = (
+                f"M={HNSW_M}, efConstruction={HNSW_EF_CONSTRUCTION}"
+                if r["ann"] == "hnsw"
+                else "IVF-Flat, lists = 2 * sqrt(n) rounded to a power of two"
+            )
             lines += [
                 "",
-                f"HNSW efSearch sweep at {r['items']:,} items (M={HNSW_M}, "
-                f"efConstruction={HNSW_EF_CONSTRUCTION}; in-process index search, k={K}; "
-                f"served: the smallest efSearch with Recall@100 >= {res['target_recall']}):",
+                f"{r['ann'].upper()} {name} sweep at {r['items']:,} items ({built}; "
+                f"in-process index search, k={K}; served: the smallest {name} with "
+                f"Recall@100 >= {res['target_recall']}, else the largest):",
                 "",
-                "| efSearch | Recall@100 | search p50 ms | search p99 ms |",
+                f"| {name} | Recall@100 | search p50 ms | search p99 ms |",
                 "| --- | --- | --- | --- |",
             ]
             lines += [
-                f"| {s['ef_search']} | {s['recall_at_100']:.4f} | {s['p50_ms']:.3f} "
+                f"| {s['value']} | {s['recall_at_100']:.4f} | {s['p50_ms']:.3f} "
                 f"| {s['p99_ms']:.3f} |"
                 for s in r["ef_sweep"]
             ]
@@ -522,13 +546,21 @@ def main() -> None:
     ap.add_argument("--target-recall", type=float, default=0.95)
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4])
+    ap.add_argument(
+        "--ann", nargs="+", default=["ivf", "hnsw"], help="ANN indexes above the exact size"
+    )
     ap.add_argument("--work-dir", default="/tmp/mercato-retrieval-bench")
     ap.add_argument("--out", default=str(RESULTS / "retrieval"))
     args = ap.parse_args()
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     small = TwoTowerBundle.load(train_small(work))
-    rows = [bench_size(args, work, small, n) for n in args.sizes]
+    exact_max = IndexConfig().exact_max_items
+    rows = [
+        bench_size(args, work, small, n, ann)
+        for n in args.sizes
+        for ann in (["flat"] if n <= exact_max else args.ann)
+    ]
     res = {
         "command": "python bench/retrieval_bench.py " + " ".join(sys.argv[1:]),
         "machine": platform.platform(),

@@ -44,6 +44,9 @@ class IndexConfig:
     hnsw_m: int = 32
     hnsw_ef_construction: int = 80
     hnsw_ef_search: int = 128
+    ann: str = "ivf"  # index above exact_max_items: "ivf" or "hnsw"
+    ivf_nlist: int = 0  # 0 = about 2 * sqrt(n), a power of two
+    ivf_nprobe: int = 32
     mmap: bool = True
     oversample: float = 2.0
     max_fetch: int = 20_000
@@ -163,6 +166,10 @@ class RetrievalModel:
         if row < st.n_base:
             return self.bundle.item_ids[row]
         return st.extra_ids[row - st.n_base]
+
+    def complements_of(self, item_id: str) -> list[tuple[str, float]]:
+        """Basket complements of an item from the bundle, best first (empty if none)."""
+        return self.bundle.complements(item_id, 1000)
 
     def embeddings(self, st: IndexState, rows: np.ndarray) -> np.ndarray:
         rows = np.asarray(rows, dtype=np.int64)
@@ -316,6 +323,8 @@ def describe_index(index: faiss.Index) -> str:
     if isinstance(index, faiss.IndexHNSW):
         m = int(index.hnsw.nb_neighbors(1))  # type: ignore[attr-defined]
         return f"HNSW{m},efSearch={index.hnsw.efSearch}"
+    if isinstance(index, faiss.IndexIVF):
+        return f"IVF{index.nlist},Flat,nprobe={index.nprobe}"
     if isinstance(index, faiss.IndexFlat):
         return "Flat"
     return type(index).__name__
@@ -325,38 +334,70 @@ def _io_flags(cfg: IndexConfig) -> int:
     return int(faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY) if cfg.mmap else 0
 
 
+def index_kind(index: faiss.Index) -> str:
+    if isinstance(index, faiss.IndexHNSW):
+        return "hnsw"
+    if isinstance(index, faiss.IndexIVF):
+        return "ivf"
+    if isinstance(index, faiss.IndexFlat):
+        return "flat"
+    return type(index).__name__
+
+
+def ivf_nlist(n: int, cfg: IndexConfig) -> int:
+    if cfg.ivf_nlist:
+        return cfg.ivf_nlist
+    return int(2 ** round(math.log2(max(1.0, 2 * math.sqrt(n)))))
+
+
+def build_index(x: np.ndarray, kind: str, cfg: IndexConfig) -> faiss.Index:
+    """A new index of ``kind`` ("flat", "hnsw", "ivf") over ``x`` (inner product)."""
+    dim = x.shape[1]
+    if kind == "hnsw":
+        hnsw = faiss.IndexHNSWFlat(dim, cfg.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        hnsw.hnsw.efConstruction = cfg.hnsw_ef_construction
+        hnsw.add(x)
+        return hnsw
+    if kind == "ivf":
+        nlist = ivf_nlist(len(x), cfg)
+        ivf = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
+        ivf.cp.niter = 10
+        sample = np.random.default_rng(0).choice(len(x), min(len(x), 100_000), replace=False)
+        ivf.train(x[np.sort(sample)])
+        ivf.add(x)
+        return ivf
+    flat = faiss.IndexFlatIP(dim)
+    flat.add(x)
+    return flat
+
+
 def serving_index(bundle: TwoTowerBundle, bundle_dir: Path, cfg: IndexConfig) -> faiss.Index:
-    """The index to serve: the bundle's when its type fits the catalog size, else one
-    built from the embeddings (cached as ``serving-<type>.faiss`` beside the bundle)."""
+    """The index to serve: the bundle's when its type is the one for the catalog size
+    (exact Flat up to ``exact_max_items``, ``cfg.ann`` above), else one built from the
+    embeddings once and cached as ``serving-<type>.faiss`` beside the bundle."""
     n = len(bundle.item_ids)
-    want_hnsw = n > cfg.exact_max_items
+    want = "flat" if n <= cfg.exact_max_items else cfg.ann
+    if want not in ("flat", "hnsw", "ivf"):
+        raise ValueError(f"unknown index type {cfg.ann!r}: hnsw | ivf")
     index = bundle.index
-    is_hnsw = isinstance(index, faiss.IndexHNSW)
-    is_flat = isinstance(index, faiss.IndexFlat)
-    if not ((want_hnsw and is_hnsw) or (not want_hnsw and is_flat)):
-        name = (
-            f"serving-HNSW{cfg.hnsw_m}-efc{cfg.hnsw_ef_construction}.faiss"
-            if want_hnsw
-            else "serving-Flat.faiss"
-        )
+    if index_kind(index) != want:
+        name = {
+            "flat": "serving-Flat.faiss",
+            "hnsw": f"serving-HNSW{cfg.hnsw_m}-efc{cfg.hnsw_ef_construction}.faiss",
+            "ivf": f"serving-IVF{ivf_nlist(n, cfg)}.faiss",
+        }[want]
         path = bundle_dir.parent / name
         if not path.is_file():
-            x = np.ascontiguousarray(bundle.item_embeddings, dtype=np.float32)
-            built: faiss.Index
-            if want_hnsw:
-                hnsw = faiss.IndexHNSWFlat(bundle.dim, cfg.hnsw_m, faiss.METRIC_INNER_PRODUCT)
-                hnsw.hnsw.efConstruction = cfg.hnsw_ef_construction
-                built = hnsw
-            else:
-                built = faiss.IndexFlatIP(bundle.dim)
             log.info("building the serving index", extra={"index_file": name, "items": n})
-            built.add(x)
+            built = build_index(np.ascontiguousarray(bundle.item_embeddings), want, cfg)
             tmp = path.with_suffix(".tmp")
             faiss.write_index(built, str(tmp))
             tmp.rename(path)
         index = faiss.read_index(str(path), _io_flags(cfg))
     if isinstance(index, faiss.IndexHNSW):
         index.hnsw.efSearch = cfg.hnsw_ef_search
+    if isinstance(index, faiss.IndexIVF):
+        index.nprobe = cfg.ivf_nprobe
     if index.ntotal != n or index.d != bundle.dim:
         raise ModelRejected(f"index has {index.ntotal} x {index.d}, want {n} x {bundle.dim}")
     return index
@@ -406,6 +447,7 @@ def load_retrieval_model(path: Path, info: ModelVersionInfo, cfg: IndexConfig) -
         raise ModelRejected(str(e)) from e
     index = serving_index(bundle, Path(path), cfg)
     model = RetrievalModel(bundle, index, info, cfg)
+    model.complements_of("")  # read a lazily loaded complements file now, not in a call
     validate(model)
     return model
 

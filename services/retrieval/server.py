@@ -330,10 +330,9 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
     ) -> list[Cand]:
         """Basket co-occurrence from the bundle; filled up with similar items when the
         bundle has none (or too few) for these anchors."""
-        comp = model.bundle.complement_pairs
         scores: dict[int, float] = {}
         for a in anchors:
-            for item_id, s in comp.get(model.item_id(st, a), ()):
+            for item_id, s in model.complements_of(model.item_id(st, a)):
                 r = model.row_of(st, item_id)
                 if r is not None:
                     scores[r] = scores.get(r, 0.0) + float(s)
@@ -436,6 +435,9 @@ def index_config(settings: RetrievalSettings) -> IndexConfig:
         hnsw_m=settings.hnsw_m,
         hnsw_ef_construction=settings.hnsw_ef_construction,
         hnsw_ef_search=settings.hnsw_ef_search,
+        ann=settings.ann_index,
+        ivf_nlist=settings.ivf_nlist,
+        ivf_nprobe=settings.ivf_nprobe,
         mmap=settings.mmap_index,
         oversample=settings.oversample,
         max_fetch=settings.max_fetch,

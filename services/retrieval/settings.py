@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
@@ -36,6 +37,12 @@ class RetrievalSettings(ServiceSettings):
     exact_max_items: int = Field(
         200_000, ge=0, description="Catalogs up to this size use an exact Flat index."
     )
+    ann_index: Literal["ivf", "hnsw"] = Field(
+        "ivf",
+        description="Index above EXACT_MAX_ITEMS: ivf (IVF-Flat) or hnsw (see docs/retrieval.md).",
+    )
+    ivf_nlist: int = Field(0, ge=0, description="IVF lists (0 = about 2 * sqrt(items)).")
+    ivf_nprobe: int = Field(32, ge=1, le=65536, description="IVF lists searched per query.")
     hnsw_m: int = Field(32, ge=4, le=128, description="HNSW graph degree when one is built.")
     hnsw_ef_construction: int = Field(80, ge=8, description="HNSW efConstruction when built.")
     hnsw_ef_search: int = Field(
