@@ -134,6 +134,11 @@ def train_ranker_cmd(
     loss: str = typer.Option("listwise", help="listwise (softmax CE) | pointwise (BCE)"),
     epochs: int = typer.Option(30),
     patience: int = typer.Option(5, help="Epochs without validation NDCG@10 gain."),
+    early_stop_on: str = typer.Option(
+        "truth",
+        help="Validation NDCG@10 of: truth (purchases, as evaluated) | labels (graded "
+        "next-window labels: more customers, less noise).",
+    ),
     lr: float = typer.Option(1e-3),
     batch_lists: int = typer.Option(128, help="Customer lists per batch."),
     max_users: int = typer.Option(0, help="Cap on customers per window (0 = all)."),
@@ -186,6 +191,7 @@ def train_ranker_cmd(
         loss=loss,
         epochs=epochs,
         patience=patience,
+        early_stop_on=early_stop_on,
         lr=lr,
         batch_lists=batch_lists,
         max_users=max_users,

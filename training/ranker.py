@@ -100,6 +100,7 @@ class RankerConfig:
     patience: int = 5
     batch_lists: int = 128
     early_stop_k: int = 10
+    early_stop_on: str = "truth"  # "truth" (purchase NDCG, as evaluated) | "labels" (graded)
     ks: tuple[int, ...] = (10, 20)
     label_weights: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_LABEL_WEIGHTS))
     valid_user_frac: float = 0.2
@@ -388,6 +389,20 @@ def rerank_metrics(
     return out
 
 
+def graded_ndcg(labels: np.ndarray, scores: np.ndarray, mask: np.ndarray, k: int) -> float:
+    """Mean NDCG@k with the graded labels as linear gains, within each list (lists
+    without a positive label are skipped)."""
+    s = np.where(mask, scores, -np.inf)
+    order = np.argsort(-s, axis=1, kind="stable")[:, :k]
+    gains = np.take_along_axis(np.where(mask, labels, 0.0), order, axis=1)
+    disc = 1.0 / np.log2(np.arange(2, gains.shape[1] + 2))
+    dcg = (gains * disc).sum(1)
+    ideal = -np.sort(-np.where(mask, labels, 0.0), axis=1)[:, :k]
+    idcg = (ideal * disc[: ideal.shape[1]]).sum(1)
+    has = idcg > 0
+    return float((dcg[has] / idcg[has]).mean()) if has.any() else 0.0
+
+
 def format_comparison(results: dict[str, dict[str, dict[str, float]]], ks: tuple[int, ...]) -> str:
     """Markdown: per window, retrieval order vs ranker, and the relative change."""
     cols = [f"{m}@{k}" for k in ks for m in ("ndcg", "recall")]
@@ -478,10 +493,18 @@ def train_ranker(
     ks = tuple(sorted({cfg.early_stop_k, *cfg.ks}))
     hist = RankerHistory()
     base = rerank_metrics(valid.rows, valid.retrieval, valid.truth, ks)
+
     # Epoch 0 is the untrained net, which ranks by the retrieval score: an epoch must beat
     # it to be kept, so the exported model is never worse than retrieval on validation.
-    start = rerank_metrics(valid.rows, _net_scores(net, valid.x), valid.truth, ks)
-    hist.best_metric = start.get(metric, 0.0)
+    def stop_value(m: dict[str, float], scores: np.ndarray) -> float:
+        if cfg.early_stop_on == "labels":
+            return graded_ndcg(valid.labels, scores, valid.mask, cfg.early_stop_k)
+        if cfg.early_stop_on == "truth":
+            return m.get(metric, 0.0)
+        raise ValueError(f"early_stop_on must be 'truth' or 'labels', not {cfg.early_stop_on!r}")
+
+    s0 = _net_scores(net, valid.x)
+    hist.best_metric = stop_value(rerank_metrics(valid.rows, s0, valid.truth, ks), s0)
     best: dict[str, Any] | None = copy.deepcopy(net.state_dict())
     bad = 0
     t0 = time.perf_counter()
@@ -498,12 +521,15 @@ def train_ranker(
             opt.step()
             total += float(loss.detach()) * len(idx)
             seen += len(idx)
-        m = rerank_metrics(valid.rows, _net_scores(net, valid.x), valid.truth, ks)
+        sv = _net_scores(net, valid.x)
+        m = rerank_metrics(valid.rows, sv, valid.truth, ks)
+        stop = stop_value(m, sv)
         row = {
             "train_loss": total / max(seen, 1),
             f"epoch_valid_{metric.replace('@', '_')}": m.get(metric, 0.0),
             f"epoch_valid_recall_{cfg.early_stop_k}": m.get(f"recall@{cfg.early_stop_k}", 0.0),
             f"epoch_valid_retrieval_{metric.replace('@', '_')}": base.get(metric, 0.0),
+            "epoch_valid_graded_ndcg": graded_ndcg(valid.labels, sv, valid.mask, cfg.early_stop_k),
             "epoch_seconds": time.perf_counter() - te,
         }
         hist.epochs.append({"epoch": float(epoch), **row})
@@ -515,8 +541,8 @@ def train_ranker(
             )
         if on_epoch is not None:
             on_epoch(epoch, row)
-        if m.get(metric, 0.0) > hist.best_metric:
-            hist.best_metric, hist.best_epoch = m.get(metric, 0.0), epoch
+        if stop > hist.best_metric:
+            hist.best_metric, hist.best_epoch = stop, epoch
             best = copy.deepcopy(net.state_dict())
             bad = 0
         else:

@@ -42,6 +42,7 @@ from training.ranker import (
     RankerConfig,
     RankerResult,
     RankLists,
+    graded_ndcg,
     rerank_metrics,
     train_and_register_ranker,
     train_ranker,
@@ -83,6 +84,15 @@ def test_rerank_metrics_match_a_hand_computed_example() -> None:
     assert model["ndcg@4"] == pytest.approx(((d[0] + d[2]) / (d[0] + d[1] + d[2]) + 1.0) / 2)
     assert model["recall@2"] == pytest.approx((1 / 3 + 1) / 2)
     assert model["hit@2"] == pytest.approx(1.0)
+
+
+def test_graded_ndcg_matches_a_hand_computed_example() -> None:
+    labels = np.array([[0.0, 2.0, 1.0, 4.0], [0.0, 0.0, 0.0, 0.0]])
+    scores = np.array([[3.0, 2.0, 1.0, 9.0], [1.0, 2.0, 3.0, 4.0]])
+    mask = np.array([[True, True, True, False], [True] * 4])  # the 4.0 is padding
+    d = [1 / math.log2(r + 1) for r in range(1, 4)]
+    # Order [0, 1, 2]: gains 0, 2 -> DCG@2 = 2 d2; ideal 2, 1 -> 2 + d2. List 2 skipped.
+    assert graded_ndcg(labels, scores, mask, 2) == pytest.approx(2 * d[1] / (2 + d[1]))
 
 
 def _random_lists(seed: int, users: int = 40, n: int = 12) -> RankLists:
