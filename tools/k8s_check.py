@@ -840,6 +840,55 @@ def check_jobs(objs: list[Obj]) -> Iterator[Finding]:
                     )
 
 
+#: MERCATO_* variables every process reads besides its own service's settings.
+GLOBAL_SETTINGS = frozenset(
+    {"MERCATO_HOME", "MERCATO_MLFLOW_TRACKING_URI", "MERCATO_MLFLOW_ARTIFACT_ROOT"}
+)
+
+
+def known_settings(service: str) -> set[str]:
+    """Environment variables the settings classes of ``service`` read."""
+    import importlib
+
+    from pydantic_settings import BaseSettings
+
+    from services.common.settings import ClientTlsSettings
+
+    module = importlib.import_module(f"services.{service}.settings")
+    classes: list[type[BaseSettings]] = [
+        c
+        for c in vars(module).values()
+        if isinstance(c, type) and issubclass(c, BaseSettings) and c.__module__ == module.__name__
+    ]
+    names = set(GLOBAL_SETTINGS)
+    classes.append(ClientTlsSettings)
+    for cls in classes:
+        prefix = str(cls.model_config.get("env_prefix", "")).upper()
+        names.update(prefix + field.upper() for field in cls.model_fields)
+    return names
+
+
+def check_settings(objs: list[Obj]) -> Iterator[Finding]:
+    """A MERCATO_* variable no settings class reads is silently ignored (settings allow
+    extra keys): a renamed or misspelt setting in a ConfigMap would never take effect."""
+    configmaps = configmaps_by_name(objs)
+    for obj in objs:
+        service = mercato_service(obj)
+        template = pod_template(obj)
+        if service is None or template is None:
+            continue
+        known = known_settings(service)
+        for container in all_containers(template.get("spec") or {}):
+            env = effective_env(container, configmaps)
+            for name in sorted(env):
+                if name.startswith("MERCATO_") and name not in known:
+                    yield Finding(
+                        "settings",
+                        ref(obj),
+                        f"{container.get('name')}: {name} is read by no setting of {service}",
+                    )
+
+
 CHECKS = (
     check_labels,
     check_images,
@@ -855,6 +904,7 @@ CHECKS = (
     check_network_policies,
     check_secrets,
     check_jobs,
+    check_settings,
 )
 
 

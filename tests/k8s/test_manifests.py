@@ -162,6 +162,7 @@ def test_nightly_retrain_promotes_only_through_the_gate(rendered: dict[str, Objs
         cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
     )
     assert re.search(r"mercato train retrieval .*&&\s*mercato promote", script, re.S)
+    assert re.search(r"mercato train ranker .*&&\s*mercato promote --model ranker", script, re.S)
     assert "--force" not in script
     assert cron["spec"]["concurrencyPolicy"] == "Forbid"
 
@@ -355,6 +356,14 @@ def _misspelled_field(k8s: Path) -> None:
     )
 
 
+def _misspelled_setting(k8s: Path) -> None:
+    _edit(
+        k8s / "base/retrieval/config.env",
+        "MERCATO_RETRIEVAL_POLL_INTERVAL_S=30",
+        "MERCATO_RETRIEVAL_POLL_INTERVAL_SECONDS=30",
+    )
+
+
 BREAKAGES: dict[str, tuple[Callable[[Path], None], str, str]] = {
     # name: (how to break k8s/, which overlay to render, the check that must report it)
     "no readiness probe": (_remove_readiness, "prod", "probes"),
@@ -371,6 +380,7 @@ BREAKAGES: dict[str, tuple[Callable[[Path], None], str, str]] = {
     "grace period shorter than the drain": (_short_grace, "prod", "shutdown"),
     "liveness waits for a model": (_liveness_on_readiness, "dev", "probes"),
     "misspelled field": (_misspelled_field, "dev", "schema"),
+    "setting no service reads": (_misspelled_setting, "prod", "settings"),
 }
 
 
