@@ -477,13 +477,16 @@ def start_stack(tmp: Path, args: argparse.Namespace) -> dict[str, ServiceProc]:
     return procs
 
 
-def start_gateway(tmp: Path, procs: dict[str, ServiceProc], candidates_k: int) -> ServiceProc:
+def start_gateway(
+    tmp: Path, procs: dict[str, ServiceProc], args: argparse.Namespace
+) -> ServiceProc:
     return start_service(
         "gateway",
         tmp / "gateway",
         {
             "MERCATO_GATEWAY_LOG_LEVEL": "WARNING",
-            "MERCATO_GATEWAY_CANDIDATES_K": str(candidates_k),
+            "MERCATO_GATEWAY_CANDIDATES_K": str(args.candidates_k),
+            "MERCATO_GATEWAY_EXPOSURES_ENABLED": str(not args.no_exposures).lower(),
             "MERCATO_GATEWAY_PROFILE_TARGET": procs["profile"].target,
             "MERCATO_GATEWAY_RETRIEVAL_TARGET": procs["retrieval"].target,
             "MERCATO_GATEWAY_RANKING_TARGET": procs["ranking"].target,
@@ -506,7 +509,7 @@ def bench_catalog(items: int, args: argparse.Namespace) -> dict[str, Any]:
             data = load_data(procs["profile"], items, args.users, args.seed)
             customers = data.pop("customer_ids")
             print(f"[{items} items] loaded: {data}", flush=True)
-            gateway = start_gateway(tmp, procs, args.candidates_k)
+            gateway = start_gateway(tmp, procs, args)
             procs["gateway"] = gateway
             status = models_status(procs)
             print(f"[{items} items] model services: {status}", flush=True)
@@ -551,7 +554,8 @@ def markdown(report: dict[str, Any]) -> str:
             f"## {cat['items']:,} items, {cat['customers']:,} customers, {cat['events']:,} events",
             "",
             f"Model services (health): {run['model_services']}; Recommend k="
-            f"{report['args']['k']}, candidates ranked per call: {report['args']['candidates_k']}",
+            f"{report['args']['k']}, candidates ranked per call: {report['args']['candidates_k']}, "
+            f"exposures logged: {not report['args']['no_exposures']}",
             "",
             f"Machine load average (1 min) before/after the runs: "
             f"{run.get('loadavg_1m_before_after')} (the machine is shared)",
@@ -626,6 +630,7 @@ def main() -> None:
         "--candidates-k", type=int, default=200, help="Gateway CANDIDATES_K (ranked per call)."
     )
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-exposures", action="store_true", help="Gateway logs no exposures.")
     ap.add_argument("--quick", action="store_true", help="Small catalog, short runs.")
     ap.add_argument("--tag", default="load", help="Result file name (bench/results/TAG.*).")
     args = ap.parse_args()
