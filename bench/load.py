@@ -381,27 +381,42 @@ async def measure(
     targets: list[Target],
     gateway: ServiceProc,
     pids: dict[str, int],
+    metric_ports: dict[str, int],
     args: argparse.Namespace,
 ) -> dict[str, Any]:
     """One run, with its per-hop latency and the CPU each process spent per call (CPU
     time does not depend on how busy the shared machine is, unlike latency)."""
+    ports = {name: port for name, port in metric_ports.items() if name != "gateway"}
     before, cpu0 = scrape(gateway.metrics_port), cpu_snapshot(pids)
+    server0 = {name: scrape(port) for name, port in ports.items()}
     multi = MultiTarget(targets)
     if mode == "closed":
         r = await closed_loop(multi, args.concurrency, args.duration, args.timeout)
     else:
         r = await open_loop(multi, rate, args.duration, args.timeout)
     cpu1, after = cpu_snapshot(pids), scrape(gateway.metrics_port)
+    server1 = {name: scrape(port) for name, port in ports.items()}
     calls = max(1, r["ok"] + r["errors"])
     r["cpu_ms_per_call"] = {k: round((cpu1[k] - cpu0[k]) / calls * 1000, 3) for k in cpu0}
     r["cpu_ms_per_call"]["total"] = round(sum(r["cpu_ms_per_call"].values()), 3)
     r["hops"] = hop_latency(before, after, "mercato_gateway_hop_latency_seconds", "hop")
+    # Time inside each downstream service (its own runtime histogram, per method): the
+    # difference to the gateway's hop time is queueing, transport and (de)serialization.
+    r["server_side"] = {
+        f"{name}.{method}": h
+        for name in ports
+        for method, h in hop_latency(
+            server0[name], server1[name], "mercato_rpc_latency_seconds", "method"
+        ).items()
+        if method not in ("Check", "Watch")
+    }
     return r
 
 
 async def run_phase(
     gateway: ServiceProc,
     pids: dict[str, int],
+    ports: dict[str, int],
     customers: list[str],
     args: argparse.Namespace,
 ) -> dict[str, Any]:
@@ -416,7 +431,7 @@ async def run_phase(
             await asyncio.gather(*(t.call(5.0) for t in targets for _ in range(20)))
             per = []
             for _ in range(args.repeats):
-                per.append(await measure(kind, "closed", 0, targets, gateway, pids, args))
+                per.append(await measure(kind, "closed", 0, targets, gateway, pids, ports, args))
                 await asyncio.sleep(0.5)
             results[f"{kind}_closed"] = median_run(per)
             # Open loop from the lowest rate up, so that an overloaded run (queues,
@@ -427,7 +442,8 @@ async def run_phase(
                 repeats = args.repeats if rate == args.rate else 1
                 per = []
                 for _ in range(repeats):
-                    per.append(await measure(kind, "open", rate, targets, gateway, pids, args))
+                    r = await measure(kind, "open", rate, targets, gateway, pids, ports, args)
+                    per.append(r)
                     await asyncio.sleep(0.5)
                 key = f"{kind}_open" if rate == args.rate else f"{kind}_open_{rate:g}"
                 results[key] = median_run(per)
@@ -477,13 +493,16 @@ def start_stack(tmp: Path, args: argparse.Namespace) -> dict[str, ServiceProc]:
     return procs
 
 
-def start_gateway(tmp: Path, procs: dict[str, ServiceProc], candidates_k: int) -> ServiceProc:
+def start_gateway(
+    tmp: Path, procs: dict[str, ServiceProc], args: argparse.Namespace
+) -> ServiceProc:
     return start_service(
         "gateway",
         tmp / "gateway",
         {
             "MERCATO_GATEWAY_LOG_LEVEL": "WARNING",
-            "MERCATO_GATEWAY_CANDIDATES_K": str(candidates_k),
+            "MERCATO_GATEWAY_CANDIDATES_K": str(args.candidates_k),
+            "MERCATO_GATEWAY_EXPOSURES_ENABLED": str(not args.no_exposures).lower(),
             "MERCATO_GATEWAY_PROFILE_TARGET": procs["profile"].target,
             "MERCATO_GATEWAY_RETRIEVAL_TARGET": procs["retrieval"].target,
             "MERCATO_GATEWAY_RANKING_TARGET": procs["ranking"].target,
@@ -506,13 +525,14 @@ def bench_catalog(items: int, args: argparse.Namespace) -> dict[str, Any]:
             data = load_data(procs["profile"], items, args.users, args.seed)
             customers = data.pop("customer_ids")
             print(f"[{items} items] loaded: {data}", flush=True)
-            gateway = start_gateway(tmp, procs, args.candidates_k)
+            gateway = start_gateway(tmp, procs, args)
             procs["gateway"] = gateway
             status = models_status(procs)
             print(f"[{items} items] model services: {status}", flush=True)
             load_before = os.getloadavg()
             pids = {name: p.process.pid for name, p in procs.items()}
-            results = asyncio.run(run_phase(gateway, pids, customers, args))
+            ports = {name: p.metrics_port for name, p in procs.items()}
+            results = asyncio.run(run_phase(gateway, pids, ports, customers, args))
             return {
                 "catalog": data,
                 "model_services": status,
@@ -551,7 +571,8 @@ def markdown(report: dict[str, Any]) -> str:
             f"## {cat['items']:,} items, {cat['customers']:,} customers, {cat['events']:,} events",
             "",
             f"Model services (health): {run['model_services']}; Recommend k="
-            f"{report['args']['k']}, candidates ranked per call: {report['args']['candidates_k']}",
+            f"{report['args']['k']}, candidates ranked per call: {report['args']['candidates_k']}, "
+            f"exposures logged: {not report['args']['no_exposures']}",
             "",
             f"Machine load average (1 min) before/after the runs: "
             f"{run.get('loadavg_1m_before_after')} (the machine is shared)",
@@ -602,6 +623,22 @@ def markdown(report: dict[str, Any]) -> str:
                     f"| {hop} | {h['calls']} | {h['mean_ms']:.2f} | {h['p50_ms_le']:g} | "
                     f"{h['p99_ms_le']:g} | {other} |"
                 )
+            server = r.get("server_side", {})
+            if server:
+                lines += [
+                    "",
+                    f"Inside the downstream services, Recommend {mode} (their "
+                    "`mercato_rpc_latency_seconds`, successful calls):",
+                    "",
+                    "| service.method | OK calls | mean ms | p50 ms <= | p99 ms <= |",
+                    "| --- | ---: | ---: | ---: | ---: |",
+                ]
+                for name, h in sorted(server.items()):
+                    if h["calls"]:
+                        lines.append(
+                            f"| {name} | {h['calls']} | {h['mean_ms']:.2f} | "
+                            f"{h['p50_ms_le']:g} | {h['p99_ms_le']:g} |"
+                        )
             if r.get("degraded_by"):
                 lines += ["", f"Degraded stages ({mode}): {r['degraded_by']}"]
         lines.append("")
@@ -626,6 +663,7 @@ def main() -> None:
         "--candidates-k", type=int, default=200, help="Gateway CANDIDATES_K (ranked per call)."
     )
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-exposures", action="store_true", help="Gateway logs no exposures.")
     ap.add_argument("--quick", action="store_true", help="Small catalog, short runs.")
     ap.add_argument("--tag", default="load", help="Result file name (bench/results/TAG.*).")
     args = ap.parse_args()

@@ -134,7 +134,7 @@ class ExposureLog:
             EXPOSURES.labels("dropped").inc()
             return
         EXPOSURE_QUEUE.set(self.queue.qsize())
-        if self._task is None:
+        if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def _next_batch(self) -> list[common_pb2.Event]:
@@ -190,6 +190,10 @@ class ExposureLog:
             try:
                 EXPOSURE_QUEUE.set(self.queue.qsize())
                 await self._send(batch)
+            except Exception:  # never let one bad batch stop the sender
+                EXPOSURES_DROPPED.labels("send_failed").inc(len(batch))
+                EXPOSURES.labels("dropped").inc(len(batch))
+                log.exception("exposure batch failed")
             finally:
                 self._busy = False
 
