@@ -510,14 +510,77 @@ def start_gateway(
     )
 
 
+def wait_for_ranker(gateway: ServiceProc, customer: str, timeout_s: float = 300) -> None:
+    """Ranking answers rules-only until its ranker is loaded: wait for the model."""
+    from mercato.client import MercatoClient
+
+    deadline = time.monotonic() + timeout_s
+    with MercatoClient(gateway.target, timeout=10.0) as c:
+        while not any(m.name == "mercato-ranker" for m in c.recommend(customer, k=1).models):
+            if time.monotonic() > deadline:
+                raise TimeoutError("ranking did not load the ranker")
+            time.sleep(0.5)
+
+
 def models_status(procs: dict[str, ServiceProc]) -> dict[str, str]:
     # "" = the readiness of the whole service (NOT_SERVING until a model is loaded)
     return {name: procs[name].health("") for name in ("retrieval", "ranking")}
 
 
+def train_models(tmp: Path, items: int, args: argparse.Namespace) -> dict[str, Any]:
+    """Train and promote a two-tower and a ranker on exactly the synthetic data the
+    profile service is loaded with (same generator config), in an MLflow store under
+    ``tmp`` that the services then follow (``MERCATO_MLFLOW_TRACKING_URI``)."""
+    from dataclasses import replace
+
+    from training.baselines import BaselineConfig
+    from training.index import IndexConfig
+    from training.pipeline import TrainConfig, train_and_register
+    from training.ranker import RankerConfig, train_and_register_ranker
+    from training.registry import promote
+    from training.synthetic import SyntheticConfig
+    from training.two_tower import TwoTowerConfig
+
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    os.environ["MERCATO_MLFLOW_TRACKING_URI"] = uri  # the services inherit it
+    started = time.perf_counter()
+    cfg = TrainConfig(
+        synthetic=SyntheticConfig(n_users=args.users, n_items=items, days=30, seed=args.seed),
+        model=replace(TwoTowerConfig(), epochs=args.train_epochs, progress=False),
+        baselines=BaselineConfig(models=()),  # EASE is items x items: not at this size
+        index=IndexConfig(recall_queries=200),
+        max_eval_users=500,
+        tracking_uri=uri,
+    )
+    tt = train_and_register(cfg)
+    assert tt.version
+    promote("mercato-two-tower", uri, version=tt.version, force=True)
+    tt_s = time.perf_counter() - started
+    rk = train_and_register_ranker(
+        RankerConfig(
+            retrieval=cfg, two_tower="registry", progress=False, tracking_uri=uri, epochs=10
+        )
+    )
+    assert rk.version
+    promote("mercato-ranker", uri, metric="valid_ndcg_10", version=rk.version, force=True)
+    return {
+        "two_tower_version": tt.version,
+        "two_tower_valid_recall_20": round(tt.metric("valid", "two_tower", "recall@20"), 4),
+        "popularity_valid_recall_20": round(tt.metric("valid", "popularity", "recall@20"), 4),
+        "ranker_version": rk.version,
+        "train_seconds": round(time.perf_counter() - started, 1),
+        "two_tower_train_seconds": round(tt_s, 1),
+    }
+
+
 def bench_catalog(items: int, args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="mercato-load-") as tmpdir:
         tmp = Path(tmpdir)
+        trained = None
+        if args.train:
+            print(f"[{items} items] training and promoting both models ...", flush=True)
+            trained = train_models(tmp, items, args)
+            print(f"[{items} items] trained: {trained}", flush=True)
         procs = start_stack(tmp, args)
         gateway: ServiceProc | None = None
         try:
@@ -525,8 +588,12 @@ def bench_catalog(items: int, args: argparse.Namespace) -> dict[str, Any]:
             data = load_data(procs["profile"], items, args.users, args.seed)
             customers = data.pop("customer_ids")
             print(f"[{items} items] loaded: {data}", flush=True)
+            if trained:  # both champions loaded before measuring
+                procs["retrieval"].wait_status("SERVING", 600)
             gateway = start_gateway(tmp, procs, args)
             procs["gateway"] = gateway
+            if trained:
+                wait_for_ranker(gateway, customers[0])
             status = models_status(procs)
             print(f"[{items} items] model services: {status}", flush=True)
             load_before = os.getloadavg()
@@ -535,6 +602,7 @@ def bench_catalog(items: int, args: argparse.Namespace) -> dict[str, Any]:
             results = asyncio.run(run_phase(gateway, pids, ports, customers, args))
             return {
                 "catalog": data,
+                "models": trained or "none registered (retrieval and ranker absent)",
                 "model_services": status,
                 "results": results,
                 "loadavg_1m_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
@@ -573,6 +641,8 @@ def markdown(report: dict[str, Any]) -> str:
             f"Model services (health): {run['model_services']}; Recommend k="
             f"{report['args']['k']}, candidates ranked per call: {report['args']['candidates_k']}, "
             f"exposures logged: {not report['args']['no_exposures']}",
+            "",
+            f"Models: {run.get('models', 'none registered')}",
             "",
             f"Machine load average (1 min) before/after the runs: "
             f"{run.get('loadavg_1m_before_after')} (the machine is shared)",
@@ -665,6 +735,13 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-exposures", action="store_true", help="Gateway logs no exposures.")
     ap.add_argument("--quick", action="store_true", help="Small catalog, short runs.")
+    ap.add_argument(
+        "--train",
+        action="store_true",
+        help="Train and promote both models on the same synthetic data first (the target "
+        "configuration); without it no model is registered and answers are degraded.",
+    )
+    ap.add_argument("--train-epochs", type=int, default=5, help="Two-tower epochs (--train).")
     ap.add_argument("--tag", default="load", help="Result file name (bench/results/TAG.*).")
     args = ap.parse_args()
     if args.quick:
