@@ -32,7 +32,7 @@ from rich.console import Console
 from rich.table import Table
 
 from services.common.settings import default_tracking_uri, mercato_home
-from services.common.supervisor import Supervisor
+from services.common.supervisor import Supervisor, health_status
 
 #: The demo data set: big enough that the models clearly beat popularity, small enough
 #: to train both models in a few minutes on 2 cores.
@@ -248,9 +248,11 @@ def run_demo(opts: DemoOptions, console: Console | None = None) -> int:
         sup.start()
     try:
         healthy = sup.wait_healthy(opts.timeout_s)
+        ready = healthy and _models_loaded(sup, opts.timeout_s, console)
         for p in sup.processes:
-            console.print(f"{p.name:<10} {sup.host}:{p.port:<6} {p.status}")
-        if not healthy or not _models_loaded(sup, opts.timeout_s, console):
+            status = health_status(f"{sup.host}:{p.port}") if ready else p.status
+            console.print(f"{p.name:<10} {sup.host}:{p.port:<6} {status}")
+        if not ready:
             console.print(f"[red]not every service is ready; logs in {opts.home / 'logs'}")
             return 1
         with _step(console, "6. real requests through the gateway"):
@@ -271,7 +273,6 @@ def _models_loaded(sup: Supervisor, timeout_s: float, console: Console) -> bool:
     """Wait until retrieval serves its champion (health SERVING) and the ranking service
     has loaded the ranker (it ranks rules-only until then)."""
     from mercato.client import MercatoClient
-    from services.common.supervisor import health_status
 
     deadline = time.monotonic() + timeout_s
     retrieval = f"{sup.host}:{sup.ports['retrieval'][0]}"
