@@ -2,7 +2,7 @@
 
 Steps, each skipped when its result is already there (so a second run takes seconds):
 
-1. generate the default synthetic retail data set into ``$MERCATO_HOME/data/demo``;
+1. generate the default synthetic retail data set into ``$MERCATO_HOME/data/demo-*``;
 2. load its catalog, customers and events into the profile store (idempotent);
 3. train the two-tower retrieval model, register it and promote it to ``champion``;
 4. train the ranker on the same data, register it and promote it to ``champion``;

@@ -1,0 +1,43 @@
+"""`mercato demo` end to end on a tiny shop: data, both models trained and promoted, the
+four services as processes, real answers for each kind of customer, everything stopped."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from services.common.supervisor import SERVICES, health_status
+from tests.procs import free_port
+
+
+def test_demo_trains_serves_and_explains(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mercato.demo import DemoOptions, run_demo
+
+    for name in SERVICES:  # never the default ports: a developer may run `mercato up`
+        monkeypatch.setenv(f"MERCATO_{name.upper()}_PORT", str(free_port()))
+        monkeypatch.setenv(f"MERCATO_{name.upper()}_METRICS_PORT", str(free_port()))
+    monkeypatch.setenv("MERCATO_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("MERCATO_MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    out = tmp_path / "demo.txt"
+    with open(out, "w") as fh:
+        console = Console(file=fh, width=200, color_system=None)
+        opts = DemoOptions(
+            home=tmp_path / "home", users=600, items=300, epochs=2, progress=False, k=4
+        )
+        assert run_demo(opts, console) == 0
+    text = out.read_text()
+    assert "What each customer gets, and why" in text
+    for who in ("returning U", "new demo-new-", "abandoned cart U"):
+        assert who in text, who
+    answered = [ln for ln in text.splitlines() if "->" in ln and "models:" in ln]
+    assert len(answered) >= 3, text[-3000:]
+    assert all("degraded: none" in ln for ln in answered), answered
+    assert all("mercato-two-tower v1 @champion" in ln for ln in answered)
+    assert sum("mercato-ranker v1 @champion" in ln for ln in answered) >= 2
+    for name in SERVICES:  # every service was stopped
+        port = os.environ[f"MERCATO_{name.upper()}_PORT"]
+        assert health_status(f"127.0.0.1:{port}") == "UNREACHABLE", name
