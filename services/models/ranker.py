@@ -35,7 +35,6 @@ within 1e-4) before a version may serve.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -46,6 +45,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+
+from services.models.manifest import verify_manifest, write_manifest
 
 FORMAT_VERSION = 1
 MODEL_TYPE = "ranker"
@@ -332,14 +333,6 @@ class RankerNet(nn.Module):
         return (self.mlp(z) + self.wide(z)).squeeze(-1)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 class RankerBundle:
     """A loaded, validated ranker: features + network + item table."""
 
@@ -433,36 +426,13 @@ class RankerBundle:
         if self.eval_report:
             (d / "eval.json").write_text(json.dumps(self.eval_report, indent=2, sort_keys=True))
             files.append("eval.json")
-        manifest = {
-            "format_version": FORMAT_VERSION,
-            "files": {
-                n: {"sha256": _sha256(d / n), "bytes": (d / n).stat().st_size} for n in files
-            },
-        }
-        (d / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
+        write_manifest(d, files, FORMAT_VERSION)
 
     @classmethod
     def load(cls, path: str | Path) -> RankerBundle:
         """Load and validate a bundle directory; RankerBundleError says what is wrong."""
         d = Path(path)
-        if not d.is_dir():
-            raise RankerBundleError(f"bundle directory {d} does not exist")
-        try:
-            manifest = json.loads((d / "manifest.json").read_text())
-        except FileNotFoundError as e:
-            raise RankerBundleError(f"{d}: manifest.json is missing") from e
-        except (OSError, ValueError) as e:
-            raise RankerBundleError(f"{d}: manifest.json is unreadable: {e}") from e
-        listed = manifest.get("files", {})
-        for name in REQUIRED_FILES:
-            if name not in listed:
-                raise RankerBundleError(f"{d}: manifest.json does not list {name}")
-        for name, meta in listed.items():
-            p = d / name
-            if not p.is_file():
-                raise RankerBundleError(f"{d}: {name} is missing")
-            if p.stat().st_size != meta.get("bytes") or _sha256(p) != meta.get("sha256"):
-                raise RankerBundleError(f"{d}: {name} does not match manifest.json")
+        verify_manifest(d, REQUIRED_FILES, RankerBundleError)
         try:
             config = json.loads((d / "config.json").read_text())
             norm = json.loads((d / "normalization.json").read_text())

@@ -25,7 +25,6 @@ Integer rows stay inside the bundle: every public method speaks retailer string 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import zlib
@@ -38,6 +37,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from services.models.manifest import verify_manifest, write_manifest
 
 FORMAT_VERSION = 1
 MODEL_TYPE = "two-tower"
@@ -259,14 +260,6 @@ def build_net(config: dict[str, Any], vocab: dict[str, list[str]]) -> TwoTowerNe
 # --------------------------------------------------------------------------- bundle
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 class TwoTowerBundle:
     """Everything serving needs to encode users and items and search the item index."""
 
@@ -468,13 +461,7 @@ class TwoTowerBundle:
         if self.eval_report:
             (d / "eval.json").write_text(json.dumps(self.eval_report, indent=2, sort_keys=True))
             files.append("eval.json")
-        manifest = {
-            "format_version": FORMAT_VERSION,
-            "files": {
-                n: {"sha256": _sha256(d / n), "bytes": (d / n).stat().st_size} for n in files
-            },
-        }
-        (d / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
+        write_manifest(d, files, FORMAT_VERSION)
 
     @classmethod
     def load(
@@ -486,28 +473,7 @@ class TwoTowerBundle:
         ``faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY`` to memory-map the index).
         """
         d = Path(path)
-        if not d.is_dir():
-            raise BundleError(f"bundle directory {d} does not exist")
-        try:
-            manifest = json.loads((d / "manifest.json").read_text())
-        except FileNotFoundError as e:
-            raise BundleError(f"{d}: manifest.json is missing") from e
-        except (OSError, ValueError) as e:
-            raise BundleError(f"{d}: manifest.json is unreadable: {e}") from e
-        listed = manifest.get("files", {})
-        for name in REQUIRED_FILES:
-            if name not in listed:
-                raise BundleError(f"{d}: manifest.json does not list {name}")
-        for name, meta in listed.items():
-            p = d / name
-            if not p.is_file():
-                raise BundleError(f"{d}: {name} is missing")
-            if p.stat().st_size != meta.get("bytes"):
-                raise BundleError(
-                    f"{d}: {name} has {p.stat().st_size} bytes, manifest says {meta.get('bytes')}"
-                )
-            if verify_checksums and _sha256(p) != meta.get("sha256"):
-                raise BundleError(f"{d}: {name} does not match its sha256 in manifest.json")
+        listed = verify_manifest(d, REQUIRED_FILES, BundleError, verify_checksums)["files"]
         try:
             config = json.loads((d / "config.json").read_text())
             vocab = json.loads((d / "vocab.json").read_text())

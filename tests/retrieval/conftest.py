@@ -14,7 +14,7 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 import numpy as np
 import pytest
 
-from services.models.two_tower import _sha256
+from services.models.manifest import sha256_file
 from training.index import IndexConfig
 from training.pipeline import TrainConfig, train_and_register
 from training.registry import client_for, ensure_experiment, promote, register_bundle
@@ -56,7 +56,7 @@ class Store:
         manifest = json.loads((d / "manifest.json").read_text())
         for f, meta in manifest["files"].items():
             if (d / f).is_file():
-                meta["sha256"] = _sha256(d / f)
+                meta["sha256"] = sha256_file(d / f)
                 meta["bytes"] = (d / f).stat().st_size
         (d / "manifest.json").write_text(json.dumps(manifest))
         return d
