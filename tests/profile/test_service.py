@@ -289,3 +289,19 @@ def test_other_bad_requests(
 ) -> None:
     code, msg = code_of(lambda: call(stub))  # type: ignore[operator]
     assert code == grpc.StatusCode.INVALID_ARGUMENT and needle in msg
+
+
+def test_list_customers_rejects_bad_input_and_keeps_serving(
+    stub: profile_pb2_grpc.ProfileServiceStub,
+) -> None:
+    bad = [
+        (profile_pb2.ListCustomersRequest(page_size=5000), "page_size"),
+        (profile_pb2.ListCustomersRequest(min_recency_days=-1), "min_recency_days"),
+        (profile_pb2.ListCustomersRequest(min_category_affinity=0.5), "needs a category"),
+        (profile_pb2.ListCustomersRequest(page_token="not-a-token"), "page_token"),
+    ]
+    for req, words in bad:
+        code, msg = code_of(lambda req=req: stub.ListCustomers(req, timeout=5))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT, (req, msg)
+        assert words in msg, msg
+    stub.ListCustomers(profile_pb2.ListCustomersRequest(page_size=10), timeout=5)  # still serving
