@@ -216,7 +216,10 @@ class _RelationKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Relation
     RELATION_KIND_SIMILAR: _RelationKind.ValueType  # 1
     """Items close to the anchors in embedding space."""
     RELATION_KIND_COMPLEMENT: _RelationKind.ValueType  # 2
-    """Items bought together with the anchors (cross-sell)."""
+    """Items bought together with the anchors (cross-sell). Where basket data has fewer
+    than k complements, similar items (REASON_SIMILAR) fill the list; the gateway then
+    names the fallback in `degraded` ("retrieval", "similar_items").
+    """
     RELATION_KIND_UPSELL: _RelationKind.ValueType  # 3
     """Similar items of the same category at a higher price (up-sell)."""
 
@@ -228,7 +231,10 @@ RELATION_KIND_UNSPECIFIED: RelationKind.ValueType  # 0
 RELATION_KIND_SIMILAR: RelationKind.ValueType  # 1
 """Items close to the anchors in embedding space."""
 RELATION_KIND_COMPLEMENT: RelationKind.ValueType  # 2
-"""Items bought together with the anchors (cross-sell)."""
+"""Items bought together with the anchors (cross-sell). Where basket data has fewer
+than k complements, similar items (REASON_SIMILAR) fill the list; the gateway then
+names the fallback in `degraded` ("retrieval", "similar_items").
+"""
 RELATION_KIND_UPSELL: RelationKind.ValueType  # 3
 """Similar items of the same category at a higher price (up-sell)."""
 Global___RelationKind: _TypeAlias = RelationKind  # noqa: Y015
@@ -883,7 +889,11 @@ class Degradation(_message.Message):
     stage: _builtins.str
     """The stage: "profile", "retrieval", "ranking", "offer" or "details"."""
     fallback: _builtins.str
-    """The fallback used, for example "popular_items" or "retrieval_order"."""
+    """The fallback used: "anonymous" (profile), "popular_items", "similar_items" (too few
+    basket complements: similar items fill the list), "personalized_items" (cart
+    recommendations for an empty cart), "none" (retrieval), "retrieval_order" (ranking),
+    "no_offer" (offer), "ids_only" (details).
+    """
     reason: _builtins.str
     """Why: the status or error the stage gave, for example "UNAVAILABLE: connection refused"."""
     def __init__(
@@ -900,6 +910,68 @@ class Degradation(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Degradation: _TypeAlias = Degradation  # noqa: Y015
+
+@_typing.final
+class Shortfall(_message.Message):
+    """Why a list holds fewer items than the k asked for. Set only then: a full list leaves
+    it unset.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class DroppedEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    REQUESTED_FIELD_NUMBER: _builtins.int
+    RETURNED_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    DROPPED_FIELD_NUMBER: _builtins.int
+    requested: _builtins.int
+    """The k asked for (10 when the request said 0)."""
+    returned: _builtins.int
+    """The items in the list."""
+    reason: _builtins.str
+    """A readable summary, for example "4 of 5 items: 9 candidates after retrieval's
+    filters; left out by rules: category_cap 5".
+    """
+    @_builtins.property
+    def dropped(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """Candidates left out after retrieval, per rule ("out_of_stock", "purchased",
+        "in_cart", "anchor", "unknown_stock", "category_cap").
+        """
+
+    def __init__(
+        self,
+        *,
+        requested: _builtins.int = ...,
+        returned: _builtins.int = ...,
+        reason: _builtins.str = ...,
+        dropped: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dropped", b"dropped", "reason", b"reason", "requested", b"requested", "returned", b"returned"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Shortfall: _TypeAlias = Shortfall  # noqa: Y015
 
 @_typing.final
 class StageInfo(_message.Message):

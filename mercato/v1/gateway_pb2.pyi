@@ -98,7 +98,10 @@ class DebugInfo(_message.Message):
     """Total wall time in the gateway, in milliseconds."""
     @_builtins.property
     def stages(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.StageInfo]:
-        """The stages in order: profile, retrieval, ranking, offer, details."""
+        """The stages in pipeline order: profile, retrieval, details, ranking, offer (the offer
+        decision runs alongside retrieval and ranking and is listed last). A stage the call
+        did not run is absent.
+        """
 
     def __init__(
         self,
@@ -180,17 +183,31 @@ class RecommendResponse(_message.Message):
     DEGRADED_FIELD_NUMBER: _builtins.int
     EXPERIMENTS_FIELD_NUMBER: _builtins.int
     DEBUG_FIELD_NUMBER: _builtins.int
+    OFFER_REASON_FIELD_NUMBER: _builtins.int
+    SHORTFALL_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """The request id (from `x-request-id` metadata or generated)."""
     offer_decision_id: _builtins.str
-    """Id of the offer decision, for outcome attribution (send it in events' attributes as "decision_id")."""
+    """Id of the offer decision, for outcome attribution (send it in events' attributes as
+    "decision_id"). Also set when the decision was to give no offer: report the purchases
+    that follow it too, so the policy learns what giving nothing does.
+    """
+    offer_reason: _builtins.str
+    """Why the offer policy decided as it did: "best_expected_value", "exploration",
+    "no_offer_worth_cost", "budget_exhausted" or "not_eligible"; empty when no offer was
+    asked for or the offer stage degraded.
+    """
     @_builtins.property
     def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___RecommendedItem]:
         """Recommended items, best first."""
 
     @_builtins.property
     def offer(self) -> _common_pb2.Offer:
-        """The chosen offer, when asked for and one is worth giving."""
+        """The chosen offer, when asked for and the offer policy chose an incentive; unset when
+        it chose none (`offer_reason` says why). The policy explores: a small capped share of
+        decisions tries an offer whose estimated worth is not yet the best
+        (`offer_reason` "exploration").
+        """
 
     @_builtins.property
     def models(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.ModelVersion]:
@@ -208,6 +225,10 @@ class RecommendResponse(_message.Message):
     def debug(self) -> Global___DebugInfo:
         """Per-stage timings and counts (only when asked for)."""
 
+    @_builtins.property
+    def shortfall(self) -> _common_pb2.Shortfall:
+        """Set when `items` holds fewer than k items, saying why; unset for a full list."""
+
     def __init__(
         self,
         *,
@@ -219,10 +240,12 @@ class RecommendResponse(_message.Message):
         degraded: _abc.Iterable[_common_pb2.Degradation] | None = ...,
         experiments: _abc.Iterable[Global___ExperimentAssignment] | None = ...,
         debug: Global___DebugInfo | None = ...,
+        offer_reason: _builtins.str = ...,
+        shortfall: _common_pb2.Shortfall | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["debug", b"debug", "offer", b"offer"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["debug", b"debug", "offer", b"offer", "shortfall", b"shortfall"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["debug", b"debug", "degraded", b"degraded", "experiments", b"experiments", "items", b"items", "models", b"models", "offer", b"offer", "offer_decision_id", b"offer_decision_id", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["debug", b"debug", "degraded", b"degraded", "experiments", b"experiments", "items", b"items", "models", b"models", "offer", b"offer", "offer_decision_id", b"offer_decision_id", "offer_reason", b"offer_reason", "request_id", b"request_id", "shortfall", b"shortfall"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -240,9 +263,11 @@ class GetRelatedItemsRequest(_message.Message):
     CUSTOMER_ID_FIELD_NUMBER: _builtins.int
     DEBUG_FIELD_NUMBER: _builtins.int
     item_id: _builtins.str
-    """The product. Required."""
+    """The product. Required. An item the serving model does not know gives NOT_FOUND."""
     kind: _common_pb2.RelationKind.ValueType
-    """What kind of relation."""
+    """What kind of relation. Required: RELATION_KIND_UNSPECIFIED (0, also what a
+    misspelled enum name encodes to in some clients) is rejected with INVALID_ARGUMENT.
+    """
     k: _builtins.int
     """Number of items, 1 to 100 (0 = 10)."""
     customer_id: _builtins.str
@@ -277,6 +302,7 @@ class GetRelatedItemsResponse(_message.Message):
     MODELS_FIELD_NUMBER: _builtins.int
     DEGRADED_FIELD_NUMBER: _builtins.int
     DEBUG_FIELD_NUMBER: _builtins.int
+    SHORTFALL_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """The request id."""
     @_builtins.property
@@ -295,6 +321,10 @@ class GetRelatedItemsResponse(_message.Message):
     def debug(self) -> Global___DebugInfo:
         """Per-stage timings and counts (only when asked for)."""
 
+    @_builtins.property
+    def shortfall(self) -> _common_pb2.Shortfall:
+        """Set when `items` holds fewer than k items, saying why; unset for a full list."""
+
     def __init__(
         self,
         *,
@@ -303,10 +333,11 @@ class GetRelatedItemsResponse(_message.Message):
         models: _abc.Iterable[_common_pb2.ModelVersion] | None = ...,
         degraded: _abc.Iterable[_common_pb2.Degradation] | None = ...,
         debug: Global___DebugInfo | None = ...,
+        shortfall: _common_pb2.Shortfall | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["debug", b"debug"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["debug", b"debug", "shortfall", b"shortfall"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["debug", b"debug", "degraded", b"degraded", "items", b"items", "models", b"models", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["debug", b"debug", "degraded", b"degraded", "items", b"items", "models", b"models", "request_id", b"request_id", "shortfall", b"shortfall"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -367,12 +398,21 @@ class GetCartRecommendationsResponse(_message.Message):
     MODELS_FIELD_NUMBER: _builtins.int
     DEGRADED_FIELD_NUMBER: _builtins.int
     DEBUG_FIELD_NUMBER: _builtins.int
+    OFFER_REASON_FIELD_NUMBER: _builtins.int
+    SHORTFALL_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """The request id."""
     offer_decision_id: _builtins.str
-    """Id of the offer decision, for outcome attribution."""
+    """Id of the offer decision, for outcome attribution (send it in events' attributes as
+    "decision_id"). Also set when the decision was to give no offer.
+    """
     offer_expected_incremental_margin: _builtins.float
-    """Expected incremental margin of the offer versus none."""
+    """Expected incremental margin of the offer versus none, under the policy's current
+    estimate; 0 when `offer` is unset. Never negative unless `offer_reason` is
+    "exploration".
+    """
+    offer_reason: _builtins.str
+    """Why the offer policy decided as it did (see RecommendResponse.offer_reason)."""
     @_builtins.property
     def cart(self) -> _common_pb2.Cart:
         """The cart the recommendations were made for."""
@@ -383,7 +423,11 @@ class GetCartRecommendationsResponse(_message.Message):
 
     @_builtins.property
     def offer(self) -> _common_pb2.Offer:
-        """The chosen offer (cart recovery, free shipping, ...), or unset when none is worth it."""
+        """The chosen offer (cart recovery, free shipping, ...), or unset when the offer policy
+        chose none (`offer_reason` says why). The policy explores: a small capped share of
+        decisions tries an offer whose estimated worth is not yet the best; `offer_reason` is
+        then "exploration" and `offer_expected_incremental_margin` may be negative.
+        """
 
     @_builtins.property
     def models(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.ModelVersion]:
@@ -397,6 +441,10 @@ class GetCartRecommendationsResponse(_message.Message):
     def debug(self) -> Global___DebugInfo:
         """Per-stage timings and counts (only when asked for)."""
 
+    @_builtins.property
+    def shortfall(self) -> _common_pb2.Shortfall:
+        """Set when `items` holds fewer than k items, saying why; unset for a full list."""
+
     def __init__(
         self,
         *,
@@ -409,10 +457,12 @@ class GetCartRecommendationsResponse(_message.Message):
         models: _abc.Iterable[_common_pb2.ModelVersion] | None = ...,
         degraded: _abc.Iterable[_common_pb2.Degradation] | None = ...,
         debug: Global___DebugInfo | None = ...,
+        offer_reason: _builtins.str = ...,
+        shortfall: _common_pb2.Shortfall | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["cart", b"cart", "debug", b"debug", "offer", b"offer"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cart", b"cart", "debug", b"debug", "offer", b"offer", "shortfall", b"shortfall"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cart", b"cart", "debug", b"debug", "degraded", b"degraded", "items", b"items", "models", b"models", "offer", b"offer", "offer_decision_id", b"offer_decision_id", "offer_expected_incremental_margin", b"offer_expected_incremental_margin", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cart", b"cart", "debug", b"debug", "degraded", b"degraded", "items", b"items", "models", b"models", "offer", b"offer", "offer_decision_id", b"offer_decision_id", "offer_expected_incremental_margin", b"offer_expected_incremental_margin", "offer_reason", b"offer_reason", "request_id", b"request_id", "shortfall", b"shortfall"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -80,7 +80,8 @@ class GatewayServiceServicer:
 
     def GetCartRecommendations(self, request, context):
         """Recommendations for a customer's cart (complements) with a cart-recovery or
-        checkout offer.
+        checkout offer. An empty cart gets the customer's recommendations, named in
+        `degraded` ("retrieval", "personalized_items").
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -46,7 +46,8 @@ class GatewayServiceStub:
     """Items related to a product: similar, complements (cross-sell) or up-sell."""
     GetCartRecommendations: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.GetCartRecommendationsRequest, _gateway_pb2.GetCartRecommendationsResponse]
     """Recommendations for a customer's cart (complements) with a cart-recovery or
-    checkout offer.
+    checkout offer. An empty cart gets the customer's recommendations, named in
+    `degraded` ("retrieval", "personalized_items").
     """
     TrackEvents: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.TrackEventsRequest, _gateway_pb2.TrackEventsResponse]
     """Records customer events (forwarded to the profile service, and offer outcomes to the
@@ -68,7 +69,8 @@ class GatewayServiceAsyncStub(GatewayServiceStub):
     """Items related to a product: similar, complements (cross-sell) or up-sell."""
     GetCartRecommendations: _aio.UnaryUnaryMultiCallable[_gateway_pb2.GetCartRecommendationsRequest, _gateway_pb2.GetCartRecommendationsResponse]  # type: ignore[assignment]
     """Recommendations for a customer's cart (complements) with a cart-recovery or
-    checkout offer.
+    checkout offer. An empty cart gets the customer's recommendations, named in
+    `degraded` ("retrieval", "personalized_items").
     """
     TrackEvents: _aio.UnaryUnaryMultiCallable[_gateway_pb2.TrackEventsRequest, _gateway_pb2.TrackEventsResponse]  # type: ignore[assignment]
     """Records customer events (forwarded to the profile service, and offer outcomes to the
@@ -105,7 +107,8 @@ class GatewayServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_gateway_pb2.GetCartRecommendationsResponse, _abc.Awaitable[_gateway_pb2.GetCartRecommendationsResponse]]:
         """Recommendations for a customer's cart (complements) with a cart-recovery or
-        checkout offer.
+        checkout offer. An empty cart gets the customer's recommendations, named in
+        `degraded` ("retrieval", "personalized_items").
         """
 
     @_abc_1.abstractmethod

@@ -160,7 +160,7 @@ class RetrieveRelatedRequest(_message.Message):
     @_builtins.property
     def item_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Anchor items (a product page's item, or a cart's items), 1 to 100. Unknown ids give
-        INVALID_ARGUMENT unless at least one anchor is known.
+        NOT_FOUND unless at least one anchor is known.
         """
 
     @_builtins.property

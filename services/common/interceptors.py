@@ -3,7 +3,15 @@ logs, Prometheus metrics and mapping of exceptions to gRPC status codes.
 
 One interceptor does all of it, so each call pays for one wrapper, and the order is
 fixed: request id first (so every log line and error carries it), then authentication,
-then the handler, then metrics and the access log.
+then the request check, then the handler, then metrics and the access log.
+
+The request id goes back to the caller three ways: in the initial metadata, in the
+trailing metadata (also on errors, where there is no response and often no initial
+metadata), and in the response's ``request_id`` field where the message has one.
+
+A request whose bytes do not parse as the method's request message is answered
+INVALID_ARGUMENT (grpcio itself would answer with a bare INTERNAL or UNKNOWN status):
+the deserializer is wrapped so a parse failure reaches the call wrapper as a value.
 """
 
 from __future__ import annotations
@@ -17,7 +25,7 @@ from typing import Any
 
 import grpc
 
-from services.common.errors import ServiceError
+from services.common.errors import InvalidArgument, ServiceError
 from services.common.logs import request_id_var
 from services.common.metrics import RPC_IN_FLIGHT, RPC_LATENCY, RPC_REQUESTS
 
@@ -40,6 +48,30 @@ def _metadata_value(metadata: Sequence[tuple[str, Any]] | None, key: str) -> str
         if k == key:
             return v if isinstance(v, str) else v.decode("utf-8", "replace")
     return ""
+
+
+class _Undecodable:
+    """What the wrapped deserializer returns for request bytes that do not parse."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: str) -> None:
+        self.error = error
+
+
+def _safe_deserializer(
+    deserializer: Callable[[bytes], Any] | None,
+) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as exc:  # DecodeError, or anything the message's parser raises
+            return _Undecodable(str(exc) or type(exc).__name__)
+
+    return parse
 
 
 def new_request_id() -> str:
@@ -76,40 +108,63 @@ class RuntimeInterceptor(grpc.aio.ServerInterceptor):
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
                 self._wrap_unary(handler.unary_unary, method, metadata, infra),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=_safe_deserializer(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
                 self._wrap_stream(handler.unary_stream, method, metadata, infra),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=_safe_deserializer(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         return handler  # client-streaming calls are not part of the Mercato API
 
-    def _begin(
-        self, method: str, metadata: Sequence[tuple[str, Any]], infra: bool
-    ) -> tuple[str, str | None]:
+    def _request_id(
+        self, metadata: Sequence[tuple[str, Any]], context: grpc.aio.ServicerContext
+    ) -> str:
+        """The call's request id, set for logs and outgoing calls and put in the trailing
+        metadata, which reaches the caller on success and on error alike."""
         rid = _clean_request_id(_metadata_value(metadata, REQUEST_ID_KEY))
         request_id_var.set(rid)
+        context.set_trailing_metadata(((REQUEST_ID_KEY, rid),))
+        return rid
+
+    def _begin(
+        self, method: str, metadata: Sequence[tuple[str, Any]], infra: bool, request: Any
+    ) -> str | None:
+        """Authenticate, then refuse a request that did not parse; the principal."""
         principal = None
         if self.authenticator is not None and not infra:
             principal = self.authenticator(method, metadata)
-        return rid, principal
+        if isinstance(request, _Undecodable):
+            raise InvalidArgument(
+                f"the request bytes do not parse as the request message of {method}: "
+                f"{request.error}"
+            )
+        return principal
 
     async def _fail(
         self, context: grpc.aio.ServicerContext, exc: BaseException, rid: str, method: str
     ) -> None:
+        trailer = ((REQUEST_ID_KEY, rid),)
         if isinstance(exc, ServiceError):
-            await context.abort(exc.code, exc.message)
+            await context.abort(exc.code, exc.message, trailing_metadata=trailer)
         if isinstance(exc, NotImplementedError):
-            await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{method} is not implemented yet")
+            await context.abort(
+                grpc.StatusCode.UNIMPLEMENTED,
+                f"{method} is not implemented yet",
+                trailing_metadata=trailer,
+            )
         log.error(
             "unhandled error",
             exc_info=(type(exc), exc, exc.__traceback__),
             extra={"method": method},
         )
-        await context.abort(grpc.StatusCode.INTERNAL, f"internal error (request id {rid})")
+        await context.abort(
+            grpc.StatusCode.INTERNAL,
+            f"internal error (request id {rid})",
+            trailing_metadata=trailer,
+        )
 
     def _finish(
         self,
@@ -148,13 +203,13 @@ class RuntimeInterceptor(grpc.aio.ServerInterceptor):
     ) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]:
         async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
             start = time.perf_counter()
+            rid = self._request_id(metadata, context)
             self.in_flight.inc()
             code: grpc.StatusCode | None = None
             principal: str | None = None
-            rid = ""
             try:
-                rid, principal = self._begin(method, metadata, infra)
                 await context.send_initial_metadata(((REQUEST_ID_KEY, rid),))
+                principal = self._begin(method, metadata, infra, request)
                 return await behavior(request, context)
             except asyncio.CancelledError:
                 code = grpc.StatusCode.CANCELLED
@@ -180,9 +235,9 @@ class RuntimeInterceptor(grpc.aio.ServerInterceptor):
             start = time.perf_counter()
             code: grpc.StatusCode | None = None
             principal: str | None = None
-            rid = ""
+            rid = self._request_id(metadata, context)
             try:
-                rid, principal = self._begin(method, metadata, infra)
+                principal = self._begin(method, metadata, infra, request)
                 async for item in behavior(request, context):
                     yield item
             except asyncio.CancelledError:

@@ -3,8 +3,9 @@
 A service is a :class:`BaseService` subclass that registers its servicers and may load
 state in :meth:`BaseService.start`. :func:`run_service` does the rest: logging, thread
 limits, message-size limits, the runtime interceptor, health checking (NOT_SERVING until
-the service says it is ready), reflection, the diagnostics echo, Prometheus metrics, TLS
-when configured, and graceful shutdown on SIGTERM/SIGINT that drains in-flight calls.
+the service says it is ready), reflection (v1 and v1alpha), the diagnostics echo,
+Prometheus metrics, TLS when configured, and graceful shutdown on SIGTERM/SIGINT that
+drains in-flight calls.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from mercato import __version__
 from mercato.v1 import diagnostics_pb2, diagnostics_pb2_grpc
@@ -26,6 +26,7 @@ from services.common.errors import InvalidArgument
 from services.common.interceptors import Authenticator, RuntimeInterceptor
 from services.common.logs import request_id_var, setup_logging
 from services.common.metrics import SERVICE_INFO, start_metrics_server
+from services.common.reflection import enable_reflection
 from services.common.settings import ServiceSettings
 from services.common.threads import configure_threads
 
@@ -148,9 +149,7 @@ async def serve(service: BaseService, stop_event: asyncio.Event | None = None) -
     )
     health_pb2_grpc.add_HealthServicer_to_server(service.health, server)
     all_names = [*names, DIAGNOSTICS_SERVICE]
-    reflection.enable_server_reflection(
-        [*all_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
-    )
+    enable_reflection([*all_names, health.SERVICE_NAME], server)
     service.service_names = all_names
     await service.set_serving(False)
     await service.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)

@@ -9,6 +9,14 @@ Fallbacks:
 - ranking down: retrieval order with the rules that need no model (stock, purchased).
 - item details down: items without details (ids only).
 - offer down: no offer.
+- complements asked for (GetRelatedItems with RELATION_KIND_COMPLEMENT, cart
+  recommendations) where retrieval's basket data has too few: retrieval fills the list
+  with similar items; named ``retrieval: similar_items``.
+- cart recommendations for an empty cart: the customer's recommendations instead of
+  complements; named ``retrieval: personalized_items``.
+
+A list shorter than the k asked for carries a ``shortfall`` saying why (candidates after
+retrieval's filters, and those left out per rule); a full list has none.
 """
 
 from __future__ import annotations
@@ -70,15 +78,30 @@ _SURFACE_NAMES = {
 }
 
 
+# Pipeline order of the stages in DebugInfo (gateway.proto): the offer decision runs
+# alongside retrieval and ranking and is listed last.
+STAGE_ORDER = {
+    name: i for i, name in enumerate(("profile", "retrieval", "details", "ranking", "offer"))
+}
+
+
 @dataclass
 class Trace:
-    """Per-request record of stages, degradations and models."""
+    """Per-request record of stages, degradations, models and what shortened the list."""
 
     debug: bool
     stages: list[common_pb2.StageInfo] = field(default_factory=list)
     degraded: list[common_pb2.Degradation] = field(default_factory=list)
     models: list[common_pb2.ModelVersion] = field(default_factory=list)
     started: float = field(default_factory=time.perf_counter)
+    # Candidates found by retrieval (or its fallback) after its filters, and those left
+    # out later, per rule: what explains a list shorter than k.
+    candidates: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+
+    def drop(self, rule: str, n: int = 1) -> None:
+        if n:
+            self.dropped[rule] = self.dropped.get(rule, 0) + n
 
     def stage(
         self, name: str, started: float, count: int, degraded: bool = False, detail: str = ""
@@ -100,8 +123,24 @@ class Trace:
     def debug_info(self) -> gateway_pb2.DebugInfo | None:
         if not self.debug:
             return None
+        stages = sorted(self.stages, key=lambda st: STAGE_ORDER.get(st.stage, len(STAGE_ORDER)))
         return gateway_pb2.DebugInfo(
-            stages=self.stages, total_ms=(time.perf_counter() - self.started) * 1000
+            stages=stages, total_ms=(time.perf_counter() - self.started) * 1000
+        )
+
+    def shortfall(self, k: int, returned: int) -> common_pb2.Shortfall | None:
+        """Why the list has fewer than ``k`` items; None for a full list."""
+        if returned >= k:
+            return None
+        parts = [f"{self.candidates} candidates after retrieval's filters"]
+        if self.dropped:
+            rules = ", ".join(f"{rule} {n}" for rule, n in sorted(self.dropped.items()))
+            parts.append(f"left out by rules: {rules}")
+        return common_pb2.Shortfall(
+            requested=k,
+            returned=returned,
+            reason=f"{returned} of {k} items: " + "; ".join(parts),
+            dropped=self.dropped,
         )
 
 
@@ -381,6 +420,8 @@ class Pipeline:
                 if resp.model.name:
                     trace.models.append(resp.model)
                 trace.stage("ranking", started, len(resp.items))
+                for rule, n in resp.dropped.items():
+                    trace.drop(rule, n)
                 return [(r.item_id, r.score, list(r.reasons)) for r in resp.items]
             except HopError as err:
                 trace.degrade("ranking", "retrieval_order", err.reason)
@@ -391,8 +432,10 @@ class Pipeline:
         for c in candidates:
             item = details.get(c.item_id)
             if item is not None and item.stock <= 0:
+                trace.drop("out_of_stock")
                 continue
             if c.item_id in purchased and not keep_purchased:
+                trace.drop("purchased")
                 continue
             reasons = [c.source or common_pb2.REASON_MODEL]
             if common_pb2.REASON_FALLBACK not in reasons:
@@ -481,9 +524,11 @@ class Pipeline:
             degraded=trace.degraded,
             experiments=assigned,
         )
-        if offer is not None and offer.offer.offer_id:
-            resp.offer.CopyFrom(offer.offer)
-            resp.offer_decision_id = offer.decision_id
+        if offer is not None:
+            _set_offer(resp, offer)
+        short = trace.shortfall(k, len(resp.items))
+        if short is not None:
+            resp.shortfall.CopyFrom(short)
         info = trace.debug_info()
         if info is not None:
             resp.debug.CopyFrom(info)
@@ -522,6 +567,7 @@ class Pipeline:
                 if p.item_id not in exclude
             ]
             trace.stage("retrieval", started, len(cands), detail="purchases")
+            trace.candidates = len(cands)
             return cands
         filters = retrieval_pb2.Filters(
             exclude_item_ids=sorted(exclude),
@@ -546,6 +592,7 @@ class Pipeline:
             if resp.model.name:
                 trace.models.append(resp.model)
             trace.stage("retrieval", started, len(cands))
+            trace.candidates = len(cands)
             return cands
         except HopError as err:
             reason = err.reason
@@ -554,6 +601,7 @@ class Pipeline:
             cands = await self.trending(profile, want, categories, excluded, deadline)
             trace.degrade("retrieval", "popular_items", reason)
             trace.stage("retrieval", started, len(cands), True, reason)
+            trace.candidates = len(cands)
             return cands
         except HopError as err2:
             trace.degrade("retrieval", "none", f"{reason}; trending: {err2.reason}")
@@ -578,14 +626,18 @@ class Pipeline:
         _check_id(req.item_id, "item_id")
         _check_id(req.customer_id, "customer_id", required=False)
         k = self._k(req.k)
-        kind = req.kind or common_pb2.RELATION_KIND_SIMILAR
-        if kind not in common_pb2.RelationKind.values():
-            raise InvalidArgument(f"unknown kind {req.kind}")
+        kind = req.kind
+        if kind not in _RELATION_KINDS:
+            raise InvalidArgument(
+                "kind is required: RELATION_KIND_SIMILAR, RELATION_KIND_COMPLEMENT or "
+                f"RELATION_KIND_UPSELL, got {kind}"
+            )
         deadline = self.deadline(context)
         trace = Trace(req.debug)
         aliases, assigned = self.assignments(req.customer_id)
         profile = await self.get_profile(req.customer_id, deadline, trace)
         started = time.perf_counter()
+        from_model = False
         try:
             resp = await self.retrieval.call(
                 "retrieval",
@@ -593,7 +645,9 @@ class Pipeline:
                 retrieval_pb2.RetrieveRelatedRequest(
                     item_ids=[req.item_id],
                     kind=kind,
-                    k=k,
+                    # Headroom for items the catalog now says are out of stock (retrieval
+                    # knows the stock of its last catalog update only).
+                    k=_related_depth(k),
                     filters=retrieval_pb2.Filters(
                         exclude_purchased=bool(req.customer_id), in_stock_only=True
                     ),
@@ -605,6 +659,7 @@ class Pipeline:
                 self.s.read_retries,
             )
             cands = list(resp.candidates)
+            from_model = True
             if resp.model.name:
                 trace.models.append(resp.model)
             trace.stage("retrieval", started, len(cands))
@@ -618,18 +673,27 @@ class Pipeline:
             except HopError as err2:
                 trace.degrade("retrieval", "none", f"{err.reason}; trending: {err2.reason}")
             trace.stage("retrieval", started, len(cands), True, err.reason)
+        trace.candidates = len(cands)
         details = await self.item_details([c.item_id for c in cands], deadline, trace)
-        ranked = [
-            (c.item_id, c.score, [c.source or common_pb2.REASON_SIMILAR])
-            for c in cands
-            if c.item_id not in details or details[c.item_id].stock > 0
-        ][:k]
+        ranked: list[tuple[str, float, list[int]]] = []
+        for c in cands:
+            if len(ranked) >= k:
+                break
+            if c.item_id in details and details[c.item_id].stock <= 0:
+                trace.drop("out_of_stock")
+                continue
+            ranked.append((c.item_id, c.score, [c.source or common_pb2.REASON_SIMILAR]))
+        if from_model and kind == common_pb2.RELATION_KIND_COMPLEMENT:
+            _complement_fallback(trace, [r[2][0] for r in ranked], f"item {req.item_id!r}")
         resp_out = gateway_pb2.GetRelatedItemsResponse(
             request_id=request_id_var.get(),
             items=self._items(ranked, details),
             models=trace.models,
             degraded=trace.degraded,
         )
+        short = trace.shortfall(k, len(resp_out.items))
+        if short is not None:
+            resp_out.shortfall.CopyFrom(short)
         info = trace.debug_info()
         if info is not None:
             resp_out.debug.CopyFrom(info)
@@ -663,6 +727,7 @@ class Pipeline:
             offer_task = asyncio.create_task(self.select_offer(profile, ctx, deadline, trace))
         started = time.perf_counter()
         cands: list[common_pb2.Candidate] = []
+        sources: dict[str, int] = {}  # candidate sources, when complements were asked for
         if cart_ids:
             try:
                 resp = await self.retrieval.call(
@@ -683,6 +748,7 @@ class Pipeline:
                     self.s.read_retries,
                 )
                 cands = list(resp.candidates)
+                sources = {c.item_id: int(c.source) for c in cands}
                 if resp.model.name:
                     trace.models.append(resp.model)
                 trace.stage("retrieval", started, len(cands), detail="complements")
@@ -691,7 +757,13 @@ class Pipeline:
                 cands = await self._fallback_trending(
                     profile, k, set(cart_ids), deadline, trace, err
                 )
+            trace.candidates = len(cands)
         else:
+            trace.degrade(
+                "retrieval",
+                "personalized_items",
+                "the cart is empty: the customer's recommendations instead of complements",
+            )
             cands = await self.candidates(
                 profile, ctx, k, [], set(), aliases.get("retrieval", ""), deadline, trace
             )
@@ -699,6 +771,12 @@ class Pipeline:
         ranked = await self.rank(
             profile, ctx, cands, details, k, aliases.get("ranking", ""), deadline, trace
         )
+        if sources:
+            _complement_fallback(
+                trace,
+                [sources.get(item_id, common_pb2.REASON_COMPLEMENT) for item_id, _, _ in ranked],
+                "the cart's items",
+            )
         offer = await offer_task if offer_task is not None else None
         out = gateway_pb2.GetCartRecommendationsResponse(
             request_id=request_id_var.get(),
@@ -707,10 +785,11 @@ class Pipeline:
             models=trace.models,
             degraded=trace.degraded,
         )
-        if offer is not None and offer.offer.offer_id:
-            out.offer.CopyFrom(offer.offer)
-            out.offer_decision_id = offer.decision_id
-            out.offer_expected_incremental_margin = offer.expected_incremental_margin
+        if offer is not None:
+            _set_offer(out, offer)
+        short = trace.shortfall(k, len(out.items))
+        if short is not None:
+            out.shortfall.CopyFrom(short)
         info = trace.debug_info()
         if info is not None:
             out.debug.CopyFrom(info)
@@ -800,6 +879,47 @@ class Pipeline:
                 )
             except HopError:
                 continue
+
+
+_RELATION_KINDS = (
+    common_pb2.RELATION_KIND_SIMILAR,
+    common_pb2.RELATION_KIND_COMPLEMENT,
+    common_pb2.RELATION_KIND_UPSELL,
+)
+
+
+def _related_depth(k: int) -> int:
+    """Related items asked of retrieval for a list of ``k``."""
+    return min(1000, k + max(10, k))
+
+
+def _complement_fallback(trace: Trace, sources: Sequence[int], anchors: str) -> None:
+    """Name the fallback when retrieval filled a complement list with similar items
+    (it does so where its basket data has too few complements of the anchors)."""
+    filled = sum(1 for s in sources if s != common_pb2.REASON_COMPLEMENT)
+    if not filled:
+        return
+    have = len(sources) - filled
+    trace.degrade(
+        "retrieval",
+        "similar_items",
+        f"basket data has {have} complement{'s' if have != 1 else ''} of {anchors} for this "
+        f"list; {filled} similar item{'s' if filled != 1 else ''} (REASON_SIMILAR) fill it",
+    )
+
+
+def _set_offer(
+    resp: gateway_pb2.RecommendResponse | gateway_pb2.GetCartRecommendationsResponse,
+    choice: ranking_pb2.SelectOfferResponse,
+) -> None:
+    """The offer decision in a response: the offer only when the policy chose an incentive
+    (the "none" choice leaves it unset), the decision id and reason always."""
+    resp.offer_decision_id = choice.decision_id
+    resp.offer_reason = choice.reason
+    if choice.offer.offer_id and choice.offer.kind != common_pb2.OFFER_KIND_NONE:
+        resp.offer.CopyFrom(choice.offer)
+        if isinstance(resp, gateway_pb2.GetCartRecommendationsResponse):
+            resp.offer_expected_incremental_margin = choice.expected_incremental_margin
 
 
 def _passthrough(err: HopError) -> ServiceError:

@@ -21,7 +21,7 @@ import numpy as np
 from prometheus_client import Counter, Gauge
 
 from mercato.v1 import common_pb2, retrieval_pb2, retrieval_pb2_grpc
-from services.common.errors import InvalidArgument, ResourceExhausted, Unavailable, require
+from services.common.errors import NotFound, ResourceExhausted, Unavailable, require
 from services.common.server import BaseService, run_service
 from services.models.registry import ModelVersionInfo
 from services.models.two_tower import ItemFeatures, UserQuery
@@ -262,9 +262,10 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
             elif r not in anchors:
                 anchors.append(r)
         if not anchors:
-            raise InvalidArgument(
-                f"none of the anchor items is known to model version {loaded.info.version}: "
-                f"{', '.join(unknown[:10])}"
+            raise NotFound(
+                f"none of the anchor items is in the index of {loaded.info.name} version "
+                f"{loaded.info.version}: {', '.join(unknown[:10])} (new catalog items are "
+                "added by IndexItems)"
             )
         flt = self._row_filter(
             model, st, request.filters, request.profile, None, extra_exclude=anchors

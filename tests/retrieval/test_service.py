@@ -405,12 +405,6 @@ def test_index_items_makes_new_items_retrievable(
         ),
         lambda s: s.RetrieveRelated(
             retrieval_pb2.RetrieveRelatedRequest(
-                item_ids=["nope", "nada"], kind=common_pb2.RELATION_KIND_SIMILAR, k=5
-            ),
-            timeout=5,
-        ),
-        lambda s: s.RetrieveRelated(
-            retrieval_pb2.RetrieveRelatedRequest(
                 item_ids=["x"], kind=common_pb2.RELATION_KIND_UNSPECIFIED, k=5
             ),
             timeout=5,
@@ -442,7 +436,6 @@ def test_index_items_makes_new_items_retrievable(
         "k1001",
         "alias",
         "empty-exclude",
-        "unknown-anchors",
         "kind",
         "no-anchors",
         "k-neg",
@@ -458,6 +451,20 @@ def test_bad_input_is_invalid_argument(
         call(stub)  # type: ignore[operator]
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value.details()
     assert e.value.details()
+
+
+def test_unknown_anchor_items_are_not_found(stub: retrieval_pb2_grpc.RetrievalServiceStub) -> None:
+    """An anchor the model does not know is a missing entity, not a malformed request
+    (retrieval.proto); one known anchor among unknown ones still answers."""
+    with pytest.raises(grpc.RpcError) as e:
+        stub.RetrieveRelated(
+            retrieval_pb2.RetrieveRelatedRequest(
+                item_ids=["nope", "nada"], kind=common_pb2.RELATION_KIND_SIMILAR, k=5
+            ),
+            timeout=5,
+        )
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND, e.value.details()
+    assert "nope" in e.value.details()
 
 
 def test_not_serving_until_a_model_is_promoted_then_per_request_alias(
