@@ -21,8 +21,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $@
 
-$(BUF): package.json
-	npm install --no-audit --no-fund --silent
+$(BUF): package.json package-lock.json
+	npm ci --no-audit --no-fund --silent
 	touch $@
 
 demo: setup ## Set up, then run the whole system and show real answers
