@@ -582,14 +582,26 @@ def _check_gateway_targets(
     for target in ("profile", "retrieval", "ranking"):
         var = f"MERCATO_GATEWAY_{target.upper()}_TARGET"
         value = env.get(var)
-        if not isinstance(value, str) or ":" not in value:
-            yield Finding("ports", ref(gateway), f"{var} is not set to host:port")
+        if not isinstance(value, str) or not value.startswith("dns:///") or ":" not in value[7:]:
+            yield Finding(
+                "ports",
+                ref(gateway),
+                f"{var}={value!r}: not dns:///SERVICE:PORT (per-call balancing needs every "
+                "pod address from a headless Service)",
+            )
             continue
-        host, _, port = value.rpartition(":")
+        host, _, port = value[len("dns:///") :].rpartition(":")
         svc = by_name.get(host.split(".")[0])
         want = DEFAULT_PORTS[target][0]
         if svc is None:
             yield Finding("ports", ref(gateway), f"{var}={value}: no Service {host.split('.')[0]}")
+        elif (svc.get("spec") or {}).get("clusterIP") != "None":
+            yield Finding(
+                "ports",
+                ref(gateway),
+                f"{var}={value}: Service {ref(svc)} is not headless (clusterIP: None), so "
+                "the gateway would pin each connection to one pod",
+            )
         elif port != str(want) or not any(
             p.get("port") == want for p in (svc.get("spec") or {}).get("ports") or []
         ):
