@@ -61,7 +61,7 @@ ALLOWED_CLIENTS: dict[str, frozenset[str]] = {
     "retrieval": frozenset({"gateway"}),
     "ranking": frozenset({"gateway"}),
     "mlflow": frozenset({"retrieval", "ranking", "training"}),
-    "redis": frozenset({"profile"}),
+    "redis": frozenset({"profile", "ranking", "training"}),
     "postgres": frozenset({"mlflow"}),
 }
 

@@ -116,7 +116,7 @@ def test_prod_stores(rendered: dict[str, Objs]) -> None:
     _find(objs, "StatefulSet", "redis")
     _find(objs, "StatefulSet", "postgres")
     mlflow = _find(objs, "Deployment", "mlflow")["spec"]["template"]["spec"]["containers"][0]
-    assert any(a.startswith("--backend-store-uri=postgresql://") for a in mlflow["args"])
+    assert any(a.startswith("--backend-store-uri=postgresql+psycopg2://") for a in mlflow["args"])
     assert "--artifacts-destination=/mlflow/artifacts" in mlflow["args"]
 
 
