@@ -1347,6 +1347,22 @@ def monitoring_findings(k8s: Path = K8S) -> list[Finding]:
     return list(check_alert_metrics(docs, exported_metrics()))
 
 
+def check_offer_catalog(objs: list[Obj]) -> Iterator[Finding]:
+    """The offer catalogue ConfigMap loads with the ranking service's own parser (a file
+    it refuses makes every ranking pod crash at start)."""
+    from services.ranking.offers.catalog import Catalog, CatalogError
+
+    for cm in (o for o in objs if o.get("kind") == "ConfigMap"):
+        if not cm["metadata"]["name"].startswith("mercato-offers"):
+            continue
+        for key, text in (cm.get("data") or {}).items():
+            try:
+                Catalog.from_mapping(yaml.safe_load(text))
+            except (CatalogError, ValueError, TypeError) as exc:
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
+                yield Finding("settings", ref(cm), f"{key} is no valid offer catalogue: {first}")
+
+
 CHECKS = (
     check_labels,
     check_images,
@@ -1363,6 +1379,7 @@ CHECKS = (
     check_secrets,
     check_jobs,
     check_settings,
+    check_offer_catalog,
 )
 
 # Checks across objects: an add-on overlay (the one-off jobs) is checked together with the

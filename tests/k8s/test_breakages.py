@@ -211,6 +211,14 @@ BREAKAGES: list[tuple[str, str, Callable[[Objs], None], str]] = [
         "ports",
     ),
     (
+        "offer catalogue ConfigMap in a format the service refuses",
+        "prod",
+        lambda o: find(o, "ConfigMap", "mercato-offers")["data"].update(
+            {"offers.yaml": "currency: EUR\noffers:\n  - {id: pct-5, kind: discount, percent: 5}\n"}
+        ),
+        "settings",
+    ),
+    (
         "Redis maxmemory fixed at 768mb while the pod has 4Gi",
         "prod",
         lambda o: container(o, "StatefulSet", "redis")["args"].__setitem__(
