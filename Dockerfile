@@ -8,6 +8,8 @@
 # Build and push (see docs/operations.md):
 #   docker build -t REGISTRY/mercato:VERSION .
 #   docker push REGISTRY/mercato:VERSION
+# Without a Docker engine or registry (CI): `make image` builds it with podman on a Debian
+# base made by mmdebstrap (PYTHON_IMAGE=that base) and runs each service (scripts/image.sh).
 #
 # Runs as a non-root user (uid 10001) with a read-only root filesystem: everything that
 # writes goes to $MERCATO_HOME (/var/lib/mercato) and $HOME (/tmp), which Kubernetes
@@ -36,7 +38,15 @@ RUN apt-get update \
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 
-RUN pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
+# A CPU torch wheel put in .image-wheels/ (make image does, from this machine's disk) is
+# used as is; otherwise the CPU wheel index. Its dependencies come from PyPI.
+COPY .image-wheels/ /tmp/wheels/
+RUN if ls /tmp/wheels/torch-"${TORCH_VERSION}"+cpu-*.whl >/dev/null 2>&1; then \
+      pip install /tmp/wheels/torch-"${TORCH_VERSION}"+cpu-*.whl; \
+    else \
+      pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"; \
+    fi \
+ && rm -rf /tmp/wheels
 
 # Dependencies first (cached until pyproject.toml changes), then the project itself.
 WORKDIR /src

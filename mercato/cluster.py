@@ -530,14 +530,6 @@ def _http_ok(url: str) -> bool:
 
 
 def _health(target: str, service: str = "") -> str:
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from services.common.healthcheck import check
 
-    try:
-        with grpc.insecure_channel(target) as ch:
-            resp = health_pb2_grpc.HealthStub(ch).Check(
-                health_pb2.HealthCheckRequest(service=service), timeout=1.0
-            )
-            return str(health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status))
-    except grpc.RpcError as exc:
-        return f"UNREACHABLE ({exc.code().name})"
+    return check(target, service, timeout=1.0)

@@ -128,9 +128,9 @@ def test_prod_overlay_as_processes(cluster: LocalCluster, tmp_path: Path) -> Non
     shop = tmp_path / "shop"
     write_synthetic(SHOP, shop)
     mercato = str(Path(sys.executable).with_name("mercato"))
+    load = ["load", "--data", "synthetic", "--path", str(shop), "--backend", "redis"]
     subprocess.run(
-        [mercato, "load", "--data", "synthetic", "--path", str(shop), "--backend", "redis"]
-        + ["--redis-url", c.redis_url, "--no-progress"],
+        [mercato, *load, "--redis-url", c.redis_url, "--no-progress"],
         check=True,
         capture_output=True,
     )
@@ -142,7 +142,7 @@ def test_prod_overlay_as_processes(cluster: LocalCluster, tmp_path: Path) -> Non
     timings["nightly job"] = time.monotonic() - t0
     log = job.stdout.decode(errors="replace")
     assert job.returncode == 0, log[-4000:]
-    argv, env, _ = c.job_command()
+    _, env, _ = c.job_command()
     assert env["MERCATO_MLFLOW_TRACKING_URI"] == c.mlflow_url
     assert env["MERCATO_TRAIN_EVENTS_FROM_PROFILE"] == "true"
     stored = list((c.workdir / "mlflow" / "volumes" / "data").rglob("*.faiss")) + list(
@@ -150,7 +150,6 @@ def test_prod_overlay_as_processes(cluster: LocalCluster, tmp_path: Path) -> Non
     )
     assert stored, "the server's artifact store holds no bundle files"
 
-    os_env = {"MERCATO_MLFLOW_TRACKING_URI": c.mlflow_url}
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(c.mlflow_url, c.mlflow_url)
@@ -213,10 +212,21 @@ def test_prod_overlay_as_processes(cluster: LocalCluster, tmp_path: Path) -> Non
     assert counts["failed"] == 0, (counts, errors[:5])
     assert counts["ok"] > 50, counts
 
-    # Every replica of every service took traffic (the gateways balance per call).
+    # Every replica of every service took traffic.
     for svc in ("gateway", "profile", "retrieval", "ranking"):
         for r in c.procs[svc]:
             assert calls_handled(r.metrics_url) > 0, f"{svc}-{r.index} took no calls"
+    # And one gateway alone spreads its calls per call, not per connection: each
+    # downstream replica takes a fair share of what gateway-0 sends.
+    downstream = ("profile", "retrieval", "ranking")
+    before = {(s, r.index): calls_handled(r.metrics_url) for s in downstream for r in c.procs[s]}
+    with MercatoClient(c.procs["gateway"][0].target, api_key=c.api_key, retries=0) as mc:
+        for i in range(40):
+            assert mc.recommend(customers[i % len(customers)], k=5).items
+    for s in downstream:
+        delta = [calls_handled(r.metrics_url) - before[(s, r.index)] for r in c.procs[s]]
+        assert sum(delta) >= 40, (s, delta)
+        assert min(delta) >= 0.25 * sum(delta), f"{s}: calls per replica {delta}"
 
     # An offer budget holds across the two ranking replicas (5.5 a decision, 40 a day).
     stubs = []
@@ -246,5 +256,4 @@ def test_prod_overlay_as_processes(cluster: LocalCluster, tmp_path: Path) -> Non
     finally:
         for ch, _ in stubs:
             ch.close()
-    del os_env, argv
     print(f"topology timings (s): { {k: round(v) for k, v in timings.items()} }")
