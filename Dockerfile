@@ -55,8 +55,10 @@ RUN python -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml
  && pip install -r /tmp/requirements.txt "psycopg2-binary==${PSYCOPG2_VERSION}" \
  && python -c 'import torch; assert not torch.cuda.is_available() and "+cpu" in torch.__version__, torch.__version__'
 COPY . .
+# Byte-compile the venv; torch ships test helpers written for newer Pythons (a 3.12
+# generics syntax file), which 3.11 cannot compile and never imports.
 RUN pip install --no-deps . \
- && python -m compileall -q /opt/venv/lib
+ && python -m compileall -q -x 'torch/testing/_internal/py3(1[2-9]|[2-9][0-9])_' /opt/venv/lib
 
 # -------------------------------------------------------------------------- final stage
 FROM ${PYTHON_IMAGE} AS runtime
@@ -75,6 +77,9 @@ RUN apt-get update \
  && install -d -o 10001 -g 10001 -m 0750 /var/lib/mercato
 
 COPY --from=build /opt/venv /opt/venv
+# The default offer catalogue, where Kubernetes mounts the ConfigMap mercato-offers (which
+# then replaces it): `mercato serve ranking` works from the image alone too.
+COPY config/offers.yaml /etc/mercato/offers/offers.yaml
 
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
@@ -84,6 +89,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     XDG_CACHE_HOME=/tmp/.cache \
     MPLCONFIGDIR=/tmp/matplotlib \
     MLFLOW_DISABLE_TELEMETRY=true \
+    MERCATO_RANKING_OFFERS_FILE=/etc/mercato/offers/offers.yaml \
     OMP_NUM_THREADS=1 \
     OPENBLAS_NUM_THREADS=1 \
     MKL_NUM_THREADS=1

@@ -67,19 +67,21 @@ status=0
 for svc in profile retrieval ranking gateway; do
   port=$($PY -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
   up=$(echo "$svc" | tr a-z A-Z)
-  cid=$("${PODMAN[@]}" run -d --rm "${ULIMITS[@]}" --network host --read-only \
-    --tmpfs /tmp --tmpfs /var/lib/mercato:uid=10001,gid=10001 \
+  # chown: the tmpfs belongs to the image's user (as an emptyDir with fsGroup is writable).
+  cid=$("${PODMAN[@]}" run -d "${ULIMITS[@]}" --network host --read-only --user 10001:10001 \
+    --tmpfs /tmp --mount type=tmpfs,destination=/var/lib/mercato,chown=true \
     -e "MERCATO_${up}_HOST=127.0.0.1" -e "MERCATO_${up}_PORT=$port" \
     -e "MERCATO_${up}_METRICS_PORT=0" \
     "$TAG" serve "$svc")
   # retrieval has no model here: its liveness is SERVING, readiness NOT_SERVING (by design)
   check=$([ "$svc" = retrieval ] && echo liveness || echo "mercato.v1.${svc^}Service")
-  if $PY -m services.common.healthcheck "127.0.0.1:$port" "$check" --wait 120; then
+  if $PY -m services.common.healthcheck "127.0.0.1:$port" "$check" --wait 90; then
     echo "run: $svc SERVING ($check)"
   else
     echo "run: $svc FAILED"; "${PODMAN[@]}" logs "$cid" | tail -20; status=1
   fi
   "${PODMAN[@]}" stop -t 15 "$cid" >/dev/null || true
+  "${PODMAN[@]}" rm -f "$cid" >/dev/null || true
 done
 t3=$(date +%s)
 size=$(podman image inspect "$TAG" --format '{{.Size}}')
