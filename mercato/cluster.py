@@ -459,9 +459,15 @@ class LocalCluster:
         return subprocess.CompletedProcess(argv, rc, log.read_bytes(), b"")
 
     def down(self) -> None:
-        for replicas in reversed(list(self.procs.values())):
-            for r in replicas:
-                _stop(r.process)
+        # The services first (all at once: each drains on SIGTERM), then MLflow, Redis.
+        services = [r.process for n, rs in self.procs.items() if n != "mlflow" for r in rs]
+        for proc in services:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in services:
+            _stop(proc)
+        for r in self.procs.get("mlflow", []):
+            _stop(r.process)
         self.procs.clear()
         if self.redis is not None:
             _stop(self.redis)
