@@ -8,6 +8,8 @@
 # Build and push (see docs/operations.md):
 #   docker build -t REGISTRY/mercato:VERSION .
 #   docker push REGISTRY/mercato:VERSION
+# Without a Docker engine or registry (CI): `make image` builds it with podman on a Debian
+# base made by mmdebstrap (PYTHON_IMAGE=that base) and runs each service (scripts/image.sh).
 #
 # Runs as a non-root user (uid 10001) with a read-only root filesystem: everything that
 # writes goes to $MERCATO_HOME (/var/lib/mercato) and $HOME (/tmp), which Kubernetes
@@ -36,7 +38,15 @@ RUN apt-get update \
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 
-RUN pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
+# A CPU torch wheel put in .image-wheels/ (make image does, from this machine's disk) is
+# used as is; otherwise the CPU wheel index. Its dependencies come from PyPI.
+COPY .image-wheels/ /tmp/wheels/
+RUN if ls /tmp/wheels/torch-"${TORCH_VERSION}"+cpu-*.whl >/dev/null 2>&1; then \
+      pip install /tmp/wheels/torch-"${TORCH_VERSION}"+cpu-*.whl; \
+    else \
+      pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"; \
+    fi \
+ && rm -rf /tmp/wheels
 
 # Dependencies first (cached until pyproject.toml changes), then the project itself.
 WORKDIR /src
@@ -45,8 +55,10 @@ RUN python -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml
  && pip install -r /tmp/requirements.txt "psycopg2-binary==${PSYCOPG2_VERSION}" \
  && python -c 'import torch; assert not torch.cuda.is_available() and "+cpu" in torch.__version__, torch.__version__'
 COPY . .
+# Byte-compile the venv; torch ships test helpers written for newer Pythons (a 3.12
+# generics syntax file), which 3.11 cannot compile and never imports.
 RUN pip install --no-deps . \
- && python -m compileall -q /opt/venv/lib
+ && python -m compileall -q -x 'torch/testing/_internal/py3(1[2-9]|[2-9][0-9])_' /opt/venv/lib
 
 # -------------------------------------------------------------------------- final stage
 FROM ${PYTHON_IMAGE} AS runtime
@@ -65,6 +77,9 @@ RUN apt-get update \
  && install -d -o 10001 -g 10001 -m 0750 /var/lib/mercato
 
 COPY --from=build /opt/venv /opt/venv
+# The default offer catalogue, where Kubernetes mounts the ConfigMap mercato-offers (which
+# then replaces it): `mercato serve ranking` works from the image alone too.
+COPY config/offers.yaml /etc/mercato/offers/offers.yaml
 
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
@@ -74,6 +89,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     XDG_CACHE_HOME=/tmp/.cache \
     MPLCONFIGDIR=/tmp/matplotlib \
     MLFLOW_DISABLE_TELEMETRY=true \
+    MERCATO_RANKING_OFFERS_FILE=/etc/mercato/offers/offers.yaml \
     OMP_NUM_THREADS=1 \
     OPENBLAS_NUM_THREADS=1 \
     MKL_NUM_THREADS=1

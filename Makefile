@@ -8,7 +8,7 @@ export OPENBLAS_NUM_THREADS ?= 1
 export OMP_NUM_THREADS ?= 1
 BUF := node_modules/.bin/buf
 
-.PHONY: help setup demo up down test test-fast protos protos-check lint bench bench-profile bench-ranking bench-retrieval bench-load bench-quality clean k8s-validate
+.PHONY: help setup demo up down test test-fast protos protos-check lint bench bench-profile bench-ranking bench-retrieval bench-load bench-quality clean k8s-validate image
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-16s %s\n", $$1, $$2}'
@@ -21,8 +21,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $@
 
-$(BUF): package.json
-	npm install --no-audit --no-fund --silent
+$(BUF): package.json package-lock.json
+	npm ci --no-audit --no-fund --silent
 	touch $@
 
 demo: setup ## Set up, then run the whole system and show real answers
@@ -58,6 +58,10 @@ K8S_VERSION ?= 1.32.0
 # Needs kubectl (its built-in kustomize) on the PATH or in $(VENV)/bin; see docs/operations.md.
 k8s-validate: $(if $(wildcard $(PY)),,setup) ## Render every k8s overlay, validate it strictly against K8S_VERSION, run our checks
 	$(PY) -m tools.k8s_check --kubernetes-version $(K8S_VERSION)
+
+# Needs podman, runc and mmdebstrap (Debian packages; .ci/run installs them).
+image: setup ## Build the image with podman on an mmdebstrap Debian base, run each service with a gRPC health check
+	PY=$(PY) ./scripts/image.sh
 
 bench: setup bench-profile bench-ranking bench-retrieval bench-load bench-quality ## Run all benchmarks (writes bench/results/*.json and *.md)
 

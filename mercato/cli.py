@@ -135,6 +135,51 @@ def demo(
     raise typer.Exit(run_demo(opts, console))
 
 
+cluster_app = typer.Typer(help="A Kubernetes overlay run as local processes (mercato/cluster.py).")
+app.add_typer(cluster_app, name="cluster")
+
+
+@cluster_app.command("up")
+def cluster_up(
+    overlay: str = typer.Option("prod", help="Overlay under k8s/overlays, or a path to one."),
+    replicas: int = typer.Option(2, min=1, max=8, help="Processes per stateless service."),
+    workdir: str = typer.Option("", help="Folder for the processes' volumes and logs."),
+    train: bool = typer.Option(False, help="Run the nightly retrain Job once after start."),
+) -> None:
+    """Render the overlay with kustomize and run what it describes as local processes:
+    every Deployment's command and environment (replicas on their own ports), MLflow on
+    PostgreSQL with proxied artifacts, Redis. Ctrl-C stops everything."""
+    from pathlib import Path
+
+    from mercato.cluster import LocalCluster, render_overlay
+
+    path = Path(overlay)
+    if not path.is_dir():
+        path = Path(__file__).resolve().parents[1] / "k8s" / "overlays" / overlay
+    work = Path(workdir) if workdir else mercato_home() / "cluster" / path.name
+    cluster = LocalCluster(render_overlay(path), work, replicas=replicas)
+    stop = {"now": False}
+    signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
+    cluster.up()
+    try:
+        table = Table(title=f"{path.name} as processes (logs in {work / 'logs'})")
+        for col in ("process", "address", "metrics", "pid"):
+            table.add_column(col)
+        for row in cluster.describe():
+            table.add_row(row[0], row[1], row[2], str(row[3]))
+        console.print(table)
+        console.print(f"gateway API key: {cluster.api_key}   MLflow: {cluster.mlflow_url}")
+        if train:
+            done = cluster.run_job()
+            console.print(f"nightly retrain exited {done.returncode}")
+        while not stop["now"]:
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        cluster.down()
+
+
 @app.command()
 def down() -> None:
     """Stop services started with `mercato up --detach`."""

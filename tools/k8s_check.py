@@ -61,7 +61,7 @@ ALLOWED_CLIENTS: dict[str, frozenset[str]] = {
     "retrieval": frozenset({"gateway"}),
     "ranking": frozenset({"gateway"}),
     "mlflow": frozenset({"retrieval", "ranking", "training"}),
-    "redis": frozenset({"profile"}),
+    "redis": frozenset({"profile", "ranking", "training"}),
     "postgres": frozenset({"mlflow"}),
 }
 
@@ -507,8 +507,12 @@ def check_services(objs: list[Obj]) -> Iterator[Finding]:
 
 
 def check_ingresses(objs: list[Obj]) -> Iterator[Finding]:
+    """Ingress backends exist, and a gRPC backend is declared to the controller as gRPC
+    (ingress-nginx annotation), or it would speak HTTP/1 to the gateway."""
     services = {o["metadata"]["name"]: o for o in objs if o.get("kind") == "Service"}
     for ing in (o for o in objs if o.get("kind") == "Ingress"):
+        annotations = (ing.get("metadata") or {}).get("annotations") or {}
+        protocol = str(annotations.get("nginx.ingress.kubernetes.io/backend-protocol", ""))
         for rule in (ing.get("spec") or {}).get("rules") or []:
             for path in (rule.get("http") or {}).get("paths") or []:
                 backend = (path.get("backend") or {}).get("service") or {}
@@ -517,12 +521,21 @@ def check_ingresses(objs: list[Obj]) -> Iterator[Finding]:
                     yield Finding("services", ref(ing), f"backend {backend.get('name')} missing")
                     continue
                 want = backend.get("port") or {}
-                ports = (svc.get("spec") or {}).get("ports") or []
-                if not any(
-                    p.get("name") == want.get("name") or p.get("port") == want.get("number")
-                    for p in ports
-                ):
+                ports = [
+                    p
+                    for p in (svc.get("spec") or {}).get("ports") or []
+                    if p.get("name") == want.get("name") or p.get("port") == want.get("number")
+                ]
+                if not ports:
                     yield Finding("services", ref(ing), f"backend port {want} not on {ref(svc)}")
+                grpc = any(p.get("appProtocol") == "grpc" or p.get("name") == "grpc" for p in ports)
+                if grpc and protocol.upper() not in ("GRPC", "GRPCS"):
+                    yield Finding(
+                        "ingress",
+                        ref(ing),
+                        f"backend {ref(svc)} speaks gRPC; "
+                        "set nginx.ingress.kubernetes.io/backend-protocol: GRPC",
+                    )
 
 
 def check_ports(objs: list[Obj]) -> Iterator[Finding]:
@@ -582,14 +595,26 @@ def _check_gateway_targets(
     for target in ("profile", "retrieval", "ranking"):
         var = f"MERCATO_GATEWAY_{target.upper()}_TARGET"
         value = env.get(var)
-        if not isinstance(value, str) or ":" not in value:
-            yield Finding("ports", ref(gateway), f"{var} is not set to host:port")
+        if not isinstance(value, str) or not value.startswith("dns:///") or ":" not in value[7:]:
+            yield Finding(
+                "ports",
+                ref(gateway),
+                f"{var}={value!r}: not dns:///SERVICE:PORT (per-call balancing needs every "
+                "pod address from a headless Service)",
+            )
             continue
-        host, _, port = value.rpartition(":")
+        host, _, port = value[len("dns:///") :].rpartition(":")
         svc = by_name.get(host.split(".")[0])
         want = DEFAULT_PORTS[target][0]
         if svc is None:
             yield Finding("ports", ref(gateway), f"{var}={value}: no Service {host.split('.')[0]}")
+        elif (svc.get("spec") or {}).get("clusterIP") != "None":
+            yield Finding(
+                "ports",
+                ref(gateway),
+                f"{var}={value}: Service {ref(svc)} is not headless (clusterIP: None), so "
+                "the gateway would pin each connection to one pod",
+            )
         elif port != str(want) or not any(
             p.get("port") == want for p in (svc.get("spec") or {}).get("ports") or []
         ):
@@ -889,6 +914,455 @@ def check_settings(objs: list[Obj]) -> Iterator[Finding]:
                     )
 
 
+# ------------------------------------------------------------- what breaks clusters
+
+# Values of Secret keys that the operations guide fixes (docs/operations.md, 2.1): where
+# they point, so that edges through them are checked like literal URIs.
+SECRET_URIS: dict[tuple[str, str], str] = {("mercato-redis", "url"): "redis://redis:6379/0"}
+VAR_REF = re.compile(r"(?<!\$)\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)")
+URI_HOST = re.compile(
+    r"^(?:[a-z][a-z0-9+.-]*://(?:[^@/]*@)?|dns:///)?([a-z0-9](?:[a-z0-9-]*[a-z0-9])?)"
+    r"(?:\.[a-z0-9.-]+)?:(\d+)(?:[/?].*)?$"
+)
+LOCAL_HOSTS = {"localhost", "0", "127", "0.0.0.0"}
+URI_ENV_SUFFIXES = ("_URI", "_URL", "_TARGET")
+URI_ARGS = ("--backend-store-uri=",)
+
+
+def _pod_spec(template: Mapping[str, Any]) -> Obj:
+    return dict(template.get("spec") or {})
+
+
+def _raw_env(container: Mapping[str, Any], configmaps: Mapping[str, Obj]) -> dict[str, Any]:
+    """effective_env, with secretKeyRef values the guide fixes replaced by their URI."""
+    env = effective_env(container, configmaps)
+    for name, value in list(env.items()):
+        if isinstance(value, Mapping) and "secretKeyRef" in value:
+            key = value["secretKeyRef"]
+            known = SECRET_URIS.get((key.get("name", ""), key.get("key", "")))
+            if known is not None:
+                env[name] = known
+    return env
+
+
+def expand_vars(text: str, env: Mapping[str, Any]) -> str:
+    """$(VAR) expanded from ``env`` as the kubelet does (unknown references stay)."""
+    return VAR_REF.sub(
+        lambda m: str(env[m.group(1)]) if isinstance(env.get(m.group(1)), str) else m.group(0),
+        text,
+    )
+
+
+def container_uris(
+    container: Mapping[str, Any], configmaps: Mapping[str, Obj]
+) -> list[tuple[str, str]]:
+    """(where, URI-like value) of a container: env settings ending in _URI/_URL/_TARGET
+    and --backend-store-uri arguments, $(VAR) expanded."""
+    env = _raw_env(container, configmaps)
+    out = []
+    for name, value in env.items():
+        if isinstance(value, str) and name.endswith(URI_ENV_SUFFIXES) and value:
+            out.append((name, expand_vars(value, env)))
+    for arg in [str(a) for a in container.get("args") or []]:
+        for flag in URI_ARGS:
+            if arg.startswith(flag):
+                out.append((flag.rstrip("="), expand_vars(arg[len(flag) :], env)))
+    return out
+
+
+def _services_in(objs: list[Obj]) -> dict[str, Obj]:
+    return {o["metadata"]["name"]: o for o in objs if o.get("kind") == "Service"}
+
+
+def _host_port(uri: str) -> tuple[str, int] | None:
+    """The (first DNS label of the host, port) a URI names; None for files and sockets."""
+    m = URI_HOST.match(uri)
+    if m is None:
+        return None
+    return m.group(1), int(m.group(2))
+
+
+def check_env_uris(objs: list[Obj]) -> Iterator[Finding]:
+    """Every Service an environment URI (or a backend store URI) names exists, with that
+    port; a URI without a port that names a host is flagged too."""
+    configmaps = configmaps_by_name(objs)
+    services = _services_in(objs)
+    for obj, template in workloads(objs):
+        for c in all_containers(_pod_spec(template)):
+            for where, uri in container_uris(c, configmaps):
+                if "$(" in uri:
+                    continue  # reported by check_var_refs
+                found = _host_port(uri)
+                if found is None:
+                    if re.match(r"^[a-z][a-z0-9+.-]*://[a-z]", uri) and not uri.startswith(
+                        ("sqlite:", "file:")
+                    ):
+                        yield Finding(
+                            "uris", ref(obj), f"{c['name']}: {where}={uri}: no host:port in it"
+                        )
+                    continue
+                host, port = found
+                if host in LOCAL_HOSTS:
+                    continue
+                svc = services.get(host)
+                if svc is None:
+                    yield Finding(
+                        "uris", ref(obj), f"{c['name']}: {where} names Service {host!r}: none"
+                    )
+                elif not any(
+                    p.get("port") == port for p in (svc.get("spec") or {}).get("ports") or []
+                ):
+                    yield Finding(
+                        "uris", ref(obj), f"{c['name']}: {where}: Service {host} has no port {port}"
+                    )
+
+
+def check_var_refs(objs: list[Obj]) -> Iterator[Finding]:
+    """Every $(VAR) in command, args and env values is defined for the container (env
+    values only see variables defined before them); the kubelet leaves others as text."""
+    configmaps = configmaps_by_name(objs)
+    for obj, template in workloads(objs):
+        for c in all_containers(_pod_spec(template)):
+            defined: set[str] = set()
+            secret_env_from = False
+            for source in c.get("envFrom") or []:
+                cm_ref = source.get("configMapRef")
+                if cm_ref and cm_ref.get("name") in configmaps:
+                    data = configmaps[cm_ref["name"]].get("data") or {}
+                    defined |= {source.get("prefix", "") + k for k in data}
+                if "secretRef" in source:
+                    secret_env_from = True  # keys unknown here
+            for var in c.get("env") or []:
+                for name in VAR_REF.findall(str(var.get("value", ""))):
+                    if name not in defined and not secret_env_from:
+                        yield Finding(
+                            "vars",
+                            ref(obj),
+                            f"{c['name']}: env {var['name']} uses $({name}), not defined before it",
+                        )
+                defined.add(var["name"])
+            for word in [str(w) for w in (c.get("command") or []) + (c.get("args") or [])]:
+                for name in VAR_REF.findall(word):
+                    if name not in defined and not secret_env_from:
+                        yield Finding(
+                            "vars", ref(obj), f"{c['name']}: $({name}) in command/args is undefined"
+                        )
+
+
+def _hpa_targets(objs: list[Obj]) -> set[tuple[str, str]]:
+    return {
+        (
+            str(((h.get("spec") or {}).get("scaleTargetRef") or {}).get("kind")),
+            str(((h.get("spec") or {}).get("scaleTargetRef") or {}).get("name")),
+        )
+        for h in objs
+        if h.get("kind") == "HorizontalPodAutoscaler"
+    }
+
+
+def _single_writer(obj: Obj, why: str, hpas: set[tuple[str, str]]) -> Iterator[Finding]:
+    spec = obj.get("spec") or {}
+    name = obj["metadata"]["name"]
+    if (obj["kind"], name) in hpas:
+        yield Finding("storage", ref(obj), f"{why}, but an HPA scales it")
+    if spec.get("replicas", 1) != 1 or "replicas" not in spec:
+        yield Finding(
+            "storage", ref(obj), f"{why}: needs replicas: 1 (has {spec.get('replicas', 'none')})"
+        )
+    if obj["kind"] == "Deployment" and (spec.get("strategy") or {}).get("type") != "Recreate":
+        yield Finding(
+            "storage", ref(obj), f"{why}: needs strategy Recreate (a rollout would run two)"
+        )
+
+
+def sqlite_store(obj: Obj, template: Obj, configmaps: Mapping[str, Obj]) -> str | None:
+    """Why this workload keeps its state in SQLite (None when it does not)."""
+    service = (obj.get("metadata", {}).get("labels") or {}).get(NAME_LABEL)
+    for c in _pod_spec(template).get("containers") or []:
+        env = _raw_env(c, configmaps)
+        own = c["name"] == service
+        if own and service == "profile" and env.get("MERCATO_PROFILE_BACKEND") != "redis":
+            return "profile store is SQLite"
+        if own and service == "ranking" and not env.get("MERCATO_RANKING_OFFERS_STATE_URL"):
+            return "offer state is SQLite"
+        for arg in [str(a) for a in c.get("args") or []]:
+            if arg.startswith("--backend-store-uri=sqlite:"):
+                return "MLflow store is SQLite"
+    return None
+
+
+def check_storage(objs: list[Obj]) -> Iterator[Finding]:
+    """A ReadWriteOnce claim or an SQLite store means one writer: replicas 1, Recreate,
+    no HPA."""
+    configmaps = configmaps_by_name(objs)
+    claims = {o["metadata"]["name"]: o for o in objs if o.get("kind") == "PersistentVolumeClaim"}
+    hpas = _hpa_targets(objs)
+    for obj, template in workloads(objs):
+        if obj["kind"] not in ("Deployment",):
+            continue
+        reasons = []
+        for vol in _pod_spec(template).get("volumes") or []:
+            claim = claims.get((vol.get("persistentVolumeClaim") or {}).get("claimName", ""))
+            modes = set(((claim or {}).get("spec") or {}).get("accessModes") or [])
+            if "ReadWriteOnce" in modes or "ReadWriteOncePod" in modes:
+                reasons.append(f"mounts ReadWriteOnce claim {claim['metadata']['name']}")  # type: ignore[index]
+        why_sqlite = sqlite_store(obj, template, configmaps)
+        if why_sqlite:
+            reasons.append(why_sqlite)
+        if reasons:
+            yield from _single_writer(obj, "; ".join(reasons), hpas)
+
+
+def _allows(
+    rule_peers: list[Obj] | None,
+    rule_ports: list[Obj] | None,
+    labels: Mapping[str, str],
+    port: int,
+) -> bool:
+    """Whether one ingress/egress rule admits pods with ``labels`` on ``port``."""
+    if rule_ports and not any(p.get("port") in (port, None) for p in rule_ports):
+        return False
+    if not rule_peers:
+        return True
+    return any(
+        "podSelector" in peer
+        and "namespaceSelector" not in peer
+        and (peer["podSelector"] == {} or selector_matches(peer["podSelector"], labels))
+        for peer in rule_peers
+    )
+
+
+def _policy_allows(
+    policies: list[Obj],
+    direction: str,
+    selected: Mapping[str, str],
+    peer: Mapping[str, str],
+    port: int,
+) -> bool:
+    key, peer_key = ("egress", "to") if direction == "Egress" else ("ingress", "from")
+    for pol in policies:
+        spec = pol.get("spec") or {}
+        if direction not in (spec.get("policyTypes") or ["Ingress"]):
+            continue
+        sel = spec.get("podSelector")
+        if sel is None or not (sel == {} or selector_matches(sel, selected)):
+            continue
+        for rule in spec.get(key) or []:
+            if _allows(rule.get(peer_key), rule.get("ports"), peer, port):
+                return True
+    return False
+
+
+def dependency_edges(objs: list[Obj]) -> list[tuple[Obj, Obj, Obj, int]]:
+    """(client workload, client template, server template, server container port) for
+    every connection the manifests configure: each URI a container has, resolved to a
+    Service and the pods it selects."""
+    configmaps = configmaps_by_name(objs)
+    services = _services_in(objs)
+    pods = list(workloads(objs))
+    edges = []
+    for obj, template in pods:
+        for c in all_containers(_pod_spec(template)):
+            for _, uri in container_uris(c, configmaps):
+                found = _host_port(uri)
+                if found is None or found[0] not in services:
+                    continue
+                svc = services[found[0]]
+                for sp in (svc.get("spec") or {}).get("ports") or []:
+                    if sp.get("port") != found[1]:
+                        continue
+                    for _, server in pods:
+                        if selector_matches(
+                            (svc.get("spec") or {}).get("selector"), pod_labels(server)
+                        ):
+                            target = _container_port(server, sp.get("targetPort", sp.get("port")))
+                            if target is not None:
+                                edges.append((obj, template, server, target))
+    return edges
+
+
+def check_dependency_edges(objs: list[Obj]) -> Iterator[Finding]:
+    """Each configured connection is allowed both ways: the client's egress and the
+    server's ingress; and every workload may reach DNS."""
+    policies = [o for o in objs if o.get("kind") == "NetworkPolicy"]
+    if not policies:
+        return
+    seen = set()
+    for obj, client, server, port in dependency_edges(objs):
+        c_labels, s_labels = pod_labels(client), pod_labels(server)
+        c_name, s_name = client_name(c_labels), s_labels.get(NAME_LABEL, "?")
+        key = (ref(obj), s_name, port)
+        if key in seen:
+            continue
+        seen.add(key)
+        if not _policy_allows(policies, "Egress", c_labels, s_labels, port):
+            yield Finding("edges", ref(obj), f"{c_name} -> {s_name}:{port}: no egress allows it")
+        if not _policy_allows(policies, "Ingress", s_labels, c_labels, port):
+            yield Finding(
+                "edges", ref(obj), f"{c_name} -> {s_name}:{port}: {s_name}'s ingress refuses it"
+            )
+    for obj, template in workloads(objs):
+        labels = pod_labels(template)
+        dns = any(
+            _policy_allows(policies, "Egress", labels, {}, 53)
+            or any(
+                port.get("port") == 53
+                for rule in (p.get("spec") or {}).get("egress") or []
+                for port in rule.get("ports") or []
+                if selector_matches((p.get("spec") or {}).get("podSelector"), labels)
+                or (p.get("spec") or {}).get("podSelector") == {}
+            )
+            for p in policies
+        )
+        if not dns:
+            yield Finding("edges", ref(obj), "no egress to DNS (port 53)")
+
+
+def check_mlflow_server(objs: list[Obj]) -> Iterator[Finding]:
+    """The MLflow server proxies artifacts (clients talk HTTP only), upgrades its schema
+    before starting (an init container on the same store), and uses the ServiceAccount
+    and probes like the rest."""
+    for obj, template in workloads(objs):
+        spec = _pod_spec(template)
+        for c in spec.get("containers") or []:
+            args = [str(a) for a in c.get("args") or []]
+            if not (c.get("command") == ["mlflow"] and args[:1] == ["server"]):
+                continue
+            if "--serve-artifacts" not in args or any(
+                a.startswith("--no-serve-artifacts") for a in args
+            ):
+                yield Finding(
+                    "mlflow",
+                    ref(obj),
+                    "mlflow server without --serve-artifacts: clients "
+                    "would write artifacts to their own disks",
+                )
+            if any(a.startswith("--default-artifact-root=") for a in args):
+                yield Finding("mlflow", ref(obj), "--default-artifact-root bypasses the proxy")
+            store = next((a for a in args if a.startswith("--backend-store-uri=")), None)
+            upgrades = [
+                i
+                for i in spec.get("initContainers") or []
+                if [str(a) for a in i.get("args") or []][:2] == ["db", "upgrade"]
+            ]
+            if not upgrades:
+                yield Finding("mlflow", ref(obj), "no init container runs `mlflow db upgrade`")
+            elif store is not None and not any(
+                [str(a) for a in i.get("args") or []][2:3] == [store.split("=", 1)[1]]
+                for i in upgrades
+            ):
+                yield Finding(
+                    "mlflow", ref(obj), "`mlflow db upgrade` targets another store than the server"
+                )
+
+
+def check_service_accounts(objs: list[Obj]) -> Iterator[Finding]:
+    """serviceAccountName names a ServiceAccount of the manifests (or the default)."""
+    accounts = {o["metadata"]["name"] for o in objs if o.get("kind") == "ServiceAccount"}
+    for obj, template in workloads(objs):
+        name = _pod_spec(template).get("serviceAccountName")
+        if name and name != "default" and name not in accounts:
+            yield Finding("references", ref(obj), f"ServiceAccount {name} is not defined")
+
+
+def check_redis_memory(objs: list[Obj]) -> Iterator[Finding]:
+    """Redis' maxmemory follows the container's memory limit (below it), so the pod is
+    never OOM-killed and an overlay that raises the limit raises maxmemory too."""
+    for obj, template in workloads(objs):
+        for c in _pod_spec(template).get("containers") or []:
+            text = script_text(c)
+            if "redis-server" not in text:
+                continue
+            limit = ((c.get("resources") or {}).get("limits") or {}).get("memory")
+            m = re.search(r"--maxmemory\s+\"?([^\s\"]+)", text)
+            if m is None or limit is None:
+                yield Finding("redis", ref(obj), "redis-server without --maxmemory and a limit")
+                continue
+            value = m.group(1)
+            env = {v["name"]: v for v in c.get("env") or []}
+            var = re.search(r"\$\(?\(?([A-Z_]+)", value)
+            if var:
+                src = (env.get(var.group(1)) or {}).get("valueFrom") or {}
+                field = src.get("resourceFieldRef") or {}
+                if field.get("resource") != "limits.memory":
+                    yield Finding(
+                        "redis", ref(obj), f"maxmemory from {var.group(1)}, not limits.memory"
+                    )
+                continue
+            units = {"kb": 1e3, "mb": 2**20, "gb": 2**30}
+            num = re.match(r"(\d+)([a-z]*)", value.lower())
+            size = float(num.group(1)) * units.get(num.group(2), 1) if num else 0.0
+            if not 0.5 * memory_bytes(limit) <= size < memory_bytes(limit):
+                yield Finding(
+                    "redis",
+                    ref(obj),
+                    f"maxmemory {value} is not 50-100% of the memory limit {limit}",
+                )
+
+
+METRIC_DEF = re.compile(r"\b(Counter|Gauge|Histogram|Summary)\(\s*\"([a-zA-Z_:][a-zA-Z0-9_:]*)\"")
+PROMQL_NAME = re.compile(r"\b(mercato_[a-zA-Z0-9_]+)")
+
+
+def exported_metrics(
+    roots: Iterable[Path] = (REPO / "services", REPO / "training", REPO / "mercato"),
+) -> set[str]:
+    """Metric names the code exports (prometheus_client's suffixes included)."""
+    names: set[str] = set()
+    for root in roots:
+        for path in root.rglob("*.py"):
+            for kind, name in METRIC_DEF.findall(path.read_text(errors="replace")):
+                if kind == "Counter":
+                    base = name.removesuffix("_total")
+                    names |= {base + "_total", base + "_created"}
+                elif kind in ("Histogram", "Summary"):
+                    names |= {name + s for s in ("_bucket", "_sum", "_count", "_created")}
+                else:
+                    names.add(name)
+    return names
+
+
+def check_alert_metrics(rules: Iterable[Obj], exported: set[str]) -> Iterator[Finding]:
+    """Every mercato_* metric an alert or recording rule queries is one the code exports."""
+    for doc in rules:
+        for group in (doc.get("spec") or {}).get("groups") or []:
+            for rule in group.get("rules") or []:
+                for name in sorted(set(PROMQL_NAME.findall(str(rule.get("expr", ""))))):
+                    if name not in exported:
+                        yield Finding(
+                            "alerts",
+                            f"{rule.get('alert') or rule.get('record')}",
+                            f"queries {name}, which no code exports",
+                        )
+
+
+def monitoring_findings(k8s: Path = K8S) -> list[Finding]:
+    """check_alert_metrics on k8s/monitoring/*.yaml."""
+    docs = [
+        d
+        for path in sorted((k8s / "monitoring").glob("*.yaml"))
+        for d in yaml.safe_load_all(path.read_text())
+        if isinstance(d, dict)
+    ]
+    return list(check_alert_metrics(docs, exported_metrics()))
+
+
+def check_offer_catalog(objs: list[Obj]) -> Iterator[Finding]:
+    """The offer catalogue ConfigMap loads with the ranking service's own parser (a file
+    it refuses makes every ranking pod crash at start)."""
+    from services.ranking.offers.catalog import Catalog, CatalogError
+
+    for cm in (o for o in objs if o.get("kind") == "ConfigMap"):
+        if not cm["metadata"]["name"].startswith("mercato-offers"):
+            continue
+        for key, text in (cm.get("data") or {}).items():
+            try:
+                Catalog.from_mapping(yaml.safe_load(text))
+            except (CatalogError, ValueError, TypeError) as exc:
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
+                yield Finding("settings", ref(cm), f"{key} is no valid offer catalogue: {first}")
+
+
 CHECKS = (
     check_labels,
     check_images,
@@ -905,13 +1379,34 @@ CHECKS = (
     check_secrets,
     check_jobs,
     check_settings,
+    check_offer_catalog,
+)
+
+# Checks across objects: an add-on overlay (the one-off jobs) is checked together with the
+# overlay it is applied to (its `context`), reporting only its own objects.
+CROSS_CHECKS = (
+    check_env_uris,
+    check_var_refs,
+    check_storage,
+    check_dependency_edges,
+    check_mlflow_server,
+    check_service_accounts,
+    check_redis_memory,
 )
 
 
-def policy_findings(objs: list[Obj], guide: str | None = None) -> list[Finding]:
-    """Every check of ours on one rendered overlay."""
+def policy_findings(
+    objs: list[Obj], guide: str | None = None, context: list[Obj] | None = None
+) -> list[Finding]:
+    """Every check of ours on one rendered overlay (``context``: the objects of the
+    overlay it is applied on top of, for the checks across objects)."""
     findings = [f for check in CHECKS for f in check(objs)]
     findings += list(check_references(objs, guide))
+    own = {ref(o) for o in objs}
+    together = objs + [o for o in context or [] if ref(o) not in own]
+    findings += [
+        f for check in CROSS_CHECKS for f in check(together) if context is None or f.obj in own
+    ]
     return findings
 
 
@@ -966,10 +1461,16 @@ def check_overlay(
     guide: str | None = None,
     schema: bool = True,
 ) -> OverlayReport:
-    """Render one overlay and run the schema validation (unless told not to) and our checks."""
+    """Render one overlay and run the schema validation (unless told not to) and our checks.
+    An overlay inside another (``prod/jobs``) is applied on top of it: that one is its
+    context."""
     objs = render(path, kubectl)
+    parent = path.resolve().parent
+    context = (
+        render(parent, kubectl) if _kustomization_file(parent) and parent != OVERLAYS else None
+    )
     schema_found = schema_findings(objs, version) if schema else []
-    return OverlayReport(path, len(objs), schema_found, policy_findings(objs, guide))
+    return OverlayReport(path, len(objs), schema_found, policy_findings(objs, guide, context))
 
 
 def _display(path: Path) -> str:
@@ -1012,6 +1513,11 @@ def main(argv: list[str] | None = None) -> int:
         for finding in report.schema + report.policy:
             print(f"     {finding}")
         failed |= not report.ok
+    alerts = monitoring_findings()
+    print(f"{'FAIL' if alerts else 'ok  '} alert rules query exported metrics: {len(alerts)}")
+    for finding in alerts:
+        print(f"     {finding}")
+    failed |= bool(alerts)
     leaks = scan_files_for_secrets(repo_files_to_scan())
     print(f"{'FAIL' if leaks else 'ok  '} secret scan of k8s/, Dockerfile, docs: {len(leaks)}")
     for finding in leaks:

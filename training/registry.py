@@ -26,15 +26,23 @@ EXPERIMENT = "mercato-two-tower"
 DEFAULT_GATE_METRIC = "valid_recall_20"
 
 
-def artifact_location_for(tracking_uri: str, artifact_root: str | None) -> str | None:
+def artifact_location_for(
+    tracking_uri: str, artifact_root: str | None, experiment: str = EXPERIMENT
+) -> str | None:
     """Where a new experiment keeps artifacts.
 
-    An explicit root wins; the embedded default store uses ``default_artifact_root()``;
-    another local SQLite store keeps them in ``mlartifacts`` beside the database; a
-    tracking server decides for itself (None).
+    An explicit root wins. A tracking server (http/https) gets
+    ``mlflow-artifacts:/<experiment>``: artifacts go through the server's artifact proxy
+    (``mlflow server --serve-artifacts``), so a training pod and a serving pod share
+    nothing but the server; a local path here would be the training pod's own disk and
+    serving pods could never download the bundle. The embedded default store uses
+    ``default_artifact_root()``; another local SQLite store keeps them in ``mlartifacts``
+    beside the database; any other store decides for itself (None).
     """
     if artifact_root:
         return artifact_root
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"mlflow-artifacts:/{experiment}"
     if tracking_uri == default_tracking_uri():
         return default_artifact_root()
     if tracking_uri.startswith("sqlite:///"):
@@ -59,7 +67,7 @@ def ensure_experiment(
         return str(exp.experiment_id)
     return str(
         client.create_experiment(
-            name, artifact_location=artifact_location_for(tracking_uri, artifact_root)
+            name, artifact_location=artifact_location_for(tracking_uri, artifact_root, name)
         )
     )
 

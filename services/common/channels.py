@@ -1,12 +1,26 @@
-"""Client channels between services: message limits, keepalive, TLS/mTLS by settings."""
+"""Client channels between services: message limits, keepalive, TLS/mTLS by settings, and
+per-call load balancing.
+
+Every channel uses the ``round_robin`` load-balancing policy: it connects to every address
+its target resolves to and spreads calls over them one by one. In Kubernetes the targets
+are ``dns:///<headless Service>:<port>``, which resolve to one address per ready pod, so
+each gateway spreads its calls over all replicas instead of pinning one connection to one
+pod (what a ClusterIP Service with the default ``pick_first`` gives). The servers' max
+connection age (services/common/server.py) closes connections now and then; the client
+then re-resolves the name and picks up replicas added since. Locally a target may list
+several addresses: ``ipv4:127.0.0.1:7001,127.0.0.1:7002``.
+"""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import grpc
 
 from services.common.settings import ClientTlsSettings
+
+SERVICE_CONFIG = json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})
 
 
 def channel_options(max_message_bytes: int = 4 * 1024 * 1024) -> list[tuple[str, object]]:
@@ -16,6 +30,9 @@ def channel_options(max_message_bytes: int = 4 * 1024 * 1024) -> list[tuple[str,
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.keepalive_time_ms", 60_000),
         ("grpc.enable_retries", 0),  # retries are explicit, per call, where idempotent
+        ("grpc.service_config", SERVICE_CONFIG),
+        # Re-resolve at most this often (on connection loss, e.g. after max connection age).
+        ("grpc.dns_min_time_between_resolutions_ms", 5_000),
     ]
 
 

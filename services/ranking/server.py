@@ -27,7 +27,14 @@ from prometheus_client import Counter
 from mercato.v1 import ranking_pb2, ranking_pb2_grpc
 from services.common.errors import Unavailable
 from services.common.server import BaseService, run_service
-from services.ranking.offers import Catalog, OfferPolicy, SqliteStore, offer_context
+from services.ranking.offers import (
+    Catalog,
+    OfferPolicy,
+    OfferStore,
+    RedisStore,
+    SqliteStore,
+    offer_context,
+)
 from services.ranking.pipeline import RankPipeline
 from services.ranking.rules import RulesConfig
 from services.ranking.scoring import ScorerProvider, no_ranker
@@ -163,18 +170,26 @@ class RankingService(BaseService):
         return self.policy
 
     def _open_policy(self) -> OfferPolicy:
-        path = self.settings.resolved_offers_state_path()
         seed = None if self.settings.offers_seed < 0 else self.settings.offers_seed
+        store: OfferStore
+        if self.settings.offers_state_url:
+            redis_store = RedisStore(
+                self.settings.offers_state_url, self.settings.offers_state_prefix
+            )
+            store, where = redis_store, f"redis {redis_store.address} ({redis_store.prefix})"
+        else:
+            path = self.settings.resolved_offers_state_path()
+            store, where = SqliteStore(path), str(path)
         policy = OfferPolicy(
             self.catalog,
-            SqliteStore(path),
+            store,
             seed=seed,
             retention_days=self.settings.offers_retention_days,
         )
         log.info(
             "offer policy ready",
             extra={
-                "state": str(path),
+                "state": where,
                 "offers": policy.arms,
                 "policy_version": policy.policy_version,
             },

@@ -32,7 +32,16 @@ class RankingSettings(ServiceSettings):
     )
     offers_state_path: str = Field(
         "",
-        description="Offer policy state (SQLite); default MERCATO_HOME/ranking/offers.db.",
+        description="Offer policy state (SQLite); default MERCATO_HOME/ranking/offers.db. "
+        "One replica only: use offers_state_url to run several.",
+    )
+    offers_state_url: str = Field(
+        "",
+        description="redis://... : keep the offer state in Redis, shared by every replica "
+        "(budgets enforced across replicas, outcomes accepted by any); empty = SQLite.",
+    )
+    offers_state_prefix: str = Field(
+        "mercato-offers:", description="Key prefix of the offer state in Redis."
     )
     offers_retention_days: float = Field(
         90.0, gt=0, description="Days a settled offer decision is kept (then NOT_FOUND)."

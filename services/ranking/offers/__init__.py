@@ -3,7 +3,7 @@
 from services.ranking.offers.catalog import Catalog, CatalogError, OfferSpec
 from services.ranking.offers.features import OfferContext, features, offer_context
 from services.ranking.offers.policy import Choice, OfferPolicy, OfferStatusRow
-from services.ranking.offers.store import MemoryStore, OfferStore, SqliteStore
+from services.ranking.offers.store import MemoryStore, OfferStore, RedisStore, SqliteStore
 
 __all__ = [
     "Catalog",
@@ -15,6 +15,7 @@ __all__ = [
     "OfferSpec",
     "OfferStatusRow",
     "OfferStore",
+    "RedisStore",
     "SqliteStore",
     "features",
     "offer_context",

@@ -18,6 +18,12 @@ this decision (redemption cost + fixed cost) is not eligible. A decision spends 
 fixed cost and reserves the redemption cost; the outcome settles the reservation
 (redeemed: charge the actual cost, at most the reservation; otherwise release it), so
 ``spent + reserved`` never exceeds the budget.
+
+Shared stores (``store.shared``, :class:`~.store.RedisStore`): several replicas use one
+state. Budgets are then read from the store and a decision is recorded only through the
+store's atomic reserve-if-it-fits (an offer that no longer fits is dropped and the
+choice made again); an outcome is settled once by whichever replica gets it; every
+replica's posterior replays the settled outcomes in their global order.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 
@@ -43,6 +50,7 @@ from services.ranking.offers.store import (
     DecisionRecord,
     OfferCounts,
     OfferStore,
+    SharedOfferStore,
     Writes,
 )
 
@@ -128,6 +136,9 @@ class OfferPolicy:
         self.rng = np.random.default_rng(seed)
         self._lock = threading.RLock()
         self._last_expiry = -math.inf
+        self.shared = bool(getattr(store, "shared", False))
+        self.shared_store = cast(SharedOfferStore, store)  # used only when shared
+        self._last_sync = -math.inf
         self._restore()
 
     # ------------------------------------------------------------------ state
@@ -162,9 +173,26 @@ class OfferPolicy:
         if replayed:
             log.info("offer outcomes replayed", extra={"replayed": replayed})
 
+    def _sync(self, force: bool = False) -> None:
+        """Shared store: learn the outcomes settled since (by any replica), in order."""
+        if not self.shared:
+            return
+        now = time.monotonic()
+        if not force and now - self._last_sync < 1.0:
+            return
+        self._last_sync = now
+        for d in self.store.learned_after(self.seq):
+            if d.offer_id in self.arms and d.features.shape == (N_FEATURES,):
+                self.model.update(d.offer_id, d.features, _converted(d.outcome))
+            self.seq = max(self.seq, d.seq)
+        if self.seq - self._snapshot_seq >= SNAPSHOT_EVERY:
+            self.store.commit(Writes(snapshot=self.model.snapshot(FEATURE_SIGNATURE, self.seq)))
+            self._snapshot_seq = self.seq
+
     def snapshot(self) -> None:
         """Write the posterior now (also done every few outcomes and on close)."""
         with self._lock:
+            self._sync(force=True)
             self._commit(Writes(snapshot=self.model.snapshot(FEATURE_SIGNATURE, self.seq)))
             self._snapshot_seq = self.seq
 
@@ -196,7 +224,10 @@ class OfferPolicy:
     def _remaining(self, offer: OfferSpec, now: float) -> float:
         if offer.budget.amount <= 0:
             return math.inf
-        row = self.budgets.get((offer.id, offer.budget.period.key(now)))
+        if self.shared:
+            row: BudgetRow | None = self.shared_store.budget(offer.id, offer.budget.period.key(now))
+        else:
+            row = self.budgets.get((offer.id, offer.budget.period.key(now)))
         used = (row.reserved + row.spent) if row else 0.0
         return offer.budget.amount - used
 
@@ -226,63 +257,86 @@ class OfferPolicy:
         with self._lock:
             now = self.clock() if now is None else now
             self._maybe_expire(now)
-            none = self.offers[0]
-            allowed = set(offer_ids)
-            by_rules = [
-                i
-                for i, o in enumerate(self.offers)
-                if i > 0 and (not allowed or o.id in allowed) and eligible(o, ctx)
-            ]
-            if not by_rules:
-                return Choice(none, "", 0.0, NOT_ELIGIBLE, self.policy_version)
-            redeem = np.array([o.cost.redeem_cost(ctx.order_value) for o in self.offers])
-            fixed = np.array([o.cost.fixed for o in self.offers])
-            affordable = [
-                i
-                for i in by_rules
-                if self._remaining(self.offers[i], now) >= redeem[i] + fixed[i] - 1e-9
-            ]
-            arms = np.array([0, *affordable])
-            x = features(ctx)
-            mean_values = self._values(self.model.predictive(x), ctx.margin, redeem, fixed)
-            best = int(arms[np.argmax(mean_values[arms])])
-            chosen, explored = best, False
-            cap = self.catalog.settings.exploration.max_share
-            if not greedy and len(arms) > 1 and self.explore_share < cap:
-                sampled = self._values(
-                    self.model.probabilities(x, self.rng), ctx.margin, redeem, fixed
-                )
-                chosen = int(arms[np.argmax(sampled[arms])])
-                explored = chosen != best
-            offer = self.offers[chosen]
-            if chosen:
-                reason = EXPLORATION if explored else BEST
-            else:
-                reason = NOT_WORTH if affordable else BUDGET
-            value = float(mean_values[chosen])
-            if dry_run:
-                return Choice(offer, "", value, reason, self.policy_version, explored)
+            self._sync()
+            refused: set[int] = set()  # offers another replica's decision used up meanwhile
+            while True:
+                choice = self._select_once(ctx, offer_ids, greedy, dry_run, now, refused)
+                if isinstance(choice, Choice):
+                    return choice
+                refused.add(choice)
 
-            window = self.catalog.settings.exploration.window
-            self.explore_share += (float(explored) - self.explore_share) / window
-            period = offer.budget.period.key(now)
+    def _select_once(
+        self,
+        ctx: OfferContext,
+        offer_ids: Sequence[str],
+        greedy: bool,
+        dry_run: bool,
+        now: float,
+        refused: set[int],
+    ) -> Choice | int:
+        """One choice; on a shared store, the index of the chosen offer when its budget
+        no longer held it (nothing recorded then)."""
+        none = self.offers[0]
+        allowed = set(offer_ids)
+        by_rules = [
+            i
+            for i, o in enumerate(self.offers)
+            if i > 0 and (not allowed or o.id in allowed) and eligible(o, ctx)
+        ]
+        if not by_rules:
+            return Choice(none, "", 0.0, NOT_ELIGIBLE, self.policy_version)
+        redeem = np.array([o.cost.redeem_cost(ctx.order_value) for o in self.offers])
+        fixed = np.array([o.cost.fixed for o in self.offers])
+        affordable = [
+            i
+            for i in by_rules
+            if i not in refused
+            and self._remaining(self.offers[i], now) >= redeem[i] + fixed[i] - 1e-9
+        ]
+        arms = np.array([0, *affordable])
+        x = features(ctx)
+        mean_values = self._values(self.model.predictive(x), ctx.margin, redeem, fixed)
+        best = int(arms[np.argmax(mean_values[arms])])
+        chosen, explored = best, False
+        cap = self.catalog.settings.exploration.max_share
+        if not greedy and len(arms) > 1 and self.explore_share < cap:
+            sampled = self._values(self.model.probabilities(x, self.rng), ctx.margin, redeem, fixed)
+            chosen = int(arms[np.argmax(sampled[arms])])
+            explored = chosen != best
+        offer = self.offers[chosen]
+        if chosen:
+            reason = EXPLORATION if explored else BEST
+        else:
+            reason = NOT_WORTH if affordable else BUDGET
+        value = float(mean_values[chosen])
+        if dry_run:
+            return Choice(offer, "", value, reason, self.policy_version, explored)
+
+        period = offer.budget.period.key(now)
+        decision = DecisionRecord(
+            decision_id=uuid.uuid4().hex,
+            offer_id=offer.id,
+            created_at=now,
+            period_key=period,
+            features=x,
+            order_value=ctx.order_value,
+            margin=ctx.margin,
+            reserved=float(redeem[chosen]),
+            fixed_cost=float(fixed[chosen]),
+            explored=explored,
+        )
+        if self.shared and not self.shared_store.reserve(
+            decision, offer.budget.amount if chosen else 0.0
+        ):
+            return chosen
+        window = self.catalog.settings.exploration.window
+        self.explore_share += (float(explored) - self.explore_share) / window
+        if not self.shared:
             row = self._budget_row(offer.id, period)
             row.reserved += float(redeem[chosen])
             row.spent += float(fixed[chosen])
             counts = self.counts.setdefault(offer.id, OfferCounts())
             counts.decisions += 1
-            decision = DecisionRecord(
-                decision_id=uuid.uuid4().hex,
-                offer_id=offer.id,
-                created_at=now,
-                period_key=period,
-                features=x,
-                order_value=ctx.order_value,
-                margin=ctx.margin,
-                reserved=float(redeem[chosen]),
-                fixed_cost=float(fixed[chosen]),
-                explored=explored,
-            )
             self._commit(
                 Writes(
                     decisions=[decision],
@@ -291,7 +345,7 @@ class OfferPolicy:
                     meta=self._meta(),
                 )
             )
-            return Choice(offer, decision.decision_id, value, reason, self.policy_version, explored)
+        return Choice(offer, decision.decision_id, value, reason, self.policy_version, explored)
 
     # ------------------------------------------------------------------ learn
 
@@ -356,8 +410,38 @@ class OfferPolicy:
                     "decision gave no offer, so it cannot be redeemed; "
                     "send OFFER_OUTCOME_CONVERTED_WITHOUT_OFFER"
                 )
+            if self.shared:
+                return self._settle_shared(d, "recorded", outcome, revenue, now)
             self._commit(self._settle(d, "recorded", outcome, revenue, now))
             return True
+
+    def _settle_shared(
+        self, d: DecisionRecord, status: str, outcome: int, revenue: float, now: float
+    ) -> bool:
+        """Settle ``d`` in a shared store (once, whichever replica comes first), then learn
+        what was settled since. False when it was recorded already."""
+        offer = self.catalog.by_id.get(d.offer_id)
+        learn = status == "recorded" or self.catalog.settings.expired_is_no_conversion
+        learn = learn and offer is not None and d.features.shape == (N_FEATURES,)
+        spent, redeemed = 0.0, outcome == REDEEMED
+        if redeemed:
+            base = revenue if revenue > 0 else d.order_value
+            actual = offer.cost.redeem_cost(base) if offer else d.reserved
+            spent = min(actual, d.reserved)
+        result, _ = self.shared_store.settle(
+            d, status, outcome, revenue, now, spent, redeemed, learn
+        )
+        self._sync(force=True)
+        if result == "settled":
+            return True
+        if result == "expired" and status == "recorded":
+            raise FailedPrecondition(
+                f"decision {d.decision_id!r} is past its attribution window "
+                f"({self.catalog.settings.attribution_days:g} days)"
+            )
+        if result == "missing":
+            raise NotFound(f"no offer decision {d.decision_id!r}")
+        return False
 
     def _maybe_expire(self, now: float) -> None:
         if now - self._last_expiry >= EXPIRY_CHECK_S:
@@ -373,6 +457,10 @@ class OfferPolicy:
             cutoff = now - self.catalog.settings.attribution_days * 86400.0
             total = 0
             while batch := self.store.pending_before(cutoff, 500):
+                if self.shared:
+                    for d in batch:
+                        total += self._settle_shared(d, "expired", NO_CONVERSION, 0.0, now)
+                    continue
                 merged = Writes()
                 for d in batch:
                     w = self._settle(d, "expired", NO_CONVERSION, 0.0, now)
@@ -395,10 +483,14 @@ class OfferPolicy:
         with self._lock:
             now = self.clock() if now is None else now
             rows = []
+            all_counts = self.shared_store.counts() if self.shared else self.counts
             for offer in self.offers:
                 period = offer.budget.period.key(now)
-                budget = self.budgets.get((offer.id, period))
-                counts = self.counts.get(offer.id, OfferCounts())
+                if self.shared:
+                    budget: BudgetRow | None = self.shared_store.budget(offer.id, period)
+                else:
+                    budget = self.budgets.get((offer.id, period))
+                counts = all_counts.get(offer.id, OfferCounts())
                 rows.append(
                     OfferStatusRow(
                         offer=offer,
