@@ -30,7 +30,7 @@ WEEK = pd.Timedelta(days=7)
 SHOPPER_EVENTS = ("view", "add_to_cart", "remove_from_cart", "purchase", "click", "offer_redeemed")
 #: The data is "historical" when its newest shopper event is older than this.
 STALE_AFTER_DAYS = 7.0
-BUSY_SHARE = 0.25
+BUSY_SHARE = 0.5
 SEGMENTS = ("new", "active", "loyal", "at_risk", "lapsed")
 PERIOD_DAYS = {"day": 1.0, "week": 7.0, "month": 30.0}
 
@@ -96,6 +96,11 @@ def _between(df: pd.DataFrame, start: pd.Timestamp, end: pd.Timestamp) -> pd.Dat
     return df[(ts >= start) & (ts < end)]
 
 
+def _us(ts: pd.Series) -> pd.Series:
+    """UTC timestamps as microseconds since the epoch."""
+    return (ts - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(microseconds=1)
+
+
 def purchases(events: pd.DataFrame) -> pd.DataFrame:
     p = events[events["event_type"] == "purchase"].copy()
     p["units"] = p["quantity"].clip(lower=1)
@@ -107,8 +112,6 @@ def purchases(events: pd.DataFrame) -> pd.DataFrame:
 
 #: Weights of the last four weeks (newest first) in the demand level.
 LEVEL_WEIGHTS = (0.4, 0.3, 0.2, 0.1)
-#: Weight of the model's share in the blended forecast (fixed, not tuned on the back-test).
-MODEL_WEIGHT = 0.5
 
 
 def weekly_units(events: pd.DataFrame, as_of: pd.Timestamp, weeks: int) -> pd.DataFrame:
@@ -148,8 +151,23 @@ class Shopper:
     category_affinity: dict[str, float]
 
 
-#: Given shoppers, each one's top items with weights summing to 1 (the trained model).
+#: Given shoppers, each one's top items with the model's raw scores (higher = better).
 Scorer = Callable[[Sequence[Shopper]], list[list[tuple[str, float]]]]
+#: Model part per shopper: (units per week, [(item, score)]).
+Parts = list[tuple[float, list[tuple[str, float]]]]
+#: Softmax temperatures and model weights tried on the validation week.
+TEMPERATURES = (0.05, 0.1, 0.2, 0.5, 1.0)
+WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """How the model's scores become demand, chosen on a validation week."""
+
+    weight: float = 0.0  # of the model in the blend
+    temperature: float = 0.1  # softmax over each shopper's top items
+    validation_wape: float = float("nan")
+    validation_week: tuple[str, str] = ("", "")
 
 
 def shoppers(events: pd.DataFrame, as_of: pd.Timestamp, weeks: int = 4) -> list[Shopper]:
@@ -180,34 +198,78 @@ def shoppers(events: pd.DataFrame, as_of: pd.Timestamp, weeks: int = 4) -> list[
     return out
 
 
-def model_forecast(events: pd.DataFrame, as_of: pd.Timestamp, scorer: Scorer) -> pd.Series:
-    """Units per item in the next 7 days by the model: every recent buyer keeps buying at
-    their rate of the last 4 weeks, spread over the model's top items for them by its
-    scores: ``sum_c rate_c * p_c(item)``."""
+def model_parts(events: pd.DataFrame, as_of: pd.Timestamp, scorer: Scorer) -> Parts:
+    """Every customer who bought in the 4 weeks before ``as_of``: their weekly rate and
+    the model's top items for them (from their history before ``as_of``)."""
     who = shoppers(events, as_of)
-    if not who:
-        return pd.Series(dtype=float, name="model")
+    return [(s.units_per_week, top) for s, top in zip(who, scorer(who) if who else [], strict=True)]
+
+
+def spread(parts: Parts, temperature: float) -> pd.Series:
+    """Units per item in the next 7 days by the model: every recent buyer keeps buying at
+    their rate, spread over their top items by ``softmax(score / temperature)``:
+    ``sum_c rate_c * p_c(item)``."""
     demand: dict[str, float] = {}
-    for s, top in zip(who, scorer(who), strict=True):
-        for item_id, share in top:
-            demand[item_id] = demand.get(item_id, 0.0) + s.units_per_week * share
+    for rate, top in parts:
+        if not top:
+            continue
+        z = np.array([sc for _, sc in top]) / temperature
+        w = np.exp(z - z.max())
+        w /= w.sum()
+        for (item_id, _), share in zip(top, w, strict=True):
+            demand[item_id] = demand.get(item_id, 0.0) + rate * float(share)
     return pd.Series(demand, dtype=float, name="model")
 
 
-def forecast(
-    events: pd.DataFrame, as_of: pd.Timestamp, scorer: Scorer | None = None
-) -> pd.DataFrame:
-    """Columns ``trend``, ``model`` (0 without a scorer) and ``forecast`` (the blend
-    ``(1 - MODEL_WEIGHT) trend + MODEL_WEIGHT model``; the trend alone without a model)."""
-    trend = trend_forecast(events, as_of)
-    model = model_forecast(events, as_of, scorer) if scorer else pd.Series(dtype=float)
+def _blend(trend: pd.Series, model: pd.Series, weight: float) -> pd.DataFrame:
     idx = trend.index.union(model.index)
     df = pd.DataFrame(
         {"trend": trend.reindex(idx, fill_value=0.0), "model": model.reindex(idx, fill_value=0.0)}
     )
-    w = MODEL_WEIGHT if scorer else 0.0
-    df["forecast"] = (1 - w) * df["trend"] + w * df["model"]
+    df["forecast"] = (1 - weight) * df["trend"] + weight * df["model"]
     return df
+
+
+def sold(events: pd.DataFrame, start: pd.Timestamp, end: pd.Timestamp) -> pd.Series:
+    return purchases(_between(events, start, end)).groupby("item_id")["units"].sum().astype(float)
+
+
+def tune(events: pd.DataFrame, as_of: pd.Timestamp, scorer: Scorer) -> Tuning:
+    """The weight and temperature with the lowest WAPE on the validation week
+    ``[as_of - 7 d, as_of)``, forecast from the events before it. Nothing at or after
+    ``as_of`` is read."""
+    start = as_of - WEEK
+    seen = events[events["timestamp"] < start]
+    actual = sold(events, start, as_of)
+    trend = trend_forecast(seen, start)
+    parts = model_parts(seen, start, scorer)
+    best = Tuning()
+    best_wape = float("inf")
+    for t in TEMPERATURES:
+        model = spread(parts, t)
+        for w in WEIGHTS:
+            wape = _errors(_blend(trend, model, w)["forecast"], actual)["wape"]
+            if wape < best_wape - 1e-12:
+                best_wape = wape
+                best = Tuning(w, t, wape, (start.isoformat(), as_of.isoformat()))
+    return best
+
+
+def forecast(
+    events: pd.DataFrame,
+    as_of: pd.Timestamp,
+    scorer: Scorer | None = None,
+    tuning: Tuning | None = None,
+) -> pd.DataFrame:
+    """Columns ``trend``, ``model`` (0 without a scorer) and ``forecast``, the blend
+    ``(1 - w) trend + w model`` with ``w`` and the temperature of ``tuning`` (chosen on
+    the week before ``as_of`` when not given); the trend alone without a model."""
+    trend = trend_forecast(events, as_of)
+    if scorer is None:
+        return _blend(trend, pd.Series(dtype=float), 0.0)
+    tuning = tuning or tune(events, as_of, scorer)
+    model = spread(model_parts(events, as_of, scorer), tuning.temperature)
+    return _blend(trend, model, tuning.weight)
 
 
 def _errors(pred: pd.Series, actual: pd.Series) -> dict[str, float]:
@@ -228,14 +290,16 @@ def _errors(pred: pd.Series, actual: pd.Series) -> dict[str, float]:
 def backtest(
     events: pd.DataFrame, as_of: pd.Timestamp, scorer: Scorer | None = None
 ) -> dict[str, Any]:
-    """The forecast made at ``as_of - 7 days`` from the events before it, against the
-    units actually sold in the held-out 7 days ``[as_of - 7 d, as_of)``. Errors per item:
-    WAPE (sum |f - a| / sum a), MAE and bias, for the blend, its parts and the naive
-    forecast (the week before repeated)."""
+    """The forecast made at ``as_of - 7 days`` from the events before it (its weight and
+    temperature chosen on the week before that), against the units actually sold in the
+    held-out 7 days ``[as_of - 7 d, as_of)``. Errors per item: WAPE (sum |f - a| / sum a),
+    MAE and bias, for the blend, its parts and the naive forecast (the week before
+    repeated)."""
     cutoff = as_of - WEEK
     seen = events[events["timestamp"] < cutoff]
-    f = forecast(seen, cutoff, scorer)
-    actual = purchases(_between(events, cutoff, as_of)).groupby("item_id")["units"].sum()
+    tuning = tune(seen, cutoff, scorer) if scorer else None
+    f = forecast(seen, cutoff, scorer, tuning)
+    actual = sold(events, cutoff, as_of)
     naive = weekly_units(seen, cutoff, 1)
     methods = {"forecast": f["forecast"], "trend": f["trend"]}
     if scorer:
@@ -245,7 +309,8 @@ def backtest(
     return {
         "cutoff": cutoff.isoformat(),
         "held_out": [cutoff.isoformat(), as_of.isoformat()],
-        "errors": {name: _errors(s, actual.astype(float)) for name, s in methods.items()},
+        "tuning": tuning.__dict__ if tuning else None,
+        "errors": {name: _errors(s, actual) for name, s in methods.items()},
         "top_items": [
             {
                 "item_id": str(i),
@@ -285,7 +350,8 @@ def demand_page(
 ) -> dict[str, Any]:
     """Forecast against stock: sell-out risk, recommended while out of stock, slow
     movers nobody is shown; and the back-test."""
-    f = forecast(events, clock.now, scorer)
+    tuning = tune(events, clock.now, scorer) if scorer else None
+    f = forecast(events, clock.now, scorer, tuning)
     cat = items.set_index("item_id")
     df = f.join(cat[["title", "category", "price", "stock"]], how="outer")
     df[["trend", "model", "forecast"]] = df[["trend", "model", "forecast"]].fillna(0.0)
@@ -334,16 +400,21 @@ def demand_page(
         "method": (
             "7-day demand per item = "
             + (
-                f"{1 - MODEL_WEIGHT:g} x trend + {MODEL_WEIGHT:g} x model"
-                if scorer
+                f"{1 - tuning.weight:g} x trend + {tuning.weight:g} x model"
+                if tuning
                 else "trend (no trained model available)"
             )
             + ". Trend: weighted units of the last 4 weeks (0.4, 0.3, 0.2, 0.1, newest "
             "first) times the damped week-over-week growth sqrt(clip((w1+1)/(w2+1), 0.5, 2))."
             " Model: every customer who bought in the last 4 weeks keeps buying at their "
-            "weekly rate, spread over the two-tower champion's top items for them "
-            "(softmax of its scores at its training temperature)."
+            "weekly rate, spread over the two-tower champion's top items for them by the "
+            "softmax of its scores"
+            + (f" at temperature {tuning.temperature:g}" if tuning else "")
+            + ". The weight and temperature are the ones with the lowest error on the "
+            "last complete week (validation); the back-test below chose its own on the "
+            "week before its held-out week."
         ),
+        "tuning": tuning.__dict__ if tuning else None,
         "totals": {
             "items": len(df),
             "forecast_units_7d": round(float(df["forecast"].sum()), 1),
@@ -509,20 +580,18 @@ def offers_page(
     eligible = {s for o in catalog.offers for s in o.eligibility.surfaces}
     ex = ex[ex["surface"].isin(eligible)]
     buys = purchases(window)
-    buys_by_c = {c: g["timestamp"].to_numpy() for c, g in buys.groupby("customer_id")}
+    buys = buys.sort_values("timestamp").assign(us=_us(buys["timestamp"]))
+    buys_by_c = {c: g["us"].to_numpy() for c, g in buys.groupby("customer_id")}
     value_by_c = {c: g["revenue"].to_numpy() for c, g in buys.groupby("customer_id")}
-    horizon = np.timedelta64(int(settings.attribution_days * 86400e6), "us")
+    horizon = int(settings.attribution_days * 86400e6)
 
     def converted(rows: pd.DataFrame) -> tuple[int, float]:
         n, value = 0, 0.0
-        for c, t in zip(rows["customer_id"], rows["timestamp"], strict=True):
+        for c, t in zip(rows["customer_id"], _us(rows["timestamp"]), strict=True):
             ts = buys_by_c.get(c)
             if ts is None:
                 continue
-            t64 = np.datetime64(t.tz_convert(None), "us")
-            hit = (ts.astype("datetime64[us]") >= t64) & (
-                ts.astype("datetime64[us]") <= t64 + horizon
-            )
+            hit = (ts >= t) & (ts <= t + horizon)
             if hit.any():
                 n += 1
                 value += float(value_by_c[c][hit][0])

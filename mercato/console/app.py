@@ -59,7 +59,7 @@ class ConsoleConfig:
     offers_file: Path | None = None
     sampler: MetricsSampler | None = None
     scorer: TwoTowerScorer | None = None
-    cache_seconds: float = 60.0
+    cache_seconds: float = 300.0
     secure_cookie: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 

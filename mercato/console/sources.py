@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-import numpy as np
 import pandas as pd
 
 from mercato.console.analytics import Scorer, Shopper
@@ -401,7 +400,7 @@ def training_runs(tracking_uri: str, limit: int = 6) -> list[dict[str, Any]]:
         try:
             with tempfile.TemporaryDirectory() as tmp:
                 path = client.download_artifacts(r.info.run_id, "eval/table.csv", tmp)
-                table = pd.read_csv(path).astype(str).to_dict("records")
+                table = eval_table(pd.read_csv(path))
         except Exception:
             table = []
         out.append(
@@ -424,12 +423,28 @@ def training_runs(tracking_uri: str, limit: int = 6) -> list[dict[str, Any]]:
     return out
 
 
+#: Columns of the evaluation table shown per run (the rest stays in MLflow).
+EVAL_METRICS = ("recall@20", "ndcg@20", "hit@20", "coverage@20", "recall@100")
+
+
+def eval_table(df: pd.DataFrame) -> list[dict[str, str]]:
+    """A run's eval/table.csv (long: split, model, metric, value) as one row per split
+    and model with the headline metrics as columns."""
+    if {"split", "model", "metric", "value"} <= set(df.columns):
+        df = df[df["metric"].isin(EVAL_METRICS)]
+        wide = df.pivot_table(
+            index=["split", "model"], columns="metric", values="value", aggfunc="first"
+        )
+        wide = wide[[m for m in EVAL_METRICS if m in wide.columns]].round(4).reset_index()
+        return wide.astype(str).to_dict("records")
+    return df.astype(str).to_dict("records")
+
+
 class TwoTowerScorer:
     """The two-tower champion from the registry as the demand forecast's model: top
-    ``k`` items per shopper, weighted by the softmax of their scores at the model's
-    training temperature. Reloaded when the alias moves."""
+    ``k`` items per shopper with their scores. Reloaded when the alias moves."""
 
-    def __init__(self, tracking_uri: str, alias: str = "champion", k: int = 20) -> None:
+    def __init__(self, tracking_uri: str, alias: str = "champion", k: int = 50) -> None:
         self.tracking_uri = tracking_uri
         self.alias = alias
         self.k = k
@@ -459,10 +474,10 @@ class TwoTowerScorer:
         return f"mercato-two-tower v{self.version} @{self.alias}"
 
     def __call__(self, shoppers: Sequence[Shopper]) -> list[list[tuple[str, float]]]:
+        """Top ``k`` items per shopper with the model's scores."""
         from services.models.two_tower import UserQuery
 
         b = self.bundle
-        temperature = float(b.config.get("temperature", 0.05) or 0.05)
         out: list[list[tuple[str, float]]] = []
         for start in range(0, len(shoppers), 256):
             chunk = shoppers[start : start + 256]
@@ -478,11 +493,9 @@ class TwoTowerScorer:
             ]
             scores, rows = b.search(b.encode_users(queries), self.k)
             for sc, rw in zip(scores, rows, strict=True):
-                ok = rw >= 0
-                z = sc[ok] / temperature
-                w = np.exp(z - z.max()) if len(z) else z
-                w = w / w.sum() if len(w) else w
-                out.append([(b.item_ids[int(r)], float(x)) for r, x in zip(rw[ok], w, strict=True)])
+                out.append(
+                    [(b.item_ids[int(r)], float(x)) for r, x in zip(rw, sc, strict=True) if r >= 0]
+                )
         return out
 
 

@@ -82,9 +82,10 @@ def test_model_forecast_spreads_each_buyers_rate_over_the_models_items(
 
     def scorer(who: list[an.Shopper]) -> list[list[tuple[str, float]]]:
         seen.extend(who)
-        return [[("A", 0.75), ("E", 0.25)] for _ in who]
+        return [[("A", 1.0), ("E", 0.5)] for _ in who]
 
-    f = an.forecast(events, NOW, scorer)
+    tuning = an.Tuning(weight=0.5, temperature=0.5)
+    f = an.forecast(events, NOW, scorer, tuning)
     recent = events[
         (events["event_type"] == "purchase")
         & (events["timestamp"] >= NOW - 28 * DAY)
@@ -92,12 +93,39 @@ def test_model_forecast_spreads_each_buyers_rate_over_the_models_items(
     ]
     rate = recent.groupby("customer_id")["quantity"].sum() / 4
     assert sorted(s.customer_id for s in seen) == sorted(rate.index)
-    assert f.loc["A", "model"] == pytest.approx(0.75 * rate.sum())
-    assert f.loc["E", "model"] == pytest.approx(0.25 * rate.sum())
-    assert f.loc["E", "forecast"] == pytest.approx(0.5 * 0.25 * rate.sum())
+    share_a = math.exp(1.0 / 0.5) / (math.exp(1.0 / 0.5) + math.exp(0.5 / 0.5))
+    assert f.loc["A", "model"] == pytest.approx(share_a * rate.sum())
+    assert f.loc["E", "model"] == pytest.approx((1 - share_a) * rate.sum())
+    assert f.loc["E", "forecast"] == pytest.approx(0.5 * (1 - share_a) * rate.sum())
     assert f.loc["B", "forecast"] == pytest.approx(0.5 * 4.0)
     # every shopper's history stops at as_of
     assert all("C" not in s.purchased_item_ids for s in an.shoppers(events, NOW - 6 * DAY))
+
+
+def test_tuning_reads_only_the_validation_week_and_before(events: pd.DataFrame) -> None:
+    def scorer(who: list[an.Shopper]) -> list[list[tuple[str, float]]]:
+        return [[("B", 1.0), ("A", 0.9)] for _ in who]
+
+    cutoff = NOW - 7 * DAY
+    t = an.tune(events, cutoff, scorer)
+    assert t.validation_week == ((cutoff - 7 * DAY).isoformat(), cutoff.isoformat())
+    # the grid's best is the minimum WAPE over every (temperature, weight) tried
+    start = cutoff - 7 * DAY
+    seen = events[events["timestamp"] < start]
+    actual = an.sold(events, start, cutoff)
+    trend = an.trend_forecast(seen, start)
+    parts = an.model_parts(seen, start, scorer)
+    wapes = [
+        an._errors(an._blend(trend, an.spread(parts, tt), w)["forecast"], actual)["wape"]
+        for tt in an.TEMPERATURES
+        for w in an.WEIGHTS
+    ]
+    assert t.validation_wape == pytest.approx(min(wapes))
+    # events at or after the cutoff (the back-test's held-out week) change nothing
+    later = events[events["timestamp"] >= cutoff].copy()
+    later["quantity"] = 40
+    changed = pd.concat([events[events["timestamp"] < cutoff], later], ignore_index=True)
+    assert an.tune(changed, cutoff, scorer) == t
 
 
 def test_demand_page_sets_forecast_against_stock(events: pd.DataFrame) -> None:
