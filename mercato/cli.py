@@ -87,6 +87,7 @@ def up(
         console.print("[red]not every service is SERVING; see the logs above[/red]")
         sup.stop()
         raise typer.Exit(1)
+    console.print("web console: `mercato console` (docs/console.md)")
     if detach:
         write_pid_file(sup.processes)
         console.print("running in the background; `mercato down` stops them")

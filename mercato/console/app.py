@@ -11,11 +11,12 @@ login and logout, and the only thing produced is the audience export (a download
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,7 @@ class ConsoleConfig:
     scorer: TwoTowerScorer | None = None
     cache_seconds: float = 300.0
     secure_cookie: bool = False
+    warm: bool = True  # compute every page once at start
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -163,7 +165,7 @@ class Console:
         metrics = (
             overview_metrics(self.cfg.sampler.snapshot()) if self.cfg.sampler else {"methods": []}
         )
-        runs = training_runs(self.cfg.tracking_uri) if self.cfg.tracking_uri else []
+        runs = self.cached("runs", self.runs)
         return {
             "clock": clock.as_json(),
             "metrics": metrics,
@@ -176,6 +178,9 @@ class Console:
             },
         }
 
+    def runs(self) -> list[dict[str, Any]]:
+        return training_runs(self.cfg.tracking_uri) if self.cfg.tracking_uri else []
+
     def demand(self) -> dict[str, Any]:
         df, clock = self.events()
         scorer = scorer_or_none(self.cfg.scorer)
@@ -185,7 +190,12 @@ class Console:
 
     def trends(self) -> dict[str, Any]:
         df, clock = self.events()
-        return an.trends_page(df, clock)
+        page = an.trends_page(df, clock)
+        titles = self.items().set_index("item_id")["title"].to_dict()
+        for key in ("rising_items", "falling_items"):
+            for row in page[key]:
+                row["title"] = titles.get(row["item_id"], "")
+        return page
 
     def customers(self) -> dict[str, Any]:
         df, clock = self.events()
@@ -221,6 +231,21 @@ class Console:
         out: dict[str, Any] = {
             "profile": MessageToDict(prof, preserving_proto_field_name=True),
             "surfaces": [],
+        }
+        # The profile service measures recency from its wall clock; on historical data
+        # the console's pages measure from the data's time: show both.
+        df, clock = self.events()
+        mine = df[df["customer_id"] == customer_id]
+        at_data = an.segments_at(mine, clock.now + pd.Timedelta(microseconds=1))
+        behind_days = (clock.wall - clock.now) / pd.Timedelta(days=1)
+        out["clock"] = clock.as_json()
+        out["at_clock"] = {
+            "segment": str(at_data.get(customer_id, "")) or None,
+            "recency_days": (
+                round(prof.rfm.recency_days - behind_days, 2)
+                if prof.rfm.frequency and clock.source == "data"
+                else None
+            ),
         }
 
         def answer(name: str, resp: Any) -> dict[str, Any]:
@@ -347,9 +372,12 @@ def build_app(cfg: ConsoleConfig) -> Starlette:
 
         return wrapper
 
-    def page(name: str, fn: Callable[[], Any]) -> Callable[[Request], Any]:
+    def page(name: str, fn: Callable[[], Any], cache: bool = True) -> Callable[[Request], Any]:
         async def handler(request: Request) -> Response:
-            data = await run_in_threadpool(console.cached, name, fn)
+            if cache:
+                data = await run_in_threadpool(console.cached, name, fn)
+            else:
+                data = await run_in_threadpool(fn)
             return JSONResponse(data)
 
         return authed(handler)
@@ -410,13 +438,21 @@ def build_app(cfg: ConsoleConfig) -> Starlette:
             },
         )
 
+    pages = {
+        "runs": console.runs,
+        "demand": console.demand,
+        "trends": console.trends,
+        "customers": console.customers,
+        "offers": console.offers,
+    }
     routes = [
         Route("/", index),
         Route("/healthz", healthz),
         Route("/api/login", login, methods=["POST"]),
         Route("/api/logout", logout, methods=["POST"]),
         Route("/api/me", me),
-        Route("/api/overview", page("overview", console.overview)),
+        # live metrics: never cached (its training runs are)
+        Route("/api/overview", page("overview", console.overview, cache=False)),
         Route("/api/demand", page("demand", console.demand)),
         Route("/api/trends", page("trends", console.trends)),
         Route("/api/customers", page("customers", console.customers)),
@@ -425,6 +461,25 @@ def build_app(cfg: ConsoleConfig) -> Starlette:
         Route("/api/export/audience.csv", authed(audience)),
         Mount("/static", app=StaticFiles(directory=STATIC), name="static"),
     ]
-    app = Starlette(routes=routes)
+
+    async def warm() -> None:
+        """Compute every page once in the background, so the first visit is quick."""
+
+        def run() -> None:
+            for name, fn in pages.items():
+                try:
+                    console.cached(name, fn)
+                except Exception as exc:  # a source may be down; the page will say so
+                    log.warning("warming %s failed: %s", name, exc)
+
+        if cfg.warm:
+            threading.Thread(target=run, name="console-warm", daemon=True).start()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await warm()
+        yield
+
+    app = Starlette(routes=routes, lifespan=lifespan)
     app.state.console = console
     return app

@@ -291,9 +291,10 @@ def overview_metrics(replicas: Sequence[Replica]) -> dict[str, Any]:
                             "version": int(v),
                         }
                     )
-        # requests per minute of the gateway, from consecutive scrapes
+        # gateway requests per minute between consecutive scrapes
         if rep.service == "gateway":
-            prev = None
+            prev: Scrape | None = None
+            prev_total = 0.0
             for sc in rep.scrapes:
                 total = sum(
                     v
@@ -301,11 +302,11 @@ def overview_metrics(replicas: Sequence[Replica]) -> dict[str, Any]:
                     if name == "mercato_rpc_requests_total"
                     and dict(labels).get("service") == "gateway"
                 )
-                if prev is not None:
-                    minute = int(sc.ts // 60) * 60
+                if prev is not None and sc.ts > prev.ts:
+                    rate = delta(prev_total, total) / (sc.ts - prev.ts) * 60.0
                     s = series.setdefault("gateway", {})
-                    s[minute] = s.get(minute, 0.0) + delta(prev, total)
-                prev = total
+                    s[int(sc.ts)] = s.get(int(sc.ts), 0.0) + rate
+                prev, prev_total = sc, total
     stage_rows = []
     for hop, pairs in sorted(stages.items()):
         merged: dict[float, float] = {}

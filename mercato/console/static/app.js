@@ -84,7 +84,7 @@ async function overview() {
   if (rpm.length) {
     Charts.line(a, {
       title: "gateway requests per minute",
-      labels: rpm.map((r) => new Date(r.t * 1000).toISOString().slice(11, 16)),
+      labels: rpm.map((r) => new Date(r.t * 1000).toISOString().slice(11, 19)),
       series: [{ name: "gateway requests / min", values: rpm.map((r) => r.requests) }],
     });
   } else note(a, "The request chart fills in after two scrapes.");
@@ -155,12 +155,15 @@ async function customerPage() {
     return;
   }
   const d = await api("/api/customer?id=" + encodeURIComponent(current));
+  showClock(d.clock);
   const p = d.profile;
   const rfm = p.rfm || {};
   const pc = card("Profile of " + current);
+  const dataTime = d.clock.source === "data";
   kpis(pc, [
-    ["segment", p.segment || "–"],
-    ["recency (days)", rfm.recency_days != null ? fmtNum(rfm.recency_days, 1) : "–"],
+    ...(dataTime ? [["segment at data time", d.at_clock.segment || "–"], ["days since last purchase, data time", d.at_clock.recency_days != null ? fmtNum(d.at_clock.recency_days, 1) : "–"]] : []),
+    [dataTime ? "segment (profile service, wall clock)" : "segment", p.segment || "–"],
+    [dataTime ? "recency days (wall clock)" : "recency (days)", rfm.recency_days != null ? fmtNum(rfm.recency_days, 1) : "–"],
     ["orders", fmtInt(rfm.frequency || 0)],
     ["spent", fmtNum(rfm.monetary || 0)],
     ["price band", p.price_band || "–"],
@@ -225,8 +228,9 @@ async function trends() {
   const cols = (key) => [[key, (r) => esc(r[key])], ["this week", "this_week", "num"], ["last week", "last_week", "num"], ["change", (r) => (r.change > 0 ? "+" : "") + fmtInt(r.change), "num"], ["change %", (r) => fmtPct(r.change_pct), "num"]];
   table(card("Rising categories"), d.rising_categories, cols("category"));
   table(card("Falling categories"), d.falling_categories, cols("category"));
-  table(card("Rising items"), d.rising_items, cols("item_id"));
-  table(card("Falling items"), d.falling_items, cols("item_id"));
+  const trendItemCols = [["item", (r) => esc(r.title || r.item_id)], ...cols("item_id").slice(1)];
+  table(card("Rising items"), d.rising_items, trendItemCols);
+  table(card("Falling items"), d.falling_items, trendItemCols);
 }
 
 async function customers() {
@@ -279,7 +283,10 @@ async function offers() {
   showClock(d.clock);
   const o = card("Offers: spend, redemptions and incremental margin against budget", { wide: true });
   if (d.window) note(o, `Last ${d.days} days of exposures (${esc(day(d.window[0]))} – ${esc(day(d.window[1]))}); conversion within ${d.attribution_days} days; margin rate ${d.margin_rate}. Incremental margin = shown × (conversion − conversion without offer) × margin × order value − spend; observational (offers are targeted), the experiments below are causal.`);
-  if (d.offers.length) Charts.bars(o, { title: "spend vs budget", labels: d.offers.map((r) => r.offer_id), series: [{ name: "spend", values: d.offers.map((r) => r.spend) }, { name: "budget", values: d.offers.map((r) => r.budget) }, { name: "incremental margin", values: d.offers.map((r) => Math.max(0, r.incremental_margin)) }] });
+  if (d.offers.length) {
+    Charts.bars(o, { title: "spend and incremental margin per offer", labels: d.offers.map((r) => r.offer_id), series: [{ name: "spend", values: d.offers.map((r) => r.spend) }, { name: "incremental margin (when positive)", values: d.offers.map((r) => Math.max(0, r.incremental_margin)) }] });
+    Charts.bars(o, { title: "share of the budget used", format: (v) => fmtPct(v, 2), labels: d.offers.map((r) => r.offer_id), series: [{ name: "budget used", values: d.offers.map((r) => r.budget_used || 0) }] });
+  }
   table(o, d.offers, [["offer", "offer_id"], ["description", "description"], ["shown", "shown", "num"], ["redemptions", "redemptions", "num"], ["spend", (r) => fmtNum(r.spend), "num"], ["budget", (r) => fmtNum(r.budget), "num"], ["budget used", (r) => fmtPct(r.budget_used), "num"], ["conversion", (r) => fmtPct(r.conversion), "num"], ["without offer", (r) => fmtPct(r.conversion_no_offer), "num"], ["incremental margin", (r) => fmtNum(r.incremental_margin), "num"]]);
 
   const e = card("Experiments (same computation as mercato report ab)", { wide: true });

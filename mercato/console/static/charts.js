@@ -26,9 +26,22 @@ const Charts = (() => {
     return 10 * p;
   }
 
+  // The width the chart's card will have once the page is laid out (cards are added one
+  // by one, so the current width of a half-width card can still be the full row).
+  function cardWidth(container) {
+    const main = container.closest("main");
+    const card = container.closest(".card");
+    const total = main ? main.clientWidth - 40 : 640;
+    const half = total >= 2 * 520 + 16 && !(card && card.classList.contains("wide"));
+    const w = (half ? (total - 16) / 2 : total) - 32;
+    return Math.max(320, Math.min(1400, Math.round(w)));
+  }
+
   function frame(container, opts) {
-    const w = opts.width || 640, h = opts.height || 240;
-    const m = { l: 48, r: 12, t: 12, b: 44 };
+    // the viewBox is as wide as the card, so that text keeps its size
+    const w = opts.width || cardWidth(container);
+    const h = opts.height || 240;
+    const m = { l: 48, r: opts.right || 36, t: 12, b: 44 };
     const svg = el("svg", { class: "chart", viewBox: `0 0 ${w} ${h}`, width: "100%", role: "img" });
     if (opts.title) el("title", {}, svg).textContent = opts.title;
     container.appendChild(svg);
