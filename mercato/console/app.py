@@ -191,7 +191,11 @@ class Console:
     def trends(self) -> dict[str, Any]:
         df, clock = self.events()
         page = an.trends_page(df, clock)
-        titles = self.items().set_index("item_id")["title"].to_dict()
+        try:  # titles are a nicety: the page stands without the profile service
+            titles = self.items().set_index("item_id")["title"].to_dict()
+        except grpc.RpcError as exc:
+            log.warning("no item titles: %s", exc)
+            titles = {}
         for key in ("rising_items", "falling_items"):
             for row in page[key]:
                 row["title"] = titles.get(row["item_id"], "")
