@@ -26,7 +26,8 @@ from services.common.supervisor import SERVICES, Supervisor
 from tests.console.browser import PAGES, chromium_available, visit_all
 from tests.procs import REPO, free_port
 
-pytestmark = pytest.mark.slow
+# training the tiny shop's models is part of the first test's time
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 ARTIFACTS = REPO / ".artifacts" / "console"
 KEY = "operator-secret-for-tests"
 
