@@ -30,7 +30,7 @@ WEEK = pd.Timedelta(days=7)
 SHOPPER_EVENTS = ("view", "add_to_cart", "remove_from_cart", "purchase", "click", "offer_redeemed")
 #: The data is "historical" when its newest shopper event is older than this.
 STALE_AFTER_DAYS = 7.0
-BUSY_SHARE = 0.5
+TRICKLE_SHARE = 0.05
 SEGMENTS = ("new", "active", "loyal", "at_risk", "lapsed")
 PERIOD_DAYS = {"day": 1.0, "week": 7.0, "month": 30.0}
 
@@ -78,16 +78,20 @@ def clock_of(
 
 
 def events_clock(events: pd.DataFrame, wall: pd.Timestamp | None = None) -> Clock:
-    """The clock of an export: its newest shopper event on a *busy* day decides (a day
-    with at least ``BUSY_SHARE`` of the median day's shopper events), so that a handful of
-    live calls made today against historical data (a demo's clicks) do not move "now"."""
+    """The clock of an export. Its newest shopper event decides, except that a trickle of
+    events after a long silence (a gap of over ``STALE_AFTER_DAYS`` followed by less than
+    ``TRICKLE_SHARE`` of all shopper events: a demo's live clicks on historical data)
+    does not move "now": then the newest event before the gap does."""
     shopper = events[events["event_type"].isin(SHOPPER_EVENTS)]
     if shopper.empty:
         return clock_of(None, wall)
-    days = shopper["timestamp"].dt.floor("D")
-    counts = days.value_counts()
-    busy = counts[counts >= BUSY_SHARE * counts.median()].index
-    latest = shopper["timestamp"][days.isin(busy)].max()
+    ts = shopper["timestamp"].sort_values(ignore_index=True)
+    gaps = ts.diff() > pd.Timedelta(days=STALE_AFTER_DAYS)
+    latest = ts.iloc[-1]
+    if gaps.any():
+        first_after = int(np.flatnonzero(gaps.to_numpy())[-1])
+        if len(ts) - first_after < TRICKLE_SHARE * len(ts):
+            latest = ts.iloc[first_after - 1]
     return clock_of(latest, wall)
 
 

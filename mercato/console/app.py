@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import secrets
 import threading
 import time
@@ -64,6 +65,17 @@ class ConsoleConfig:
     secure_cookie: bool = False
     warm: bool = True  # compute every page once at start
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+def json_safe(value: Any) -> Any:
+    """NaN and infinities (an empty window's error, say) as null: JSON has no NaN."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    return value
 
 
 class Console:
@@ -382,7 +394,7 @@ def build_app(cfg: ConsoleConfig) -> Starlette:
                 data = await run_in_threadpool(console.cached, name, fn)
             else:
                 data = await run_in_threadpool(fn)
-            return JSONResponse(data)
+            return JSONResponse(json_safe(data))
 
         return authed(handler)
 
@@ -426,7 +438,7 @@ def build_app(cfg: ConsoleConfig) -> Starlette:
         cid = request.query_params.get("id", "").strip()
         if not cid:
             return JSONResponse({"error": "give a customer id"}, status_code=400)
-        return JSONResponse(await run_in_threadpool(console.customer, cid))
+        return JSONResponse(json_safe(await run_in_threadpool(console.customer, cid)))
 
     async def audience(request: Request) -> Response:
         name, body, n, clock_text = await run_in_threadpool(

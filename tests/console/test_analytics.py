@@ -29,7 +29,10 @@ def test_clock_is_the_data_time_on_historical_data(events: pd.DataFrame) -> None
     assert clock.source == "data"
     assert clock.now == NOW
     assert "data time 2024-02-29" in clock.describe()
-    # a shop whose newest busy day is today runs on the wall clock
+    # ... but a shop that is live again (5 % or more of its events after the silence) is
+    live_again = pd.concat([events] + [events[events["customer_id"].str.startswith("x")]] * 20)
+    assert an.events_clock(live_again, WALL).now == live_again["timestamp"].max()
+    # a shop whose newest activity is recent runs on the wall clock
     live = an.clock_of(WALL - pd.Timedelta(hours=3), WALL)
     assert live.source == "wall clock" and live.now == WALL
 

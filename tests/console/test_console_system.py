@@ -244,6 +244,17 @@ def test_audience_export_is_the_campaign_selection(system: System, tmp_path: Pat
     assert res.exit_code == 0, res.output
     cli_ids = {r["customer_id"] for r in csv.DictReader(out.open())}
     assert cli_ids == console_ids
+    # lapsed 30 days at the data's time: exactly the customers whose last purchase in the
+    # export is at least 30 days before "now" (the service measures from its wall clock;
+    # the selection moves the threshold by the lag)
+    status, body, _ = get(system.url + "/api/export/audience.csv?segment=lapsed&lapsed_days=30")
+    assert status == 200
+    lapsed = {r["customer_id"] for r in csv.DictReader(io.StringIO(body.decode()))}
+    df = export_frame(system)
+    last = df[df["event_type"] == "purchase"].groupby("customer_id")["timestamp"].max()
+    now = pd.Timestamp(clock["now"])
+    want = {str(c) for c, t in last.items() if now - t >= pd.Timedelta(days=30)}
+    assert lapsed == want and len(want) > 0
     # with its defaults the campaign finds customers on the historical data too
     res = CliRunner().invoke(
         app,
