@@ -16,6 +16,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from mercato.console.cli import console_command
 from services.common.settings import mercato_home
 from services.common.supervisor import (
     SERVICES,
@@ -38,6 +39,7 @@ app.add_typer(gateway_cli.report_app, name="report")
 app.command("campaign")(gateway_cli.campaign)
 app.add_typer(gateway_cli.keys_app, name="keys")
 app.command("promote")(promote_command)
+app.command("console")(console_command)
 
 
 def _status_table(sup: Supervisor) -> Table:
@@ -85,6 +87,7 @@ def up(
         console.print("[red]not every service is SERVING; see the logs above[/red]")
         sup.stop()
         raise typer.Exit(1)
+    console.print("web console: `mercato console` (docs/console.md)")
     if detach:
         write_pid_file(sup.processes)
         console.print("running in the background; `mercato down` stops them")

@@ -266,6 +266,11 @@ def run_demo(opts: DemoOptions, console: Console | None = None) -> int:
     finally:
         with _step(console, "7. stop"):
             sup.stop()
+    console.print(
+        "[bold]Next:[/bold] the same data and models in the web console (docs/console.md): "
+        "`make up` (or `.venv/bin/mercato up --detach`), then `.venv/bin/mercato console` "
+        "and open http://127.0.0.1:8080/ with the operator key it prints."
+    )
     return 0
 
 

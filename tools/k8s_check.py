@@ -57,10 +57,10 @@ COMPONENT_LABEL = "app.kubernetes.io/component"
 # Who may open a connection to whom (by app.kubernetes.io/name; "training" stands for
 # every pod of component training). Metrics ports are for Prometheus and checked apart.
 ALLOWED_CLIENTS: dict[str, frozenset[str]] = {
-    "profile": frozenset({"gateway"}),
+    "profile": frozenset({"gateway", "console"}),
     "retrieval": frozenset({"gateway"}),
     "ranking": frozenset({"gateway"}),
-    "mlflow": frozenset({"retrieval", "ranking", "training"}),
+    "mlflow": frozenset({"retrieval", "ranking", "training", "console"}),
     "redis": frozenset({"profile", "ranking", "training"}),
     "postgres": frozenset({"mlflow"}),
 }

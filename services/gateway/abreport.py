@@ -1,6 +1,7 @@
 """``mercato report ab``: per experiment variant, what its exposures led to.
 
-Input: the event log (an export of ``mercato export-events`` or the profile store itself).
+Input: the exported event log (``mercato export-events``); the report never opens the
+profile store.
 Exposure events (``exposure``, written by the gateway for every answer) carry the
 customer's experiment assignments (attribute ``experiments``, a JSON object, or the
 ``experiment`` / ``variant`` fields).
@@ -216,13 +217,11 @@ def ab_report(
 # --- inputs -------------------------------------------------------------------------
 
 
-def rows_from_export(path: Path) -> Iterator[Row]:
-    """Rows of an ``mercato export-events`` file (.parquet or .csv)."""
+def rows_from_frame(df: Any) -> Iterator[Row]:
+    """Rows of an events export already read with
+    :func:`services.profile.export.read_events_frame` (a pandas DataFrame)."""
     import pandas as pd
 
-    from services.profile.export import read_events_frame
-
-    df = read_events_frame(path)
     epoch = pd.Timestamp(0, tz="UTC")
     ts = (df["timestamp"] - epoch) // pd.Timedelta(microseconds=1)
     for rec, t in zip(df.itertuples(index=False), ts, strict=True):
@@ -241,20 +240,11 @@ def rows_from_export(path: Path) -> Iterator[Row]:
         )
 
 
-def row_from_log(ev: Any) -> Row:
-    """A :class:`services.profile.logic.LogEvent` as a report row."""
-    from services.profile.logic import EVENT_TYPE_NAMES
+def rows_from_export(path: Path) -> Iterator[Row]:
+    """Rows of an ``mercato export-events`` file (.parquet or .csv)."""
+    from services.profile.export import read_events_frame
 
-    return Row(
-        customer_id=ev.customer_id,
-        event_type=EVENT_TYPE_NAMES.get(ev.type, str(ev.type)),
-        ts_us=ev.ts_us,
-        price=ev.price,
-        quantity=ev.quantity,
-        experiment=ev.experiment,
-        variant=ev.variant,
-        attributes=dict(ev.attributes),
-    )
+    return rows_from_frame(read_events_frame(path))
 
 
 # --- outputs ------------------------------------------------------------------------

@@ -51,6 +51,10 @@ class CampaignSpec:
     min_affinity: float = 0.2  # ... with at least this share of interest
     limit: int = 0  # at most this many customers (0 = all)
     page_size: int = 500
+    # "Now" for the idle and lapsed windows, microseconds since the epoch (0 = the
+    # profile service's clock); on historical data, the data's own time (see data_clock).
+    as_of_us: int = 0
+    wall_us: int = 0  # the wall clock when as_of_us was chosen (for the lapsed offset)
 
     def __post_init__(self) -> None:
         if self.segment not in SEGMENTS:
@@ -71,15 +75,15 @@ async def segment_customers(
     while True:
         ids: list[str]
         if spec.segment == "abandoned-carts":
-            resp = await profile.ListAbandonedCarts(
-                profile_pb2.ListAbandonedCartsRequest(
-                    idle_seconds=max(1, int(spec.idle_hours * 3600)),
-                    max_idle_seconds=int(spec.max_idle_days * 86400),
-                    page_size=min(1000, spec.page_size),
-                    page_token=token,
-                ),
-                timeout=timeout,
+            carts_req = profile_pb2.ListAbandonedCartsRequest(
+                idle_seconds=max(1, int(spec.idle_hours * 3600)),
+                max_idle_seconds=int(spec.max_idle_days * 86400),
+                page_size=min(1000, spec.page_size),
+                page_token=token,
             )
+            if spec.as_of_us:
+                carts_req.as_of.FromMicroseconds(spec.as_of_us)
+            resp = await profile.ListAbandonedCarts(carts_req, timeout=timeout)
             ids = [c.customer_id for c in resp.carts]
             token = resp.next_page_token
         else:
@@ -87,7 +91,10 @@ async def segment_customers(
                 page_size=min(1000, spec.page_size), page_token=token
             )
             if spec.segment == "lapsed":
-                req.min_recency_days = spec.lapsed_days
+                # The service measures recency from its own clock: move the threshold
+                # by how far the chosen "now" lies behind it.
+                behind = (spec.wall_us - spec.as_of_us) / 86_400e6 if spec.as_of_us else 0.0
+                req.min_recency_days = spec.lapsed_days + max(0.0, behind)
             else:
                 req.category = spec.category
                 req.min_category_affinity = spec.min_affinity
@@ -104,6 +111,51 @@ async def segment_customers(
                 return
         if not token:
             return
+
+
+async def latest_cart_change(
+    profile: profile_pb2_grpc.ProfileServiceStub, timeout: float = 30.0
+) -> int:
+    """The newest change of any open cart (microseconds; 0 when there is none): how
+    recent the shop's activity is, from the profile service's public API."""
+    token, latest = "", 0
+    while True:
+        resp = await profile.ListAbandonedCarts(
+            profile_pb2.ListAbandonedCartsRequest(idle_seconds=1, page_size=1000, page_token=token),
+            timeout=timeout,
+        )
+        for cart in resp.carts:
+            latest = max(latest, cart.updated_at.ToMicroseconds())
+        token = resp.next_page_token
+        if not token:
+            return latest
+
+
+def data_clock(latest_us: int, wall_us: int, as_of: str = "auto") -> tuple[int, str]:
+    """(as_of_us, text): "now" for the windows and what it is. ``as_of`` is "auto"
+    (the data's time when its newest activity is over a week older than the wall clock,
+    as on the demo's historical data; else the wall clock), "now", or an ISO time."""
+    import pandas as pd
+
+    from mercato.console.analytics import clock_of
+
+    wall = pd.Timestamp(wall_us * 1000, tz="UTC")
+    if as_of == "now":
+        return 0, f"wall clock {wall:%Y-%m-%d %H:%M} UTC"
+    if as_of != "auto":
+        try:
+            t = pd.Timestamp(as_of)
+        except ValueError as exc:
+            raise ValueError(f"--as-of must be auto, now or an ISO time, got {as_of!r}") from exc
+        t = t.tz_localize("UTC") if t.tzinfo is None else t.tz_convert("UTC")
+        return int(t.value // 1000), f"as of {t:%Y-%m-%d %H:%M} UTC (given)"
+    latest = pd.Timestamp(latest_us * 1000, tz="UTC") if latest_us else None
+    clock = clock_of(latest, wall)
+    if clock.source == "data":
+        return int(clock.now.value // 1000), clock.describe().replace(
+            "the newest shopper event", "the newest cart change"
+        )
+    return 0, clock.describe()
 
 
 def _rows(

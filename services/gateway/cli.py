@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +16,6 @@ from services.gateway.abreport import (
     Row,
     ab_report,
     rich_table,
-    row_from_log,
     rows_from_export,
     write_report,
 )
@@ -23,30 +24,21 @@ report_app = typer.Typer(help="Reports from the event log.", no_args_is_help=Tru
 console = Console()
 
 
-def _rows_from_store(backend: str | None, sqlite_path: str | None) -> list[Row]:
-    from services.profile.cli import _settings
-    from services.profile.store import make_store
+def default_events_path() -> Path:
+    """Where ``mercato console`` keeps its export of the event log (and where
+    ``report ab`` looks without ``--events``)."""
+    from services.common.settings import mercato_home
 
-    settings = _settings(backend, sqlite_path, None)
-
-    async def run() -> list[Row]:
-        store = make_store(settings)
-        await store.open()
-        try:
-            return [row_from_log(ev) async for ev in store.iter_log()]
-        finally:
-            await store.close()
-
-    return asyncio.run(run())
+    return mercato_home() / "exports" / "events.parquet"
 
 
 @report_app.command("ab")
 def report_ab(
     events: Path | None = typer.Option(
-        None, help="An `mercato export-events` file (.parquet/.csv); default: the profile store."
+        None,
+        help="An `mercato export-events` file (.parquet/.csv); default: "
+        "$MERCATO_HOME/exports/events.parquet.",
     ),
-    backend: str | None = typer.Option(None, help="sqlite | redis (reading the store)."),
-    sqlite_path: str | None = typer.Option(None, help="SQLite file of the profile store."),
     window: float = typer.Option(
         86_400.0, min=0, help="Attribution window in seconds after an exposure."
     ),
@@ -56,13 +48,17 @@ def report_ab(
     fmt: str = typer.Option("table", "--format", help="Print as table | json | csv."),
 ) -> None:
     """Per experiment variant: exposures, CTR, add-to-cart, conversion, revenue per
-    exposure, with confidence intervals, from the event log."""
+    exposure, with confidence intervals, from the exported event log."""
     if fmt not in ("table", "json", "csv"):
         raise typer.BadParameter("--format must be table, json or csv")
-    if events is not None:
-        rows: list[Row] | Iterator[Row] = rows_from_export(events)
-    else:
-        rows = _rows_from_store(backend, sqlite_path)
+    events = events or default_events_path()
+    if not events.exists():
+        console.print(
+            f"[red]no event export at {events}: write one with "
+            f"`mercato export-events --out {events}`[/red]"
+        )
+        raise typer.Exit(2)
+    rows: Iterator[Row] = rows_from_export(events)
     lines = ab_report(rows, window_seconds=window, confidence=confidence, experiment=experiment)
     if out is not None:
         write_report(lines, out)
@@ -91,6 +87,11 @@ def campaign(
     max_idle_days: float = typer.Option(30.0, min=0, help="abandoned-carts: idle at most."),
     lapsed_days: float = typer.Option(180.0, min=0, help="lapsed: days since last purchase."),
     limit: int = typer.Option(0, min=0, help="At most this many customers (0 = all)."),
+    as_of: str = typer.Option(
+        "auto",
+        help="'Now' for the idle/lapsed windows: auto (the data's time when its newest cart "
+        "change is over a week old, as on historical data), now, or an ISO time.",
+    ),
     gateway: str = typer.Option("", help="Gateway host:port (default: the local one)."),
     profile: str = typer.Option("", help="Profile host:port (default: the local one)."),
     api_key: str = typer.Option("", envvar="MERCATO_API_KEY", help="Gateway API key."),
@@ -103,10 +104,17 @@ def campaign(
     TLS to the services: MERCATO_CLIENT_TLS_{CA,CERT,KEY}_FILE."""
     from tqdm import tqdm
 
+    from mercato.v1.profile_pb2_grpc import ProfileServiceStub
     from services.common.channels import aio_channel
     from services.common.settings import ClientTlsSettings
     from services.common.supervisor import ports_from_env
-    from services.gateway.campaign import CampaignSpec, offers_summary, run_campaign
+    from services.gateway.campaign import (
+        CampaignSpec,
+        data_clock,
+        latest_cart_change,
+        offers_summary,
+        run_campaign,
+    )
 
     try:
         spec = CampaignSpec(
@@ -128,10 +136,22 @@ def campaign(
     prof_target = profile or f"127.0.0.1:{ports['profile'][0]}"
 
     async def run() -> Any:
+        nonlocal spec
         tls = ClientTlsSettings()
         gw_ch = aio_channel(gw_target, tls)
         prof_ch = aio_channel(prof_target, tls)
         try:
+            if spec.segment != "category-fans":
+                wall_us = time.time_ns() // 1000
+                latest = 0
+                if as_of == "auto":
+                    latest = await latest_cart_change(ProfileServiceStub(prof_ch))
+                try:
+                    as_of_us, text = data_clock(latest, wall_us, as_of)
+                except ValueError as exc:
+                    raise typer.BadParameter(str(exc)) from exc
+                spec = replace(spec, as_of_us=as_of_us, wall_us=wall_us)
+                console.print(f"time: {text}")
             with tqdm(unit="customer", desc=f"campaign {segment}", disable=not progress) as bar:
                 return await run_campaign(
                     spec,

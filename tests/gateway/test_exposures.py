@@ -115,9 +115,14 @@ def test_exposures_logged_flushed_on_drain_and_reported(tmp_path: Path) -> None:
             stub.TrackEvents(
                 profile_pb2.ProfileServiceTrackEventsRequest(events=outcomes), timeout=10
             )
+        export = tmp_path / "exported.parquet"
+        res = runner.invoke(
+            app, ["export-events", "--sqlite-path", sqlite, "--out", str(export), "--no-progress"]
+        )
+        assert res.exit_code == 0, res.output
         res = runner.invoke(
             app,
-            ["report", "ab", "--sqlite-path", sqlite, "--window", "3600", "--format", "json"],
+            ["report", "ab", "--events", str(export), "--window", "3600", "--format", "json"],
         )
         assert res.exit_code == 0, res.output
         lines = {d["variant"]: d for d in json.loads(res.output)}

@@ -1,0 +1,1 @@
+"""The web console for merchandisers and operators (``mercato console``)."""
