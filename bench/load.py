@@ -485,9 +485,10 @@ def start_stack(tmp: Path, args: argparse.Namespace) -> dict[str, ServiceProc]:
     procs: dict[str, ServiceProc] = {}
     procs["profile"] = start_service("profile", tmp / "profile", env, timeout=120)
     for name in ("retrieval", "ranking"):
-        p = start_service(
-            name, tmp / name, {f"MERCATO_{name.upper()}_LOG_LEVEL": "WARNING"}, wait=None
-        )
+        env = {f"MERCATO_{name.upper()}_LOG_LEVEL": "WARNING"}
+        if name == "ranking":  # ranking's item table follows the catalogue
+            env["MERCATO_RANKING_CATALOG_TARGET"] = procs["profile"].target
+        p = start_service(name, tmp / name, env, wait=None)
         p.wait_status("SERVING", 300, service="liveness")
         procs[name] = p
     return procs

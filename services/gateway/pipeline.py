@@ -401,18 +401,20 @@ class Pipeline:
                 head = ranking_pb2.RankRequest(
                     profile=profile, context=context, candidates=candidates, k=k, model_alias=alias
                 )
-                resp = await self.ranking.call(
-                    "ranking",
-                    self.rank_raw,
-                    # The items field appended as pre-serialized bytes (a repeated field may
-                    # come in any number of pieces): copying ~200 Item messages into the
-                    # request cost more than the rest of the call.
-                    head.SerializeToString()
-                    + b"".join(
+                payload = head.SerializeToString()
+                if self.s.rank_sends_items:
+                    # The items field appended as pre-serialized bytes (a repeated field
+                    # may come in any number of pieces). Ranking normally reads items from
+                    # its own table of the catalogue, so this is off by default.
+                    payload += b"".join(
                         self._item_field(details[c.item_id])
                         for c in candidates
                         if c.item_id in details
-                    ),
+                    )
+                resp = await self.ranking.call(
+                    "ranking",
+                    self.rank_raw,
+                    payload,
                     deadline,
                     self.s.ranking_timeout_ms / 1000,
                     self.s.read_retries,
@@ -422,7 +424,16 @@ class Pipeline:
                 trace.stage("ranking", started, len(resp.items))
                 for rule, n in resp.dropped.items():
                     trace.drop(rule, n)
-                return [(r.item_id, r.score, list(r.reasons)) for r in resp.items]
+                out = []
+                for r in resp.items:
+                    item = details.get(r.item_id)
+                    if item is not None and item.stock <= 0:
+                        # Sold out since ranking's table was loaded: the fresher
+                        # details win, so stock 0 is never recommended.
+                        trace.drop("out_of_stock")
+                        continue
+                    out.append((r.item_id, r.score, list(r.reasons)))
+                return out
             except HopError as err:
                 trace.degrade("ranking", "retrieval_order", err.reason)
                 trace.stage("ranking", started, 0, True, err.reason)

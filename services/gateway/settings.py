@@ -24,6 +24,13 @@ class GatewaySettings(ServiceSettings):
     profile_timeout_ms: float = Field(80, gt=0, description="Deadline of a profile hop.")
     retrieval_timeout_ms: float = Field(150, gt=0, description="Deadline of a retrieval hop.")
     ranking_timeout_ms: float = Field(150, gt=0, description="Deadline of a ranking hop.")
+    rank_sends_items: bool = Field(
+        False,
+        description=(
+            "Send the candidates' catalog details in RankRequest.items (for a ranking "
+            "service without its own item table); false = ids and scores only."
+        ),
+    )
     offer_timeout_ms: float = Field(80, gt=0, description="Deadline of an offer decision.")
     details_timeout_ms: float = Field(80, gt=0, description="Deadline of the item lookup.")
     track_timeout_ms: float = Field(2000, gt=0, description="Deadline of event forwarding.")

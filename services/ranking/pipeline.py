@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -17,27 +17,15 @@ from services.common.errors import InvalidArgument
 from services.ranking.rules import (
     SURFACE_NAMES,
     CandidateSet,
-    ItemInfo,
     ItemVectorLookup,
     RankContext,
     RulesConfig,
     apply_rules,
 )
 from services.ranking.scoring import RetrievalScorer, Scorer, ScorerProvider, no_ranker
+from services.ranking.table import CandidateArrays, CatalogTable, bad_id, validate_items
 
 log = logging.getLogger("mercato.ranking")
-
-MAX_ID_BYTES = 128
-
-
-def _bad_id(value: str) -> str | None:
-    """Why ``value`` is not a valid item id, or None."""
-    if not value:
-        return "must not be empty"
-    # Characters never take fewer bytes than one, so only long ids need encoding.
-    if len(value) * 4 > MAX_ID_BYTES and len(value.encode()) > MAX_ID_BYTES:
-        return f"is longer than {MAX_ID_BYTES} bytes"
-    return None
 
 
 def merge_candidates(candidates: Sequence[common_pb2.Candidate]) -> CandidateSet:
@@ -49,7 +37,7 @@ def merge_candidates(candidates: Sequence[common_pb2.Candidate]) -> CandidateSet
     sources: list[int] = []
     for n, cand in enumerate(candidates):
         item_id = cand.item_id
-        bad = _bad_id(item_id)
+        bad = bad_id(item_id)
         if bad:
             raise InvalidArgument(f"candidates[{n}].item_id {bad}")
         if not math.isfinite(cand.score):
@@ -66,23 +54,6 @@ def merge_candidates(candidates: Sequence[common_pb2.Candidate]) -> CandidateSet
     return CandidateSet(ids, np.asarray(scores, dtype=np.float64), sources)
 
 
-def item_details(items: Sequence[common_pb2.Item]) -> dict[str, ItemInfo]:
-    """Validated item details by id; a later entry for the same id wins."""
-    out: dict[str, ItemInfo] = {}
-    for n, item in enumerate(items):
-        bad = _bad_id(item.item_id)
-        if bad:
-            raise InvalidArgument(f"items[{n}].item_id {bad}")
-        if not (math.isfinite(item.price) and item.price >= 0):
-            raise InvalidArgument(f"items[{n}].price must be >= 0, got {item.price}")
-        if item.stock < 0:
-            raise InvalidArgument(f"items[{n}].stock must be >= 0, got {item.stock}")
-        if not math.isfinite(item.margin):
-            raise InvalidArgument(f"items[{n}].margin must be finite, got {item.margin}")
-        out[item.item_id] = ItemInfo.from_proto(item)
-    return out
-
-
 def rank_context(profile: common_pb2.Profile, context: common_pb2.Context) -> RankContext:
     """What the rules need from the profile and the context."""
     if context.surface not in SURFACE_NAMES:
@@ -97,7 +68,9 @@ def rank_context(profile: common_pb2.Profile, context: common_pb2.Context) -> Ra
 
 
 class RankPipeline:
-    """Rank = validate + merge + score + rules, with the scorer resolved per alias."""
+    """Rank = validate + merge + look up the item table + score + rules, with the
+    scorer resolved per alias. ``table`` gives the item table in force (the catalogue
+    follower swaps it on reload); items sent in the request override its rows."""
 
     def __init__(
         self,
@@ -106,7 +79,10 @@ class RankPipeline:
         vectors: ItemVectorLookup | None = None,
         max_candidates: int = 2000,
         max_k: int = 1000,
+        table: Callable[[], CatalogTable] | None = None,
     ) -> None:
+        empty = CatalogTable()
+        self.table: Callable[[], CatalogTable] = table or (lambda: empty)
         self.rules = rules
         self.scorers = scorers
         self.vectors = vectors
@@ -128,7 +104,7 @@ class RankPipeline:
         scorer: Scorer,
         request: ranking_pb2.RankRequest,
         candidates: CandidateSet,
-        items: dict[str, ItemInfo],
+        items: CandidateArrays,
     ) -> np.ndarray | None:
         try:
             scores = np.asarray(
@@ -149,7 +125,10 @@ class RankPipeline:
     def rank(self, request: ranking_pb2.RankRequest) -> ranking_pb2.RankResponse:
         self.validate(request)
         candidates = merge_candidates(request.candidates)
-        items = item_details(request.items)
+        items = self.table().lookup(candidates.ids)
+        if request.items:
+            validate_items(request.items)
+            items = items.overlay(candidates.ids, {i.item_id: i for i in request.items})
         ctx = rank_context(request.profile, request.context)
         rules = self.rules.for_surface(ctx.surface)
 

@@ -24,14 +24,17 @@ from typing import TYPE_CHECKING, TypeVar
 import grpc
 from prometheus_client import Counter
 
-from mercato.v1 import ranking_pb2, ranking_pb2_grpc
+from mercato.v1 import profile_pb2_grpc, ranking_pb2, ranking_pb2_grpc
+from services.common.channels import aio_channel
 from services.common.errors import Unavailable
 from services.common.server import BaseService, run_service
+from services.common.settings import ClientTlsSettings
 from services.ranking.offers import Catalog, OfferPolicy, SqliteStore, offer_context
 from services.ranking.pipeline import RankPipeline
 from services.ranking.rules import RulesConfig
 from services.ranking.scoring import ScorerProvider, no_ranker
 from services.ranking.settings import RankingSettings
+from services.ranking.table import CatalogFollower
 
 if TYPE_CHECKING:
     from services.ranking.ranker import RegistryScorers
@@ -140,11 +143,23 @@ class RankingService(BaseService):
         # Config errors stop the process at start, with the file and field named.
         self.rules = RulesConfig.load(settings.rules_file or None)
         self.catalog = Catalog.load(settings.resolved_offers_file())
+        self.catalog_channel: grpc.aio.Channel | None = None
+        self.follower: CatalogFollower | None = None
+        if settings.catalog_target:
+            self.catalog_channel = aio_channel(
+                settings.catalog_target, ClientTlsSettings(), settings.max_message_bytes
+            )
+            stub = profile_pb2_grpc.ProfileServiceStub(self.catalog_channel)
+            self.follower = CatalogFollower(
+                stub.ListItems, settings.catalog_refresh_s, settings.catalog_page_size
+            )
+        follower = self.follower
         self.pipeline = RankPipeline(
             self.rules,
             scorers=scorers,
             max_candidates=settings.max_candidates,
             max_k=settings.max_k,
+            table=(lambda: follower.table) if follower is not None else None,
         )
         self.policy: OfferPolicy | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="offers")
@@ -184,12 +199,20 @@ class RankingService(BaseService):
     async def start(self) -> None:
         self.policy = await self.run(self._open_policy)
         # Rules-only ranking always answers, so the service is ready once the offer
-        # state is open; the trained ranker, when it lands, changes scores, not health.
+        # state is open and the item table loaded (stock, categories); the trained
+        # ranker, when it lands, changes scores, not health.
+        if self.follower is not None:
+            self.follower.start()
+            await self.follower.loaded.wait()
         await self.set_serving(True)
         if self.registry_scorers is not None:
             self.registry_scorers.start()
 
     async def stop(self) -> None:
+        if self.follower is not None:
+            await self.follower.stop()
+        if self.catalog_channel is not None:
+            await self.catalog_channel.close()
         if self.registry_scorers is not None:
             await self.registry_scorers.stop()
         policy = self.policy

@@ -1,0 +1,111 @@
+"""Ranking's item table (#14): loaded from the profile service's catalogue and kept
+fresh, so a RankRequest of ids and scores alone is ranked with stock, categories and
+boosts; items sent in the request still override the table."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from mercato.v1 import common_pb2, profile_pb2, profile_pb2_grpc, ranking_pb2, ranking_pb2_grpc
+from services.ranking.table import CatalogTable
+from tests.procs import start_service
+
+
+def _item(i: int, **kw: object) -> common_pb2.Item:
+    base: dict[str, object] = {"item_id": f"t{i}", "category": f"cat{i % 3}", "price": 10.0}
+    base.update({"stock": 5, **kw})
+    return common_pb2.Item(**base)  # type: ignore[arg-type]
+
+
+def test_table_rows_and_overlay() -> None:
+    table = CatalogTable(
+        [_item(0, stock=0), _item(1, promoted=True), _item(2, category=""), _item(1, price=3)]
+    )
+    assert len(table) == 3  # the later entry for t1 won
+    arr = table.lookup(["t1", "nope", "t0", "t2"])
+    assert arr.known.tolist() == [True, False, True, True]
+    assert arr.stock.tolist() == [5, -1, 0, 5]
+    assert arr.price.tolist() == [3.0, 0.0, 10.0, 10.0]
+    assert arr.category_strings() == ["cat1", "", "cat0", ""]
+    over = arr.overlay(["t1", "nope", "t0", "t2"], {"nope": _item(9, category="new", stock=2)})
+    assert over.known.tolist() == [True, True, True, True]
+    assert over.category_strings() == ["cat1", "new", "cat0", ""]
+    assert arr.known.tolist() == [True, False, True, True]  # the table's rows are untouched
+    assert np.array_equal(table.rows(["t2", "x"]), [2, -1])
+
+
+def _rank(
+    stub: ranking_pb2_grpc.RankingServiceStub,
+    ids: list[str],
+    k: int = 20,
+    items: list[common_pb2.Item] | None = None,
+) -> ranking_pb2.RankResponse:
+    req = ranking_pb2.RankRequest(
+        context=common_pb2.Context(surface=common_pb2.SURFACE_HOME), k=k, items=items or []
+    )
+    for n, item_id in enumerate(ids):
+        req.candidates.add(item_id=item_id, score=1.0 - n / 100)
+    return stub.Rank(req, timeout=10)
+
+
+@pytest.mark.slow
+def test_ranking_reads_the_catalogue_and_follows_stock_changes(tmp_path: Path) -> None:
+    profile = start_service("profile", tmp_path / "p")
+    items = [_item(i) for i in range(12)] + [_item(12, stock=0)]
+    with grpc.insecure_channel(profile.target) as ch:
+        catalog = profile_pb2_grpc.ProfileServiceStub(ch)
+        catalog.UpsertItems(profile_pb2.UpsertItemsRequest(items=items), timeout=10)
+        ranking = start_service(
+            "ranking",
+            tmp_path / "r",
+            {
+                "MERCATO_RANKING_CATALOG_TARGET": profile.target,
+                "MERCATO_RANKING_CATALOG_REFRESH_S": "0.3",
+                "MERCATO_RANKING_CATALOG_PAGE_SIZE": "5",  # several pages
+                "MERCATO_RANKING_RANKER_ENABLED": "false",
+            },
+        )
+        try:
+            with grpc.insecure_channel(ranking.target) as rch:
+                stub = ranking_pb2_grpc.RankingServiceStub(rch)
+                ids = [f"t{i}" for i in (12, *range(12))] + ["unknown"]
+                resp = _rank(stub, ids)
+                got = [r.item_id for r in resp.items]
+                # Sold out in the catalogue: dropped although the request sent no details.
+                assert "t12" not in got
+                assert resp.dropped["out_of_stock"] == 1
+                # Categories from the table: home caps each category at 3.
+                assert resp.dropped["category_cap"] == 12 - 9
+                assert "unknown" in got  # unknown stock is kept on home, as before
+                # Details sent in the request still win over the table.
+                resp = _rank(stub, ids, items=[_item(12, stock=4)])
+                assert "t12" in [r.item_id for r in resp.items]
+
+                # Restocked and a new item: picked up on the next reload.
+                catalog.UpdateStock(
+                    profile_pb2.UpdateStockRequest(
+                        updates=[profile_pb2.StockUpdate(item_id="t12", set_to=7)]
+                    ),
+                    timeout=10,
+                )
+                catalog.UpsertItems(
+                    profile_pb2.UpsertItemsRequest(items=[_item(20, category="fresh", stock=0)]),
+                    timeout=10,
+                )
+                deadline = time.monotonic() + 15
+                while True:
+                    resp = _rank(stub, [*ids, "t20"])
+                    got = [r.item_id for r in resp.items]
+                    if "t12" in got and "t20" not in got:
+                        break
+                    assert time.monotonic() < deadline, (got, dict(resp.dropped))
+                    time.sleep(0.1)
+                assert resp.dropped["out_of_stock"] == 1  # now t20
+        finally:
+            ranking.terminate()
+            profile.terminate()
