@@ -433,6 +433,10 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
 def index_config(settings: RetrievalSettings) -> IndexConfig:
     return IndexConfig(
         exact_max_items=settings.exact_max_items,
+        min_recall=settings.min_recall,
+        recall_k=settings.recall_k,
+        recall_queries=settings.recall_queries,
+        ann_must_beat_exact=settings.ann_must_beat_exact,
         hnsw_m=settings.hnsw_m,
         hnsw_ef_construction=settings.hnsw_ef_construction,
         hnsw_ef_search=settings.hnsw_ef_search,
