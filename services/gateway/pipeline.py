@@ -556,6 +556,37 @@ class Pipeline:
         )
         return resp
 
+    def overloaded_recommend(
+        self, req: gateway_pb2.RecommendRequest
+    ) -> gateway_pb2.RecommendResponse | None:
+        """The fast answer past the in-flight bound: cached popular items (of the one
+        requested category, else overall) without any downstream call, named degraded;
+        None when nothing is cached (the caller then gets RESOURCE_EXHAUSTED)."""
+        k = self._k(req.k)
+        category = req.categories[0] if len(req.categories) == 1 else ""
+        cached = self.trending_cache.get_stale(category)
+        if cached is None:
+            return None
+        exclude = set(req.exclude_item_ids)
+        ranked = [
+            (c.item_id, c.score, [int(common_pb2.REASON_TRENDING), int(common_pb2.REASON_FALLBACK)])
+            for c in cached
+            if c.item_id not in exclude
+        ][:k]
+        details, _ = self.details_cache.get_many([r[0] for r in ranked])
+        trace = Trace(False)
+        trace.candidates = len(ranked)
+        trace.degrade("gateway", "popular_items", "overloaded: too many calls in progress")
+        resp = gateway_pb2.RecommendResponse(
+            request_id=request_id_var.get(),
+            items=self._items(ranked, details),
+            degraded=trace.degraded,
+        )
+        short = trace.shortfall(k, len(resp.items))
+        if short is not None:
+            resp.shortfall.CopyFrom(short)
+        return resp
+
     async def candidates(
         self,
         profile: common_pb2.Profile,

@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from mercato.v1 import common_pb2, ranking_pb2
+from services.common.deadline import check_time_left
 from services.common.errors import InvalidArgument
 from services.ranking.rules import (
     SURFACE_NAMES,
@@ -122,7 +123,14 @@ class RankPipeline:
             return None
         return scores
 
-    def rank(self, request: ranking_pb2.RankRequest) -> ranking_pb2.RankResponse:
+    def rank(
+        self,
+        request: ranking_pb2.RankRequest,
+        time_remaining: Callable[[], float | None] | None = None,
+    ) -> ranking_pb2.RankResponse:
+        """Rank ``request``; ``time_remaining`` (the caller's deadline, seconds) is
+        checked before scoring and before the rules: past it the work stops with
+        DEADLINE_EXCEEDED."""
         self.validate(request)
         candidates = merge_candidates(request.candidates)
         items = self.table().lookup(candidates.ids)
@@ -134,12 +142,14 @@ class RankPipeline:
 
         scorer = self.scorers(request.model_alias)
         scores = None
+        check_time_left(time_remaining, "ranker")
         if scorer is not None:
             scores = self._scores(scorer, request, candidates, items)
         version = scorer.model_version if scorer is not None and scores is not None else None
         if scores is None:
             scores = self.fallback.score(request.profile, request.context, candidates, items)
 
+        check_time_left(time_remaining, "rules")
         result = apply_rules(candidates, scores, items, ctx, rules, request.k, self.vectors)
         response = ranking_pb2.RankResponse(dropped=result.dropped)
         if version is not None:

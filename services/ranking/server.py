@@ -26,6 +26,7 @@ from prometheus_client import Counter
 
 from mercato.v1 import profile_pb2_grpc, ranking_pb2, ranking_pb2_grpc
 from services.common.channels import aio_channel
+from services.common.deadline import ensure_time_left
 from services.common.errors import Unavailable
 from services.common.server import BaseService, run_service
 from services.common.settings import ClientTlsSettings
@@ -63,7 +64,8 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
     async def Rank(
         self, request: ranking_pb2.RankRequest, context: grpc.aio.ServicerContext
     ) -> ranking_pb2.RankResponse:
-        response = self.service.pipeline.rank(request)
+        ensure_time_left(context, "rank")
+        response = self.service.pipeline.rank(request, context.time_remaining)
         RANK_MODE.labels("model" if response.model.name else "rules_only").inc()
         for rule, count in response.dropped.items():
             DROPPED.labels(rule).inc(count)
