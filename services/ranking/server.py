@@ -203,10 +203,13 @@ class RankingService(BaseService):
         # Rules-only ranking always answers, so the service is ready once the offer
         # state is open and the item table loaded (stock, categories); the trained
         # ranker, when it lands, changes scores, not health.
+        # start() returns at once either way, so SIGTERM can stop a process whose
+        # catalogue never answered.
         if self.follower is not None:
+            self.follower.on_first_load = lambda: self.set_serving(True)
             self.follower.start()
-            await self.follower.loaded.wait()
-        await self.set_serving(True)
+        else:
+            await self.set_serving(True)
         if self.registry_scorers is not None:
             self.registry_scorers.start()
 

@@ -109,3 +109,29 @@ def test_ranking_reads_the_catalogue_and_follows_stock_changes(tmp_path: Path) -
         finally:
             ranking.terminate()
             profile.terminate()
+
+
+@pytest.mark.slow
+def test_ranking_is_not_ready_until_its_table_loads_and_still_stops(tmp_path: Path) -> None:
+    """With the catalogue unreachable ranking stays NOT_SERVING (it would rank without
+    stock), stays live, and stops promptly on SIGTERM."""
+    from tests.procs import free_port
+
+    proc = start_service(
+        "ranking",
+        tmp_path,
+        {
+            "MERCATO_RANKING_CATALOG_TARGET": f"127.0.0.1:{free_port()}",
+            "MERCATO_RANKING_RANKER_ENABLED": "false",
+        },
+        wait=None,
+    )
+    try:
+        proc.wait_status("SERVING", 60, service="liveness")
+        time.sleep(1.0)
+        assert proc.health("") == "NOT_SERVING"
+    finally:
+        started = time.monotonic()
+        code = proc.terminate()
+        assert time.monotonic() - started < 15
+        assert code == 0, proc.log()[-2000:]
