@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -127,13 +127,17 @@ class RankPipeline:
         self,
         request: ranking_pb2.RankRequest,
         time_remaining: Callable[[], float | None] | None = None,
+        newer: Mapping[str, common_pb2.Item] | None = None,
     ) -> ranking_pb2.RankResponse:
         """Rank ``request``; ``time_remaining`` (the caller's deadline, seconds) is
         checked before scoring and before the rules: past it the work stops with
-        DEADLINE_EXCEEDED."""
+        DEADLINE_EXCEEDED. ``newer`` are catalogue items the table does not hold yet;
+        items sent in the request win over both."""
         self.validate(request)
         candidates = merge_candidates(request.candidates)
         items = self.table().lookup(candidates.ids)
+        if newer:
+            items = items.overlay(candidates.ids, newer)
         if request.items:
             validate_items(request.items)
             items = items.overlay(candidates.ids, {i.item_id: i for i in request.items})

@@ -65,7 +65,16 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
         self, request: ranking_pb2.RankRequest, context: grpc.aio.ServicerContext
     ) -> ranking_pb2.RankResponse:
         ensure_time_left(context, "rank")
-        response = self.service.pipeline.rank(request, context.time_remaining)
+        newer = None
+        follower = self.service.follower
+        if follower is not None and follower.loaded.is_set():
+            left = context.time_remaining()
+            budget = self.service.settings.catalog_fetch_timeout_ms / 1000
+            newer = await follower.newer_items(
+                [c.item_id for c in request.candidates],
+                budget if left is None else min(budget, left / 2),
+            )
+        response = self.service.pipeline.rank(request, context.time_remaining, newer)
         RANK_MODE.labels("model" if response.model.name else "rules_only").inc()
         for rule, count in response.dropped.items():
             DROPPED.labels(rule).inc(count)
@@ -153,7 +162,10 @@ class RankingService(BaseService):
             )
             stub = profile_pb2_grpc.ProfileServiceStub(self.catalog_channel)
             self.follower = CatalogFollower(
-                stub.ListItems, settings.catalog_refresh_s, settings.catalog_page_size
+                stub.ListItems,
+                settings.catalog_refresh_s,
+                settings.catalog_page_size,
+                get_items=stub.GetItems,
             )
         follower = self.follower
         self.pipeline = RankPipeline(

@@ -36,6 +36,14 @@ class RankingSettings(ServiceSettings):
     catalog_refresh_s: float = Field(
         15.0, gt=0, description="Seconds between reloads of the item table from the catalogue."
     )
+    catalog_fetch_timeout_ms: float = Field(
+        50,
+        gt=0,
+        description=(
+            "Deadline of the GetItems call for candidates created since the last reload "
+            "(at most half of what is left of the caller's deadline)."
+        ),
+    )
     catalog_page_size: int = Field(
         10_000, ge=1, le=10_000, description="Items per ListItems page when loading the table."
     )

@@ -36,8 +36,10 @@ if TYPE_CHECKING:
     from services.ranking.rules import ItemInfo
 
 log = logging.getLogger("mercato.ranking")
-# ProfileServiceStub.ListItems of an asyncio channel: (request, timeout=...) -> response.
+# ProfileServiceStub.ListItems / GetItems of an asyncio channel: (request, timeout=...).
 ListItems = Callable[..., Awaitable[profile_pb2.ListItemsResponse]]
+GetItems = Callable[..., Awaitable[profile_pb2.GetItemsResponse]]
+MAX_FETCH = 1000  # ids per GetItems call for candidates the table does not know yet
 
 MAX_ID_BYTES = 128
 
@@ -269,7 +271,10 @@ async def load_catalog(
 
 
 class CatalogFollower:
-    """Keeps a :class:`CatalogTable` fresh: loads it, then reloads it periodically."""
+    """Keeps a :class:`CatalogTable` fresh: loads it, then reloads it periodically.
+    Candidates the table does not know yet (items created since the last reload) are
+    fetched on demand with one ``GetItems`` call and kept until the next reload (ids the
+    catalogue does not know either are remembered too, so they are asked once)."""
 
     def __init__(
         self,
@@ -277,8 +282,11 @@ class CatalogFollower:
         refresh_s: float,
         page_size: int = 10_000,
         on_first_load: Callable[[], object] | None = None,
+        get_items: GetItems | None = None,
     ) -> None:
         self.list_items = list_items
+        self.get_items = get_items
+        self.extra: dict[str, common_pb2.Item | None] = {}
         self.refresh_s = refresh_s
         self.page_size = page_size
         self.table = CatalogTable()
@@ -291,11 +299,38 @@ class CatalogFollower:
         started = time.perf_counter()
         table = await load_catalog(self.list_items, self.page_size)
         self.table = table
+        self.extra = {}
         log.info(
             "catalogue table loaded",
             extra={"items": len(table), "ms": round((time.perf_counter() - started) * 1000, 1)},
         )
         return table
+
+    async def newer_items(self, ids: Sequence[str], timeout_s: float) -> dict[str, common_pb2.Item]:
+        """Catalogue items among ``ids`` that the table does not hold (fetched once per
+        reload period); a failed fetch leaves them unknown for this call."""
+        row, extra = self.table.row, self.extra
+        unknown = [i for i in dict.fromkeys(ids) if i not in row and i not in extra]
+        if unknown and self.get_items is not None and timeout_s > 0:
+            try:
+                resp = await self.get_items(
+                    profile_pb2.GetItemsRequest(item_ids=unknown[:MAX_FETCH]), timeout=timeout_s
+                )
+            except Exception as e:
+                log.warning("fetching new catalogue items failed", extra={"error": str(e)})
+            else:
+                for item in resp.items:
+                    extra[item.item_id] = item
+                for item_id in resp.missing_item_ids:
+                    extra[item_id] = None
+        if not extra:
+            return {}
+        out: dict[str, common_pb2.Item] = {}
+        for i in ids:
+            found = extra.get(i)
+            if found is not None:
+                out[i] = found
+        return out
 
     async def _run(self) -> None:
         delay = 0.2

@@ -135,3 +135,48 @@ def test_ranking_is_not_ready_until_its_table_loads_and_still_stops(tmp_path: Pa
         code = proc.terminate()
         assert time.monotonic() - started < 15
         assert code == 0, proc.log()[-2000:]
+
+
+@pytest.mark.slow
+def test_items_created_after_the_last_reload_are_fetched_on_demand(tmp_path: Path) -> None:
+    """A new item is known to the very next Rank, without waiting for a reload."""
+    profile = start_service("profile", tmp_path / "p")
+    with grpc.insecure_channel(profile.target) as ch:
+        catalog = profile_pb2_grpc.ProfileServiceStub(ch)
+        catalog.UpsertItems(profile_pb2.UpsertItemsRequest(items=[_item(0)]), timeout=10)
+        ranking = start_service(
+            "ranking",
+            tmp_path / "r",
+            {
+                "MERCATO_RANKING_CATALOG_TARGET": profile.target,
+                "MERCATO_RANKING_CATALOG_REFRESH_S": "3600",  # no reload during the test
+                "MERCATO_RANKING_RANKER_ENABLED": "false",
+            },
+        )
+        try:
+            with grpc.insecure_channel(ranking.target) as rch:
+                stub = ranking_pb2_grpc.RankingServiceStub(rch)
+                catalog.UpsertItems(
+                    profile_pb2.UpsertItemsRequest(
+                        items=[_item(1, stock=0), _item(2, category="cat0"), _item(3)]
+                    ),
+                    timeout=10,
+                )
+                home = ranking_pb2.RankRequest(
+                    context=common_pb2.Context(surface=common_pb2.SURFACE_HOME), k=10
+                )
+                for n, item_id in enumerate(["t0", "t1", "t2", "t3", "nowhere"]):
+                    home.candidates.add(item_id=item_id, score=1.0 - n / 10)
+                resp = stub.Rank(home, timeout=10)
+                got = [r.item_id for r in resp.items]
+                assert sorted(got) == ["nowhere", "t0", "t2", "t3"]
+                assert dict(resp.dropped) == {"out_of_stock": 1}
+                # Their categories are known too: diversity moves the third item of
+                # cat0 (t3) below the uncategorised one.
+                assert got.index("nowhere") < got.index("t3")
+                # Asked again: the same answer (the fetched items are kept).
+                again = stub.Rank(home, timeout=10)
+                assert [r.item_id for r in again.items] == [r.item_id for r in resp.items]
+        finally:
+            ranking.terminate()
+            profile.terminate()
