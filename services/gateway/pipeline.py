@@ -396,6 +396,16 @@ class Pipeline:
         """Ranked (item id, score, reasons); falls back to retrieval order with rules that
         need no model."""
         started = time.perf_counter()
+        # Sold out by the gateway's details (fresher than ranking's periodically
+        # reloaded table): left out before ranking, so ranking fills k from the rest.
+        in_stock = []
+        for c in candidates:
+            item = details.get(c.item_id)
+            if item is not None and item.stock <= 0:
+                trace.drop("out_of_stock")
+            else:
+                in_stock.append(c)
+        candidates = in_stock
         if candidates:
             try:
                 head = ranking_pb2.RankRequest(
@@ -424,27 +434,14 @@ class Pipeline:
                 trace.stage("ranking", started, len(resp.items))
                 for rule, n in resp.dropped.items():
                     trace.drop(rule, n)
-                out = []
-                for r in resp.items:
-                    item = details.get(r.item_id)
-                    if item is not None and item.stock <= 0:
-                        # Sold out since ranking's table was loaded: the fresher
-                        # details win, so stock 0 is never recommended.
-                        trace.drop("out_of_stock")
-                        continue
-                    out.append((r.item_id, r.score, list(r.reasons)))
-                return out
+                return [(r.item_id, r.score, list(r.reasons)) for r in resp.items]
             except HopError as err:
                 trace.degrade("ranking", "retrieval_order", err.reason)
                 trace.stage("ranking", started, 0, True, err.reason)
         purchased = {p.item_id for p in profile.purchases}
         keep_purchased = context.surface == common_pb2.SURFACE_BUY_AGAIN
         out = []
-        for c in candidates:
-            item = details.get(c.item_id)
-            if item is not None and item.stock <= 0:
-                trace.drop("out_of_stock")
-                continue
+        for c in candidates:  # sold-out candidates were left out above
             if c.item_id in purchased and not keep_purchased:
                 trace.drop("purchased")
                 continue
