@@ -74,6 +74,9 @@ bench-ranking: setup ## Rank latency and offer policy vs fixed policies (bench/r
 bench-retrieval: setup ## Retrieve p50/p99 over gRPC vs in-process, Recall@100 at 10k/100k/1M items (ARGS="--sizes 10000" for a quick run)
 	$(PY) bench/retrieval_bench.py $(ARGS)
 
+bench-index: setup ## Index choice by catalogue size: chosen index, Recall@100, ms/query vs exact (bench/results/index_choice.*)
+	$(PY) bench/index_choice.py $(ARGS)
+
 bench-load: setup ## Gateway load with all four services, 100k and 1M items (ARGS="--quick" for a smoke run)
 	$(PY) bench/load.py $(ARGS)
 

@@ -57,7 +57,8 @@ COMPONENT_LABEL = "app.kubernetes.io/component"
 # Who may open a connection to whom (by app.kubernetes.io/name; "training" stands for
 # every pod of component training). Metrics ports are for Prometheus and checked apart.
 ALLOWED_CLIENTS: dict[str, frozenset[str]] = {
-    "profile": frozenset({"gateway", "console"}),
+    # ranking reads the catalogue (ListItems) into its item table.
+    "profile": frozenset({"gateway", "console", "ranking"}),
     "retrieval": frozenset({"gateway"}),
     "ranking": frozenset({"gateway"}),
     "mlflow": frozenset({"retrieval", "ranking", "training", "console"}),

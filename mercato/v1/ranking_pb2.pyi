@@ -84,10 +84,12 @@ class RankRequest(_message.Message):
 
     @_builtins.property
     def items(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Item]:
-        """Catalog details of the candidates (category, price, stock, margin, promoted); the
-        gateway sends them in one batch. A candidate without details is ranked as unknown:
-        stock unknown (kept, unless the surface's rules drop unknown stock), no category
-        (not capped, no category diversity) and no boost. Items with stock 0 are never returned.
+        """Optional catalog details (category, price, stock, margin, promoted) that override,
+        for their ids, the ranking service's own item table (loaded from the profile
+        service's catalogue and reloaded periodically); the gateway sends none. A candidate
+        neither in the table nor here is ranked as unknown: stock unknown (kept, unless the
+        surface's rules drop unknown stock), no category (not capped, no category diversity)
+        and no boost. Items with stock 0 are never returned.
         """
 
     def __init__(

@@ -93,31 +93,43 @@ class RuntimeInterceptor(grpc.aio.ServerInterceptor):
         self.service = service
         self.authenticator = authenticator
         self.in_flight = RPC_IN_FLIGHT.labels(service)
+        # One wrapped handler per method, built on its first call and reused (the
+        # registered handler of a method never changes); the call's metadata is read
+        # from its context.
+        self._handlers: dict[str, grpc.RpcMethodHandler] = {}
+        # Prometheus children per (method, code): a labels() lookup per call costs more
+        # than the increment.
+        self._children: dict[tuple[str, str], tuple[Any, Any]] = {}
 
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
+        method: str = handler_call_details.method  # type: ignore[attr-defined]
+        cached = self._handlers.get(method)
+        if cached is not None:
+            return cached
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
-        method: str = handler_call_details.method  # type: ignore[attr-defined]
         infra = method.startswith(INFRA_PREFIXES)
-        metadata = handler_call_details.invocation_metadata  # type: ignore[attr-defined]
         if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(
-                self._wrap_unary(handler.unary_unary, method, metadata, infra),
+            wrapped = grpc.unary_unary_rpc_method_handler(
+                self._wrap_unary(handler.unary_unary, method, infra),
                 request_deserializer=_safe_deserializer(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
-        if handler.unary_stream is not None:
-            return grpc.unary_stream_rpc_method_handler(
-                self._wrap_stream(handler.unary_stream, method, metadata, infra),
+        elif handler.unary_stream is not None:
+            wrapped = grpc.unary_stream_rpc_method_handler(
+                self._wrap_stream(handler.unary_stream, method, infra),
                 request_deserializer=_safe_deserializer(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
-        return handler  # client-streaming calls are not part of the Mercato API
+        else:
+            return handler  # client-streaming calls are not part of the Mercato API
+        self._handlers[method] = wrapped
+        return wrapped
 
     def _request_id(
         self, metadata: Sequence[tuple[str, Any]], context: grpc.aio.ServicerContext
@@ -179,8 +191,15 @@ class RuntimeInterceptor(grpc.aio.ServerInterceptor):
         if code is None:
             code = context.code() or grpc.StatusCode.OK  # type: ignore[assignment]
         name = code.name if isinstance(code, grpc.StatusCode) else str(code)
-        RPC_REQUESTS.labels(self.service, method, name).inc()
-        RPC_LATENCY.labels(self.service, method, name).observe(elapsed)
+        children = self._children.get((method, name))
+        if children is None:
+            children = (
+                RPC_REQUESTS.labels(self.service, method, name),
+                RPC_LATENCY.labels(self.service, method, name),
+            )
+            self._children[(method, name)] = children
+        children[0].inc()
+        children[1].observe(elapsed)
         # Successful calls are logged at DEBUG: a JSON line per call costs more than the
         # call itself at a thousand calls a second. Failures are always logged.
         level = logging.DEBUG if name == "OK" else logging.INFO
@@ -198,11 +217,11 @@ class RuntimeInterceptor(grpc.aio.ServerInterceptor):
         self,
         behavior: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]],
         method: str,
-        metadata: Sequence[tuple[str, Any]],
         infra: bool,
     ) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]:
         async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
             start = time.perf_counter()
+            metadata = context.invocation_metadata() or ()
             rid = self._request_id(metadata, context)
             self.in_flight.inc()
             code: grpc.StatusCode | None = None
@@ -228,11 +247,11 @@ class RuntimeInterceptor(grpc.aio.ServerInterceptor):
         self,
         behavior: Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]],
         method: str,
-        metadata: Sequence[tuple[str, Any]],
         infra: bool,
     ) -> Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]]:
         async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             start = time.perf_counter()
+            metadata = context.invocation_metadata() or ()
             code: grpc.StatusCode | None = None
             principal: str | None = None
             rid = self._request_id(metadata, context)

@@ -85,6 +85,10 @@ class Supervisor:
                 env.setdefault(
                     f"MERCATO_GATEWAY_{other.upper()}_TARGET", f"{self.host}:{other_port}"
                 )
+            if "profile" in self.ports:  # ranking's item table follows the catalogue
+                env.setdefault(
+                    "MERCATO_RANKING_CATALOG_TARGET", f"{self.host}:{self.ports['profile'][0]}"
+                )
             stdout: int | object = subprocess.DEVNULL
             log_path = None
             if self.log_dir is not None:

@@ -396,23 +396,35 @@ class Pipeline:
         """Ranked (item id, score, reasons); falls back to retrieval order with rules that
         need no model."""
         started = time.perf_counter()
+        # Sold out by the gateway's details (fresher than ranking's periodically
+        # reloaded table): left out before ranking, so ranking fills k from the rest.
+        in_stock = []
+        for c in candidates:
+            item = details.get(c.item_id)
+            if item is not None and item.stock <= 0:
+                trace.drop("out_of_stock")
+            else:
+                in_stock.append(c)
+        candidates = in_stock
         if candidates:
             try:
                 head = ranking_pb2.RankRequest(
                     profile=profile, context=context, candidates=candidates, k=k, model_alias=alias
                 )
-                resp = await self.ranking.call(
-                    "ranking",
-                    self.rank_raw,
-                    # The items field appended as pre-serialized bytes (a repeated field may
-                    # come in any number of pieces): copying ~200 Item messages into the
-                    # request cost more than the rest of the call.
-                    head.SerializeToString()
-                    + b"".join(
+                payload = head.SerializeToString()
+                if self.s.rank_sends_items:
+                    # The items field appended as pre-serialized bytes (a repeated field
+                    # may come in any number of pieces). Ranking normally reads items from
+                    # its own table of the catalogue, so this is off by default.
+                    payload += b"".join(
                         self._item_field(details[c.item_id])
                         for c in candidates
                         if c.item_id in details
-                    ),
+                    )
+                resp = await self.ranking.call(
+                    "ranking",
+                    self.rank_raw,
+                    payload,
                     deadline,
                     self.s.ranking_timeout_ms / 1000,
                     self.s.read_retries,
@@ -429,11 +441,7 @@ class Pipeline:
         purchased = {p.item_id for p in profile.purchases}
         keep_purchased = context.surface == common_pb2.SURFACE_BUY_AGAIN
         out = []
-        for c in candidates:
-            item = details.get(c.item_id)
-            if item is not None and item.stock <= 0:
-                trace.drop("out_of_stock")
-                continue
+        for c in candidates:  # sold-out candidates were left out above
             if c.item_id in purchased and not keep_purchased:
                 trace.drop("purchased")
                 continue
@@ -543,6 +551,37 @@ class Pipeline:
             resp.offer_decision_id,
             ctx.anchor_item_id,
         )
+        return resp
+
+    def overloaded_recommend(
+        self, req: gateway_pb2.RecommendRequest
+    ) -> gateway_pb2.RecommendResponse | None:
+        """The fast answer past the in-flight bound: cached popular items (of the one
+        requested category, else overall) without any downstream call, named degraded;
+        None when nothing is cached (the caller then gets RESOURCE_EXHAUSTED)."""
+        k = self._k(req.k)
+        category = req.categories[0] if len(req.categories) == 1 else ""
+        cached = self.trending_cache.get_stale(category)
+        if cached is None:
+            return None
+        exclude = set(req.exclude_item_ids)
+        ranked = [
+            (c.item_id, c.score, [int(common_pb2.REASON_TRENDING), int(common_pb2.REASON_FALLBACK)])
+            for c in cached
+            if c.item_id not in exclude
+        ][:k]
+        details, _ = self.details_cache.get_many([r[0] for r in ranked])
+        trace = Trace(False)
+        trace.candidates = len(ranked)
+        trace.degrade("gateway", "popular_items", "overloaded: too many calls in progress")
+        resp = gateway_pb2.RecommendResponse(
+            request_id=request_id_var.get(),
+            items=self._items(ranked, details),
+            degraded=trace.degraded,
+        )
+        short = trace.shortfall(k, len(resp.items))
+        if short is not None:
+            resp.shortfall.CopyFrom(short)
         return resp
 
     async def candidates(

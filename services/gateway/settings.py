@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
@@ -24,6 +26,30 @@ class GatewaySettings(ServiceSettings):
     profile_timeout_ms: float = Field(80, gt=0, description="Deadline of a profile hop.")
     retrieval_timeout_ms: float = Field(150, gt=0, description="Deadline of a retrieval hop.")
     ranking_timeout_ms: float = Field(150, gt=0, description="Deadline of a ranking hop.")
+    rank_sends_items: bool = Field(
+        False,
+        description=(
+            "Send the candidates' catalog details in RankRequest.items (for a ranking "
+            "service without its own item table); false = ids and scores only."
+        ),
+    )
+    max_in_flight: int = Field(
+        64,
+        ge=0,
+        description=(
+            "Most recommendation calls (Recommend, GetRelatedItems, GetCartRecommendations) "
+            "in progress at once; past it a call is answered at once per OVERLOAD_ANSWER "
+            "instead of queueing (0 = no bound)."
+        ),
+    )
+    overload_answer: Literal["degraded", "resource_exhausted"] = Field(
+        "degraded",
+        description=(
+            "Past MAX_IN_FLIGHT: 'degraded' answers Recommend from the cached popular items "
+            "(no downstream call; RESOURCE_EXHAUSTED when none is cached, and for the other "
+            "calls); 'resource_exhausted' refuses every such call with RESOURCE_EXHAUSTED."
+        ),
+    )
     offer_timeout_ms: float = Field(80, gt=0, description="Deadline of an offer decision.")
     details_timeout_ms: float = Field(80, gt=0, description="Deadline of the item lookup.")
     track_timeout_ms: float = Field(2000, gt=0, description="Deadline of event forwarding.")

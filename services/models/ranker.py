@@ -333,6 +333,49 @@ class RankerNet(nn.Module):
         return (self.mlp(z) + self.wide(z)).squeeze(-1)
 
 
+class NumpyRanker:
+    """:class:`RankerNet`'s forward pass in NumPy (float32, no autograd, no torch call
+    per request): ``wide(z) + mlp(z)`` with ``z = (x - mean) / std``."""
+
+    def __init__(
+        self,
+        mean: np.ndarray,
+        std: np.ndarray,
+        layers: list[tuple[np.ndarray, np.ndarray] | None],
+        wide: tuple[np.ndarray, float],
+    ) -> None:
+        self.mean = mean
+        self.std = std
+        self.layers = layers  # (weight [in, out], bias [out]) or None for ReLU
+        self.wide_w, self.wide_b = wide
+
+    @classmethod
+    def from_net(cls, net: RankerNet) -> NumpyRanker:
+        def arr(t: torch.Tensor) -> np.ndarray:
+            return t.detach().cpu().numpy().astype(np.float32)
+
+        layers: list[tuple[np.ndarray, np.ndarray] | None] = []
+        for module in net.mlp:
+            if isinstance(module, nn.Linear):
+                layers.append((np.ascontiguousarray(arr(module.weight).T), arr(module.bias)))
+            elif isinstance(module, nn.ReLU):
+                layers.append(None)
+            elif not isinstance(module, nn.Dropout):  # identity at eval
+                raise RankerBundleError(f"no NumPy forward for {type(module).__name__}")
+        wide = (arr(net.wide.weight)[0], float(arr(net.wide.bias)[0]))
+        return cls(arr(net.mean), arr(net.std), layers, wide)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        if len(x) == 0:
+            return np.zeros(0, dtype=np.float32)
+        z = (np.asarray(x, dtype=np.float32) - self.mean) / self.std
+        h = z
+        for layer in self.layers:
+            h = np.maximum(h, np.float32(0.0)) if layer is None else h @ layer[0] + layer[1]
+        out = h[:, 0] + (z @ self.wide_w + np.float32(self.wide_b))
+        return out.astype(np.float32)
+
+
 class RankerBundle:
     """A loaded, validated ranker: features + network + item table."""
 
@@ -346,6 +389,7 @@ class RankerBundle:
     ) -> None:
         self.config = config
         self.net = net.eval()
+        self.forward = NumpyRanker.from_net(self.net)
         self.items = items
         self.smoke = smoke or {}
         self.eval_report = eval_report or {}
@@ -385,15 +429,22 @@ class RankerBundle:
             got = self.score_features(x)
             if not np.isfinite(got).all():
                 raise RankerBundleError("smoke test: scores are not finite")
+            gap = float(np.max(np.abs(got - self.torch_scores(x)))) if len(x) else 0.0
+            if not gap <= SMOKE_TOLERANCE:
+                raise RankerBundleError(f"the NumPy forward pass differs from torch by {gap:.3g}")
             err = float(np.max(np.abs(got - want))) if len(want) else 0.0
             if not err <= SMOKE_TOLERANCE:
                 raise RankerBundleError(
                     f"smoke test: scores differ from training's by {err:.3g} (> {SMOKE_TOLERANCE})"
                 )
 
-    @torch.no_grad()
     def score_features(self, x: np.ndarray) -> np.ndarray:
-        """Scores float32 [n] of raw feature rows [n, F]."""
+        """Scores float32 [n] of raw feature rows [n, F] (the NumPy forward pass)."""
+        return self.forward(x)
+
+    @torch.no_grad()
+    def torch_scores(self, x: np.ndarray) -> np.ndarray:
+        """Scores of the torch network itself (what :meth:`score_features` must equal)."""
         if len(x) == 0:
             return np.zeros(0, dtype=np.float32)
         t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))

@@ -23,6 +23,7 @@ import grpc
 from prometheus_client import Counter
 
 from mercato.v1 import common_pb2, profile_pb2, profile_pb2_grpc
+from services.common.deadline import ensure_time_left
 from services.common.errors import InvalidArgument, require
 from services.common.server import BaseService, run_service
 from services.profile.ingest import MAX_ID_BYTES, check_id, describe_errors, prepare_events
@@ -140,6 +141,7 @@ class ProfileServicer(profile_pb2_grpc.ProfileServiceServicer):
     ) -> profile_pb2.GetProfileResponse:
         _require_id(request.customer_id, "customer_id")
         (rec,) = await self.store.get_customers([request.customer_id])
+        ensure_time_left(context, "build_profile")
         return profile_pb2.GetProfileResponse(
             profile=build_profile(rec.customer_id, rec.state, rec.static, now_us(), self.cfg)
         )

@@ -8,36 +8,25 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
 from mercato.v1 import common_pb2, ranking_pb2
+from services.common.deadline import check_time_left
 from services.common.errors import InvalidArgument
 from services.ranking.rules import (
     SURFACE_NAMES,
     CandidateSet,
-    ItemInfo,
     ItemVectorLookup,
     RankContext,
     RulesConfig,
     apply_rules,
 )
 from services.ranking.scoring import RetrievalScorer, Scorer, ScorerProvider, no_ranker
+from services.ranking.table import CandidateArrays, CatalogTable, bad_id, validate_items
 
 log = logging.getLogger("mercato.ranking")
-
-MAX_ID_BYTES = 128
-
-
-def _bad_id(value: str) -> str | None:
-    """Why ``value`` is not a valid item id, or None."""
-    if not value:
-        return "must not be empty"
-    # Characters never take fewer bytes than one, so only long ids need encoding.
-    if len(value) * 4 > MAX_ID_BYTES and len(value.encode()) > MAX_ID_BYTES:
-        return f"is longer than {MAX_ID_BYTES} bytes"
-    return None
 
 
 def merge_candidates(candidates: Sequence[common_pb2.Candidate]) -> CandidateSet:
@@ -49,7 +38,7 @@ def merge_candidates(candidates: Sequence[common_pb2.Candidate]) -> CandidateSet
     sources: list[int] = []
     for n, cand in enumerate(candidates):
         item_id = cand.item_id
-        bad = _bad_id(item_id)
+        bad = bad_id(item_id)
         if bad:
             raise InvalidArgument(f"candidates[{n}].item_id {bad}")
         if not math.isfinite(cand.score):
@@ -66,23 +55,6 @@ def merge_candidates(candidates: Sequence[common_pb2.Candidate]) -> CandidateSet
     return CandidateSet(ids, np.asarray(scores, dtype=np.float64), sources)
 
 
-def item_details(items: Sequence[common_pb2.Item]) -> dict[str, ItemInfo]:
-    """Validated item details by id; a later entry for the same id wins."""
-    out: dict[str, ItemInfo] = {}
-    for n, item in enumerate(items):
-        bad = _bad_id(item.item_id)
-        if bad:
-            raise InvalidArgument(f"items[{n}].item_id {bad}")
-        if not (math.isfinite(item.price) and item.price >= 0):
-            raise InvalidArgument(f"items[{n}].price must be >= 0, got {item.price}")
-        if item.stock < 0:
-            raise InvalidArgument(f"items[{n}].stock must be >= 0, got {item.stock}")
-        if not math.isfinite(item.margin):
-            raise InvalidArgument(f"items[{n}].margin must be finite, got {item.margin}")
-        out[item.item_id] = ItemInfo.from_proto(item)
-    return out
-
-
 def rank_context(profile: common_pb2.Profile, context: common_pb2.Context) -> RankContext:
     """What the rules need from the profile and the context."""
     if context.surface not in SURFACE_NAMES:
@@ -97,7 +69,9 @@ def rank_context(profile: common_pb2.Profile, context: common_pb2.Context) -> Ra
 
 
 class RankPipeline:
-    """Rank = validate + merge + score + rules, with the scorer resolved per alias."""
+    """Rank = validate + merge + look up the item table + score + rules, with the
+    scorer resolved per alias. ``table`` gives the item table in force (the catalogue
+    follower swaps it on reload); items sent in the request override its rows."""
 
     def __init__(
         self,
@@ -106,7 +80,10 @@ class RankPipeline:
         vectors: ItemVectorLookup | None = None,
         max_candidates: int = 2000,
         max_k: int = 1000,
+        table: Callable[[], CatalogTable] | None = None,
     ) -> None:
+        empty = CatalogTable()
+        self.table: Callable[[], CatalogTable] = table or (lambda: empty)
         self.rules = rules
         self.scorers = scorers
         self.vectors = vectors
@@ -128,7 +105,7 @@ class RankPipeline:
         scorer: Scorer,
         request: ranking_pb2.RankRequest,
         candidates: CandidateSet,
-        items: dict[str, ItemInfo],
+        items: CandidateArrays,
     ) -> np.ndarray | None:
         try:
             scores = np.asarray(
@@ -146,21 +123,37 @@ class RankPipeline:
             return None
         return scores
 
-    def rank(self, request: ranking_pb2.RankRequest) -> ranking_pb2.RankResponse:
+    def rank(
+        self,
+        request: ranking_pb2.RankRequest,
+        time_remaining: Callable[[], float | None] | None = None,
+        newer: Mapping[str, common_pb2.Item] | None = None,
+    ) -> ranking_pb2.RankResponse:
+        """Rank ``request``; ``time_remaining`` (the caller's deadline, seconds) is
+        checked before scoring and before the rules: past it the work stops with
+        DEADLINE_EXCEEDED. ``newer`` are catalogue items the table does not hold yet;
+        items sent in the request win over both."""
         self.validate(request)
         candidates = merge_candidates(request.candidates)
-        items = item_details(request.items)
+        items = self.table().lookup(candidates.ids)
+        if newer:
+            items = items.overlay(candidates.ids, newer)
+        if request.items:
+            validate_items(request.items)
+            items = items.overlay(candidates.ids, {i.item_id: i for i in request.items})
         ctx = rank_context(request.profile, request.context)
         rules = self.rules.for_surface(ctx.surface)
 
         scorer = self.scorers(request.model_alias)
         scores = None
+        check_time_left(time_remaining, "ranker")
         if scorer is not None:
             scores = self._scores(scorer, request, candidates, items)
         version = scorer.model_version if scorer is not None and scores is not None else None
         if scores is None:
             scores = self.fallback.score(request.profile, request.context, candidates, items)
 
+        check_time_left(time_remaining, "rules")
         result = apply_rules(candidates, scores, items, ctx, rules, request.k, self.vectors)
         response = ranking_pb2.RankResponse(dropped=result.dropped)
         if version is not None:

@@ -18,7 +18,6 @@ import contextlib
 import logging
 import re
 import time
-from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -27,9 +26,10 @@ from mercato.v1 import common_pb2
 from services.models.ranker import CandidateDetails, RankerBundle, RankerBundleError, RankerQuery
 from services.models.registry import ModelVersionInfo
 from services.models.watcher import ModelRejected, ModelWatcher
-from services.ranking.rules import SURFACE_NAMES, CandidateSet, ItemInfo
+from services.ranking.rules import SURFACE_NAMES, CandidateSet
 from services.ranking.scoring import Scorer
 from services.ranking.settings import RankingSettings
+from services.ranking.table import CandidateArrays
 
 log = logging.getLogger("mercato.ranking")
 ALIAS_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -60,29 +60,16 @@ def ranker_query(profile: common_pb2.Profile, context: common_pb2.Context) -> Ra
     )
 
 
-def candidate_details(candidates: CandidateSet, items: Mapping[str, ItemInfo]) -> CandidateDetails:
-    """Candidate arrays; a candidate without details has unknown price, stock, margin."""
-    n = len(candidates)
-    price = np.zeros(n)
-    stock = np.full(n, -1.0)
-    margin = np.zeros(n)
-    category = [""] * n
-    for j, item_id in enumerate(candidates.ids):
-        info = items.get(item_id)
-        if info is None:
-            continue
-        price[j] = info.price
-        if info.stock is not None:
-            stock[j] = info.stock
-        margin[j] = info.margin
-        category[j] = info.category
+def candidate_details(candidates: CandidateSet, items: CandidateArrays) -> CandidateDetails:
+    """Candidate arrays from the item table's rows; a candidate without details has
+    unknown price, stock, margin."""
     return CandidateDetails(
         ids=list(candidates.ids),
         scores=np.asarray(candidates.scores, dtype=np.float64),
-        price=price,
-        stock=stock,
-        margin=margin,
-        category=category,
+        price=np.asarray(items.price, dtype=np.float64),
+        stock=np.where(items.known, items.stock, -1).astype(np.float64),
+        margin=np.asarray(items.margin, dtype=np.float64),
+        category=items.category_strings(),
     )
 
 
@@ -105,7 +92,7 @@ class RankerScorer:
         profile: common_pb2.Profile,
         context: common_pb2.Context,
         candidates: CandidateSet,
-        items: Mapping[str, ItemInfo],
+        items: CandidateArrays,
     ) -> np.ndarray:
         query = ranker_query(profile, context)
         scores = self.bundle.score(query, candidate_details(candidates, items))

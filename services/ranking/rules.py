@@ -38,6 +38,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from mercato.v1 import common_pb2
+from services.ranking.table import CandidateArrays
 
 SURFACE_NAMES: dict[int, str] = {
     common_pb2.SURFACE_UNSPECIFIED: "home",
@@ -315,25 +316,23 @@ def boost_of(item: ItemInfo, rules: BoostRule) -> float:
     return min(total, rules.max_boost)
 
 
-def _similarity_fn(kept_items: Sequence[ItemInfo], vectors: ItemVectorLookup | None) -> Any:
-    """Return sim(j) -> similarity of every kept item to kept item j, in [0, 1]."""
-    cats = [item.category for item in kept_items]
-    codes: dict[str, int] = {}
-    cat_ids = np.array([codes.setdefault(c, len(codes)) if c else -1 for c in cats])
+def _similarity_fn(ids: Sequence[str], cat: np.ndarray, vectors: ItemVectorLookup | None) -> Any:
+    """Return sim(j) -> similarity of every kept item to kept item j, in [0, 1]
+    (``cat``: category codes, -1 = uncategorised)."""
     unit: np.ndarray | None = None
-    found = np.zeros(len(kept_items), dtype=bool)
-    if vectors is not None and kept_items:
-        mat, found_raw = vectors([item.item_id for item in kept_items])
+    found = np.zeros(len(ids), dtype=bool)
+    if vectors is not None and len(ids):
+        mat, found_raw = vectors(ids)
         mat = np.asarray(mat, dtype=np.float32)
         found = np.asarray(found_raw, dtype=bool).copy()
-        norms = np.linalg.norm(mat, axis=1) if mat.size else np.zeros(len(kept_items))
+        norms = np.linalg.norm(mat, axis=1) if mat.size else np.zeros(len(ids))
         found &= norms > 0
         unit = np.zeros_like(mat)
         unit[found] = mat[found] / norms[found, None]
+    has_cat = cat >= 0
 
     def sim(j: int) -> np.ndarray:
-        same_cat = (cat_ids == cat_ids[j]) & (cat_ids >= 0)
-        out = same_cat.astype(np.float64)
+        out = ((cat == cat[j]) & has_cat).astype(np.float64)
         if unit is not None and found[j]:
             cos = np.clip(unit @ unit[j], 0.0, 1.0).astype(np.float64)
             out = np.where(found, cos, out)
@@ -342,10 +341,131 @@ def _similarity_fn(kept_items: Sequence[ItemInfo], vectors: ItemVectorLookup | N
     return sim
 
 
+_DROP_NAMES = ("", "out_of_stock", "unknown_stock", "anchor", "in_cart", "purchased")
+
+
+def _drop_codes(
+    ids: Sequence[str], arr: CandidateArrays, ctx: RankContext, rules: SurfaceRules
+) -> np.ndarray:
+    """Per candidate: 0 = kept, else the index in ``_DROP_NAMES`` of the first filter
+    that drops it (filters in :func:`drop_reason`'s order)."""
+    n = len(ids)
+    code = np.zeros(n, dtype=np.int8)
+    code[arr.known & (arr.stock <= 0)] = 1
+    if rules.drop_unknown_stock:
+        code[(code == 0) & ~arr.known] = 2
+    policy = rules.purchased
+    wanted = (
+        (rules.drop_anchor and bool(ctx.anchor))
+        or (rules.drop_in_cart and bool(ctx.in_cart))
+        or (policy != PurchasedPolicy.KEEP and bool(ctx.purchased))
+    )
+    if not wanted:
+        return code
+    index = {item_id: j for j, item_id in enumerate(ids)}
+
+    def mark(item_ids: frozenset[str] | tuple[str, ...], value: int, repl_ok: bool) -> None:
+        for item_id in item_ids:
+            j = index.get(item_id)
+            if j is not None and code[j] == 0 and not (repl_ok and arr.replenishable[j]):
+                code[j] = value
+
+    if rules.drop_anchor and ctx.anchor:
+        mark((ctx.anchor,), 3, False)
+    if rules.drop_in_cart:
+        mark(ctx.in_cart, 4, False)
+    if policy != PurchasedPolicy.KEEP:
+        mark(ctx.purchased, 5, policy == PurchasedPolicy.DROP_NON_REPLENISHABLE)
+    return code
+
+
+def boosts_of(arr: CandidateArrays, rows: np.ndarray, rules: BoostRule) -> np.ndarray:
+    """:func:`boost_of` of the candidates at ``rows``, as one array."""
+    price = arr.price[rows]
+    margin = arr.margin[rows]
+    high = price > 0
+    with np.errstate(over="ignore"):
+        rate = np.divide(margin, price, out=np.zeros_like(price), where=high)
+    high &= rate >= rules.high_margin_rate
+    total = np.zeros(len(rows)) + np.where(arr.promoted[rows], rules.promoted, 0.0)
+    total = total + np.where(high, rules.high_margin, 0.0)
+    return np.minimum(total, rules.max_boost)
+
+
+def _cap_rank(cat: np.ndarray) -> np.ndarray:
+    """For items in selection order: how many items of the same category come before."""
+    m = len(cat)
+    pos = np.arange(m)
+    srt = np.lexsort((pos, cat))
+    c = cat[srt]
+    start = np.ones(m, dtype=bool)
+    start[1:] = c[1:] != c[:-1]
+    first = np.maximum.accumulate(np.where(start, pos, 0))
+    out = np.empty(m, dtype=np.int64)
+    out[srt] = pos - first
+    return out
+
+
+def _select_by_value(
+    value: np.ndarray, cat: np.ndarray, cap: int, k: int
+) -> tuple[list[tuple[int, float]], int]:
+    """Diversity ``none``: best value first, a capped category masked as a whole."""
+    order = np.argsort(-value, kind="stable")
+    if cap > 0:
+        cat_o = cat[order]
+        over = (cat_o >= 0) & (_cap_rank(cat_o) >= cap)
+    else:
+        over = np.zeros(len(order), dtype=bool)
+    ok = np.flatnonzero(~over)
+    if len(ok) >= k:
+        end = int(ok[k - 1])
+        capped = int(over[:end].sum())
+        ok = ok[:k]
+    else:
+        capped = int(over.sum())
+    return [(int(order[p]), float(value[order[p]])) for p in ok], capped
+
+
+def _select_mmr(
+    value: np.ndarray, cat: np.ndarray, cap: int, k: int, w: float, sim: Any
+) -> tuple[list[tuple[int, float]], int]:
+    """Greedy MMR. A category reaching its cap is masked at once; its items that the
+    one-at-a-time selection would have passed over before each pick are counted."""
+    m = len(value)
+    idx = np.arange(m)
+    max_sim = np.zeros(m)
+    available = np.ones(m, dtype=bool)
+    blocked = np.zeros(m, dtype=bool)  # items of categories at their cap
+    counts: dict[int, int] = {}
+    chosen: list[tuple[int, float]] = []
+    capped = 0
+    while len(chosen) < k:
+        mmr = w * value - (1.0 - w) * max_sim
+        eligible = available & ~blocked
+        if not eligible.any():
+            capped += int((available & blocked).sum())
+            break
+        j = int(np.argmax(np.where(eligible, mmr, -np.inf)))
+        mj = mmr[j]
+        if blocked.any():
+            passed = available & blocked & ((mmr > mj) | ((mmr == mj) & (idx < j)))
+            capped += int(passed.sum())
+            available &= ~passed
+        available[j] = False
+        chosen.append((j, float(mj)))
+        c = int(cat[j])
+        if cap > 0 and c >= 0:
+            counts[c] = counts.get(c, 0) + 1
+            if counts[c] >= cap:
+                blocked |= cat == c
+        max_sim = np.maximum(max_sim, sim(j))
+    return chosen, capped
+
+
 def apply_rules(
     candidates: CandidateSet,
     model_scores: np.ndarray,
-    items: Mapping[str, ItemInfo],
+    items: Mapping[str, ItemInfo] | CandidateArrays,
     ctx: RankContext,
     rules: SurfaceRules,
     k: int,
@@ -354,69 +474,39 @@ def apply_rules(
 ) -> RankedResult:
     """Filter, boost, diversify and cap ``candidates``; return the top ``k``.
 
-    ``items`` may miss candidates: those have unknown stock, no category and no boost.
+    ``items`` are the candidates' attributes as :class:`CandidateArrays` (row j =
+    candidate j), or details by id (missing ids: unknown stock, no category, no boost).
+    Every rule runs over arrays; only the chosen ``k`` are visited one by one.
     """
-    dropped: dict[str, int] = {}
-    kept: list[int] = []
-    kept_items: list[ItemInfo] = []
-    for i, item_id in enumerate(candidates.ids):
-        item = items.get(item_id) or ItemInfo(item_id)
-        reason = drop_reason(item, ctx, rules)
-        if reason is None:
-            kept.append(i)
-            kept_items.append(item)
-        else:
-            dropped[reason] = dropped.get(reason, 0) + 1
+    ids = candidates.ids
+    arr = items if isinstance(items, CandidateArrays) else CandidateArrays.from_infos(ids, items)
+    code = _drop_codes(ids, arr, ctx, rules)
+    counted = np.bincount(code, minlength=len(_DROP_NAMES))
+    dropped = {_DROP_NAMES[c]: int(counted[c]) for c in range(1, len(_DROP_NAMES)) if counted[c]}
     result = RankedResult([], [], [], dropped)
-    if not kept or k <= 0:
+    kept = np.flatnonzero(code == 0)
+    if not len(kept) or k <= 0:
         return result
 
     relevance = normalize_relevance(np.asarray(model_scores, dtype=np.float64)[kept])
-    boosts = np.array([boost_of(item, rules.boosts) for item in kept_items])
+    boosts = boosts_of(arr, kept, rules.boosts)
     value = relevance * (1.0 + boosts)
-
+    cat = arr.category[kept]
     cap = rules.category_cap
-    counts: dict[str, int] = {}
-    capped = 0
-
-    def at_cap(item: ItemInfo) -> bool:
-        return cap > 0 and bool(item.category) and counts.get(item.category, 0) >= cap
-
-    chosen: list[tuple[int, float]] = []  # (position in kept, selection value)
     if rules.diversity.method == DiversityMethod.NONE:
-        for pos in np.argsort(-value, kind="stable"):
-            if len(chosen) >= k:
-                break
-            item = kept_items[pos]
-            if at_cap(item):
-                capped += 1
-                continue
-            counts[item.category] = counts.get(item.category, 0) + 1
-            chosen.append((int(pos), float(value[pos])))
+        chosen, capped = _select_by_value(value, cat, cap, k)
     else:
-        w = rules.diversity.relevance_weight
-        sim = _similarity_fn(kept_items, vectors)
-        max_sim = np.zeros(len(kept))
-        available = np.ones(len(kept), dtype=bool)
-        while len(chosen) < k and available.any():
-            mmr = np.where(available, w * value - (1.0 - w) * max_sim, -np.inf)
-            pos = int(np.argmax(mmr))
-            available[pos] = False
-            item = kept_items[pos]
-            if at_cap(item):
-                capped += 1
-                continue
-            counts[item.category] = counts.get(item.category, 0) + 1
-            chosen.append((pos, float(mmr[pos])))
-            max_sim = np.maximum(max_sim, sim(pos))
+        kept_ids = [ids[i] for i in kept] if vectors is not None else []
+        sim = _similarity_fn(kept_ids, cat, vectors)
+        chosen, capped = _select_mmr(value, cat, cap, k, rules.diversity.relevance_weight, sim)
     if capped:
         dropped["category_cap"] = capped
 
+    buy_again = ctx.surface == "buy_again"
     for pos, score in chosen:
-        idx = kept[pos]
-        item = kept_items[pos]
+        idx = int(kept[pos])
         source = candidates.sources[idx]
-        if ctx.surface == "buy_again" and item.item_id in ctx.purchased and item.replenishable:
+        if buy_again and arr.replenishable[idx] and ids[idx] in ctx.purchased:
             main = int(common_pb2.REASON_BUY_AGAIN)
         elif source in _SOURCE_REASONS:
             main = source

@@ -1,6 +1,7 @@
 """How candidates get their model score before the business rules.
 
-A :class:`Scorer` turns (profile, context, candidates, item details) into one score per
+A :class:`Scorer` turns (profile, context, candidates, the candidates' rows of the
+item table) into one score per
 candidate, higher is better. The trained ranker (registered as ``mercato-ranker``) will
 be a Scorer; until one is loaded the service ranks with :class:`RetrievalScorer`, the
 candidates' own retrieval scores ("rules-only" mode, ``RankResponse.model`` empty).
@@ -11,13 +12,13 @@ when no model is loaded for it; the registry / hot-swap code plugs in there.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Protocol, runtime_checkable
 
 import numpy as np
 
 from mercato.v1 import common_pb2
-from services.ranking.rules import CandidateSet, ItemInfo
+from services.ranking.rules import CandidateSet
+from services.ranking.table import CandidateArrays
 
 
 @runtime_checkable
@@ -34,7 +35,7 @@ class Scorer(Protocol):
         profile: common_pb2.Profile,
         context: common_pb2.Context,
         candidates: CandidateSet,
-        items: Mapping[str, ItemInfo],
+        items: CandidateArrays,
     ) -> np.ndarray:
         """Scores of ``candidates`` (shape ``[len(candidates)]``, finite)."""
         ...
@@ -58,7 +59,7 @@ class RetrievalScorer:
         profile: common_pb2.Profile,
         context: common_pb2.Context,
         candidates: CandidateSet,
-        items: Mapping[str, ItemInfo],
+        items: CandidateArrays,
     ) -> np.ndarray:
         return np.asarray(candidates.scores, dtype=np.float64).copy()
 

@@ -24,9 +24,12 @@ from typing import TYPE_CHECKING, TypeVar
 import grpc
 from prometheus_client import Counter
 
-from mercato.v1 import ranking_pb2, ranking_pb2_grpc
+from mercato.v1 import profile_pb2_grpc, ranking_pb2, ranking_pb2_grpc
+from services.common.channels import aio_channel
+from services.common.deadline import ensure_time_left
 from services.common.errors import Unavailable
 from services.common.server import BaseService, run_service
+from services.common.settings import ClientTlsSettings
 from services.ranking.offers import (
     Catalog,
     OfferPolicy,
@@ -39,6 +42,7 @@ from services.ranking.pipeline import RankPipeline
 from services.ranking.rules import RulesConfig
 from services.ranking.scoring import ScorerProvider, no_ranker
 from services.ranking.settings import RankingSettings
+from services.ranking.table import CatalogFollower
 
 if TYPE_CHECKING:
     from services.ranking.ranker import RegistryScorers
@@ -67,7 +71,17 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
     async def Rank(
         self, request: ranking_pb2.RankRequest, context: grpc.aio.ServicerContext
     ) -> ranking_pb2.RankResponse:
-        response = self.service.pipeline.rank(request)
+        ensure_time_left(context, "rank")
+        newer = None
+        follower = self.service.follower
+        if follower is not None and follower.loaded.is_set():
+            left = context.time_remaining()
+            budget = self.service.settings.catalog_fetch_timeout_ms / 1000
+            newer = await follower.newer_items(
+                [c.item_id for c in request.candidates],
+                budget if left is None else min(budget, left / 2),
+            )
+        response = self.service.pipeline.rank(request, context.time_remaining, newer)
         RANK_MODE.labels("model" if response.model.name else "rules_only").inc()
         for rule, count in response.dropped.items():
             DROPPED.labels(rule).inc(count)
@@ -147,11 +161,26 @@ class RankingService(BaseService):
         # Config errors stop the process at start, with the file and field named.
         self.rules = RulesConfig.load(settings.rules_file or None)
         self.catalog = Catalog.load(settings.resolved_offers_file())
+        self.catalog_channel: grpc.aio.Channel | None = None
+        self.follower: CatalogFollower | None = None
+        if settings.catalog_target:
+            self.catalog_channel = aio_channel(
+                settings.catalog_target, ClientTlsSettings(), settings.max_message_bytes
+            )
+            stub = profile_pb2_grpc.ProfileServiceStub(self.catalog_channel)
+            self.follower = CatalogFollower(
+                stub.ListItems,
+                settings.catalog_refresh_s,
+                settings.catalog_page_size,
+                get_items=stub.GetItems,
+            )
+        follower = self.follower
         self.pipeline = RankPipeline(
             self.rules,
             scorers=scorers,
             max_candidates=settings.max_candidates,
             max_k=settings.max_k,
+            table=(lambda: follower.table) if follower is not None else None,
         )
         self.policy: OfferPolicy | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="offers")
@@ -199,12 +228,23 @@ class RankingService(BaseService):
     async def start(self) -> None:
         self.policy = await self.run(self._open_policy)
         # Rules-only ranking always answers, so the service is ready once the offer
-        # state is open; the trained ranker, when it lands, changes scores, not health.
-        await self.set_serving(True)
+        # state is open and the item table loaded (stock, categories); the trained
+        # ranker, when it lands, changes scores, not health.
+        # start() returns at once either way, so SIGTERM can stop a process whose
+        # catalogue never answered.
+        if self.follower is not None:
+            self.follower.on_first_load = lambda: self.set_serving(True)
+            self.follower.start()
+        else:
+            await self.set_serving(True)
         if self.registry_scorers is not None:
             self.registry_scorers.start()
 
     async def stop(self) -> None:
+        if self.follower is not None:
+            await self.follower.stop()
+        if self.catalog_channel is not None:
+            await self.catalog_channel.close()
         if self.registry_scorers is not None:
             await self.registry_scorers.stop()
         policy = self.policy

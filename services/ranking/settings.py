@@ -26,6 +26,27 @@ class RankingSettings(ServiceSettings):
         2000, ge=1, le=100_000, description="Most candidates one Rank call may send."
     )
     max_k: int = Field(1000, ge=1, le=100_000, description="Largest k one Rank call may ask.")
+    catalog_target: str = Field(
+        "",
+        description=(
+            "host:port of the profile service whose catalogue (ListItems) fills ranking's "
+            "item table; empty = no table (only items sent in RankRequest.items are known)."
+        ),
+    )
+    catalog_refresh_s: float = Field(
+        15.0, gt=0, description="Seconds between reloads of the item table from the catalogue."
+    )
+    catalog_fetch_timeout_ms: float = Field(
+        50,
+        gt=0,
+        description=(
+            "Deadline of the GetItems call for candidates created since the last reload "
+            "(at most half of what is left of the caller's deadline)."
+        ),
+    )
+    catalog_page_size: int = Field(
+        10_000, ge=1, le=10_000, description="Items per ListItems page when loading the table."
+    )
     offers_file: str = Field(
         "",
         description="YAML offer catalog; empty = config/offers.yaml shipped with Mercato.",

@@ -29,6 +29,7 @@ import numpy as np
 from services.models.registry import ModelVersionInfo
 from services.models.two_tower import BundleError, ItemFeatures, TwoTowerBundle, UserQuery
 from services.models.watcher import ModelRejected
+from services.retrieval.index_choice import IndexChoice, choose_index
 from services.retrieval.user_encoder import NumpyUserEncoder
 
 log = logging.getLogger("mercato.retrieval.model")
@@ -40,13 +41,17 @@ UNKNOWN_STOCK = -1
 class IndexConfig:
     """How the service picks, builds and searches the index."""
 
-    exact_max_items: int = 200_000
+    exact_max_items: int = 20_000  # above: measured (services/retrieval/index_choice.py)
+    min_recall: float = 0.95  # Recall@recall_k the approximate index must reach at load
+    recall_k: int = 100
+    recall_queries: int = 200
+    ann_must_beat_exact: bool = True  # serve the ANN only when faster than exact
     hnsw_m: int = 32
     hnsw_ef_construction: int = 80
-    hnsw_ef_search: int = 128
-    ann: str = "ivf"  # index above exact_max_items: "ivf" or "hnsw"
+    hnsw_ef_search: int = 32  # starting efSearch; doubled at load until min_recall
+    ann: str = "ivf"  # candidate above exact_max_items: "ivf" or "hnsw"
     ivf_nlist: int = 0  # 0 = about 2 * sqrt(n), a power of two
-    ivf_nprobe: int = 32
+    ivf_nprobe: int = 4  # starting nprobe; doubled at load until min_recall
     mmap: bool = True
     oversample: float = 2.0
     max_fetch: int = 20_000
@@ -126,6 +131,7 @@ class RetrievalModel:
         self.cfg = cfg
         self.dim = bundle.dim
         self.index_type = describe_index(index)
+        self.index_choice: IndexChoice | None = None
         self._write_lock = threading.Lock()
         cats = sorted(set(bundle.item_category))
         code = {c: i for i, c in enumerate(cats)}
@@ -371,36 +377,71 @@ def build_index(x: np.ndarray, kind: str, cfg: IndexConfig) -> faiss.Index:
     return flat
 
 
-def serving_index(bundle: TwoTowerBundle, bundle_dir: Path, cfg: IndexConfig) -> faiss.Index:
-    """The index to serve: the bundle's when its type is the one for the catalog size
-    (exact Flat up to ``exact_max_items``, ``cfg.ann`` above), else one built from the
-    embeddings once and cached as ``serving-<type>.faiss`` beside the bundle."""
+def _index_of_kind(
+    bundle: TwoTowerBundle, bundle_dir: Path, cfg: IndexConfig, kind: str
+) -> faiss.Index:
+    """The bundle's index when it is of ``kind``, else one built from the embeddings
+    once and cached as ``serving-<type>.faiss`` beside the bundle."""
     n = len(bundle.item_ids)
-    want = "flat" if n <= cfg.exact_max_items else cfg.ann
-    if want not in ("flat", "hnsw", "ivf"):
-        raise ValueError(f"unknown index type {cfg.ann!r}: hnsw | ivf")
     index = bundle.index
-    if index_kind(index) != want:
-        name = {
-            "flat": "serving-Flat.faiss",
-            "hnsw": f"serving-HNSW{cfg.hnsw_m}-efc{cfg.hnsw_ef_construction}.faiss",
-            "ivf": f"serving-IVF{ivf_nlist(n, cfg)}.faiss",
-        }[want]
-        path = bundle_dir.parent / name
-        if not path.is_file():
-            log.info("building the serving index", extra={"index_file": name, "items": n})
-            built = build_index(np.ascontiguousarray(bundle.item_embeddings), want, cfg)
-            tmp = path.with_suffix(".tmp")
-            faiss.write_index(built, str(tmp))
-            tmp.rename(path)
-        index = faiss.read_index(str(path), _io_flags(cfg))
-    if isinstance(index, faiss.IndexHNSW):
-        index.hnsw.efSearch = cfg.hnsw_ef_search
-    if isinstance(index, faiss.IndexIVF):
-        index.nprobe = cfg.ivf_nprobe
+    if index_kind(index) == kind:
+        return index
+    name = {
+        "flat": "serving-Flat.faiss",
+        "hnsw": f"serving-HNSW{cfg.hnsw_m}-efc{cfg.hnsw_ef_construction}.faiss",
+        "ivf": f"serving-IVF{ivf_nlist(n, cfg)}.faiss",
+    }[kind]
+    path = bundle_dir.parent / name
+    if not path.is_file():
+        log.info("building the serving index", extra={"index_file": name, "items": n})
+        built = build_index(np.ascontiguousarray(bundle.item_embeddings), kind, cfg)
+        tmp = path.with_suffix(".tmp")
+        faiss.write_index(built, str(tmp))
+        tmp.rename(path)
+    return faiss.read_index(str(path), _io_flags(cfg))
+
+
+def sample_queries(bundle: TwoTowerBundle, n_queries: int, seed: int = 0) -> np.ndarray:
+    """User-tower embeddings of random short histories: queries like the served ones."""
+    rng = np.random.default_rng(seed)
+    ids = bundle.item_ids
+    queries = [
+        UserQuery([ids[i] for i in rng.choice(len(ids), size=int(rng.integers(1, 6)))], [], [])
+        for _ in range(n_queries)
+    ]
+    return np.ascontiguousarray(bundle.encode_users(queries), dtype=np.float32)
+
+
+def serving_index(
+    bundle: TwoTowerBundle, bundle_dir: Path, cfg: IndexConfig
+) -> tuple[faiss.Index, IndexChoice]:
+    """The index to serve and why: exact up to ``exact_max_items``; above, ``cfg.ann``
+    tuned to Recall@``recall_k`` >= ``min_recall`` on sample queries when that is faster
+    than exact (:func:`services.retrieval.index_choice.choose_index`)."""
+    n = len(bundle.item_ids)
+    if cfg.ann not in ("hnsw", "ivf"):
+        raise ValueError(f"unknown index type {cfg.ann!r}: hnsw | ivf")
+    emb = np.ascontiguousarray(bundle.item_embeddings, dtype=np.float32)
+    queries = (
+        sample_queries(bundle, cfg.recall_queries)
+        if n > cfg.exact_max_items
+        else np.zeros((0, emb.shape[1]), dtype=np.float32)
+    )
+    choice, ann = choose_index(
+        emb,
+        queries,
+        lambda: _index_of_kind(bundle, bundle_dir, cfg, cfg.ann),
+        exact_max_items=cfg.exact_max_items,
+        start_param=cfg.ivf_nprobe if cfg.ann == "ivf" else cfg.hnsw_ef_search,
+        min_recall=cfg.min_recall,
+        recall_k=cfg.recall_k,
+        must_beat_exact=cfg.ann_must_beat_exact,
+    )
+    index = ann if ann is not None else _index_of_kind(bundle, bundle_dir, cfg, "flat")
     if index.ntotal != n or index.d != bundle.dim:
         raise ModelRejected(f"index has {index.ntotal} x {index.d}, want {n} x {bundle.dim}")
-    return index
+    log.info("serving index chosen", extra={"items": n, **choice.as_dict()})
+    return index, choice
 
 
 def validate(model: RetrievalModel) -> None:
@@ -445,8 +486,9 @@ def load_retrieval_model(path: Path, info: ModelVersionInfo, cfg: IndexConfig) -
         bundle = TwoTowerBundle.load(path, index_io_flags=_io_flags(cfg))
     except BundleError as e:
         raise ModelRejected(str(e)) from e
-    index = serving_index(bundle, Path(path), cfg)
+    index, choice = serving_index(bundle, Path(path), cfg)
     model = RetrievalModel(bundle, index, info, cfg)
+    model.index_choice = choice
     model.complements_of("")  # read a lazily loaded complements file now, not in a call
     validate(model)
     return model
@@ -459,4 +501,5 @@ def model_summary(model: RetrievalModel) -> dict[str, Any]:
         "items": model.state.n_total,
         "dim": model.dim,
         "index": model.index_type,
+        **({"index_choice": model.index_choice.reason} if model.index_choice else {}),
     }

@@ -21,6 +21,7 @@ import numpy as np
 from prometheus_client import Counter, Gauge
 
 from mercato.v1 import common_pb2, retrieval_pb2, retrieval_pb2_grpc
+from services.common.deadline import ensure_time_left
 from services.common.errors import NotFound, ResourceExhausted, Unavailable, require
 from services.common.server import BaseService, run_service
 from services.models.registry import ModelVersionInfo
@@ -223,7 +224,9 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
         ctx = request.context
         _check_ids(list(ctx.cart_item_ids), "context.cart_item_ids", MAX_FILTER_IDS)
         flt = self._row_filter(model, st, request.filters, request.profile, ctx)
+        ensure_time_left(context, "user tower")
         q = model.encode_user(user_query(request.profile, ctx))
+        ensure_time_left(context, "search")
         res = model.search(st, q, request.k, flt)
         if len(res.rows) < request.k:
             SHORT_RESULTS.labels("Retrieve").inc()
@@ -271,6 +274,7 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
             model, st, request.filters, request.profile, None, extra_exclude=anchors
         )
         k = request.k
+        ensure_time_left(context, "search")
         if kind == common_pb2.RELATION_KIND_UPSELL:
             cands = self._upsell(model, st, anchors, k, flt)
         elif kind == common_pb2.RELATION_KIND_COMPLEMENT:
@@ -433,6 +437,10 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
 def index_config(settings: RetrievalSettings) -> IndexConfig:
     return IndexConfig(
         exact_max_items=settings.exact_max_items,
+        min_recall=settings.min_recall,
+        recall_k=settings.recall_k,
+        recall_queries=settings.recall_queries,
+        ann_must_beat_exact=settings.ann_must_beat_exact,
         hnsw_m=settings.hnsw_m,
         hnsw_ef_construction=settings.hnsw_ef_construction,
         hnsw_ef_search=settings.hnsw_ef_search,

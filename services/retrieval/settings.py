@@ -35,18 +35,39 @@ class RetrievalSettings(ServiceSettings):
         "", description="Where model versions are downloaded; default MERCATO_HOME/retrieval."
     )
     exact_max_items: int = Field(
-        200_000, ge=0, description="Catalogs up to this size use an exact Flat index."
+        20_000,
+        ge=0,
+        description=(
+            "Catalogs up to this size use an exact Flat index; above, the approximate "
+            "index serves when it reaches MIN_RECALL and is faster than exact (measured "
+            "at load)."
+        ),
     )
     ann_index: Literal["ivf", "hnsw"] = Field(
         "ivf",
-        description="Index above EXACT_MAX_ITEMS: ivf (IVF-Flat) or hnsw (see docs/retrieval.md).",
+        description="Approximate index tried above EXACT_MAX_ITEMS: ivf or hnsw.",
+    )
+    min_recall: float = Field(
+        0.95,
+        ge=0.0,
+        le=1.0,
+        description="Recall@RECALL_K against exact the approximate index must reach at load.",
+    )
+    recall_k: int = Field(100, ge=1, le=10_000, description="k of the load-time recall check.")
+    recall_queries: int = Field(
+        200, ge=1, le=100_000, description="Sample queries of the load-time recall check."
+    )
+    ann_must_beat_exact: bool = Field(
+        True, description="Serve the approximate index only when faster than exact."
     )
     ivf_nlist: int = Field(0, ge=0, description="IVF lists (0 = about 2 * sqrt(items)).")
-    ivf_nprobe: int = Field(32, ge=1, le=65536, description="IVF lists searched per query.")
+    ivf_nprobe: int = Field(
+        4, ge=1, le=65536, description="Starting nprobe; doubled at load until MIN_RECALL."
+    )
     hnsw_m: int = Field(32, ge=4, le=128, description="HNSW graph degree when one is built.")
     hnsw_ef_construction: int = Field(80, ge=8, description="HNSW efConstruction when built.")
     hnsw_ef_search: int = Field(
-        128, ge=8, le=4096, description="HNSW efSearch (recall vs latency)."
+        32, ge=8, le=4096, description="Starting HNSW efSearch; doubled at load until MIN_RECALL."
     )
     mmap_index: bool = Field(True, description="Memory-map the FAISS index file.")
     oversample: float = Field(

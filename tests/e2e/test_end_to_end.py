@@ -57,6 +57,8 @@ class Stack:
         self.procs[name] = proc
         if name != "gateway":
             self.env[f"MERCATO_GATEWAY_{name.upper()}_TARGET"] = proc.target
+        if name == "profile":  # ranking's item table follows the catalogue
+            self.env["MERCATO_RANKING_CATALOG_TARGET"] = proc.target
         return proc
 
     def restart(self, name: str) -> ServiceProc:

@@ -37,7 +37,14 @@ def test_campaigns_through_the_gateway(tmp_path: Path) -> None:
     profile = start_service("profile", tmp_path)
     offers = tmp_path / "offers.yaml"
     offers.write_text(OFFERS)
-    ranking = start_service("ranking", tmp_path, {"MERCATO_RANKING_OFFERS_FILE": str(offers)})
+    ranking = start_service(
+        "ranking",
+        tmp_path,
+        {
+            "MERCATO_RANKING_OFFERS_FILE": str(offers),
+            "MERCATO_RANKING_CATALOG_TARGET": profile.target,
+        },
+    )
     gateway = start_service(
         "gateway",
         tmp_path,

@@ -217,7 +217,9 @@ def test_ab_assignment_is_stable_and_split_as_configured() -> None:
 def test_real_ranking_orders_fallback_candidates_and_offers(
     stack: dict[str, ServiceProc], tmp_path: Path
 ) -> None:
-    ranking = start_service("ranking", tmp_path)
+    ranking = start_service(
+        "ranking", tmp_path, {"MERCATO_RANKING_CATALOG_TARGET": stack["profile"].target}
+    )
     gw = start_service(
         "gateway",
         tmp_path,

@@ -53,7 +53,13 @@ def start_stack(tmp_path: Path, pki: Pki, mtls: bool, ranking: bool) -> list[Ser
     ranking_target = f"127.0.0.1:{free_port()}"
     if ranking:
         procs.append(
-            start_service("ranking", tmp_path, server_env("ranking", pki, mtls), credentials=creds)
+            start_service(
+                "ranking",
+                tmp_path,
+                server_env("ranking", pki, mtls)
+                | {"MERCATO_RANKING_CATALOG_TARGET": procs[0].target},
+                credentials=creds,
+            )
         )
         ranking_target = procs[-1].target
     env = server_env("gateway", pki, mtls) | {

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import numpy as np
 import pytest
 
 from mercato.v1 import common_pb2, ranking_pb2
 from services.common.errors import InvalidArgument
 from services.ranking.pipeline import RankPipeline, merge_candidates
-from services.ranking.rules import CandidateSet, ItemInfo, RulesConfig
+from services.ranking.rules import CandidateSet, RulesConfig
 from services.ranking.scoring import RetrievalScorer, Scorer
+from services.ranking.table import CandidateArrays
 
 
 def _request(n: int = 5, k: int = 10, **kw: object) -> ranking_pb2.RankRequest:
@@ -125,9 +124,9 @@ class _ReverseScorer:
         profile: common_pb2.Profile,
         context: common_pb2.Context,
         candidates: CandidateSet,
-        items: Mapping[str, ItemInfo],
+        items: CandidateArrays,
     ) -> np.ndarray:
-        assert set(items) <= set(candidates.ids) | {"unused"}
+        assert len(items) == len(candidates)  # the item table's row per candidate
         return -candidates.scores
 
 

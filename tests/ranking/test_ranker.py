@@ -31,8 +31,10 @@ from mercato.v1 import common_pb2, ranking_pb2, ranking_pb2_grpc
 from services.models.ranker import (
     N_FEATURES,
     CandidateDetails,
+    NumpyRanker,
     RankerBundle,
     RankerBundleError,
+    RankerNet,
     RankerQuery,
 )
 from tests.procs import ServiceProc, start_service
@@ -192,6 +194,40 @@ def test_bundle_loads_without_training_code_and_reproduces_scores(trained) -> No
     want = np.array(res.smoke["scores"])
     assert len(got) == len(want) > 0
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_numpy_forward_equals_the_trained_torch_model(trained) -> None:
+    """The serving path (NumPy, no autograd) scores like the trained torch network on
+    the smoke rows and on random rows far outside the training range."""
+    res, _, _ = trained
+    bundle = RankerBundle.load(res.bundle_dir)
+    rng = np.random.default_rng(0)
+    smoke = np.asarray(bundle.smoke["features"], dtype=np.float32)
+    wild = rng.normal(0, 5, size=(500, N_FEATURES)).astype(np.float32)
+    for x in (smoke, wild):
+        with torch.no_grad():
+            want = bundle.net(torch.from_numpy(x)).numpy()
+        got = bundle.score_features(x)
+        assert got.dtype == np.float32 and got.shape == want.shape
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    # The check runs at load too: a NumPy path that diverges from torch is refused.
+    bundle.forward.wide_b += 0.01
+    with pytest.raises(RankerBundleError, match="NumPy forward pass differs"):
+        bundle.check()
+
+
+def test_numpy_forward_equals_torch_for_any_shape() -> None:
+    """Untrained networks of several shapes (dropout is identity at eval)."""
+    torch.manual_seed(1)
+    x = np.random.default_rng(1).normal(size=(64, N_FEATURES)).astype(np.float32)
+    for hidden, dropout in (((64, 32), 0.0), ((16,), 0.2), ((), 0.0)):
+        net = RankerNet(N_FEATURES, hidden=hidden, dropout=dropout).eval()
+        with torch.no_grad():
+            net.mean.normal_()
+            net.std.uniform_(0.5, 2.0)
+            want = net(torch.from_numpy(x)).numpy()
+        np.testing.assert_allclose(NumpyRanker.from_net(net)(x), want, rtol=1e-5, atol=1e-5)
 
 
 def _broken_copy(src: Path, dst: Path) -> Path:

@@ -53,7 +53,11 @@ def test_index_type_by_catalog_size_and_mmap(store: Store, tmp_path: Path) -> No
     assert flat.index_type == "Flat"
     # Above the threshold the service builds HNSW from the embeddings once and caches it.
     hnsw = load_retrieval_model(
-        d, INFO, IndexConfig(exact_max_items=10, ann="hnsw", hnsw_m=8, hnsw_ef_search=64)
+        d,
+        INFO,
+        IndexConfig(
+            exact_max_items=10, ann="hnsw", hnsw_m=8, hnsw_ef_search=64, ann_must_beat_exact=False
+        ),
     )
     assert isinstance(hnsw.index, faiss.IndexHNSW) and hnsw.index_type.startswith("HNSW8")
     cached = tmp_path / "v1" / "serving-HNSW8-efc80.faiss"
@@ -66,7 +70,11 @@ def test_index_type_by_catalog_size_and_mmap(store: Store, tmp_path: Path) -> No
     approx = hnsw.search(hnsw.state, q, 50, RowFilter())
     assert len(set(exact.rows.tolist()) & set(approx.rows.tolist())) >= 45
     # IVF (the default above the threshold): every list probed = exact results.
-    ivf = load_retrieval_model(d, INFO, IndexConfig(exact_max_items=10, ivf_nlist=8, ivf_nprobe=8))
+    ivf = load_retrieval_model(
+        d,
+        INFO,
+        IndexConfig(exact_max_items=10, ivf_nlist=8, ivf_nprobe=8, ann_must_beat_exact=False),
+    )
     assert isinstance(ivf.index, faiss.IndexIVF) and ivf.index_type == "IVF8,Flat,nprobe=8"
     assert str(tmp_path / "v1" / "serving-IVF8.faiss") in Path("/proc/self/maps").read_text()
     res = ivf.search(ivf.state, q, 50, RowFilter())

@@ -107,6 +107,43 @@ async def test_authenticator_guards_api_but_not_health() -> None:
     await _run_with(service, check)
 
 
+async def test_one_wrapper_per_method_reads_each_calls_metadata() -> None:
+    """The wrapped handler is built once per method (#14) and reused, yet every call
+    gets its own request id and its own authentication."""
+    settings = ServiceSettings(port=free_port(), metrics_port=0)
+    service = _BoomService(settings)
+    service.authenticator = _auth
+
+    async def check(ch: grpc.aio.Channel) -> None:
+        echo = diagnostics_pb2_grpc.DiagnosticsServiceStub(ch).Echo
+        for n in range(3):
+            call = echo(
+                diagnostics_pb2.EchoRequest(payload=b"x"),
+                metadata=(("x-api-key", "good"), ("x-request-id", f"rid-{n}")),
+            )
+            assert (await call).request_id == f"rid-{n}"
+            assert ("x-request-id", f"rid-{n}") in list(await call.initial_metadata())
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await echo(diagnostics_pb2.EchoRequest(payload=b"x"))
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+    from services.common import interceptors
+
+    built: list[str] = []
+    original = interceptors.RuntimeInterceptor._wrap_unary
+
+    def counting(self, behavior, method, infra):  # type: ignore[no-untyped-def]
+        built.append(method)
+        return original(self, behavior, method, infra)
+
+    interceptors.RuntimeInterceptor._wrap_unary = counting  # type: ignore[method-assign]
+    try:
+        await _run_with(service, check)
+    finally:
+        interceptors.RuntimeInterceptor._wrap_unary = original  # type: ignore[method-assign]
+    assert built.count("/mercato.v1.DiagnosticsService/Echo") == 1
+
+
 def test_settings_read_service_prefixed_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MERCATO_PROFILE_PORT", "6001")
     monkeypatch.setenv("MERCATO_PROFILE_THREADS", "2")

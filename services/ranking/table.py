@@ -1,0 +1,366 @@
+"""The ranking service's item table: the one place ranking reads item attributes.
+
+Ranking keeps the catalogue attributes its rules and features need in memory, as
+arrays by row (``price[row]``, ``stock[row]``, ...), loaded from the profile service's
+catalogue (``ListItems``) and reloaded every ``catalog_refresh_s`` seconds, so a
+``RankRequest`` carries candidate ids and scores, not 200 ``Item`` messages.
+
+- :class:`CatalogTable` is an immutable snapshot: a reload builds a new one and swaps
+  the reference, so a Rank call always sees one consistent table.
+- :class:`CandidateArrays` are the table's rows for one request's candidates (unknown
+  ids: ``known`` False, stock -1, no category, no boost). Items sent in the request
+  (``RankRequest.items``, kept for callers without a catalogue table) override the
+  table's rows for their ids.
+
+New item attributes for ranking (ranker features) are added here as columns, so the
+rules, the features and the ranker all read them from one table.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from mercato.v1 import common_pb2, profile_pb2
+from services.common.errors import InvalidArgument
+
+if TYPE_CHECKING:
+    from services.ranking.rules import ItemInfo
+
+log = logging.getLogger("mercato.ranking")
+# ProfileServiceStub.ListItems / GetItems of an asyncio channel: (request, timeout=...).
+ListItems = Callable[..., Awaitable[profile_pb2.ListItemsResponse]]
+GetItems = Callable[..., Awaitable[profile_pb2.GetItemsResponse]]
+MAX_FETCH = 1000  # ids per GetItems call for candidates the table does not know yet
+
+MAX_ID_BYTES = 128
+
+
+def bad_id(value: str) -> str | None:
+    """Why ``value`` is not a valid item id, or None."""
+    if not value:
+        return "must not be empty"
+    # Characters never take fewer bytes than one, so only long ids need encoding.
+    if len(value) * 4 > MAX_ID_BYTES and len(value.encode()) > MAX_ID_BYTES:
+        return f"is longer than {MAX_ID_BYTES} bytes"
+    return None
+
+
+def _code(category: str, names: list[str], codes: dict[str, int]) -> int:
+    """Code of ``category`` in ``names`` (appended when new); -1 for none."""
+    if not category:
+        return -1
+    code = codes.get(category)
+    if code is None:
+        code = codes[category] = len(names)
+        names.append(category)
+    return code
+
+
+@dataclass(frozen=True)
+class CandidateArrays:
+    """Item attributes of one request's candidates, row j = candidate j.
+
+    ``category`` holds codes into ``category_names`` (-1 = uncategorised or unknown);
+    ``stock`` is -1 where the item is unknown."""
+
+    known: np.ndarray  # bool
+    category: np.ndarray  # int32 codes
+    category_names: Sequence[str]
+    price: np.ndarray  # float64, 0 = unknown
+    stock: np.ndarray  # int64, -1 = unknown
+    margin: np.ndarray  # float64
+    replenishable: np.ndarray  # bool
+    promoted: np.ndarray  # bool
+    table_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+
+    def __len__(self) -> int:
+        return len(self.known)
+
+    def category_strings(self) -> list[str]:
+        """Category name per candidate ("" = none)."""
+        names = np.asarray([*self.category_names, ""], dtype=object)
+        return names[self.category].tolist()  # type: ignore[no-any-return]
+
+    @classmethod
+    def empty(cls, n: int) -> CandidateArrays:
+        return cls(
+            known=np.zeros(n, dtype=bool),
+            category=np.full(n, -1, dtype=np.int32),
+            category_names=(),
+            price=np.zeros(n),
+            stock=np.full(n, -1, dtype=np.int64),
+            margin=np.zeros(n),
+            replenishable=np.zeros(n, dtype=bool),
+            promoted=np.zeros(n, dtype=bool),
+            table_rows=np.full(n, -1, dtype=np.int64),
+        )
+
+    def overlay(self, ids: Sequence[str], items: Mapping[str, common_pb2.Item]) -> CandidateArrays:
+        """A copy where candidates with an entry in ``items`` take its attributes."""
+        at = [(j, items[i]) for j, i in enumerate(ids) if i in items]
+        if not at:
+            return self
+        names = list(self.category_names)
+        codes = {c: k for k, c in enumerate(names)}
+        out = replace(
+            self,
+            known=self.known.copy(),
+            category=self.category.copy(),
+            category_names=names,
+            price=self.price.copy(),
+            stock=self.stock.copy(),
+            margin=self.margin.copy(),
+            replenishable=self.replenishable.copy(),
+            promoted=self.promoted.copy(),
+        )
+        for j, item in at:
+            out.known[j] = True
+            out.category[j] = _code(item.category, names, codes)
+            out.price[j] = item.price
+            out.stock[j] = item.stock
+            out.margin[j] = item.margin
+            out.replenishable[j] = item.replenishable
+            out.promoted[j] = item.promoted
+        return out
+
+    @classmethod
+    def from_infos(cls, ids: Sequence[str], items: Mapping[str, ItemInfo]) -> CandidateArrays:
+        """Arrays of ``ids`` from :class:`~services.ranking.rules.ItemInfo` details (a
+        missing id, or one with ``stock`` None, is unknown)."""
+        out = cls.empty(len(ids))
+        names: list[str] = []
+        codes: dict[str, int] = {}
+        for j, item_id in enumerate(ids):
+            info = items.get(item_id)
+            if info is None:
+                continue
+            out.category[j] = _code(info.category, names, codes)
+            out.price[j] = info.price
+            out.margin[j] = info.margin
+            out.replenishable[j] = info.replenishable
+            out.promoted[j] = info.promoted
+            if info.stock is not None:
+                out.known[j] = True
+                out.stock[j] = info.stock
+        return replace(out, category_names=names)
+
+
+def validate_items(items: Sequence[common_pb2.Item], field_name: str = "items") -> None:
+    """INVALID_ARGUMENT for an item the rules cannot use."""
+    for n, item in enumerate(items):
+        bad = bad_id(item.item_id)
+        if bad:
+            raise InvalidArgument(f"{field_name}[{n}].item_id {bad}")
+        if not (math.isfinite(item.price) and item.price >= 0):
+            raise InvalidArgument(f"{field_name}[{n}].price must be >= 0, got {item.price}")
+        if item.stock < 0:
+            raise InvalidArgument(f"{field_name}[{n}].stock must be >= 0, got {item.stock}")
+        if not math.isfinite(item.margin):
+            raise InvalidArgument(f"{field_name}[{n}].margin must be finite, got {item.margin}")
+
+
+class CatalogTable:
+    """Catalogue attributes as arrays by row (immutable once built)."""
+
+    def __init__(self, items: Iterable[common_pb2.Item] = (), loaded_at: float = 0.0) -> None:
+        ids: list[str] = []
+        cat_codes: list[int] = []
+        names: list[str] = []
+        codes: dict[str, int] = {}
+        price: list[float] = []
+        stock: list[int] = []
+        margin: list[float] = []
+        repl: list[bool] = []
+        promo: list[bool] = []
+        row: dict[str, int] = {}
+        for item in items:
+            at = row.get(item.item_id)
+            values = (
+                _code(item.category, names, codes),
+                max(item.price, 0.0),
+                max(int(item.stock), 0),
+                item.margin,
+                item.replenishable,
+                item.promoted,
+            )
+            if at is None:
+                row[item.item_id] = len(ids)
+                ids.append(item.item_id)
+                cat_codes.append(values[0])
+                price.append(values[1])
+                stock.append(values[2])
+                margin.append(values[3])
+                repl.append(values[4])
+                promo.append(values[5])
+            else:  # a later entry for the same id wins
+                cat_codes[at], price[at], stock[at], margin[at], repl[at], promo[at] = values
+        self.ids = ids
+        self.row = row
+        self.category_names: list[str] = names
+        self.category = np.asarray(cat_codes, dtype=np.int32)
+        self.price = np.asarray(price, dtype=np.float64)
+        self.stock = np.asarray(stock, dtype=np.int64)
+        self.margin = np.asarray(margin, dtype=np.float64)
+        self.replenishable = np.asarray(repl, dtype=bool)
+        self.promoted = np.asarray(promo, dtype=bool)
+        self.loaded_at = loaded_at
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def rows(self, ids: Sequence[str]) -> np.ndarray:
+        """Row of each id (-1 = not in the table)."""
+        get = self.row.get
+        return np.fromiter((get(i, -1) for i in ids), dtype=np.int64, count=len(ids))
+
+    def lookup(self, ids: Sequence[str]) -> CandidateArrays:
+        """The rows of ``ids`` (unknown ids: not known, stock -1, no category)."""
+        rows = self.rows(ids)
+        known = rows >= 0
+        if known.all():
+            return CandidateArrays(
+                known=known,
+                category=self.category[rows],
+                category_names=self.category_names,
+                price=self.price[rows],
+                stock=self.stock[rows],
+                margin=self.margin[rows],
+                replenishable=self.replenishable[rows],
+                promoted=self.promoted[rows],
+                table_rows=rows,
+            )
+        out = CandidateArrays.empty(len(ids))
+        r = rows[known]
+        out.known[:] = known
+        out.category[known] = self.category[r]
+        out.price[known] = self.price[r]
+        out.stock[known] = self.stock[r]
+        out.margin[known] = self.margin[r]
+        out.replenishable[known] = self.replenishable[r]
+        out.promoted[known] = self.promoted[r]
+        return replace(out, category_names=self.category_names, table_rows=rows)
+
+
+async def load_catalog(
+    list_items: ListItems,
+    page_size: int = 10_000,
+    timeout_s: float = 30.0,
+) -> CatalogTable:
+    """Page through the profile service's catalogue (``ListItems``) into a table."""
+    items: list[common_pb2.Item] = []
+    token = ""
+    while True:
+        resp = await list_items(
+            profile_pb2.ListItemsRequest(page_size=page_size, page_token=token),
+            timeout=timeout_s,
+        )
+        items.extend(resp.items)
+        token = resp.next_page_token
+        if not token:
+            break
+    return CatalogTable(items, loaded_at=time.time())
+
+
+class CatalogFollower:
+    """Keeps a :class:`CatalogTable` fresh: loads it, then reloads it periodically.
+    Candidates the table does not know yet (items created since the last reload) are
+    fetched on demand with one ``GetItems`` call and kept until the next reload (ids the
+    catalogue does not know either are remembered too, so they are asked once)."""
+
+    def __init__(
+        self,
+        list_items: ListItems,
+        refresh_s: float,
+        page_size: int = 10_000,
+        on_first_load: Callable[[], object] | None = None,
+        get_items: GetItems | None = None,
+    ) -> None:
+        self.list_items = list_items
+        self.get_items = get_items
+        self.extra: dict[str, common_pb2.Item | None] = {}
+        self.refresh_s = refresh_s
+        self.page_size = page_size
+        self.table = CatalogTable()
+        self.loaded = asyncio.Event()
+        self.on_first_load = on_first_load
+        self._task: asyncio.Task[None] | None = None
+
+    async def refresh(self) -> CatalogTable:
+        """Reload now and swap the table in."""
+        started = time.perf_counter()
+        table = await load_catalog(self.list_items, self.page_size)
+        self.table = table
+        self.extra = {}
+        log.info(
+            "catalogue table loaded",
+            extra={"items": len(table), "ms": round((time.perf_counter() - started) * 1000, 1)},
+        )
+        return table
+
+    async def newer_items(self, ids: Sequence[str], timeout_s: float) -> dict[str, common_pb2.Item]:
+        """Catalogue items among ``ids`` that the table does not hold (fetched once per
+        reload period); a failed fetch leaves them unknown for this call."""
+        row, extra = self.table.row, self.extra
+        unknown = [i for i in dict.fromkeys(ids) if i not in row and i not in extra]
+        if unknown and self.get_items is not None and timeout_s > 0:
+            try:
+                resp = await self.get_items(
+                    profile_pb2.GetItemsRequest(item_ids=unknown[:MAX_FETCH]), timeout=timeout_s
+                )
+            except Exception as e:
+                log.warning("fetching new catalogue items failed", extra={"error": str(e)})
+            else:
+                for item in resp.items:
+                    extra[item.item_id] = item
+                for item_id in resp.missing_item_ids:
+                    extra[item_id] = None
+        if not extra:
+            return {}
+        out: dict[str, common_pb2.Item] = {}
+        for i in ids:
+            found = extra.get(i)
+            if found is not None:
+                out[i] = found
+        return out
+
+    async def _run(self) -> None:
+        delay = 0.2
+        while True:
+            try:
+                await self.refresh()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                log.warning("catalogue load failed; keeping the table", extra={"error": str(e)})
+                if not self.loaded.is_set():
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, self.refresh_s)
+                    continue
+            else:
+                if not self.loaded.is_set():
+                    self.loaded.set()
+                    if self.on_first_load is not None:
+                        res = self.on_first_load()
+                        if asyncio.iscoroutine(res):
+                            await res
+            await asyncio.sleep(self.refresh_s)
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="catalogue")
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
