@@ -353,6 +353,24 @@ def user_context(
     return out
 
 
+def category_affinities(
+    events: pd.DataFrame, vocab: Vocab, users: list[str] | None = None
+) -> dict[str, dict[str, float]]:
+    """Category affinity shares of each customer (of ``users``, default all) from their
+    events in time order: :func:`mercato.features.category_affinity`, exactly as the
+    profile service derives ``Profile.category_affinity``."""
+    h = events if users is None else events[events["user_id"].isin(set(users))]
+    h = h.iloc[np.argsort(h["ts"].to_numpy(), kind="stable")]
+    names = np.array(vocab.categories, dtype=object)
+    cats = names[vocab.item_category[h["item_id"].map(vocab.item_row).to_numpy(np.int64)]]
+    out: dict[str, list[tuple[str, str, int]]] = {}
+    for u, kind, c, t in zip(
+        h["user_id"].to_numpy(), h["event"].to_numpy(), cats, h["ts"].to_numpy(), strict=True
+    ):
+        out.setdefault(str(u), []).append((str(kind), str(c), int(t) * 1_000_000))
+    return {u: shared.category_affinity(ev) for u, ev in out.items()}
+
+
 @dataclass
 class EvalSet:
     """Queries (customers' whole history at a time) with future truth and exclusions."""
@@ -538,6 +556,7 @@ __all__ = [
     "build_eval_set",
     "build_train_rows",
     "build_vocab",
+    "category_affinities",
     "context_ids",
     "encode_events",
     "ragged_positions",

@@ -427,9 +427,7 @@ def train_and_register(cfg: TrainConfig) -> RegisteredResult:
                 m["train_seconds"] = fit_seconds.get(model, 0.0)
         # Index and its recall against exact search, on validation users as queries.
         index = build_index(item_emb, cfg.index)
-        q = encode_eval_users(
-            net, valid.take(np.arange(min(len(valid), cfg.index.recall_queries)))
-        )
+        q = encode_eval_users(net, valid.take(np.arange(min(len(valid), cfg.index.recall_queries))))
         if len(q) == 0:
             q = item_emb[: cfg.index.recall_queries]
         recall = ann_recall(index, item_emb, q, cfg.index.recall_k)

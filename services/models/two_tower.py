@@ -124,10 +124,10 @@ def price_band_of(price: float, band_boundaries: list[float]) -> str:
     return "low" if price < lo else ("mid" if price < hi else "high")
 
 
-def _pad(rows: list[list[int]], width: int) -> np.ndarray:
-    out = np.zeros((len(rows), width), dtype=np.int64)
+def _pad(rows: list[list[int]], dim: int) -> np.ndarray:
+    out = np.zeros((len(rows), dim), dtype=np.int64)
     for i, r in enumerate(rows):
-        r = r[:width]
+        r = r[:dim]
         out[i, : len(r)] = r
     return out
 
@@ -256,6 +256,23 @@ def build_net(config: dict[str, Any], vocab: dict[str, list[str]]) -> TwoTowerNe
         attr_buckets=int(f["attr_buckets"]),
         dim=int(config["model_dim"]),
     )
+
+
+# --------------------------------------------------------------------------- index
+
+
+def search_scores(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(inner-product scores, rows) of the top ``k`` per query. An L2-augmented HNSW
+    (``training.index``: an ``IndexPreTransform`` padding queries with a 0) returns L2
+    distances ``|q|² + M² - 2 q·x``; they are turned back into ``q·x``."""
+    q = np.ascontiguousarray(queries, dtype=np.float32)
+    dist, rows = index.search(q, k)
+    if isinstance(index, faiss.IndexPreTransform):
+        inner = faiss.downcast_index(index.index)
+        m2 = float((np.asarray(inner.reconstruct(0), dtype=np.float64) ** 2).sum())
+        q2 = (q.astype(np.float64) ** 2).sum(1, keepdims=True)
+        dist = ((q2 + m2 - dist) / 2.0).astype(np.float32)
+    return dist, rows
 
 
 # --------------------------------------------------------------------------- bundle
@@ -442,9 +459,7 @@ class TwoTowerBundle:
 
     def search(self, user_vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """FAISS search: (scores [B, k], rows [B, k]); rows are -1 where fewer exist."""
-        q = np.ascontiguousarray(user_vectors, dtype=np.float32)
-        scores, rows = self.index.search(q, k)
-        return scores, rows
+        return search_scores(self.index, user_vectors, k)
 
     # -- persistence
     def save(self, path: str | Path) -> None:

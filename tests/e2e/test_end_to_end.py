@@ -68,9 +68,7 @@ class Stack:
 
 
 def _retrieval_cfg(tracking_uri: str, data: Path, seed: int = 0) -> TrainConfig:
-    model = replace(
-        TwoTowerConfig(), dim=32, hidden=64, epochs=5, batch_size=256, progress=False, seed=seed
-    )
+    model = replace(TwoTowerConfig(), dim=32, epochs=5, batch_size=256, progress=False, seed=seed)
     return TrainConfig(
         data="synthetic",
         path=str(data),

@@ -40,9 +40,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     ex, _, _ = walk_history(encode_events(split.train, vocab), vocab, emit_examples=True)
     assert ex is not None
     valid = build_eval_set("valid", split.train, split.valid, vocab, data.target_events)
-    cfg = replace(
-        TwoTowerConfig(), dim=8, hidden=16, epochs=2, batch_size=128, patience=5, progress=False
-    )
+    cfg = replace(TwoTowerConfig(), dim=8, epochs=2, batch_size=128, patience=5, progress=False)
     net, _, hist = train_two_tower(vocab, ex, valid, cfg)
     torch.save(
         {"state": net.state_dict(), "best_epoch": hist.best_epoch, "epochs": hist.epochs},
