@@ -235,6 +235,8 @@ def batch_loss(
 ) -> torch.Tensor:
     u = net.encode_user(b.flat, b.offsets, *b.context.unbind(1))
     n_rows = len(b.offsets)
+    if len(b.t_item) == 0:  # nothing to predict: a zero loss (ranks stay in step)
+        return (u * 0.0).sum() + 0.0 * sum(p.sum() for p in net.parameters())
     if cfg.loss == "full":
         v = items.encode(net)
         logp = torch.log_softmax(u @ v.T, dim=1)
@@ -323,8 +325,6 @@ def train_two_tower(
             if len(sel) == 0:  # a last global batch smaller than the world
                 sel = order[s * batch : s * batch + 1]
             b = make_batch(rows, sel, cfg, rng_rank)
-            if len(b.t_item) == 0:
-                continue
             loss = batch_loss(net, items, b, cfg, log_q, gen)
             opt.zero_grad(set_to_none=True)
             loss.backward()

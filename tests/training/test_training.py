@@ -307,7 +307,7 @@ def test_bundle_refuses_missing_or_corrupt_files(trained, tmp_path: Path) -> Non
     bad2 = tmp_path / "c"
     shutil.copytree(res.bundle_dir, bad2)
     cfg = json.loads((bad2 / "config.json").read_text())
-    cfg["dim"] = 17
+    cfg["dim"] = 18  # the real one is 17 (16 + the bias component)
     (bad2 / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
     with pytest.raises(BundleError):
         TwoTowerBundle.load(bad2)
