@@ -366,12 +366,14 @@ def train_two_tower(
                 break
     if best_state is not None:
         net.load_state_dict(best_state)
-    # Items never seen in training keep an untrained id vector and bias: zero them, so
-    # that any caller (serving included) embeds them from features, like a new item.
+    # Items never seen in training keep untrained (random) id vectors, biases and history
+    # vectors: zero them, so that any caller (serving included) embeds them from features
+    # like a new item, and a history holding them is read as if they were not there.
     with torch.no_grad():
         unseen = torch.from_numpy(np.flatnonzero(~items.known) + 1)
         net.item_id.weight[unseen] = 0.0
         net.item_bias.weight[unseen] = 0.0
+        net.history.weight[unseen] = 0.0
     net.eval()
     hist.seconds = time.perf_counter() - t0
     return net, items, hist
