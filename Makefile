@@ -73,7 +73,7 @@ bench-retrieval: setup ## Retrieve p50/p99 over gRPC vs in-process, Recall@100 a
 bench-load: setup ## Gateway load with all four services, 100k and 1M items (ARGS="--quick" for a smoke run)
 	$(PY) bench/load.py $(ARGS)
 
-bench-quality: setup ## Two-tower vs popularity/ALS/EASE on Online Retail and MovieLens-1M (bench/results/quality.*)
+bench-quality: setup ## Two-tower vs popularity/ALS/EASE on ML-1M, Online Retail and synthetic (bench/results/quality.*)
 	$(PY) bench/quality.py $(ARGS)
 
 clean: ## Remove local state (.mercato) and caches

@@ -216,16 +216,6 @@ def test_tiny_train_register_load_by_alias_gives_same_scores(trained, tmp_path: 
 
     m = evaluate(EmbeddingScorer(served, remote.item_embeddings), valid, cfg.ks)
     assert m["recall@20"] == pytest.approx(res.metrics["valid"]["two_tower"]["recall@20"], abs=1e-9)
-    # FAISS ranks exactly as the model's scores u.v + b (the bias included).
-    v, b = remote.item_embeddings[:, :-1], remote.item_embeddings[:, -1]
-    assert np.abs(b).max() > 0  # the bias is trained and exported
-    model_scores = served[:20, :-1] @ v.T + b
-    faiss_scores, rows = remote.search(served[:20], 10)
-    np.testing.assert_allclose(
-        faiss_scores, np.take_along_axis(model_scores, rows, axis=1), rtol=1e-5, atol=1e-5
-    )
-    want = -np.sort(-model_scores, axis=1)[:, :10]
-    np.testing.assert_allclose(faiss_scores, want, rtol=1e-5, atol=1e-5)
     # Item tower from catalog features reproduces the stored embeddings; new ids work.
     items = data.items
     feats = [
@@ -238,6 +228,27 @@ def test_tiny_train_register_load_by_alias_gives_same_scores(trained, tmp_path: 
         for r in items.head(50).itertuples()
     ]
     np.testing.assert_allclose(remote.encode_items(feats), remote.item_embeddings[:50], atol=1e-5)
+    # FAISS ranks exactly as the model's scores u.v + b, the item tower run on every
+    # catalog item (the bias included).
+    every = [
+        ItemFeatures(
+            r.item_id,
+            r.category,
+            float(r.price),
+            {"brand": r.attr_brand, "color": r.attr_color, "tier": r.attr_tier},
+        )
+        for r in items.itertuples()
+    ]
+    tower = remote.encode_items(every)
+    v, b = tower[:, :-1], tower[:, -1]
+    assert np.abs(b).max() > 0  # the bias is trained and exported
+    model_scores = served[:20, :-1] @ v.T + b
+    faiss_scores, rows = remote.search(served[:20], 10)
+    np.testing.assert_allclose(
+        faiss_scores, np.take_along_axis(model_scores, rows, axis=1), rtol=1e-5, atol=1e-5
+    )
+    want = -np.sort(-model_scores, axis=1)[:, :10]
+    np.testing.assert_allclose(faiss_scores, want, rtol=1e-5, atol=1e-5)
     cold = remote.encode_items([replace(feats[0], item_id="NEW-SKU-1")])
     assert cold.shape == (1, 17) and np.isfinite(cold).all()
     assert remote.row_of(feats[3].item_id) == 3 and remote.row_of("NEW-SKU-1") is None

@@ -234,3 +234,46 @@ def test_grid_keeps_the_best_validation_try() -> None:
         EmbeddingScorer(encode_eval_users(net, valid), items.all_embeddings(net)), valid, ks=(20,)
     )
     assert m["recall@20"] == pytest.approx(best["valid_recall@20"], abs=1e-9)
+
+
+@pytest.mark.slow
+def test_sampled_softmax_trains_on_a_large_catalog() -> None:
+    """100k items (small enough for CI on 2 cores): the full softmax is refused above
+    its limit, the logQ-corrected sampled softmax learns."""
+    rng = np.random.default_rng(0)
+    n_items, n_users = 100_000, 2000
+    # Each customer draws from one of 50 blocks of items, so there is structure to learn.
+    block = rng.integers(0, 50, size=n_users)
+    per_user = 12
+    u = np.repeat(np.arange(n_users), per_user)
+    items_in_block = n_items // 50
+    it = block[u] * items_in_block + rng.zipf(1.3, size=len(u)) % items_in_block
+    ts = np.tile(np.arange(per_user), n_users) * DAY + 1_000_000
+    ev = pd.DataFrame(
+        {
+            "user_id": u.astype(str),
+            "item_id": it.astype(str),
+            "ts": ts,
+            "event": "purchase",
+            "session_id": np.tile(np.arange(per_user), n_users),
+        }
+    )
+    cat = pd.DataFrame({"item_id": np.arange(n_items).astype(str), "category": "", "price": 1.0})
+    data = RetailData("large", ev, cat, pd.DataFrame({"user_id": np.arange(n_users).astype(str)}))
+    split = time_split(data)
+    vocab = build_vocab(data)
+    rows = build_train_rows(split.train, vocab, "time")
+    valid = build_eval_set(
+        "valid", split.train, split.valid, vocab, data.target_events, now=split.params["t1"]
+    )
+    full = replace(
+        TwoTowerConfig(), dim=16, epochs=1, progress=False, full_softmax_max_items=50_000
+    )
+    with pytest.raises(ValueError, match="sampled"):
+        train_two_tower(vocab, rows, valid, full)
+    cfg = replace(full, loss="sampled", negatives=2048, epochs=3, batch_size=256, lr=1e-2)
+    _, _, hist = train_two_tower(vocab, rows, valid, cfg)
+    losses = [e["train_loss"] for e in hist.epochs]
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0]
+    # Far better than chance on held-out purchases (chance Recall@20 = 20 / 100k).
+    assert hist.best_metric > 50 * 20 / n_items
