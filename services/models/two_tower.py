@@ -151,9 +151,9 @@ class TwoTowerNet(nn.Module):
       signal and the content what generalises), ``b`` = id bias + category bias. Item
       index 0 is "unknown item": its id embedding and bias are fixed zeros, so a new item
       gets ``v`` and ``b`` from its features alone.
-    - user tower: the sum of the history items' input embeddings scaled by
-      ``1/sqrt(n)`` (n = distinct known items), plus embeddings of the surface, country,
-      segment and price band, plus a learned base vector.
+    - user tower: the sum of the history items' input embeddings (id + category
+      residual) scaled by ``1/sqrt(n)`` (n = distinct known items), plus embeddings of
+      the surface, country, segment and price band, plus a learned base vector.
 
     Both towers return augmented vectors of size ``dim + 1``: items ``[v, b]``, users
     ``[u, 1]``, so a plain inner-product index ranks exactly as the model scores.
@@ -182,6 +182,7 @@ class TwoTowerNet(nn.Module):
         self.price = nn.Embedding(n_price_buckets + 2, dim, padding_idx=0)
         self.attrs = nn.EmbeddingBag(attr_buckets + 1, dim, mode="mean", padding_idx=0)
         self.history = nn.EmbeddingBag(n_items + 1, dim, mode="sum", padding_idx=0)
+        self.history_category = nn.EmbeddingBag(n_categories, dim, mode="sum", padding_idx=0)
         self.surface = nn.Embedding(n_surfaces, dim)
         self.country = nn.Embedding(n_countries, dim)
         self.segment = nn.Embedding(n_segments, dim)
@@ -193,6 +194,7 @@ class TwoTowerNet(nn.Module):
             for emb, std in (
                 (self.item_id, 0.05),
                 (self.history, 0.05),
+                (self.history_category, 0.01),
                 (self.category, 0.01),
                 (self.price, 0.01),
                 (self.attrs, 0.01),
@@ -202,7 +204,14 @@ class TwoTowerNet(nn.Module):
                 (self.band, 0.01),
             ):
                 nn.init.normal_(emb.weight, std=std)
-            for emb in (self.item_id, self.history, self.category, self.price, self.attrs):
+            for emb in (
+                self.item_id,
+                self.history,
+                self.history_category,
+                self.category,
+                self.price,
+                self.attrs,
+            ):
                 emb.weight[0].zero_()
             self.item_bias.weight.zero_()
             self.category_bias.weight.zero_()
@@ -232,8 +241,10 @@ class TwoTowerNet(nn.Module):
         bag_id = torch.repeat_interleave(torch.arange(len(offsets)), lengths)
         n = torch.zeros(len(offsets)).index_add_(0, bag_id, (history > 0).float())
         per_item = n.clamp_min(1.0).rsqrt()[bag_id]
+        cats = self.item_category[history]
         u = (
             self.history(history, offsets, per_sample_weights=per_item)
+            + self.history_category(cats, offsets, per_sample_weights=per_item)
             + self.surface(surface)
             + self.country(country)
             + self.segment(segment)

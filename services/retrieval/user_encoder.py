@@ -22,6 +22,8 @@ class NumpyUserEncoder:
         net = bundle.net
         sd = {k: v.detach().cpu().numpy().astype(np.float32) for k, v in net.state_dict().items()}
         self.history = sd["history.weight"]
+        self.history_category = sd["history_category.weight"]
+        self.item_category = bundle.net.item_category.detach().cpu().numpy().astype(np.int64)
         self.surface = sd["surface.weight"]
         self.country = sd["country.weight"]
         self.segment = sd["segment.weight"]
@@ -35,7 +37,9 @@ class NumpyUserEncoder:
         s, c, g, b = self.bundle.context_ids(q)
         u = self.base + self.surface[s] + self.country[c] + self.segment[g] + self.band[b]
         if rows:
-            u = u + self.history[np.asarray(rows)].sum(0) / np.float32(np.sqrt(len(rows)))
+            r = np.asarray(rows)
+            h = self.history[r] + self.history_category[self.item_category[r]]
+            u = u + h.sum(0) / np.float32(np.sqrt(len(rows)))
         return np.concatenate([u, np.ones(1, np.float32)]).astype(np.float32)
 
     def matches(self, queries: list[UserQuery], atol: float = 1e-4) -> bool:
