@@ -114,6 +114,7 @@ def test_random_rows_hold_out_part_of_each_history() -> None:
         assert targets | got_in[k] == mine and not (targets & got_in[k])
 
 
+@pytest.mark.slow
 def test_evaluation_queries_use_a_surface_the_model_was_trained_on() -> None:
     data = generate(TINY)
     split = time_split(data)
@@ -160,6 +161,7 @@ def test_profile_service_and_training_compute_the_same_customer_features() -> No
     assert len(seen["segment"]) >= 2 and len(seen["band"]) >= 2
 
 
+@pytest.mark.slow
 def test_a_new_item_gets_a_vector_from_its_features() -> None:
     data = generate(TINY)
     split = time_split(data)
@@ -213,6 +215,7 @@ def test_a_new_item_gets_a_vector_from_its_features() -> None:
             )
 
 
+@pytest.mark.slow
 def test_grid_keeps_the_best_validation_try() -> None:
     data = generate(TINY)
     split = time_split(data)
