@@ -80,7 +80,7 @@ bench-index: setup ## Index choice by catalogue size: chosen index, Recall@100, 
 bench-load: setup ## Gateway load with all four services, 100k and 1M items (ARGS="--quick" for a smoke run)
 	$(PY) bench/load.py $(ARGS)
 
-bench-quality: setup ## Two-tower vs popularity/ALS/EASE on Online Retail and MovieLens-1M (bench/results/quality.*)
+bench-quality: setup ## Two-tower vs popularity/ALS/EASE on ML-1M, Online Retail and synthetic (bench/results/quality.*)
 	$(PY) bench/quality.py $(ARGS)
 
 clean: ## Remove local state (.mercato) and caches

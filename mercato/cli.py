@@ -27,8 +27,21 @@ from services.common.supervisor import (
     write_pid_file,
 )
 from services.gateway import cli as gateway_cli
-from services.profile import cli as profile_cli
-from training.cli import promote_command, train_app
+from services.profile.datasets import register_adapter
+
+
+def _synthetic_dataset(path: str, **_: object) -> object:
+    """The training package's synthetic shop as a profile dataset (lazy import)."""
+    from training.profile_data import profile_dataset
+
+    return profile_dataset(path)
+
+
+# The composition root wires the training package's adapter into the profile service.
+register_adapter("synthetic", _synthetic_dataset)  # type: ignore[arg-type]
+
+from services.profile import cli as profile_cli  # noqa: E402
+from training.cli import promote_command, train_app  # noqa: E402
 
 app = typer.Typer(help="Mercato: real-time retail personalization.", no_args_is_help=True)
 console = Console()

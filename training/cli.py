@@ -29,17 +29,23 @@ def train_retrieval(
     min_rating: int = typer.Option(0, help="MovieLens: drop ratings below this."),
     k_core: int = typer.Option(0, help="Keep users and items with >= this many events."),
     baselines: str = typer.Option("als,ease", help="Baselines besides popularity ('' = none)."),
-    max_recent: int = typer.Option(20, help="Recent items in the user tower."),
     users: int = typer.Option(10_000, help="Synthetic: customers."),
     items: int = typer.Option(5_000, help="Synthetic: catalog size."),
     days: int = typer.Option(120, help="Synthetic: days of history."),
-    loss: str = typer.Option("inbatch", help="inbatch (logQ-corrected) | full (softmax)"),
+    loss: str = typer.Option(
+        "full", help="full (softmax over the catalog) | sampled (logQ-corrected, huge catalogs)"
+    ),
     dim: int = typer.Option(64),
-    epochs: int = typer.Option(15),
-    batch_size: int = typer.Option(512),
-    lr: float = typer.Option(1e-2),
-    temperature: float = typer.Option(0.07),
-    patience: int = typer.Option(2, help="Epochs without validation gain before stopping."),
+    epochs: int = typer.Option(60, help="At most; early stopping on validation ends training."),
+    batch_size: int = typer.Option(256, help="Customers per step."),
+    lr: float = typer.Option(5e-3),
+    weight_decay: str = typer.Option(
+        "0", help="Comma-separated weight decays to try (chosen on validation)."
+    ),
+    input_dropout: str = typer.Option(
+        "0.2", help="Comma-separated history dropouts to try (chosen on validation)."
+    ),
+    patience: int = typer.Option(5, help="Epochs without validation gain before stopping."),
     exact_max_items: int = typer.Option(
         200_000, help="Exact FAISS index up to this size, HNSW above."
     ),
@@ -76,7 +82,7 @@ def train_retrieval(
         baselines=replace(
             BaselineConfig(), models=tuple(b for b in baselines.split(",") if b), seed=seed
         ),
-        features=FeatureConfig(max_recent=max_recent),
+        features=FeatureConfig(),
         synthetic=replace(SyntheticConfig(), n_users=users, n_items=items, days=days, seed=seed),
         model=replace(
             TwoTowerConfig(),
@@ -85,7 +91,11 @@ def train_retrieval(
             epochs=epochs,
             batch_size=batch_size,
             lr=lr,
-            temperature=temperature,
+            grid=tuple(
+                (float(w), float(d))
+                for w in weight_decay.split(",")
+                for d in input_dropout.split(",")
+            ),
             patience=patience,
             seed=seed,
             progress=progress,

@@ -219,12 +219,3 @@ def k_core(data: RetailData, min_user: int, min_item: int) -> RetailData:
     users = data.users[data.users["user_id"].isin(ev["user_id"].unique())]
     meta = {**data.meta, "k_core": [min_user, min_item]}
     return RetailData(data.name, ev, items, users, data.target_events, meta)
-
-
-def profile_dataset(path: str) -> Any:
-    """Hook of ``mercato load --data synthetic --path <folder>`` (the profile service):
-    the synthetic set written by ``mercato train generate`` as a ProfileDataset; see
-    :mod:`training.profile_data`."""
-    from training.profile_data import profile_dataset as make
-
-    return make(path)

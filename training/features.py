@@ -1,15 +1,26 @@
-"""Vocabularies and the feature arrays of training examples and evaluation queries.
+"""Vocabularies, the two-tower's per-user training rows and evaluation queries.
 
-Features are computed the way serving sees them (``services.models.two_tower``): the
-customer's distinct recent items (newest first), distinct purchases, the current cart,
-the item on screen (anchor), the surface, country, a purchase-count segment and a price
-band. A training example is the first interaction of a user with an item in a session,
-with the features *before* that interaction, so nothing from the future leaks in.
+The two-tower's user input is the customer's distinct history (every item they
+interacted with before the query time) plus context: surface, country, segment and
+price band. Segment and price band come from :mod:`mercato.features`, the definitions
+the profile service uses, computed from the customer's purchases before the query time.
+
+Training rows (:func:`build_train_rows`) are built from the sparse user x item data, not
+by walking events:
+
+- time splits: one row per (customer, cut-off) with a cut-off at each session start:
+  the input is the items first seen before the cut-off, the targets the items first
+  seen in the ``horizon`` after it (new items only, as the evaluation counts them);
+  each epoch draws one cut-off per customer, so every customer weighs the same;
+- random splits (no meaningful time): one row per customer; each epoch a random part of
+  their training items is held out as targets and the rest is the input.
+
+:func:`walk_history` (the ranker's features: recent items, purchases, cart, anchor at
+each event) replays events in time order with the same segment and price band.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,11 +28,13 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from services.models.two_tower import PRICE_BANDS, SURFACES, attribute_tokens, price_band_of
+from mercato import features as shared
+from mercato.features import PRICE_BANDS, SEGMENTS
+from services.models.two_tower import SURFACES, attribute_tokens
 from training.data import EVENT_CODE, RetailData
 
-SEGMENTS = ("", "new", "active", "loyal")
 DEFAULT_EVENT_WEIGHTS = {"view": 1.0, "cart": 2.0, "purchase": 4.0, "rating": 1.0}
+SECONDS_PER_DAY = 86_400
 
 
 @dataclass(frozen=True)
@@ -32,18 +45,17 @@ class FeatureConfig:
     max_attrs: int = 8
     attr_buckets: int = 4096
     n_price_buckets: int = 10
+    max_history: int = 0  # items of a serving query's history the user tower reads; 0 = all
 
-    def to_dict(
-        self, price_boundaries: list[float], band_boundaries: list[float]
-    ) -> dict[str, Any]:
+    def to_dict(self, price_boundaries: list[float]) -> dict[str, Any]:
         return {
             "max_recent": self.max_recent,
             "max_purchased": self.max_purchased,
             "max_cart": self.max_cart,
             "max_attrs": self.max_attrs,
+            "max_history": self.max_history,
             "attr_buckets": self.attr_buckets,
             "price_boundaries": price_boundaries,
-            "band_boundaries": band_boundaries,
         }
 
 
@@ -62,7 +74,6 @@ class Vocab:
     item_price_bucket: np.ndarray  # int64
     item_attrs: np.ndarray  # int64 [n_items, max_attrs]
     price_boundaries: list[float]
-    band_boundaries: list[float]
     user_codes: pd.Index  # user_id -> code
     user_country: np.ndarray  # country index per user code
     features: FeatureConfig = field(default_factory=FeatureConfig)
@@ -80,7 +91,7 @@ class Vocab:
         }
 
     def feature_dict(self) -> dict[str, Any]:
-        return self.features.to_dict(self.price_boundaries, self.band_boundaries)
+        return self.features.to_dict(self.price_boundaries)
 
 
 def build_vocab(data: RetailData, fc: FeatureConfig | None = None) -> Vocab:
@@ -96,9 +107,8 @@ def build_vocab(data: RetailData, fc: FeatureConfig | None = None) -> Vocab:
     if known.size:
         qs = np.quantile(known, np.linspace(0, 1, fc.n_price_buckets + 1)[1:-1])
         boundaries = sorted({float(q) for q in qs})
-        band = [float(np.quantile(known, 1 / 3)), float(np.quantile(known, 2 / 3))]
     else:
-        boundaries, band = [], [0.0, 0.0]
+        boundaries = []
     from services.models.two_tower import price_buckets
 
     attr_cols = data.attribute_columns
@@ -126,7 +136,6 @@ def build_vocab(data: RetailData, fc: FeatureConfig | None = None) -> Vocab:
         item_price_bucket=price_buckets(price, boundaries),
         item_attrs=attrs,
         price_boundaries=boundaries,
-        band_boundaries=band,
         user_codes=user_codes,
         user_country=np.array([c_ix[c] for c in data.users["country"]], dtype=np.int64),
         features=fc,
@@ -184,107 +193,55 @@ class UserFeatures:
         return UserFeatures(**{k: v[rows] for k, v in self.__dict__.items()})
 
 
-@dataclass
-class Examples:
-    feats: UserFeatures
-    target: np.ndarray  # item row
-    weight: np.ndarray  # float32
-
-
 def walk_history(
-    enc: pd.DataFrame,
-    vocab: Vocab,
-    emit_examples: bool,
-    event_weights: dict[str, float] | None = None,
-) -> tuple[Examples | None, np.ndarray, UserFeatures]:
-    """Replay each user's events in time order.
-
-    Returns training examples (first interaction with an item in a session, weighted by
-    the strongest event of that user/session/item) when ``emit_examples``, and the state of
-    every user at the end of their history as a "home" request: (users, features).
-    """
+    enc: pd.DataFrame, vocab: Vocab, now: float | None = None
+) -> tuple[np.ndarray, UserFeatures]:
+    """Replay each user's events in time order; the state of every user at the end of
+    their history as a "home" request: (user codes, features). Segment and price band
+    are :mod:`mercato.features`' at time ``now`` (default: the newest event)."""
     fc = vocab.features
-    weights = {**DEFAULT_EVENT_WEIGHTS, **(event_weights or {})}
-    code_w = np.array([weights[e] for e in EVENT_CODE], dtype=np.float32)
     n = len(enc)
-    u_a, i_a, ev_a, s_a, sf_a = (enc[c].to_numpy() for c in ("u", "i", "ev", "sess", "surf"))
-    first = ~enc.duplicated(["u", "sess", "i"]).to_numpy()
-    wmax = pd.Series(code_w[ev_a]).groupby([u_a, s_a, i_a]).transform("max").to_numpy(np.float32)
-    n_ex = int(first.sum()) if emit_examples else 0
-    ex = UserFeatures.empty(n_ex, fc)
-    target = np.zeros(n_ex, dtype=np.int64)
-    ex_w = np.zeros(n_ex, dtype=np.float32)
+    u_a, i_a, ev_a, s_a, t_a = (enc[c].to_numpy() for c in ("u", "i", "ev", "sess", "ts"))
     users = np.unique(u_a)
     st = UserFeatures.empty(len(users), fc)
-    log_price = np.log(np.maximum(vocab.item_price.astype(np.float64), 1e-9))
-    has_price = vocab.item_price > 0
-    band_lo, band_hi = vocab.band_boundaries
-    view, cart_c, purchase = EVENT_CODE["view"], EVENT_CODE["cart"], EVENT_CODE["purchase"]
+    t_now = float(now if now is not None else (t_a.max() if n else 0))
+    price = vocab.item_price.astype(np.float64)
+    cart_c, purchase = EVENT_CODE["cart"], EVENT_CODE["purchase"]
     home = vocab.surfaces.index("home")
-    seg_new, seg_active, seg_loyal = 1, 2, 3
-    u_l, i_l, ev_l, s_l, sf_l, f_l = (
-        u_a.tolist(),
-        i_a.tolist(),
-        ev_a.tolist(),
-        s_a.tolist(),
-        sf_a.tolist(),
-        first.tolist(),
-    )
-    e = 0
+    seg_ix = {g: j for j, g in enumerate(vocab.segments)}
+    u_l, i_l, ev_l, s_l, t_l = (x.tolist() for x in (u_a, i_a, ev_a, s_a, t_a))
     k_user = -1
-    cur_u = cur_s = None
+    cur_u = None
     recent: list[int] = []
     bought: list[int] = []
     cart: list[int] = []
-    anchor = 0
-    n_psess = 0
-    p_sum = 0.0
-    p_n = 0
-    last_psess = None
+    orders: set[int] = set()
+    monetary, units, last_buy = 0.0, 0, 0.0
     country = 0
 
-    def band_of() -> int:
-        if p_n == 0:
-            return 0
-        gm = math.exp(p_sum / p_n)
-        return 1 if gm < band_lo else (2 if gm < band_hi else 3)
-
-    def seg_of() -> int:
-        return seg_new if n_psess == 0 else (seg_active if n_psess < 3 else seg_loyal)
-
-    def write(f: UserFeatures, r: int, surf: int) -> None:
-        f.recent[r, : min(len(recent), fc.max_recent)] = recent[: fc.max_recent]
-        f.purchased[r, : min(len(bought), fc.max_purchased)] = bought[: fc.max_purchased]
+    def write(r: int) -> None:
+        st.recent[r, : min(len(recent), fc.max_recent)] = recent[: fc.max_recent]
+        st.purchased[r, : min(len(bought), fc.max_purchased)] = bought[: fc.max_purchased]
         c = cart[::-1][: fc.max_cart]
-        f.cart[r, : len(c)] = c
-        f.anchor[r] = anchor
-        f.surface[r] = surf
-        f.country[r] = country
-        f.segment[r] = seg_of()
-        f.band[r] = band_of()
+        st.cart[r, : len(c)] = c
+        st.surface[r] = home
+        st.country[r] = country
+        st.segment[r], st.band[r] = context_ids(
+            len(orders), (t_now - last_buy) / SECONDS_PER_DAY, monetary, units, seg_ix
+        )
 
     for k in range(n):
         u = u_l[k]
         if u != cur_u:
             if cur_u is not None:
-                anchor = 0
-                write(st, k_user, home)
+                write(k_user)
             k_user += 1
-            cur_u, cur_s = u, None
+            cur_u = u
             recent, bought, cart = [], [], []
-            n_psess, p_sum, p_n, last_psess = 0, 0.0, 0, None
+            orders, monetary, units, last_buy = set(), 0.0, 0, 0.0
             country = int(vocab.user_country[u])
         s = s_l[k]
-        if s != cur_s:
-            cur_s, anchor = s, 0
-            if cart and last_psess != s:
-                cart = cart[-fc.max_cart :]  # an abandoned cart stays the cart
         item = i_l[k] + 1
-        if emit_examples and f_l[k]:
-            write(ex, e, sf_l[k])
-            target[e] = item - 1
-            ex_w[e] = wmax[k]
-            e += 1
         if item in recent:
             recent.remove(item)
         recent.insert(0, item)
@@ -302,33 +259,23 @@ def walk_history(
                 bought.pop()
             if item in cart:
                 cart.remove(item)
-            if last_psess != s:
-                n_psess += 1
-                last_psess = s
-            if has_price[item - 1]:
-                p_sum += log_price[item - 1]
-                p_n += 1
-        if ev in (view, cart_c):
-            anchor = item
+            orders.add(s)
+            monetary += price[item - 1]
+            units += 1
+            last_buy = max(last_buy, float(t_l[k]))
     if cur_u is not None:
-        anchor = 0
-        write(st, k_user, home)
-    examples = Examples(ex, target, ex_w) if emit_examples else None
-    return examples, users, st
+        write(k_user)
+    return users, st
 
 
-@dataclass
-class EvalSet:
-    """Queries (user states at the end of history) with future truth and exclusions."""
-
-    name: str
-    users: np.ndarray  # user codes
-    feats: UserFeatures
-    truth: sp.csr_matrix  # [n_users, n_items] items bought in the future, not in history
-    exclude: sp.csr_matrix  # [n_users, n_items] items the user had in history
-
-    def __len__(self) -> int:
-        return len(self.users)
+def context_ids(
+    orders: int, recency_days: float, monetary: float, units: float, seg_ix: dict[str, int]
+) -> tuple[int, int]:
+    """(segment, price band) indices from purchase aggregates: the shared definitions
+    of :mod:`mercato.features`, as the profile service computes them."""
+    g = shared.segment(orders, recency_days)
+    b = shared.price_band(monetary, units)
+    return seg_ix.get(g, 0), PRICE_BANDS.index(b)
 
 
 def _pairs_matrix(u: np.ndarray, i: np.ndarray, rows: pd.Index, n_items: int) -> sp.csr_matrix:
@@ -343,6 +290,112 @@ def _pairs_matrix(u: np.ndarray, i: np.ndarray, rows: pd.Index, n_items: int) ->
     return m
 
 
+def ragged_positions(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Concatenated ``arange(start, start + length)`` of every pair, vectorised."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    total = int(lengths.sum())
+    if total == 0:
+        return np.zeros(0, dtype=np.int64)
+    ends = np.cumsum(lengths)
+    shift = np.repeat(np.asarray(starts, dtype=np.int64) - (ends - lengths), lengths)
+    return np.arange(total, dtype=np.int64) + shift
+
+
+class _Purchases:
+    """Purchase aggregates of customers before any time, by binary search."""
+
+    def __init__(self, enc: pd.DataFrame, vocab: Vocab) -> None:
+        p = enc[enc["ev"] == EVENT_CODE["purchase"]].sort_values(["u", "ts"], kind="stable")
+        self.u = p["u"].to_numpy(np.int64)
+        self.ts = p["ts"].to_numpy(np.int64)
+        first_order = ~p.duplicated(["u", "sess"]).to_numpy()
+        price = vocab.item_price.astype(np.float64)[p["i"].to_numpy(np.int64)]
+        self.c_orders = np.concatenate([[0], np.cumsum(first_order)])
+        self.c_money = np.concatenate([[0.0], np.cumsum(price)])
+        self.t0 = int(min(self.ts.min(), 0)) if len(self.ts) else 0
+
+    def context(
+        self, users: np.ndarray, times: np.ndarray, seg_ix: dict[str, int]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(segment, band) index arrays of customers ``users`` at ``times`` (purchases
+        strictly before)."""
+        big = np.int64(1) << np.int64(40)
+        keys = self.u * big + (self.ts - self.t0)
+        lo = np.searchsorted(keys, users * big, side="left")
+        hi = np.searchsorted(keys, users * big + (np.asarray(times, np.int64) - self.t0), "left")
+        orders = self.c_orders[hi] - self.c_orders[lo]
+        money = self.c_money[hi] - self.c_money[lo]
+        units = hi - lo
+        ts = self.ts if len(self.ts) else np.zeros(1, dtype=np.int64)
+        last = np.where(units > 0, ts[np.maximum(hi - 1, 0)], 0)
+        days = (np.asarray(times, np.float64) - last) / SECONDS_PER_DAY
+        seg = np.zeros(len(users), dtype=np.int64)
+        band = np.zeros(len(users), dtype=np.int64)
+        for r in range(len(users)):
+            seg[r], band[r] = context_ids(
+                int(orders[r]), float(days[r]), float(money[r]), float(units[r]), seg_ix
+            )
+        return seg, band
+
+
+def user_context(
+    enc: pd.DataFrame, vocab: Vocab, users: np.ndarray, times: np.ndarray
+) -> np.ndarray:
+    """Context ids [n, 4] (surface "home", country, segment, price band) of customers
+    ``users`` (codes) at ``times`` (epoch seconds), from the events ``enc`` before."""
+    seg_ix = {g: j for j, g in enumerate(vocab.segments)}
+    seg, band = _Purchases(enc, vocab).context(users, times, seg_ix)
+    out = np.zeros((len(users), 4), dtype=np.int64)
+    out[:, 0] = vocab.surfaces.index("home")
+    out[:, 1] = vocab.user_country[users]
+    out[:, 2] = seg
+    out[:, 3] = band
+    return out
+
+
+def category_affinities(
+    events: pd.DataFrame, vocab: Vocab, users: list[str] | None = None
+) -> dict[str, dict[str, float]]:
+    """Category affinity shares of each customer (of ``users``, default all) from their
+    events in time order: :func:`mercato.features.category_affinity`, exactly as the
+    profile service derives ``Profile.category_affinity``."""
+    h = events if users is None else events[events["user_id"].isin(set(users))]
+    h = h.iloc[np.argsort(h["ts"].to_numpy(), kind="stable")]
+    names = np.array(vocab.categories, dtype=object)
+    cats = names[vocab.item_category[h["item_id"].map(vocab.item_row).to_numpy(np.int64)]]
+    out: dict[str, list[tuple[str, str, int]]] = {}
+    for u, kind, c, t in zip(
+        h["user_id"].to_numpy(), h["event"].to_numpy(), cats, h["ts"].to_numpy(), strict=True
+    ):
+        out.setdefault(str(u), []).append((str(kind), str(c), int(t) * 1_000_000))
+    return {u: shared.category_affinity(ev) for u, ev in out.items()}
+
+
+@dataclass
+class EvalSet:
+    """Queries (customers' whole history at a time) with future truth and exclusions."""
+
+    name: str
+    users: np.ndarray  # user codes
+    history: sp.csr_matrix  # [n_users, n_items] 1 for every item in the history
+    context: np.ndarray  # [n_users, 4] surface, country, segment, band ids
+    truth: sp.csr_matrix  # [n_users, n_items] items bought in the future, not in history
+    exclude: sp.csr_matrix  # [n_users, n_items] items the user had in history
+
+    def __len__(self) -> int:
+        return len(self.users)
+
+    def take(self, rows: np.ndarray) -> EvalSet:
+        return EvalSet(
+            self.name,
+            self.users[rows],
+            self.history[rows],
+            self.context[rows],
+            self.truth[rows],
+            self.exclude[rows],
+        )
+
+
 def build_eval_set(
     name: str,
     history: pd.DataFrame,
@@ -351,10 +404,12 @@ def build_eval_set(
     target_events: tuple[str, ...],
     max_users: int = 0,
     seed: int = 0,
+    now: float | None = None,
 ) -> EvalSet:
-    """Users with history whose future holds target events on items new to them."""
+    """Users with history whose future holds target events on items new to them; the
+    query time is ``now`` (default: the first future event, else the last history one)."""
     enc_h = encode_events(history, vocab)
-    _, users, feats = walk_history(enc_h, vocab, emit_examples=False)
+    users = np.unique(enc_h["u"].to_numpy())
     fut = future[future["event"].isin(target_events)]
     fu = vocab.user_codes.get_indexer(fut["user_id"]).astype(np.int64)
     fi = fut["item_id"].map(vocab.item_row).to_numpy(np.int64)
@@ -366,25 +421,145 @@ def build_eval_set(
     keep = np.flatnonzero(np.diff(truth.indptr) > 0)
     if max_users and len(keep) > max_users:
         keep = np.sort(np.random.default_rng(seed).choice(keep, size=max_users, replace=False))
+    if now is None:
+        if len(future):
+            now = float(future["ts"].min())
+        else:
+            now = float(history["ts"].max()) + 1 if len(history) else 0.0
+    times = np.full(len(keep), int(now), dtype=np.int64)
+    ctx = user_context(enc_h, vocab, users[keep], times)
     return EvalSet(
         name=name,
         users=users[keep],
-        feats=feats.take(keep),
+        history=exclude[keep],
+        context=ctx,
         truth=truth[keep],
         exclude=exclude[keep],
     )
 
 
+@dataclass
+class TrainRows:
+    """Per-customer training rows over each customer's distinct items (see the module
+    docstring). ``items[indptr[k]:indptr[k+1]]`` are customer k's item rows in the order
+    first seen, ``weight`` their strongest event's weight (the target weight). A row
+    ``r`` of customer ``row_user[r]`` reads ``items[.. : start[r]]`` as input and
+    predicts ``items[start[r] : end[r]]`` (time kind); in the random kind ``start`` is 0
+    and ``end`` the customer's count, and the hold-out is drawn each epoch."""
+
+    kind: str  # "time" | "random"
+    users: np.ndarray  # user codes [U]
+    indptr: np.ndarray  # [U + 1]
+    items: np.ndarray  # item rows
+    weight: np.ndarray  # float32 per entry
+    row_user: np.ndarray  # [R] index into users
+    start: np.ndarray  # [R]
+    end: np.ndarray  # [R]
+    context: np.ndarray  # [R, 4]
+    user_rows: np.ndarray  # [U + 1]: rows of customer k are user_rows[k]:user_rows[k+1]
+
+    @property
+    def n_rows(self) -> int:
+        return len(self.row_user)
+
+    def target_counts(self, n_items: int) -> np.ndarray:
+        return np.bincount(self.items, minlength=n_items).astype(np.float64)
+
+
+def build_train_rows(
+    events: pd.DataFrame,
+    vocab: Vocab,
+    kind: str,
+    horizon_seconds: float = 0.0,
+    event_weights: dict[str, float] | None = None,
+) -> TrainRows:
+    """The two-tower's training rows from the training events (vectorised; see
+    :class:`TrainRows`). ``horizon_seconds`` (time kind) bounds how far after a cut-off
+    targets are taken from (0 = to the end of the training data)."""
+    if kind not in ("time", "random"):
+        raise ValueError(f"kind must be 'time' or 'random', not {kind!r}")
+    enc = encode_events(events, vocab)
+    weights = {**DEFAULT_EVENT_WEIGHTS, **(event_weights or {})}
+    code_w = np.array([weights[e] for e in EVENT_CODE], dtype=np.float32)
+    enc["w"] = code_w[enc["ev"].to_numpy()]
+    pairs = (
+        enc.groupby(["u", "i"], sort=False)
+        .agg(first=("ts", "min"), order=("order", "min"), w=("w", "max"))
+        .reset_index()
+        .sort_values(["u", "first", "order"], kind="stable")
+    )
+    pu = pairs["u"].to_numpy(np.int64)
+    users, counts = np.unique(pu, return_counts=True)
+    indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    items = pairs["i"].to_numpy(np.int64)
+    weight = pairs["w"].to_numpy(np.float32)
+    first = pairs["first"].to_numpy(np.int64)
+    seg_ix = {g: j for j, g in enumerate(vocab.segments)}
+    purchases = _Purchases(enc, vocab)
+    if kind == "random":
+        now = int(enc["ts"].max()) + 1 if len(enc) else 0
+        seg, band = purchases.context(users, np.full(len(users), now), seg_ix)
+        row_user = np.arange(len(users), dtype=np.int64)
+        start = np.zeros(len(users), dtype=np.int64)
+        end = counts.astype(np.int64)
+        user_rows = np.arange(len(users) + 1, dtype=np.int64)
+    else:
+        # Cut-offs: every session start of every customer.
+        starts = enc.groupby(["u", "sess"], sort=False)["ts"].min().reset_index()
+        starts = starts.drop_duplicates(["u", "ts"]).sort_values(["u", "ts"])
+        cu = starts["u"].to_numpy(np.int64)
+        ct = starts["ts"].to_numpy(np.int64)
+        k_of = np.searchsorted(users, cu)
+        t0 = int(min(first.min(), 0)) if len(first) else 0
+        big = np.int64(1) << np.int64(40)
+        keys = pu * big + (first - t0)
+        lo = np.searchsorted(keys, cu * big + (ct - t0), side="left")
+        if horizon_seconds > 0:
+            hi = np.searchsorted(keys, cu * big + (ct + int(horizon_seconds) - t0), "left")
+        else:
+            hi = indptr[k_of + 1]
+        start_all = lo - indptr[k_of]
+        end_all = hi - indptr[k_of]
+        ok = (start_all >= 1) & (end_all > start_all)
+        row_user, start, end = k_of[ok], start_all[ok], end_all[ok]
+        seg, band = purchases.context(users[row_user], ct[ok], seg_ix)
+        user_rows = np.concatenate(
+            [[0], np.cumsum(np.bincount(row_user, minlength=len(users)))]
+        ).astype(np.int64)
+    ctx = np.zeros((len(row_user), 4), dtype=np.int64)
+    ctx[:, 0] = vocab.surfaces.index("home")
+    ctx[:, 1] = vocab.user_country[users[row_user]]
+    ctx[:, 2] = seg
+    ctx[:, 3] = band
+    return TrainRows(
+        kind=kind,
+        users=users,
+        indptr=indptr,
+        items=items,
+        weight=weight,
+        row_user=row_user,
+        start=start,
+        end=end,
+        context=ctx,
+        user_rows=user_rows,
+    )
+
+
 __all__ = [
     "PRICE_BANDS",
+    "SEGMENTS",
     "EvalSet",
-    "Examples",
     "FeatureConfig",
+    "TrainRows",
     "UserFeatures",
     "Vocab",
     "build_eval_set",
+    "build_train_rows",
     "build_vocab",
+    "category_affinities",
+    "context_ids",
     "encode_events",
-    "price_band_of",
+    "ragged_positions",
+    "user_context",
     "walk_history",
 ]

@@ -1,8 +1,19 @@
-"""FAISS index over item embeddings: exact for small catalogs, HNSW above a size.
+"""FAISS index over item vectors: exact for small catalogs, HNSW above a size.
 
-FAISS ids are embedding rows (vectors are added in row order, no id map), inner product
-metric on L2-normalised vectors. :func:`ann_recall` measures how many of the exact top-K
-an index returns, which is what the HNSW parameters trade against latency.
+Item vectors are ``[v, b]`` and user vectors ``[u, 1]`` (see
+``services.models.two_tower``), so the inner product is the model's score. Exact search
+(``IndexFlatIP``) ranks exactly as the model. Above ``exact_max_items`` an HNSW graph
+is used: by default over inner product (``METRIC_INNER_PRODUCT``); with ``l2_augment``
+over the reduction of maximum inner product search to L2 search (Bachrach et al. 2014):
+every item gets one more component ``sqrt(M² - |x|²)`` (M the largest norm), every
+query a 0 there, and then ``|q - x'|² = |q|² + M² - 2 q·x``, so the L2 order is the
+inner-product order. ``python bench/hnsw_recall.py`` measures both on bias-augmented
+vectors; there the L2 reduction found far fewer of the exact top 100 at the same
+``efSearch`` (docs/retrieval.md), hence the default. The query padding is a FAISS
+``RemapDimensionsTransform`` in an ``IndexPreTransform``, so callers pass plain user
+vectors; :func:`search_scores` turns
+the L2 distances back into model scores. FAISS ids are rows (added in row order).
+:func:`ann_recall` measures how many of the exact top-K an index returns.
 """
 
 from __future__ import annotations
@@ -12,6 +23,10 @@ from dataclasses import dataclass
 import faiss
 import numpy as np
 
+from services.models.two_tower import search_scores
+
+__all__ = ["IndexConfig", "ann_recall", "build_index", "index_kind", "search_scores"]
+
 
 @dataclass(frozen=True)
 class IndexConfig:
@@ -19,28 +34,41 @@ class IndexConfig:
     hnsw_m: int = 32
     ef_construction: int = 80
     ef_search: int = 128
+    l2_augment: bool = False  # HNSW over MIPS-to-L2 augmented vectors (measured: worse)
     recall_k: int = 100
     recall_queries: int = 1000
 
 
 def build_index(emb: np.ndarray, cfg: IndexConfig | None = None) -> faiss.Index:
-    """IndexFlatIP up to ``exact_max_items`` rows, IndexHNSWFlat (inner product) above."""
+    """IndexFlatIP up to ``exact_max_items`` rows, HNSW above (L2-augmented unless
+    ``l2_augment`` is off, then inner-product HNSW)."""
     cfg = cfg or IndexConfig()
     x = np.ascontiguousarray(emb, dtype=np.float32)
     dim = x.shape[1]
-    index: faiss.Index
     if len(x) <= cfg.exact_max_items:
-        index = faiss.IndexFlatIP(dim)
-    else:
+        flat = faiss.IndexFlatIP(dim)
+        flat.add(x)
+        return flat
+    if not cfg.l2_augment:
         hnsw = faiss.IndexHNSWFlat(dim, cfg.hnsw_m, faiss.METRIC_INNER_PRODUCT)
         hnsw.hnsw.efConstruction = cfg.ef_construction
         hnsw.hnsw.efSearch = cfg.ef_search
-        index = hnsw
-    index.add(x)
-    return index
+        hnsw.add(x)
+        return hnsw
+    norms = (x.astype(np.float64) ** 2).sum(1)
+    extra = np.sqrt(np.maximum(norms.max() - norms, 0.0)).astype(np.float32)
+    hnsw = faiss.IndexHNSWFlat(dim + 1, cfg.hnsw_m, faiss.METRIC_L2)
+    hnsw.hnsw.efConstruction = cfg.ef_construction
+    hnsw.hnsw.efSearch = cfg.ef_search
+    hnsw.add(np.ascontiguousarray(np.hstack([x, extra[:, None]])))
+    # uniform=False: input component i -> output i; the last output component stays 0.
+    pad = faiss.RemapDimensionsTransform(dim, dim + 1, False)  # type: ignore[arg-type]
+    return faiss.IndexPreTransform(pad, hnsw)  # the wrapper keeps both alive
 
 
 def index_kind(index: faiss.Index) -> str:
+    if isinstance(index, faiss.IndexPreTransform):
+        return "hnsw-l2"
     return "hnsw" if isinstance(index, faiss.IndexHNSW) else "exact"
 
 

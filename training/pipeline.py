@@ -52,15 +52,15 @@ from training.evaluate import (
 from training.features import (
     EvalSet,
     FeatureConfig,
+    TrainRows,
     Vocab,
     build_eval_set,
+    build_train_rows,
     build_vocab,
-    encode_events,
-    walk_history,
 )
 from training.index import IndexConfig, ann_recall, build_index, index_kind
 from training.synthetic import SyntheticConfig
-from training.two_tower import TwoTowerConfig, encode_users, train_two_tower
+from training.two_tower import TwoTowerConfig, encode_eval_users, select_two_tower
 
 # Progress and tables go to stderr; logs redirected to a file get full-width tables.
 console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
@@ -201,8 +201,16 @@ def _eval_sets(
     cfg: TrainConfig, data: RetailData, split: Split, vocab: Vocab
 ) -> tuple[EvalSet, EvalSet | None, pd.DataFrame, pd.DataFrame]:
     """Validation and test queries, and the history each one's queries are built from."""
+    t_valid, t_test = query_times(split)
     valid = build_eval_set(
-        "valid", split.train, split.valid, vocab, data.target_events, cfg.max_eval_users, cfg.seed
+        "valid",
+        split.train,
+        split.valid,
+        vocab,
+        data.target_events,
+        cfg.max_eval_users,
+        cfg.seed,
+        now=t_valid,
     )
     if cfg.protocol == "recbole":
         history_test = split.train
@@ -213,7 +221,14 @@ def _eval_sets(
     if not cfg.evaluate_test:
         return valid, None, split.train, history_test
     test = build_eval_set(
-        "test", history_test, split.test, vocab, data.target_events, cfg.max_eval_users, cfg.seed
+        "test",
+        history_test,
+        split.test,
+        vocab,
+        data.target_events,
+        cfg.max_eval_users,
+        cfg.seed,
+        now=t_valid if cfg.protocol == "recbole" else t_test,
     )
     if cfg.protocol == "recbole":
         # Validation items are excluded from the test ranking (and were never truth).
@@ -223,8 +238,33 @@ def _eval_sets(
         truth = (test.truth - test.truth.multiply(exclude)).tocsr()
         truth.eliminate_zeros()
         keep = np.flatnonzero(np.diff(truth.indptr) > 0)
-        test = EvalSet("test", test.users[keep], test.feats.take(keep), truth[keep], exclude[keep])
+        test = EvalSet(
+            "test",
+            test.users[keep],
+            test.history[keep],
+            test.context[keep],
+            truth[keep],
+            exclude[keep],
+        )
     return valid, test, split.train, history_test
+
+
+def query_times(split: Split) -> tuple[float, float]:
+    """When validation and test queries are asked: the split boundaries of a time split,
+    else just after the newest training event."""
+    if split.kind == "time":
+        return float(split.params["t1"]), float(split.params["t2"])
+    last = float(split.train["ts"].max()) + 1 if len(split.train) else 0.0
+    return last, last
+
+
+def train_rows(split: Split, vocab: Vocab, cfg: TrainConfig) -> TrainRows:
+    """The two-tower's rows: per customer and cut-off on a time split (targets within
+    ``horizon_days``, default the validation window), per customer otherwise."""
+    if split.kind == "time":
+        horizon = cfg.model.horizon_days * 86_400 or float(split.params["t2"] - split.params["t1"])
+        return build_train_rows(split.train, vocab, "time", horizon)
+    return build_train_rows(split.train, vocab, "random")
 
 
 def training_curve_png(history: list[dict[str, float]], path: Path, title: str) -> bool:
@@ -273,15 +313,14 @@ def train_and_register(cfg: TrainConfig) -> RegisteredResult:
     if log:
         log(f"data {data.summary()} split {split.kind} {split.summary()}")
     vocab = build_vocab(data, cfg.features)
-    examples, _, _ = walk_history(encode_events(split.train, vocab), vocab, emit_examples=True)
-    assert examples is not None
-    if len(examples.target) == 0:
-        raise ValueError("no training examples: the train split is empty")
+    rows = train_rows(split, vocab, cfg)
+    if rows.n_rows == 0:
+        raise ValueError("no training rows: the train split is empty")
     valid, test, history_valid, history_test = _eval_sets(cfg, data, split, vocab)
     prep_seconds = time.perf_counter() - t_start
 
     if not main:
-        net, items, hist = train_two_tower(vocab, examples, valid, cfg.model)
+        net, items, hist, _ = select_two_tower(vocab, rows, valid, cfg.model)
         distributed.barrier()
         return RegisteredResult(
             run_id="",
@@ -326,7 +365,8 @@ def train_and_register(cfg: TrainConfig) -> RegisteredResult:
         params.update({f"split.{k}": v for k, v in {**split.params, **split.summary()}.items()})
         params.update(
             {
-                "examples": len(examples.target),
+                "train_rows": rows.n_rows,
+                "train_customers": len(rows.users),
                 "valid_users": len(valid),
                 "test_users": len(test) if test is not None else 0,
                 "world_size": world,
@@ -343,7 +383,9 @@ def train_and_register(cfg: TrainConfig) -> RegisteredResult:
                 metrics=[Metric(k, float(v), ts, epoch) for k, v in row.items() if k != "epoch"],
             )
 
-        net, items, hist = train_two_tower(vocab, examples, valid, cfg.model, on_epoch=on_epoch)
+        net, items, hist, chosen = select_two_tower(
+            vocab, rows, valid, cfg.model, on_epoch=on_epoch
+        )
         distributed.barrier()
         item_emb = items.all_embeddings(net)
         pop = popularity_counts(split.train, vocab, data.target_events)
@@ -356,7 +398,7 @@ def train_and_register(cfg: TrainConfig) -> RegisteredResult:
             pop_s = popularity_counts(hist_events, vocab, data.target_events)
             results[name] = {
                 "two_tower": evaluate(
-                    EmbeddingScorer(encode_users(net, es.feats), item_emb), es, cfg.ks
+                    EmbeddingScorer(encode_eval_users(net, es), item_emb), es, cfg.ks
                 ),
                 "popularity": evaluate(PopularityScorer(pop_s), es, cfg.ks),
             }
@@ -385,9 +427,7 @@ def train_and_register(cfg: TrainConfig) -> RegisteredResult:
                 m["train_seconds"] = fit_seconds.get(model, 0.0)
         # Index and its recall against exact search, on validation users as queries.
         index = build_index(item_emb, cfg.index)
-        q = encode_users(
-            net, valid.feats.take(np.arange(min(len(valid), cfg.index.recall_queries)))
-        )
+        q = encode_eval_users(net, valid.take(np.arange(min(len(valid), cfg.index.recall_queries))))
         if len(q) == 0:
             q = item_emb[: cfg.index.recall_queries]
         recall = ann_recall(index, item_emb, q, cfg.index.recall_k)
@@ -426,6 +466,13 @@ def train_and_register(cfg: TrainConfig) -> RegisteredResult:
             "history": hist.epochs,
             "best_epoch": hist.best_epoch,
             "baselines": baseline_info,
+            "two_tower": {
+                "chosen": {
+                    "weight_decay": chosen.weight_decay,
+                    "input_dropout": chosen.input_dropout,
+                },
+                "tried": hist.tried,
+            },
             "fit_seconds": fit_seconds,
             "complements": {"items": len(complements)},
             "index": {"kind": index_kind(index), "ann_recall": recall, "k": cfg.index.recall_k},
@@ -434,13 +481,14 @@ def train_and_register(cfg: TrainConfig) -> RegisteredResult:
             "format_version": FORMAT_VERSION,
             "model_type": MODEL_TYPE,
             "metric": "ip",
-            "dim": cfg.model.dim,
-            "hidden": cfg.model.hidden,
+            "dim": cfg.model.dim + 1,
+            "model_dim": cfg.model.dim,
             "n_items": vocab.n_items,
             "n_items_trained": int(items.known.sum()),
             "features": vocab.feature_dict(),
             "loss": cfg.model.loss,
-            "temperature": cfg.model.temperature,
+            "weight_decay": chosen.weight_decay,
+            "input_dropout": chosen.input_dropout,
             "index": report["index"],
             "dataset": data.name,
             "split_signature": split.signature(),

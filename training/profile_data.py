@@ -1,7 +1,9 @@
 """The synthetic data set as the profile service loads it (``mercato load --data synthetic``).
 
-``training.data.profile_dataset(path)`` is the hook :mod:`services.profile.datasets`
-looks for. ``path`` is a folder written by ``mercato train generate --out <folder>``
+:func:`profile_dataset` is the ``synthetic`` adapter the ``mercato`` command registers
+with the profile service (:func:`services.profile.datasets.register_adapter`); this
+module imports only the shared API (:mod:`mercato.v1`, :mod:`mercato.datasets`), never
+the profile service. ``path`` is a folder written by ``mercato train generate --out <folder>``
 (:func:`training.synthetic.write_synthetic`); the profile service then holds exactly the
 customers, catalog and events that ``mercato train retrieval --data synthetic --path
 <folder>`` trains on.
@@ -22,7 +24,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+from google.protobuf.timestamp_pb2 import Timestamp
 
+from mercato.datasets import DatasetUnavailable
 from training.data import RetailData
 
 #: Leaf categories of the synthetic tree that people buy again and again (buy-again surface).
@@ -62,7 +66,6 @@ class SyntheticProfileDataset:
 
     def items(self) -> Iterator[object]:
         from mercato.v1 import common_pb2
-        from services.profile.logic import us_to_ts
 
         it = self.data.items
         first = self.data.events.groupby("item_id")["ts"].min()
@@ -82,7 +85,7 @@ class SyntheticProfileDataset:
                 currency="EUR",
                 stock=int(stock[k]),
                 attributes=a,
-                created_at=us_to_ts(created * 1_000_000),
+                created_at=Timestamp(seconds=created),
                 replenishable=is_replenishable(str(row.category)),
             )
 
@@ -94,7 +97,6 @@ class SyntheticProfileDataset:
 
     def events(self) -> Iterator[object]:
         from mercato.v1 import common_pb2
-        from services.profile.logic import SURFACES_BY_NAME, us_to_ts
 
         ev = self.data.events
         order = np.argsort(ev["ts"].to_numpy(), kind="stable")
@@ -103,6 +105,11 @@ class SyntheticProfileDataset:
         cols = [ev[c].to_numpy() for c in ("user_id", "item_id", "ts", "event", "session_id")]
         surface = ev["surface"].to_numpy()
         types = {k: getattr(common_pb2, v) for k, v in _TYPES.items()}
+        surfaces = {
+            k.removeprefix("SURFACE_").lower(): v
+            for k, v in common_pb2.Surface.items()
+            if v != common_pb2.SURFACE_UNSPECIFIED
+        }
         for r in order:
             user, item, ts, kind, sess = (c[r] for c in cols)
             session = f"{user}:{sess}"
@@ -113,10 +120,10 @@ class SyntheticProfileDataset:
                 item_id=str(item),
                 quantity=1,
                 price=float(prices[r]),
-                timestamp=us_to_ts(int(ts) * 1_000_000),
+                timestamp=Timestamp(seconds=int(ts)),
                 session_id=session,
                 order_id=session if kind == "purchase" else "",
-                surface=SURFACES_BY_NAME.get(str(surface[r]), 0),  # type: ignore[arg-type]
+                surface=surfaces.get(str(surface[r]), 0),  # type: ignore[arg-type]
             )
 
     def event_count(self) -> int | None:
@@ -125,7 +132,6 @@ class SyntheticProfileDataset:
 
 def profile_dataset(path: str) -> SyntheticProfileDataset:
     """The synthetic set written to ``path`` by ``mercato train generate``."""
-    from services.profile.datasets import DatasetUnavailable
     from training.synthetic import load_synthetic
 
     d = Path(path)

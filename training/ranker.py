@@ -71,13 +71,17 @@ from services.models.ranker import (
 from services.models.registry import BUNDLE_ARTIFACT_PATH
 from training.data import RetailData, Split
 from training.evaluate import metrics_from_ranking, top_k
-from training.features import Vocab, build_eval_set, build_vocab, encode_events, walk_history
+from training.features import (
+    Vocab,
+    build_eval_set,
+    build_vocab,
+    category_affinities,
+    encode_events,
+    walk_history,
+)
 from training.pipeline import TrainConfig, load_data, make_split
 
 DEFAULT_LABEL_WEIGHTS = {"view": 1.0, "cart": 2.0, "purchase": 4.0, "rating": 1.0}
-# As the profile service derives Profile.category_affinity (services.profile.logic).
-AFFINITY_WEIGHTS = {"view": 1.0, "cart": 3.0, "purchase": 5.0, "rating": 1.0}
-AFFINITY_HALF_LIFE_S = 30 * 86_400
 RECENT_LIMIT = 50
 GATE_METRIC = "valid_ndcg_10"
 
@@ -229,26 +233,8 @@ def user_queries(
     recent: dict[str, list[tuple[str, float]]] = {}
     for u, i, t in zip(last["user_id"], last["item_id"], last["ts"], strict=True):
         recent.setdefault(u, []).append((i, float(t)))
-    cat_of = pd.Series(
-        [vocab.categories[c] for c in vocab.item_category], index=pd.Index(vocab.item_ids)
-    )
-    w = h["event"].map(AFFINITY_WEIGHTS).fillna(0.0).to_numpy()
-    decay = np.power(2.0, -(now - h["ts"].to_numpy(np.float64)) / AFFINITY_HALF_LIFE_S)
-    aff = (
-        pd.DataFrame(
-            {"u": h["user_id"].to_numpy(), "c": h["item_id"].map(cat_of).to_numpy(), "w": w * decay}
-        )
-        .query("c != '' and w > 0")
-        .groupby(["u", "c"], sort=False)["w"]
-        .sum()
-    )
-    affinity: dict[str, dict[str, float]] = {}
-    for (u, c), v in aff.items():
-        affinity.setdefault(u, {})[c] = float(v)
-    for d in affinity.values():
-        total = math.fsum(d.values())
-        for c in d:
-            d[c] /= total
+    # The profile service's definition (mercato.features), not a copy of it.
+    affinity = category_affinities(h, vocab)
     buys = h[h["event"] == "purchase"]
     price = buys["item_id"].map(vocab.item_row).map(lambda r: float(vocab.item_price[r]))
     price = price[price > 0]
@@ -286,7 +272,7 @@ def build_lists(
     "truth" those with target events on new items (evaluation, as the retrieval
     evaluation counts users)."""
     enc_h = encode_events(history, vocab)
-    _, codes, feats = walk_history(enc_h, vocab, emit_examples=False)
+    codes, feats = walk_history(enc_h, vocab, now=now)
     code_ix = pd.Index(codes)
     n_items = vocab.n_items
 
@@ -608,18 +594,25 @@ def _two_tower(
     cfg: RankerConfig, data: RetailData, split: Split, vocab: Vocab
 ) -> tuple[Callable[[Any], np.ndarray], np.ndarray, dict[str, str]]:
     """User encoder and item embeddings of the two-tower the candidates come from."""
-    from training.two_tower import encode_users, train_two_tower
+    from training.pipeline import query_times, train_rows
+    from training.two_tower import encode_users, select_two_tower
 
     rc = cfg.retrieval
     if cfg.two_tower == "train":
-        examples, _, _ = walk_history(encode_events(split.train, vocab), vocab, emit_examples=True)
-        assert examples is not None
-        if len(examples.target) == 0:
-            raise ValueError("no training examples: the train split is empty")
+        rows = train_rows(split, vocab, rc)
+        if rows.n_rows == 0:
+            raise ValueError("no training rows: the train split is empty")
         valid = build_eval_set(
-            "valid", split.train, split.valid, vocab, data.target_events, rc.max_eval_users, rc.seed
+            "valid",
+            split.train,
+            split.valid,
+            vocab,
+            data.target_events,
+            rc.max_eval_users,
+            rc.seed,
+            now=query_times(split)[0],
         )
-        net, items, _ = train_two_tower(vocab, examples, valid, rc.model)
+        net, items, _, _ = select_two_tower(vocab, rows, valid, rc.model)
         emb = items.all_embeddings(net)
         return (lambda f: encode_users(net, f)), emb, {"source": "trained in this run"}
     if cfg.two_tower == "registry":

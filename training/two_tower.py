@@ -1,19 +1,25 @@
 """Training of the two-tower model (towers are defined in services.models.two_tower).
 
-Losses (``loss`` setting):
+One row per customer (per customer and cut-off on time splits, see
+:class:`training.features.TrainRows`): the input is the customer's distinct history,
+the targets the items to predict; every row weighs the same, as in the metric, which
+averages over customers. Input dropout removes history items at random.
 
-- ``inbatch``: sampled softmax over the other targets of the batch, with the sampling-
-  bias (logQ) correction of Yi et al. 2019: every logit is reduced by log q(item), q the
-  item's frequency as a target, because frequent items are over-represented as
-  negatives. Other rows with the same target item are masked.
-- ``full``: softmax over every item of the catalog (the item tower runs on all items at
-  every step), allowed up to ``full_softmax_max_items``.
+Losses (``loss``):
 
-Logits are cosine similarities divided by ``temperature``. The item id is replaced by
-"unknown" with probability ``id_dropout`` so the item tower also learns to embed an item
-from its features alone (item cold start). Early stopping on validation Recall@K keeps the
-best epoch's weights. Determinism: a seeded torch generator and numpy shuffles, one
-thread by default.
+- ``full`` (default): multinomial softmax over every item of the catalog (the item
+  tower runs on all items each step); the batch shrinks so that batch x items stays
+  under ``full_softmax_budget`` logits. Allowed up to ``full_softmax_max_items``.
+- ``sampled``: softmax over the batch's target items plus ``negatives`` uniformly
+  drawn items, each logit reduced by log q (q = the item's probability of being in the
+  candidate set: its target frequency within a batch, plus the uniform draw), the
+  sampling-bias correction of Yi et al. 2019, for catalogs too large for ``full``.
+
+The score is ``u · v + b`` (dot product plus item bias). AdamW with decoupled weight
+decay; early stopping on validation Recall@K with the best epoch's weights kept.
+``grid`` lists (weight decay, input dropout) pairs tried one after the other, the best
+on validation is kept (:func:`select_two_tower`); the test part is never read here.
+Determinism: a seeded torch generator and numpy generator, one thread by default.
 """
 
 from __future__ import annotations
@@ -22,37 +28,39 @@ import copy
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
+import scipy.sparse as sp
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from services.models.two_tower import TwoTowerNet
 from training import distributed
 from training.evaluate import EmbeddingScorer, evaluate
-from training.features import EvalSet, Examples, UserFeatures, Vocab
+from training.features import EvalSet, TrainRows, UserFeatures, Vocab, ragged_positions
 
 
 @dataclass
 class TwoTowerConfig:
     dim: int = 64
-    hidden: int = 128
-    loss: str = "inbatch"  # "inbatch" | "full"
-    temperature: float = 0.07
-    lr: float = 1e-2
+    loss: str = "full"  # "full" | "sampled"
+    lr: float = 5e-3
     weight_decay: float = 0.0
-    batch_size: int = 512
-    epochs: int = 15
-    patience: int = 2
+    input_dropout: float = 0.2
+    holdout: float = 0.2  # random kind: share of items held out as targets (0 = predict all)
+    horizon_days: float = 0.0  # time kind: targets within this after a cut-off (0 = all)
+    batch_size: int = 256
+    epochs: int = 60
+    patience: int = 5
     early_stop_k: int = 20
-    id_dropout: float = 0.1
-    full_softmax_max_items: int = 50_000
+    negatives: int = 4096  # sampled loss: uniform negatives per batch
+    full_softmax_max_items: int = 300_000
+    full_softmax_budget: int = 20_000_000  # batch rows x items per step
+    grid: tuple[tuple[float, float], ...] = ()  # (weight_decay, input_dropout) to try
     seed: int = 0
     progress: bool = True
-    max_steps_per_epoch: int = 0  # 0 = full epoch
 
     def to_params(self) -> dict[str, Any]:
         return asdict(self)
@@ -64,39 +72,61 @@ class TrainHistory:
     best_epoch: int = -1
     best_metric: float = -math.inf
     seconds: float = 0.0
+    tried: list[dict[str, float]] = field(default_factory=list)
 
 
-def _user_tensors(f: UserFeatures, rows: np.ndarray | slice) -> dict[str, torch.Tensor]:
-    t = torch.from_numpy
-    return {
-        "recent": t(f.recent[rows]),
-        "purchased": t(f.purchased[rows]),
-        "cart": t(f.cart[rows]),
-        "anchor": t(f.anchor[rows]),
-        "surface": t(f.surface[rows]),
-        "country": t(f.country[rows]),
-        "segment": t(f.segment[rows]),
-        "band": t(f.band[rows]),
-    }
+def _bags(hist: sp.csr_matrix) -> tuple[torch.Tensor, torch.Tensor]:
+    """CSR rows as (flat item indices + 1, offsets) for ``encode_user``."""
+    h = hist.tocsr()
+    return (
+        torch.from_numpy(h.indices.astype(np.int64) + 1),
+        torch.from_numpy(h.indptr[:-1].astype(np.int64)),
+    )
+
+
+def encode_eval_users(net: TwoTowerNet, es: EvalSet, batch: int = 4096) -> np.ndarray:
+    """User vectors of an evaluation set's queries (whole history + context)."""
+    net.eval()
+    out = []
+    with torch.no_grad():
+        for a in range(0, len(es), batch):
+            rows = slice(a, a + batch)
+            flat, off = _bags(es.history[rows])
+            ctx = torch.from_numpy(es.context[rows])
+            out.append(net.encode_user(flat, off, *ctx.unbind(1)).numpy())
+    if not out:
+        return np.zeros((0, net.dim + 1), dtype=np.float32)
+    return np.concatenate(out).astype(np.float32)
 
 
 def encode_users(net: TwoTowerNet, f: UserFeatures, batch: int = 4096) -> np.ndarray:
-    """User embeddings of feature rows, in eval mode."""
+    """User vectors of serving-style feature rows (recent, purchased, cart and anchor as
+    the history, as ``TwoTowerBundle.encode_users`` reads a query)."""
     net.eval()
     out = []
     with torch.no_grad():
         for a in range(0, len(f), batch):
-            x = _user_tensors(f, slice(a, a + batch))
-            aff = net.affinity_from_history(x["recent"], x["purchased"])
-            out.append(net.encode_user(**x, affinity=aff).numpy())
+            g = f.take(np.arange(a, min(a + batch, len(f))))
+            cols = np.concatenate([g.recent, g.purchased, g.cart, g.anchor[:, None]], axis=1)
+            r = np.repeat(np.arange(len(g)), cols.shape[1])
+            c = cols.ravel()
+            keep = c > 0
+            m = sp.csr_matrix(
+                (np.ones(int(keep.sum()), np.float32), (r[keep], c[keep] - 1)),
+                shape=(len(g), int(net.item_category.shape[0]) - 1),
+            )
+            m.sum_duplicates()
+            flat, off = _bags(m)
+            ctx = torch.from_numpy(np.stack([g.surface, g.country, g.segment, g.band], axis=1))
+            out.append(net.encode_user(flat, off, *ctx.unbind(1)).numpy())
     if not out:
-        return np.zeros((0, net.dim), dtype=np.float32)
+        return np.zeros((0, net.dim + 1), dtype=np.float32)
     return np.concatenate(out).astype(np.float32)
 
 
 class ItemTable:
     """Feature tensors of every catalog item; ids of items without training events are
-    set to "unknown" (0) so their embedding comes from features, as for a new item."""
+    set to "unknown" (0) so their vector comes from features, as for a new item."""
 
     def __init__(self, vocab: Vocab, trained_rows: np.ndarray) -> None:
         ids = np.arange(1, vocab.n_items + 1, dtype=np.int64)
@@ -108,26 +138,10 @@ class ItemTable:
         self.price = torch.from_numpy(vocab.item_price_bucket)
         self.attrs = torch.from_numpy(vocab.item_attrs)
 
-    def encode(
-        self,
-        net: TwoTowerNet,
-        rows: torch.Tensor | None = None,
-        id_dropout: float = 0.0,
-        gen: torch.Generator | None = None,
-    ) -> torch.Tensor:
+    def encode(self, net: TwoTowerNet, rows: torch.Tensor | None = None) -> torch.Tensor:
         if rows is None:
-            ids, cat, price, attrs = self.ids, self.cat, self.price, self.attrs
-        else:
-            ids, cat, price, attrs = (
-                self.ids[rows],
-                self.cat[rows],
-                self.price[rows],
-                self.attrs[rows],
-            )
-        if id_dropout > 0:
-            drop = torch.rand(ids.shape, generator=gen) < id_dropout
-            ids = torch.where(drop, torch.zeros_like(ids), ids)
-        return net.encode_item(ids, cat, price, attrs)
+            return net.encode_item(self.ids, self.cat, self.price, self.attrs)
+        return net.encode_item(self.ids[rows], self.cat[rows], self.price[rows], self.attrs[rows])
 
     def all_embeddings(self, net: TwoTowerNet, batch: int = 65_536) -> np.ndarray:
         net.eval()
@@ -140,7 +154,6 @@ class ItemTable:
 
 
 def new_net(vocab: Vocab, cfg: TwoTowerConfig) -> TwoTowerNet:
-    fc = vocab.features
     net = TwoTowerNet(
         n_items=vocab.n_items,
         n_categories=len(vocab.categories),
@@ -148,19 +161,113 @@ def new_net(vocab: Vocab, cfg: TwoTowerConfig) -> TwoTowerNet:
         n_countries=len(vocab.countries),
         n_segments=len(vocab.segments),
         n_price_buckets=len(vocab.price_boundaries) + 1,
-        attr_buckets=fc.attr_buckets,
+        attr_buckets=vocab.features.attr_buckets,
         dim=cfg.dim,
-        hidden=cfg.hidden,
-        max_recent=fc.max_recent,
     )
     cat = np.concatenate([[0], vocab.item_category])
     net.item_category.copy_(torch.from_numpy(cat))
     return net
 
 
+@dataclass
+class Batch:
+    flat: torch.Tensor  # input item indices (+1)
+    offsets: torch.Tensor
+    context: torch.Tensor  # [B, 4]
+    t_row: torch.Tensor  # target row in batch
+    t_item: torch.Tensor  # target item row
+    t_weight: torch.Tensor
+
+
+def make_batch(
+    rows: TrainRows, sel: np.ndarray, cfg: TwoTowerConfig, rng: np.random.Generator
+) -> Batch:
+    """Inputs and targets of the rows ``sel`` (input dropout and, for random rows, the
+    hold-out drawn from ``rng``)."""
+    k = rows.row_user[sel]
+    base = rows.indptr[k]
+    if rows.kind == "time":
+        n_in, n_t = rows.start[sel], rows.end[sel] - rows.start[sel]
+        pos_in = ragged_positions(base, n_in)
+        pos_t = ragged_positions(base + n_in, n_t)
+        row_in = np.repeat(np.arange(len(sel)), n_in)
+        row_t = np.repeat(np.arange(len(sel)), n_t)
+    else:
+        n = rows.end[sel]
+        pos = ragged_positions(base, n)
+        row = np.repeat(np.arange(len(sel)), n)
+        if cfg.holdout > 0:
+            held = rng.random(len(pos)) < cfg.holdout
+            pos_in, row_in, pos_t, row_t = pos[~held], row[~held], pos[held], row[held]
+        else:  # denoising: predict every item from the input with dropout
+            pos_in, row_in, pos_t, row_t = pos, row, pos, row
+    if cfg.input_dropout > 0 and len(pos_in):
+        keep = rng.random(len(pos_in)) >= cfg.input_dropout
+        pos_in, row_in = pos_in[keep], row_in[keep]
+    counts = np.bincount(row_in, minlength=len(sel))
+    offsets = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+    t = torch.from_numpy
+    return Batch(
+        flat=t(rows.items[pos_in] + 1),
+        offsets=t(offsets),
+        context=t(rows.context[sel]),
+        t_row=t(row_t.astype(np.int64)),
+        t_item=t(rows.items[pos_t]),
+        t_weight=t(rows.weight[pos_t].astype(np.float32)),
+    )
+
+
+def _row_loss(logp_t: torch.Tensor, b: Batch, n_rows: int) -> torch.Tensor:
+    """Mean over rows with targets of the weighted mean target log-likelihood."""
+    w_sum = torch.zeros(n_rows).index_add_(0, b.t_row, b.t_weight)
+    per_row = torch.zeros(n_rows).index_add_(0, b.t_row, -logp_t * b.t_weight)
+    has = w_sum > 0
+    return (per_row[has] / w_sum[has]).mean()
+
+
+def batch_loss(
+    net: TwoTowerNet,
+    items: ItemTable,
+    b: Batch,
+    cfg: TwoTowerConfig,
+    log_q: torch.Tensor | None,
+    gen: torch.Generator,
+) -> torch.Tensor:
+    u = net.encode_user(b.flat, b.offsets, *b.context.unbind(1))
+    n_rows = len(b.offsets)
+    if len(b.t_item) == 0:  # nothing to predict: a zero loss (ranks stay in step)
+        return (u * 0.0).sum() + 0.0 * sum(p.sum() for p in net.parameters())
+    if cfg.loss == "full":
+        v = items.encode(net)
+        logp = torch.log_softmax(u @ v.T, dim=1)
+        return _row_loss(logp[b.t_row, b.t_item], b, n_rows)
+    assert log_q is not None
+    n_items = len(items.ids)
+    neg = torch.randint(0, n_items, (cfg.negatives,), generator=gen)
+    cand, inv = torch.unique(torch.cat([b.t_item, neg]), return_inverse=True)
+    v = items.encode(net, cand)
+    # P(item in the candidate set) ~ P(a target of the batch) + P(uniformly drawn).
+    q = (
+        1.0
+        - torch.exp(len(b.t_item) * torch.log1p(-torch.exp(log_q[cand]).clamp_max(1 - 1e-7)))
+        + cfg.negatives / n_items
+    ).clamp_max(1.0)
+    logits = u @ v.T - torch.log(q).unsqueeze(0)
+    logp = torch.log_softmax(logits, dim=1)
+    return _row_loss(logp[b.t_row, inv[: len(b.t_item)]], b, n_rows)
+
+
+def _epoch_rows(rows: TrainRows, rng: np.random.Generator) -> np.ndarray:
+    """One row per customer (a random cut-off of each on time rows), shuffled."""
+    n_cut = np.diff(rows.user_rows)
+    has = np.flatnonzero(n_cut > 0)
+    pick = rows.user_rows[has] + np.floor(rng.random(len(has)) * n_cut[has]).astype(np.int64)
+    return rng.permutation(pick)
+
+
 def train_two_tower(
     vocab: Vocab,
-    examples: Examples,
+    rows: TrainRows,
     valid: EvalSet,
     cfg: TwoTowerConfig,
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
@@ -168,31 +275,33 @@ def train_two_tower(
     """Train with early stopping on ``valid``; returns the best net and its item table.
 
     Under torch.distributed (see :mod:`training.distributed`) every rank trains on its
-    slice of each global batch of ``batch_size`` rows and gradients are averaged, so all
-    ranks end with the same weights; rank 0 evaluates and decides early stopping.
+    slice of each global batch and gradients are averaged, so all ranks end with the same
+    weights; rank 0 evaluates and decides early stopping.
     """
     rank, world = distributed.rank_world()
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed + 7919 * rank)
     rng = np.random.default_rng(cfg.seed)
-    net = new_net(vocab, cfg)
-    distributed.broadcast_parameters(net)
-    items = ItemTable(vocab, np.unique(examples.target))
+    rng_rank = np.random.default_rng(cfg.seed + 7919 * rank)
+    if cfg.loss not in ("full", "sampled"):
+        raise ValueError(f"loss must be 'full' or 'sampled', not {cfg.loss!r}")
     n_items = vocab.n_items
-    if cfg.loss not in ("inbatch", "full"):
-        raise ValueError(f"loss must be 'inbatch' or 'full', not {cfg.loss!r}")
     if cfg.loss == "full" and n_items > cfg.full_softmax_max_items:
         raise ValueError(
             f"full softmax over {n_items} items exceeds full_softmax_max_items="
-            f"{cfg.full_softmax_max_items}; use loss='inbatch'"
+            f"{cfg.full_softmax_max_items}; use loss='sampled'"
         )
-    counts = np.bincount(examples.target, minlength=n_items).astype(np.float64)
+    if rows.n_rows == 0:
+        raise ValueError("no training rows: the train split has no customer with history")
+    net = new_net(vocab, cfg)
+    distributed.broadcast_parameters(net)
+    items = ItemTable(vocab, np.unique(rows.items))
+    counts = rows.target_counts(n_items)
     log_q = torch.from_numpy(np.log(np.maximum(counts, 1.0) / counts.sum()).astype(np.float32))
-    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    n = len(examples.target)
-    steps = math.ceil(n / cfg.batch_size)
-    if cfg.max_steps_per_epoch:
-        steps = min(steps, cfg.max_steps_per_epoch)
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    batch = cfg.batch_size
+    if cfg.loss == "full":
+        batch = max(16, min(batch, cfg.full_softmax_budget // max(n_items, 1)))
     hist = TrainHistory()
     best_state: dict[str, torch.Tensor] | None = None
     bad = 0
@@ -200,8 +309,10 @@ def train_two_tower(
     metric = f"recall@{cfg.early_stop_k}"
     for epoch in range(cfg.epochs):
         net.train()
-        perm = rng.permutation(n)
+        order = _epoch_rows(rows, rng)
+        steps = math.ceil(len(order) / batch)
         total, seen = 0.0, 0
+        te = time.perf_counter()
         bar = tqdm(
             range(steps),
             desc=f"epoch {epoch + 1}/{cfg.epochs}",
@@ -209,45 +320,28 @@ def train_two_tower(
             leave=False,
             unit="batch",
         )
-        te = time.perf_counter()
         for s in bar:
-            rows = perm[s * cfg.batch_size : (s + 1) * cfg.batch_size][rank::world]
-            if len(rows) == 0:  # a last global batch smaller than the world
-                rows = perm[s * cfg.batch_size : s * cfg.batch_size + 1]
-            x = _user_tensors(examples.feats, rows)
-            aff = net.affinity_from_history(x["recent"], x["purchased"])
-            u = net.encode_user(**x, affinity=aff)
-            tgt = torch.from_numpy(examples.target[rows])
-            w = torch.from_numpy(examples.weight[rows])
-            if cfg.loss == "inbatch":
-                v = items.encode(net, tgt, cfg.id_dropout, gen)
-                logits = u @ v.T / cfg.temperature - log_q[tgt].unsqueeze(0)
-                same = tgt.unsqueeze(1) == tgt.unsqueeze(0)
-                same.fill_diagonal_(False)
-                logits = logits.masked_fill(same, -1e9)
-                labels = torch.arange(len(rows))
-            else:
-                v = items.encode(net, None, cfg.id_dropout, gen)
-                logits = u @ v.T / cfg.temperature
-                labels = tgt
-            loss = (F.cross_entropy(logits, labels, reduction="none") * w).sum() / w.sum()
+            sel = order[s * batch : (s + 1) * batch][rank::world]
+            if len(sel) == 0:  # a last global batch smaller than the world
+                sel = order[s * batch : s * batch + 1]
+            b = make_batch(rows, sel, cfg, rng_rank)
+            loss = batch_loss(net, items, b, cfg, log_q, gen)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             distributed.average_gradients(net)
             opt.step()
-            total += float(loss.detach()) * len(rows)
-            seen += len(rows)
-            if s % 20 == 0:
-                bar.set_postfix(loss=f"{total / seen:.4f}")
+            total += float(loss.detach()) * len(sel)
+            seen += len(sel)
         train_s = time.perf_counter() - te
         value = 0.0
         if rank == 0:
-            item_emb = items.all_embeddings(net)
-            user_emb = encode_users(net, valid.feats)
-            m = evaluate(EmbeddingScorer(user_emb, item_emb), valid, ks=(cfg.early_stop_k,))
+            m = evaluate(
+                EmbeddingScorer(encode_eval_users(net, valid), items.all_embeddings(net)),
+                valid,
+                ks=(cfg.early_stop_k,),
+            )
             value = m.get(metric, 0.0)
         value = distributed.broadcast_float(value)
-        m = {metric: value}
         row = {
             "epoch": float(epoch + 1),
             "train_loss": total / max(seen, 1),
@@ -258,12 +352,12 @@ def train_two_tower(
         if cfg.progress and rank == 0:
             tqdm.write(
                 f"epoch {epoch + 1}: loss {row['train_loss']:.4f} valid {metric} "
-                f"{m.get(metric, 0.0):.4f} ({train_s:.1f}s)"
+                f"{value:.4f} ({train_s:.1f}s)"
             )
         if on_epoch is not None and rank == 0:
             on_epoch(epoch + 1, row)
-        if m.get(metric, 0.0) > hist.best_metric:
-            hist.best_metric, hist.best_epoch = m.get(metric, 0.0), epoch + 1
+        if value > hist.best_metric:
+            hist.best_metric, hist.best_epoch = value, epoch + 1
             best_state = copy.deepcopy(net.state_dict())
             bad = 0
         else:
@@ -272,11 +366,60 @@ def train_two_tower(
                 break
     if best_state is not None:
         net.load_state_dict(best_state)
-    # Items never seen in training keep an untrained id vector: zero it, so that any
-    # caller (serving included) embeds them from features, exactly like a new item.
+    # Items never seen in training keep untrained (random) id vectors, biases and history
+    # vectors: zero them, so that any caller (serving included) embeds them from features
+    # like a new item, and a history holding them is read as if they were not there.
     with torch.no_grad():
         unseen = torch.from_numpy(np.flatnonzero(~items.known) + 1)
         net.item_id.weight[unseen] = 0.0
+        net.item_bias.weight[unseen] = 0.0
+        net.history.weight[unseen] = 0.0
     net.eval()
     hist.seconds = time.perf_counter() - t0
     return net, items, hist
+
+
+def select_two_tower(
+    vocab: Vocab,
+    rows: TrainRows,
+    valid: EvalSet,
+    cfg: TwoTowerConfig,
+    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+) -> tuple[TwoTowerNet, ItemTable, TrainHistory, TwoTowerConfig]:
+    """Train every (weight decay, input dropout) of ``cfg.grid`` (or ``cfg`` alone) and
+    keep the best on validation; the history lists every try. ``on_epoch`` gets the
+    epochs of all tries, numbered on."""
+    grid = cfg.grid or ((cfg.weight_decay, cfg.input_dropout),)
+    best: tuple[TwoTowerNet, ItemTable, TrainHistory, TwoTowerConfig] | None = None
+    tried: list[dict[str, float]] = []
+    t0 = time.perf_counter()
+    offset = 0
+    for wd, drop in grid:
+        c = replace(cfg, weight_decay=wd, input_dropout=drop, grid=())
+
+        def shifted(epoch: int, row: dict[str, float], at: int = offset) -> None:
+            if on_epoch is not None:
+                on_epoch(at + epoch, row)
+
+        net, items, h = train_two_tower(vocab, rows, valid, c, shifted)
+        offset += len(h.epochs)
+        tried.append(
+            {
+                "weight_decay": wd,
+                "input_dropout": drop,
+                "best_epoch": float(h.best_epoch),
+                f"valid_recall@{cfg.early_stop_k}": h.best_metric,
+                "seconds": h.seconds,
+            }
+        )
+        if cfg.progress:
+            tqdm.write(
+                f"two-tower wd={wd} dropout={drop}: valid recall@{cfg.early_stop_k} "
+                f"{h.best_metric:.4f} at epoch {h.best_epoch} ({h.seconds:.1f}s)"
+            )
+        if best is None or h.best_metric > best[2].best_metric:
+            best = (net, items, h, c)
+    assert best is not None
+    best[2].tried = tried
+    best[2].seconds = time.perf_counter() - t0
+    return best

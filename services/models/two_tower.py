@@ -7,11 +7,14 @@ definition of every feature.
 
 A bundle is a directory::
 
-    config.json            format_version, model_type, dim, n_items, metric, feature config
+    config.json            format_version, model_type, dim (= model_dim + 1), model_dim,
+                           n_items, metric, feature config
     vocab.json             category / surface / country / segment vocabularies
     items.json             item_ids (row order) and their categories
     item_price.npy         float32 [n_items]
-    item_embeddings.npy    float32 [n_items, dim], L2-normalised, row i = items.json[i]
+    item_embeddings.npy    float32 [n_items, dim], ``[v, b]`` (item vector, item bias),
+                           row i = items.json[i]; a user vector is ``[u, 1]``, so the
+                           inner product is the model's score ``u · v + b``
     towers.pt              state dict of both towers (loaded with weights_only=True)
     index.faiss            FAISS index over item_embeddings, ids == rows, inner product
     popularity.json        [[item_id, score], ...] descending (fallback)
@@ -19,6 +22,9 @@ A bundle is a directory::
                            baskets; optional: bundles without it have no complements)
     eval.json              evaluation report of the training run (optional)
     manifest.json          sha256 and size of every file above
+
+Format 2 (this one) is the linear two-tower with item bias; format 1 bundles (cosine
+towers with MLPs) are refused with a BundleError.
 
 Integer rows stay inside the bundle: every public method speaks retailer string ids.
 """
@@ -35,14 +41,13 @@ from typing import Any
 import faiss
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from mercato.features import PRICE_BANDS
 from services.models.manifest import verify_manifest, write_manifest
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MODEL_TYPE = "two-tower"
-PRICE_BANDS = ("", "low", "mid", "high")
 SURFACES = ("", "home", "product", "cart", "checkout", "buy_again", "email", "search")
 REQUIRED_FILES = (
     "config.json",
@@ -119,10 +124,10 @@ def price_band_of(price: float, band_boundaries: list[float]) -> str:
     return "low" if price < lo else ("mid" if price < hi else "high")
 
 
-def _pad(rows: list[list[int]], width: int) -> np.ndarray:
-    out = np.zeros((len(rows), width), dtype=np.int64)
+def _pad(rows: list[list[int]], dim: int) -> np.ndarray:
+    out = np.zeros((len(rows), dim), dtype=np.int64)
     for i, r in enumerate(rows):
-        r = r[:width]
+        r = r[:dim]
         out[i, : len(r)] = r
     return out
 
@@ -130,12 +135,28 @@ def _pad(rows: list[list[int]], width: int) -> np.ndarray:
 # --------------------------------------------------------------------------- towers
 
 
-class TwoTowerNet(nn.Module):
-    """User and item towers. Both output L2-normalised vectors of size ``dim``.
+def history_bags(rows: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """Ragged item-index lists as (flat indices, offsets) for ``encode_user``."""
+    lengths = np.array([len(r) for r in rows], dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+    flat = np.fromiter((i for r in rows for i in r), dtype=np.int64, count=int(lengths.sum()))
+    return flat, offsets
 
-    Item index 0 is "unknown item" everywhere (its id embedding is a fixed zero), so the
-    item tower embeds an item from its features alone when its id is not in the vocabulary
-    (trained for by id dropout), and the user tower ignores unknown history items.
+
+class TwoTowerNet(nn.Module):
+    """User and item towers; the score of an item for a user is ``u · v + b``.
+
+    - item tower: ``v`` = id embedding + a content residual (category, fine price bucket,
+      hashed attributes; small initial weights, so the id carries the collaborative
+      signal and the content what generalises), ``b`` = id bias + category bias. Item
+      index 0 is "unknown item": its id embedding and bias are fixed zeros, so a new item
+      gets ``v`` and ``b`` from its features alone.
+    - user tower: the sum of the history items' input embeddings (id + category
+      residual) scaled by ``1/sqrt(n)`` (n = distinct known items), plus embeddings of
+      the surface, country, segment and price band, plus a learned base vector.
+
+    Both towers return augmented vectors of size ``dim + 1``: items ``[v, b]``, users
+    ``[u, 1]``, so a plain inner-product index ranks exactly as the model scores.
     """
 
     item_category: torch.Tensor
@@ -150,94 +171,87 @@ class TwoTowerNet(nn.Module):
         n_price_buckets: int,
         attr_buckets: int,
         dim: int = 64,
-        hidden: int = 128,
-        max_recent: int = 20,
     ) -> None:
         super().__init__()
-        small = 16
         self.dim = dim
         self.n_categories = n_categories
         self.item_id = nn.Embedding(n_items + 1, dim, padding_idx=0)
+        self.item_bias = nn.Embedding(n_items + 1, 1, padding_idx=0)
         self.category = nn.Embedding(n_categories, dim, padding_idx=0)
-        self.price = nn.Embedding(n_price_buckets + 2, small, padding_idx=0)
-        self.attrs = nn.EmbeddingBag(attr_buckets + 1, dim // 2, mode="mean", padding_idx=0)
-        self.item_mlp = nn.Sequential(
-            nn.Linear(2 * dim + small + dim // 2, hidden), nn.GELU(), nn.Linear(hidden, dim)
-        )
-        self.surface = nn.Embedding(n_surfaces, small)
-        self.country = nn.Embedding(n_countries, small)
-        self.segment = nn.Embedding(n_segments, small)
-        self.band = nn.Embedding(len(PRICE_BANDS), small)
-        self.affinity = nn.Linear(n_categories, dim // 2, bias=False)
-        self.recent_pos = nn.Parameter(torch.zeros(max_recent))
-        self.user_mlp = nn.Sequential(
-            nn.Linear(4 * dim + 4 * small + dim // 2, hidden), nn.GELU(), nn.Linear(hidden, dim)
-        )
-        # Category of every item row (0 = unknown); used to pool history items.
+        self.category_bias = nn.Embedding(n_categories, 1, padding_idx=0)
+        self.price = nn.Embedding(n_price_buckets + 2, dim, padding_idx=0)
+        self.attrs = nn.EmbeddingBag(attr_buckets + 1, dim, mode="mean", padding_idx=0)
+        self.history = nn.EmbeddingBag(n_items + 1, dim, mode="sum", padding_idx=0)
+        self.history_category = nn.EmbeddingBag(n_categories, dim, mode="sum", padding_idx=0)
+        self.surface = nn.Embedding(n_surfaces, dim)
+        self.country = nn.Embedding(n_countries, dim)
+        self.segment = nn.Embedding(n_segments, dim)
+        self.band = nn.Embedding(len(PRICE_BANDS), dim)
+        self.user_base = nn.Parameter(torch.zeros(dim))
+        # Category of every item row (0 = unknown).
         self.register_buffer("item_category", torch.zeros(n_items + 1, dtype=torch.long))
-        nn.init.normal_(self.item_id.weight, std=0.05)
         with torch.no_grad():
-            self.item_id.weight[0].zero_()
-            self.category.weight[0].zero_()
+            for emb, std in (
+                (self.item_id, 0.05),
+                (self.history, 0.05),
+                (self.history_category, 0.01),
+                (self.category, 0.01),
+                (self.price, 0.01),
+                (self.attrs, 0.01),
+                (self.surface, 0.01),
+                (self.country, 0.01),
+                (self.segment, 0.01),
+                (self.band, 0.01),
+            ):
+                nn.init.normal_(emb.weight, std=std)
+            for emb in (
+                self.item_id,
+                self.history,
+                self.history_category,
+                self.category,
+                self.price,
+                self.attrs,
+            ):
+                emb.weight[0].zero_()
+            self.item_bias.weight.zero_()
+            self.category_bias.weight.zero_()
 
     # -- item tower
     def encode_item(
         self, item: torch.Tensor, cat: torch.Tensor, price: torch.Tensor, attrs: torch.Tensor
     ) -> torch.Tensor:
-        """item [B] (0 = unknown), cat [B], price bucket [B], attrs [B, A] -> [B, dim]."""
-        x = torch.cat(
-            [self.item_id(item), self.category(cat), self.price(price), self.attrs(attrs)], dim=1
-        )
-        return F.normalize(self.item_mlp(x), dim=1)
+        """item [B] (0 = unknown), cat [B], price bucket [B], attrs [B, A] -> [B, dim+1]."""
+        v = self.item_id(item) + self.category(cat) + self.price(price) + self.attrs(attrs)
+        b = self.item_bias(item) + self.category_bias(cat)
+        return torch.cat([v, b], dim=1)
 
     # -- user tower
-    def _history(self, idx: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
-        cat = self.item_category[idx]
-        e = self.item_id(idx) + self.category(cat)
-        w = (idx > 0).float()
-        if weights is not None:
-            w = w * weights
-        return (e * w.unsqueeze(-1)).sum(1) / w.sum(1, keepdim=True).clamp_min(1e-6)
-
-    def affinity_from_history(self, recent: torch.Tensor, purchased: torch.Tensor) -> torch.Tensor:
-        """Normalised category counts of the history items [B, n_categories]."""
-        idx = torch.cat([recent, purchased], dim=1)
-        cats = self.item_category[idx]
-        aff = torch.zeros(idx.shape[0], self.n_categories, dtype=torch.float32)
-        aff.scatter_add_(1, cats, (idx > 0).float())
-        aff[:, 0] = 0.0
-        return aff / aff.sum(1, keepdim=True).clamp_min(1e-6)
-
     def encode_user(
         self,
-        recent: torch.Tensor,
-        purchased: torch.Tensor,
-        cart: torch.Tensor,
-        anchor: torch.Tensor,
+        history: torch.Tensor,
+        offsets: torch.Tensor,
         surface: torch.Tensor,
         country: torch.Tensor,
         segment: torch.Tensor,
         band: torch.Tensor,
-        affinity: torch.Tensor,
     ) -> torch.Tensor:
-        """History [B, L] item indices (0 = padding), context ids [B], affinity [B, C]."""
-        pos = torch.exp(self.recent_pos[: recent.shape[1]]).unsqueeze(0)
-        a = anchor.unsqueeze(1)
-        x = torch.cat(
-            [
-                self._history(recent, pos),
-                self._history(purchased),
-                self._history(cart),
-                self._history(a),
-                self.surface(surface),
-                self.country(country),
-                self.segment(segment),
-                self.band(band),
-                self.affinity(affinity),
-            ],
-            dim=1,
+        """history: flat item indices (0 = ignored) of B bags starting at ``offsets``;
+        context ids [B] -> [B, dim+1]."""
+        lengths = torch.diff(offsets, append=torch.tensor([len(history)]))
+        bag_id = torch.repeat_interleave(torch.arange(len(offsets)), lengths)
+        n = torch.zeros(len(offsets)).index_add_(0, bag_id, (history > 0).float())
+        per_item = n.clamp_min(1.0).rsqrt()[bag_id]
+        cats = self.item_category[history]
+        u = (
+            self.history(history, offsets, per_sample_weights=per_item)
+            + self.history_category(cats, offsets, per_sample_weights=per_item)
+            + self.surface(surface)
+            + self.country(country)
+            + self.segment(segment)
+            + self.band(band)
+            + self.user_base
         )
-        return F.normalize(self.user_mlp(x), dim=1)
+        return torch.cat([u, torch.ones(len(u), 1)], dim=1)
 
 
 def build_net(config: dict[str, Any], vocab: dict[str, list[str]]) -> TwoTowerNet:
@@ -251,10 +265,25 @@ def build_net(config: dict[str, Any], vocab: dict[str, list[str]]) -> TwoTowerNe
         n_segments=len(vocab["segment"]),
         n_price_buckets=len(f["price_boundaries"]) + 1,
         attr_buckets=int(f["attr_buckets"]),
-        dim=int(config["dim"]),
-        hidden=int(config["hidden"]),
-        max_recent=int(f["max_recent"]),
+        dim=int(config["model_dim"]),
     )
+
+
+# --------------------------------------------------------------------------- index
+
+
+def search_scores(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(inner-product scores, rows) of the top ``k`` per query. An L2-augmented HNSW
+    (``training.index``: an ``IndexPreTransform`` padding queries with a 0) returns L2
+    distances ``|q|² + M² - 2 q·x``; they are turned back into ``q·x``."""
+    q = np.ascontiguousarray(queries, dtype=np.float32)
+    dist, rows = index.search(q, k)
+    if isinstance(index, faiss.IndexPreTransform):
+        inner = faiss.downcast_index(index.index)
+        m2 = float((np.asarray(inner.reconstruct(0), dtype=np.float64) ** 2).sum())
+        q2 = (q.astype(np.float64) ** 2).sum(1, keepdims=True)
+        dist = ((q2 + m2 - dist) / 2.0).astype(np.float32)
+    return dist, rows
 
 
 # --------------------------------------------------------------------------- bundle
@@ -297,7 +326,15 @@ class TwoTowerBundle:
     def check(self) -> None:
         """Raise BundleError unless every part agrees on the number of items and dim."""
         c = self.config
-        for key in ("dim", "n_items", "metric", "model_type", "format_version", "features"):
+        for key in (
+            "dim",
+            "model_dim",
+            "n_items",
+            "metric",
+            "model_type",
+            "format_version",
+            "features",
+        ):
             if key not in c:
                 raise BundleError(f"config.json has no {key!r}")
         if c["format_version"] != FORMAT_VERSION:
@@ -305,6 +342,8 @@ class TwoTowerBundle:
         if c["model_type"] != MODEL_TYPE or c["metric"] != "ip":
             raise BundleError(f"not a {MODEL_TYPE} bundle with metric ip: {c['model_type']}")
         n, dim = int(c["n_items"]), int(c["dim"])
+        if dim != int(c["model_dim"]) + 1:
+            raise BundleError(f"dim {dim} != model_dim + 1 ({c['model_dim']} + 1)")
         if self.item_embeddings.shape != (n, dim):
             raise BundleError(f"item_embeddings shape {self.item_embeddings.shape} != {(n, dim)}")
         if len(self.item_ids) != n or len(self.item_category) != n or len(self.item_price) != n:
@@ -362,48 +401,43 @@ class TwoTowerBundle:
     def _vocab_index(self, key: str, value: str) -> int:
         return self._lookup[key].get(value, 0)
 
+    def history_rows(self, q: UserQuery) -> list[int]:
+        """Item indices (row + 1) of a query's history: distinct known items of recent,
+        purchased, cart and anchor, in that order, at most ``max_history`` (0 = all)."""
+        seen: set[int] = set()
+        out: list[int] = []
+        for ids in (q.recent_item_ids, q.purchased_item_ids, q.cart_item_ids):
+            for i in ids:
+                r = self._row.get(i)
+                if r is not None and r not in seen:
+                    seen.add(r)
+                    out.append(r + 1)
+        r = self._row.get(q.anchor_item_id) if q.anchor_item_id else None
+        if r is not None and r not in seen:
+            out.append(r + 1)
+        limit = int(self.config["features"].get("max_history", 0))
+        return out[:limit] if limit else out
+
+    def context_ids(self, q: UserQuery) -> tuple[int, int, int, int]:
+        """(surface, country, segment, price band) indices of a query; 0 when unknown."""
+        band = PRICE_BANDS.index(q.price_band) if q.price_band in PRICE_BANDS else 0
+        return (
+            self._vocab_index("surface", q.surface),
+            self._vocab_index("country", q.country),
+            self._vocab_index("segment", q.segment),
+            band,
+        )
+
     @torch.no_grad()
     def encode_users(self, queries: list[UserQuery]) -> np.ndarray:
-        """User-tower embeddings float32 [B, dim]; unknown item ids are ignored."""
+        """User-tower vectors float32 [B, dim] (last component 1); unknown item ids are
+        ignored."""
         if not queries:
             return np.zeros((0, self.dim), dtype=np.float32)
-        f = self.config["features"]
-        recent = _pad([self._item_index(q.recent_item_ids) for q in queries], f["max_recent"])
-        purchased = _pad(
-            [self._item_index(q.purchased_item_ids) for q in queries], f["max_purchased"]
-        )
-        cart = _pad([self._item_index(q.cart_item_ids) for q in queries], f["max_cart"])
-        anchor = np.array(
-            [(self._row.get(q.anchor_item_id, -1) + 1) for q in queries], dtype=np.int64
-        )
-        surface = [self._vocab_index("surface", q.surface) for q in queries]
-        country = [self._vocab_index("country", q.country) for q in queries]
-        segment = [self._vocab_index("segment", q.segment) for q in queries]
-        band = [
-            PRICE_BANDS.index(q.price_band) if q.price_band in PRICE_BANDS else 0 for q in queries
-        ]
-        r_t, p_t = torch.from_numpy(recent), torch.from_numpy(purchased)
-        affinity = self.net.affinity_from_history(r_t, p_t)
-        cats = self._lookup["category"]
-        for i, q in enumerate(queries):
-            if q.category_affinity:
-                row = torch.zeros(len(cats))
-                for cat, v in q.category_affinity.items():
-                    j = cats.get(cat, 0)
-                    if j and math.isfinite(v) and v > 0:
-                        row[j] += float(v)
-                if row.sum() > 0:
-                    affinity[i] = row / row.sum()
+        flat, offsets = history_bags([self.history_rows(q) for q in queries])
+        ctx = torch.tensor([self.context_ids(q) for q in queries], dtype=torch.long)
         out = self.net.encode_user(
-            r_t,
-            p_t,
-            torch.from_numpy(cart),
-            torch.from_numpy(anchor),
-            torch.tensor(surface),
-            torch.tensor(country),
-            torch.tensor(segment),
-            torch.tensor(band),
-            affinity,
+            torch.from_numpy(flat), torch.from_numpy(offsets), *ctx.unbind(1)
         )
         return out.numpy().astype(np.float32)
 
@@ -421,7 +455,8 @@ class TwoTowerBundle:
 
     @torch.no_grad()
     def encode_items(self, items: list[ItemFeatures]) -> np.ndarray:
-        """Item-tower embeddings float32 [B, dim]; an unknown id is embedded from features."""
+        """Item-tower vectors float32 [B, dim] (``[v, b]``); an unknown id is embedded
+        from its features."""
         if not items:
             return np.zeros((0, self.dim), dtype=np.float32)
         ids, cats, prices, attrs = self.item_feature_arrays(items)
@@ -435,9 +470,7 @@ class TwoTowerBundle:
 
     def search(self, user_vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """FAISS search: (scores [B, k], rows [B, k]); rows are -1 where fewer exist."""
-        q = np.ascontiguousarray(user_vectors, dtype=np.float32)
-        scores, rows = self.index.search(q, k)
-        return scores, rows
+        return search_scores(self.index, user_vectors, k)
 
     # -- persistence
     def save(self, path: str | Path) -> None:

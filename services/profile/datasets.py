@@ -11,16 +11,14 @@ Shipped adapters:
 - ``events``: a CSV or Parquet file in the export format of ``mercato export-events``
   (see :mod:`services.profile.export`), so export -> load round-trips.
 - ``online-retail``: the UCI Online Retail invoices file.
-- ``synthetic``: HOOK, not implemented here. The synthetic retail generator lives in the
-  training package; it plugs in by providing a function
-  ``training.data.profile_dataset(path: str) -> ProfileDataset`` (any object with the
-  four methods below). Until that exists, ``--data synthetic`` fails with a message
-  that says so; nothing is generated here.
+- ``synthetic``: registered by the ``mercato`` command (``mercato/cli.py``) with
+  :func:`register_adapter`: the synthetic shop of the training package
+  (``training.profile_data``). This module never imports the training package; without
+  the registration ``--data synthetic`` fails with a message that says so.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -29,6 +27,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from mercato.datasets import DatasetUnavailable
 from mercato.v1 import common_pb2, profile_pb2
 from services.profile.logic import EVENT_TYPES_BY_NAME, SURFACES_BY_NAME, us_to_ts
 
@@ -53,10 +52,6 @@ class ProfileDataset(Protocol):
     def event_count(self) -> int | None:
         """Number of events, for the progress bar (None if unknown)."""
         ...
-
-
-class DatasetUnavailable(Exception):
-    """The adapter cannot produce this dataset (missing file, hook not wired)."""
 
 
 def _ts(value: Any) -> Timestamp:
@@ -249,30 +244,25 @@ class EventsFile:
 # --- registry ---------------------------------------------------------------------------
 
 
-def _synthetic(path: str, **_: Any) -> ProfileDataset:
-    """HOOK: the training package's synthetic generator (see the module docstring)."""
-    try:
-        module = importlib.import_module("training.data")
-        factory = module.profile_dataset
-    except (ImportError, AttributeError) as exc:
-        raise DatasetUnavailable(
-            "the synthetic dataset comes from the training package's generator, which does "
-            "not provide `training.data.profile_dataset(path)` yet; load a file with "
-            "--data events or --data online-retail meanwhile"
-        ) from exc
-    dataset: ProfileDataset = factory(path)
-    return dataset
-
-
 ADAPTERS: dict[str, Callable[..., ProfileDataset]] = {
     "online-retail": lambda path, **kw: OnlineRetail(Path(path), **kw),
     "events": lambda path, **kw: EventsFile(Path(path), **kw),
-    "synthetic": _synthetic,
 }
+
+
+def register_adapter(kind: str, factory: Callable[..., ProfileDataset]) -> None:
+    """Make ``open_dataset(kind, path, **options)`` call ``factory(path, **options)``."""
+    ADAPTERS[kind] = factory
 
 
 def open_dataset(kind: str, path: str, **options: Any) -> ProfileDataset:
     """The adapter ``kind`` on ``path``."""
     if kind not in ADAPTERS:
-        raise DatasetUnavailable(f"unknown dataset {kind!r}; one of {', '.join(ADAPTERS)}")
+        hint = (
+            " (the synthetic shop is registered by the `mercato` command, from the training "
+            "package)"
+            if kind == "synthetic"
+            else ""
+        )
+        raise DatasetUnavailable(f"unknown dataset {kind!r}; one of {', '.join(ADAPTERS)}{hint}")
     return ADAPTERS[kind](path, **options)

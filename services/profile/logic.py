@@ -12,13 +12,13 @@ Times are integer microseconds since the Unix epoch (UTC) throughout.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from mercato import features
 from mercato.v1 import common_pb2
 
 ET = common_pb2.EventType
@@ -60,11 +60,13 @@ LOG_ONLY_EVENTS = frozenset({ET.EVENT_TYPE_EXPOSURE})
 # Events that name an offer (offer_id required).
 OFFER_EVENTS = frozenset({ET.EVENT_TYPE_OFFER_SHOWN, ET.EVENT_TYPE_OFFER_REDEEMED})
 # How much one event says about interest in its item's category / its item's popularity.
+# The weights are the shared feature module's (mercato.features), so training computes
+# the same category affinity.
 INTEREST_WEIGHTS: dict[int, float] = {
-    ET.EVENT_TYPE_VIEW: 1.0,
-    ET.EVENT_TYPE_CLICK: 1.0,
-    ET.EVENT_TYPE_ADD_TO_CART: 3.0,
-    ET.EVENT_TYPE_PURCHASE: 5.0,
+    ET.EVENT_TYPE_VIEW: features.INTEREST_WEIGHTS["view"],
+    ET.EVENT_TYPE_CLICK: features.INTEREST_WEIGHTS["click"],
+    ET.EVENT_TYPE_ADD_TO_CART: features.INTEREST_WEIGHTS["cart"],
+    ET.EVENT_TYPE_PURCHASE: features.INTEREST_WEIGHTS["purchase"],
 }
 # Decayed scores are kept relative to an anchor time; past this many half-lives the
 # anchor moves forward (all scores are rescaled) so that floats never overflow.
@@ -183,6 +185,21 @@ class ProfileConfig:
     segment_loyal_orders: int = 4
 
     @property
+    def thresholds(self) -> features.FeatureThresholds:
+        """The shared feature definitions' knobs (segment, price band, RFM, affinity)."""
+        return features.FeatureThresholds(
+            affinity_half_life_days=self.affinity_half_life_days,
+            rfm_recency_days=self.rfm_recency_days,
+            rfm_frequency_orders=self.rfm_frequency_orders,
+            rfm_monetary=self.rfm_monetary,
+            price_band_low_below=self.price_band_low_below,
+            price_band_high_from=self.price_band_high_from,
+            segment_at_risk_days=self.segment_at_risk_days,
+            segment_lapsed_days=self.segment_lapsed_days,
+            segment_loyal_orders=self.segment_loyal_orders,
+        )
+
+    @property
     def affinity_half_life_us(self) -> float:
         return self.affinity_half_life_days * US_PER_DAY
 
@@ -275,18 +292,8 @@ def _touch_recent(state: ProfileState, ev: LogEvent, limit: int) -> None:
 def _decayed_add(
     values: dict[str, float], ref_us: int, key: str, weight: float, ts_us: int, half_life_us: float
 ) -> int:
-    """Add ``weight`` at ``ts_us`` to ``values[key]`` kept relative to ``ref_us``; returns
-    the new reference (the latest time seen), rescaling every value when it moves."""
-    if ts_us > ref_us:
-        if values:
-            factor = 2.0 ** (-(ts_us - ref_us) / half_life_us)
-            for k in values:
-                values[k] *= factor
-        ref_us = ts_us
-        values[key] = values.get(key, 0.0) + weight
-    else:
-        values[key] = values.get(key, 0.0) + weight * 2.0 ** (-(ref_us - ts_us) / half_life_us)
-    return ref_us
+    """:func:`mercato.features.decayed_add` in microseconds."""
+    return int(features.decayed_add(values, ref_us, key, weight, ts_us, half_life_us))
 
 
 def apply_event(state: ProfileState, ev: LogEvent, cfg: ProfileConfig) -> None:
@@ -355,63 +362,40 @@ def recompute_profile(
     return state
 
 
-def _score(value: float, thresholds: tuple[float, ...]) -> int:
-    """1 + number of thresholds reached (1 .. len + 1)."""
-    return 1 + sum(1 for th in thresholds if value >= th)
-
-
 def rfm_of(state: ProfileState, now_us: int, cfg: ProfileConfig) -> common_pb2.Rfm:
-    """Recency / frequency / monetary and their 1..5 scores (0 when never bought)."""
+    """Recency / frequency / monetary and their 1..5 scores (0 when never bought);
+    :func:`mercato.features.rfm`."""
     if not state.purchases:
         return common_pb2.Rfm(recency_days=-1.0)
-    recency = max(0.0, (now_us - state.last_purchase_us) / US_PER_DAY)
-    frequency = len(state.orders)
+    r = features.rfm(
+        len(state.orders),
+        state.monetary,
+        (now_us - state.last_purchase_us) / US_PER_DAY,
+        cfg.thresholds,
+    )
     return common_pb2.Rfm(
-        recency_days=recency,
-        frequency=frequency,
-        monetary=state.monetary,
-        # Recent is good: score 5 within the first threshold, 1 past the last.
-        recency_score=len(cfg.rfm_recency_days)
-        + 1
-        - sum(1 for th in cfg.rfm_recency_days if recency > th),
-        frequency_score=_score(frequency, cfg.rfm_frequency_orders),
-        monetary_score=_score(state.monetary, cfg.rfm_monetary),
+        recency_days=r.recency_days,
+        frequency=r.frequency,
+        monetary=r.monetary,
+        recency_score=r.recency_score,
+        frequency_score=r.frequency_score,
+        monetary_score=r.monetary_score,
     )
 
 
 def price_band_of(state: ProfileState, cfg: ProfileConfig) -> str:
-    """ "low" / "mid" / "high" by the mean unit price paid; empty before any purchase."""
-    if state.units <= 0:
-        return ""
-    mean = state.monetary / state.units
-    if mean < cfg.price_band_low_below:
-        return "low"
-    if mean >= cfg.price_band_high_from:
-        return "high"
-    return "mid"
+    """:func:`mercato.features.price_band` of the mean unit price paid."""
+    return features.price_band(state.monetary, state.units, cfg.thresholds)
 
 
 def segment_of(rfm: common_pb2.Rfm, override: str, cfg: ProfileConfig) -> str:
-    """The retailer's override, else new / lapsed / at_risk / loyal / active from RFM."""
-    if override:
-        return override
-    if rfm.frequency == 0:
-        return "new"
-    if rfm.recency_days > cfg.segment_lapsed_days:
-        return "lapsed"
-    if rfm.recency_days > cfg.segment_at_risk_days:
-        return "at_risk"
-    if rfm.frequency >= cfg.segment_loyal_orders:
-        return "loyal"
-    return "active"
+    """The retailer's override, else :func:`mercato.features.segment` from RFM."""
+    return features.segment(rfm.frequency, rfm.recency_days, override, cfg.thresholds)
 
 
 def normalized_affinity(state: ProfileState) -> dict[str, float]:
     """Category interest shares summing to 1 (independent of the read time)."""
-    total = math.fsum(state.affinity.values())
-    if total <= 0:
-        return {}
-    return {k: v / total for k, v in state.affinity.items() if v > 0}
+    return features.affinity_shares(state.affinity)
 
 
 def build_cart(customer_id: str, state: ProfileState | None) -> common_pb2.Cart:

@@ -187,6 +187,14 @@ class RetrievalModel:
         out[~base] = st.extra_emb[rows[~base] - st.n_base]
         return out
 
+    def item_query(self, st: IndexState, rows: Sequence[int]) -> np.ndarray:
+        """A query vector for items like ``rows``: the mean of their item vectors used as
+        a user vector (``[v̄, 1]``), so results are what a customer who liked them would
+        be shown (item bias included)."""
+        q = self.embeddings(st, np.asarray(rows, dtype=np.int64)).mean(axis=0)
+        q[-1] = 1.0
+        return q.astype(np.float32)
+
     def encode_user(self, query: UserQuery) -> np.ndarray:
         """User-tower embedding of one query (NumPy copy of the tower when it agrees)."""
         if self.fast_user is not None:

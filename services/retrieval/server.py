@@ -298,11 +298,7 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
         flt: RowFilter,
         source: int,
     ) -> list[Cand]:
-        q = model.embeddings(st, np.array(anchors)).mean(axis=0)
-        norm = float(np.linalg.norm(q))
-        if norm > 0:
-            q = q / norm
-        res = model.search(st, q, k, flt)
+        res = model.search(st, model.item_query(st, anchors), k, flt)
         return self._candidates(model, st, res.rows, res.scores, source)
 
     def _upsell(
@@ -321,7 +317,7 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
                 in_stock_only=flt.in_stock_only,
                 min_price=float(st.item_price[a]),
             )
-            res = model.search(st, model.embeddings(st, np.array([a]))[0], k, f)
+            res = model.search(st, model.item_query(st, [a]), k, f)
             for r, s in zip(res.rows.tolist(), res.scores.tolist(), strict=True):
                 if s > best.get(r, -np.inf):
                     best[r] = s

@@ -70,9 +70,8 @@ class Stack:
 
 
 def _retrieval_cfg(tracking_uri: str, data: Path, seed: int = 0) -> TrainConfig:
-    model = replace(
-        TwoTowerConfig(), dim=32, hidden=64, epochs=5, batch_size=256, progress=False, seed=seed
-    )
+    # One row per customer and step: small batches so a small shop still gets enough steps.
+    model = replace(TwoTowerConfig(), dim=32, epochs=15, batch_size=32, progress=False, seed=seed)
     return TrainConfig(
         data="synthetic",
         path=str(data),
@@ -84,8 +83,12 @@ def _retrieval_cfg(tracking_uri: str, data: Path, seed: int = 0) -> TrainConfig:
 
 
 def _load_profiles(data: Path, sqlite_path: Path) -> None:
-    from services.profile.datasets import open_dataset
+    from services.profile.datasets import open_dataset, register_adapter
     from services.profile.loader import load_dataset
+    from training.profile_data import profile_dataset
+
+    # What the `mercato` command does at start (mercato/cli.py).
+    register_adapter("synthetic", lambda path, **_: profile_dataset(path))
     from services.profile.settings import ProfileSettings
     from services.profile.store import make_store
 

@@ -110,12 +110,14 @@ def test_load_is_idempotent_and_export_round_trips(retail_file: Path, tmp_path: 
         assert copied_ids == ids and copied == states
 
 
-def test_synthetic_hook_says_it_is_not_wired(tmp_path: Path) -> None:
-    import training.data
+def test_synthetic_adapter_unregistered_says_who_registers_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from services.profile import datasets
 
-    if not hasattr(training.data, "profile_dataset"):
-        with pytest.raises(DatasetUnavailable, match="training"):
-            open_dataset("synthetic", str(tmp_path))
+    monkeypatch.delitem(datasets.ADAPTERS, "synthetic", raising=False)
+    with pytest.raises(DatasetUnavailable, match="registered by the `mercato` command"):
+        open_dataset("synthetic", str(tmp_path))
     result = CliRunner().invoke(app, ["load", "--data", "nope", "--path", "x"])
     assert result.exit_code != 0
 

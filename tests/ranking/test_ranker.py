@@ -140,9 +140,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[RankerResult, Ran
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     retrieval = TrainConfig(
         synthetic=TINY,
-        model=replace(
-            TwoTowerConfig(), dim=16, hidden=32, epochs=2, batch_size=256, progress=False
-        ),
+        model=replace(TwoTowerConfig(), dim=16, epochs=2, batch_size=256, progress=False),
         tracking_uri=uri,
     )
     cfg = RankerConfig(

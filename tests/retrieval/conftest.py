@@ -66,7 +66,7 @@ class Store:
 def store(tmp_path_factory: pytest.TempPathFactory) -> Store:
     root = tmp_path_factory.mktemp("retrieval-store")
     uri = f"sqlite:///{root / 'mlflow.db'}"
-    model = replace(TwoTowerConfig(), dim=16, hidden=32, epochs=2, batch_size=256, progress=False)
+    model = replace(TwoTowerConfig(), dim=16, epochs=2, batch_size=256, progress=False)
     res = train_and_register(
         TrainConfig(
             synthetic=TINY,

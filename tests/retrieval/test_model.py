@@ -7,6 +7,7 @@ from pathlib import Path
 
 import faiss
 import numpy as np
+import pytest
 
 from services.models.registry import ModelVersionInfo
 from services.models.two_tower import ItemFeatures, TwoTowerBundle, UserQuery
@@ -103,8 +104,11 @@ def test_index_items_is_copy_on_write(store: Store, tmp_path: Path) -> None:
     row = m.row_of(after, "X1")
     assert row == before.n_total
     vec = m.bundle.encode_items([ItemFeatures("X1", cat, 9.0)])[0]
-    hit = m.search(after, vec, 1, RowFilter())
-    assert hit.rows.tolist() == [row]
+    # Scores are u.v + b: the new item is found with exactly its model score.
+    every = m.search(after, q, after.n_total, RowFilter())
+    assert row in every.rows.tolist()
+    got = float(every.scores[every.rows.tolist().index(row)])
+    assert got == pytest.approx(float(q @ vec), rel=1e-5, abs=1e-5)
     try:
         m.index_items([ItemFeatures(f"Y{i}", cat, 1.0) for i in range(3)], [1, 1, 1])
     except OverflowError as e:

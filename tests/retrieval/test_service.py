@@ -273,7 +273,10 @@ def test_related_items(
     )
     assert list(resp.unknown_item_ids) == ["unknown-sku"]
     allowed = np.arange(n) != anchor
-    want, scores = brute_force(emb, emb[anchor], 15, allowed)
+    # The anchor's item vector asked as a user vector: [v, 1] (scores include the bias).
+    as_user = emb[anchor].copy()
+    as_user[-1] = 1.0
+    want, scores = brute_force(emb, as_user, 15, allowed)
     assert_same_ranking(
         [c.item_id for c in resp.candidates],
         [c.score for c in resp.candidates],
@@ -294,7 +297,7 @@ def test_related_items(
     ok = np.array(
         [bundle.item_category[r] == cat and bundle.item_price[r] > price for r in range(n)]
     )
-    want, scores = brute_force(emb, emb[anchor], 5, ok)
+    want, scores = brute_force(emb, as_user, 5, ok)
     assert_same_ranking(
         [c.item_id for c in resp.candidates],
         [c.score for c in resp.candidates],
@@ -359,7 +362,9 @@ def test_index_items_makes_new_items_retrievable(
     )
     all_emb = np.vstack([bundle.item_embeddings, vec])
     ids = [*bundle.item_ids, *(i.item_id for i in new)]
-    want, scores = brute_force(all_emb, vec[0], 5, np.array([i != "NEW-0" for i in ids]))
+    as_user = vec[0].copy()
+    as_user[-1] = 1.0  # an item asked as a user vector: [v, 1]
+    want, scores = brute_force(all_emb, as_user, 5, np.array([i != "NEW-0" for i in ids]))
     assert [c.item_id for c in sim.candidates] == [ids[w] for w in want]
     np.testing.assert_allclose([c.score for c in sim.candidates], scores[want], atol=1e-5)
     # A category only the new item has: the filter finds it.

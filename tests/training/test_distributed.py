@@ -29,7 +29,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     configure_threads(1)
     from training import distributed
     from training.data import time_split
-    from training.features import build_eval_set, build_vocab, encode_events, walk_history
+    from training.features import build_eval_set, build_train_rows, build_vocab
     from training.synthetic import generate
     from training.two_tower import TwoTowerConfig, train_two_tower
 
@@ -37,13 +37,12 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     data = generate(TINY)
     split = time_split(data)
     vocab = build_vocab(data)
-    ex, _, _ = walk_history(encode_events(split.train, vocab), vocab, emit_examples=True)
-    assert ex is not None
-    valid = build_eval_set("valid", split.train, split.valid, vocab, data.target_events)
-    cfg = replace(
-        TwoTowerConfig(), dim=8, hidden=16, epochs=2, batch_size=128, patience=5, progress=False
+    rows = build_train_rows(split.train, vocab, "time")
+    valid = build_eval_set(
+        "valid", split.train, split.valid, vocab, data.target_events, now=split.params["t1"]
     )
-    net, _, hist = train_two_tower(vocab, ex, valid, cfg)
+    cfg = replace(TwoTowerConfig(), dim=8, epochs=2, batch_size=64, patience=5, progress=False)
+    net, _, hist = train_two_tower(vocab, rows, valid, cfg)
     torch.save(
         {"state": net.state_dict(), "best_epoch": hist.best_epoch, "epochs": hist.epochs},
         Path(out) / f"rank{rank}.pt",

@@ -77,7 +77,7 @@ def test_synthetic_set_loads_into_the_profile_service_and_trains_back(tmp_path: 
     cfg = TrainConfig(
         data="events",
         path=str(export),
-        model=replace(TwoTowerConfig(), dim=8, hidden=16, epochs=1, progress=False),
+        model=replace(TwoTowerConfig(), dim=8, epochs=1, progress=False),
         baselines=replace(TrainConfig().baselines, models=()),
         tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
     )

@@ -21,7 +21,13 @@ from training.data import time_split, user_random_split
 from training.evaluate import PopularityScorer, evaluate, metrics_from_ranking, top_k
 from training.features import build_eval_set, build_vocab
 from training.index import IndexConfig, ann_recall, build_index, index_kind
-from training.pipeline import TrainConfig, load_data, make_split, train_and_register
+from training.pipeline import (
+    TrainConfig,
+    load_data,
+    make_split,
+    query_times,
+    train_and_register,
+)
 from training.registry import PromotionRefused, promote
 from training.synthetic import (
     SyntheticConfig,
@@ -30,13 +36,13 @@ from training.synthetic import (
     load_synthetic,
     write_synthetic,
 )
-from training.two_tower import TwoTowerConfig, encode_users
+from training.two_tower import TwoTowerConfig, encode_eval_users
 
 TINY = SyntheticConfig(n_users=700, n_items=300, n_categories=16, days=60, seed=3)
 
 
 def tiny_cfg(tmp: Path, **model: object) -> TrainConfig:
-    m = replace(TwoTowerConfig(), dim=16, hidden=32, epochs=3, batch_size=256, progress=False)
+    m = replace(TwoTowerConfig(), dim=16, epochs=3, batch_size=256, progress=False)
     return TrainConfig(
         synthetic=TINY,
         model=replace(m, **model),  # type: ignore[arg-type]
@@ -119,19 +125,13 @@ def test_metrics_match_hand_computed_values() -> None:
 
 
 def test_evaluate_excludes_history_and_counts_coverage() -> None:
-    from training.features import EvalSet, UserFeatures
+    from training.features import EvalSet
 
     scores = np.array([5.0, 4.0, 3.0, 2.0, 1.0])
     exclude = sp.csr_matrix(np.array([[1, 0, 0, 0, 0], [0, 0, 0, 0, 0]], dtype=np.float32))
     truth = sp.csr_matrix(np.array([[0, 0, 1, 0, 0], [0, 0, 0, 0, 1]], dtype=np.float32))
     assert top_k(np.tile(scores, (2, 1)), exclude, 2).tolist() == [[1, 2], [0, 1]]
-    es = EvalSet(
-        "t",
-        np.array([0, 1]),
-        UserFeatures.empty(2, build_vocab(generate(TINY)).features),
-        truth,
-        exclude,
-    )
+    es = EvalSet("t", np.array([0, 1]), exclude, np.zeros((2, 4), np.int64), truth, exclude)
     m = evaluate(PopularityScorer(scores), es, ks=(2, 5))
     # user 0: ranking 1,2,3,4 -> hit at rank 2; user 1: 0,1,2,3,4 -> hit at rank 5.
     assert m["recall@2"] == pytest.approx(0.5)
@@ -183,30 +183,32 @@ def test_tiny_train_register_load_by_alias_gives_same_scores(trained, tmp_path: 
         "challenger",
     )
     local, remote = TwoTowerBundle.load(res.bundle_dir), TwoTowerBundle.load(path)
-    assert remote.config["dim"] == 16 and remote.config["n_items"] == TINY.n_items
+    assert remote.config["dim"] == 17 and remote.config["model_dim"] == 16
+    assert remote.config["n_items"] == TINY.n_items
     np.testing.assert_array_equal(local.item_embeddings, remote.item_embeddings)
 
     # Serving features == training features: encode the validation users from string ids.
     data = load_data(cfg)
     split = make_split(data, cfg)
     vocab = build_vocab(data, cfg.features)
-    valid = build_eval_set("valid", split.train, split.valid, vocab, data.target_events)
-    f = valid.feats
+    valid = build_eval_set(
+        "valid", split.train, split.valid, vocab, data.target_events, now=query_times(split)[0]
+    )
     ids = vocab.item_ids
     queries = [
         UserQuery(
-            recent_item_ids=[ids[x - 1] for x in f.recent[j] if x > 0],
-            purchased_item_ids=[ids[x - 1] for x in f.purchased[j] if x > 0],
-            cart_item_ids=[ids[x - 1] for x in f.cart[j] if x > 0],
-            surface="home",
-            country=vocab.countries[f.country[j]],
-            segment=vocab.segments[f.segment[j]],
-            price_band=PRICE_BANDS[f.band[j]],
+            recent_item_ids=[ids[x] for x in valid.history[j].indices],
+            purchased_item_ids=[],
+            cart_item_ids=[],
+            surface=vocab.surfaces[valid.context[j, 0]],
+            country=vocab.countries[valid.context[j, 1]],
+            segment=vocab.segments[valid.context[j, 2]],
+            price_band=PRICE_BANDS[valid.context[j, 3]],
         )
         for j in range(len(valid))
     ]
     served = remote.encode_users(queries)
-    trained_side = encode_users(remote.net, f)
+    trained_side = encode_eval_users(remote.net, valid)
     np.testing.assert_allclose(served, trained_side, atol=1e-5)
     np.testing.assert_allclose(served, local.encode_users(queries), atol=1e-6)
     # Scores from the downloaded bundle reproduce the logged validation metric.
@@ -214,10 +216,6 @@ def test_tiny_train_register_load_by_alias_gives_same_scores(trained, tmp_path: 
 
     m = evaluate(EmbeddingScorer(served, remote.item_embeddings), valid, cfg.ks)
     assert m["recall@20"] == pytest.approx(res.metrics["valid"]["two_tower"]["recall@20"], abs=1e-9)
-    # FAISS agrees with brute force.
-    _s, rows = remote.search(served[:5], 10)
-    brute = np.argsort(-(served[:5] @ remote.item_embeddings.T), axis=1)[:, :10]
-    assert (rows[:, 0] == brute[:, 0]).all()
     # Item tower from catalog features reproduces the stored embeddings; new ids work.
     items = data.items
     feats = [
@@ -230,9 +228,29 @@ def test_tiny_train_register_load_by_alias_gives_same_scores(trained, tmp_path: 
         for r in items.head(50).itertuples()
     ]
     np.testing.assert_allclose(remote.encode_items(feats), remote.item_embeddings[:50], atol=1e-5)
+    # FAISS ranks exactly as the model's scores u.v + b, the item tower run on every
+    # catalog item (the bias included).
+    every = [
+        ItemFeatures(
+            r.item_id,
+            r.category,
+            float(r.price),
+            {"brand": r.attr_brand, "color": r.attr_color, "tier": r.attr_tier},
+        )
+        for r in items.itertuples()
+    ]
+    tower = remote.encode_items(every)
+    v, b = tower[:, :-1], tower[:, -1]
+    assert np.abs(b).max() > 0  # the bias is trained and exported
+    model_scores = served[:20, :-1] @ v.T + b
+    faiss_scores, rows = remote.search(served[:20], 10)
+    np.testing.assert_allclose(
+        faiss_scores, np.take_along_axis(model_scores, rows, axis=1), rtol=1e-5, atol=1e-5
+    )
+    want = -np.sort(-model_scores, axis=1)[:, :10]
+    np.testing.assert_allclose(faiss_scores, want, rtol=1e-5, atol=1e-5)
     cold = remote.encode_items([replace(feats[0], item_id="NEW-SKU-1")])
-    assert cold.shape == (1, 16) and np.isfinite(cold).all()
-    assert np.linalg.norm(cold) == pytest.approx(1.0, abs=1e-4)
+    assert cold.shape == (1, 17) and np.isfinite(cold).all()
     assert remote.row_of(feats[3].item_id) == 3 and remote.row_of("NEW-SKU-1") is None
     assert remote.popularity and remote.popularity[0][1] >= remote.popularity[-1][1]
 
@@ -300,7 +318,7 @@ def test_bundle_refuses_missing_or_corrupt_files(trained, tmp_path: Path) -> Non
     bad2 = tmp_path / "c"
     shutil.copytree(res.bundle_dir, bad2)
     cfg = json.loads((bad2 / "config.json").read_text())
-    cfg["dim"] = 17
+    cfg["dim"] = 18  # the real one is 17 (16 + the bias component)
     (bad2 / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
     with pytest.raises(BundleError):
         TwoTowerBundle.load(bad2)
