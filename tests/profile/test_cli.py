@@ -110,14 +110,21 @@ def test_load_is_idempotent_and_export_round_trips(retail_file: Path, tmp_path: 
         assert copied_ids == ids and copied == states
 
 
-def test_synthetic_hook_says_it_is_not_wired(tmp_path: Path) -> None:
+def test_synthetic_hook_reaches_the_generator_or_says_it_is_missing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import training.data
 
-    if not hasattr(training.data, "profile_dataset"):
-        with pytest.raises(DatasetUnavailable, match="training"):
-            open_dataset("synthetic", str(tmp_path))
+    # Wired: the training package answers (here: no data set in this folder).
+    with pytest.raises(DatasetUnavailable, match="mercato train generate"):
+        open_dataset("synthetic", str(tmp_path))
+    # Not wired (a build without the training package's hook): a clear message.
+    monkeypatch.delattr(training.data, "profile_dataset")
+    with pytest.raises(DatasetUnavailable, match=r"does not provide `training\.data"):
+        open_dataset("synthetic", str(tmp_path))
     result = CliRunner().invoke(app, ["load", "--data", "nope", "--path", "x"])
     assert result.exit_code != 0
+    assert "unknown dataset 'nope'" in result.output
 
 
 def test_settings_default_path_is_under_mercato_home(

@@ -84,23 +84,26 @@ async def test_a_failing_batch_writes_nothing(
     await store.append_events(log[:30])
     before = await states_of(store)
     trend_before = await store.trending("", 100, 0)
-    real = ProfileState.to_json
-    victim = log[45].customer_id
+    real = ProfileState.abandon_key
+    calls: list[str] = []
 
-    def failing(self: ProfileState) -> str:  # fault injection while the batch is written
-        if self.events and any(e.customer_id == victim for e in log[30:]):
-            raise RuntimeError("injected write failure")
-        return real(self)
+    # The fault fires while the batch is written, not while it is planned: a state's
+    # cart key is computed only for the write, after the batch's events went to the log
+    # (SQLite: INSERTed in the open transaction; Redis: queued in the MULTI).
+    def failing(self: ProfileState) -> int | None:
+        calls.append("write")
+        raise RuntimeError("injected write failure")
 
-    monkeypatch.setattr(ProfileState, "to_json", failing)
-    with pytest.raises(RuntimeError, match="injected"):
+    monkeypatch.setattr(ProfileState, "abandon_key", failing)
+    with pytest.raises(Exception, match="injected write failure"):
         await store.append_events(log[30:])
-    monkeypatch.setattr(ProfileState, "to_json", real)
+    monkeypatch.setattr(ProfileState, "abandon_key", real)
+    assert calls, "the fault was never reached"
     assert await states_of(store) == before
     assert await store.trending("", 100, 0) == trend_before
-    assert len([e async for e in store.iter_log()]) == 30
+    assert [e.event_id async for e in store.iter_log()] == [e.event_id for e in log[:30]]
     res = await store.append_events(log[30:])  # the retry goes through whole
-    assert res.accepted == 30
+    assert (res.accepted, res.duplicates) == (30, 0)
     await assert_consistent(store, cfg)
 
 
