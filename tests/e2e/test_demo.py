@@ -12,6 +12,8 @@ from rich.console import Console
 from services.common.supervisor import SERVICES, health_status
 from tests.procs import free_port
 
+pytestmark = pytest.mark.slow  # runs `mercato demo`: trains, serves, stops
+
 
 def test_demo_trains_serves_and_explains(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from mercato.demo import DemoOptions, run_demo

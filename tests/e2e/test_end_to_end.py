@@ -31,6 +31,8 @@ from training.registry import promote
 from training.synthetic import SyntheticConfig, write_synthetic
 from training.two_tower import TwoTowerConfig
 
+pytestmark = pytest.mark.slow  # trains both models, runs the four services as processes
+
 ET = common_pb2.EventType
 # Small, but big enough that the two-tower learns from history (at 500 customers it
 # barely moves away from popularity, and views would not change the next answer).

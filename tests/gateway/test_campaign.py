@@ -7,6 +7,7 @@ import csv
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
 from typer.testing import CliRunner
 
 from mercato.cli import app
@@ -14,6 +15,8 @@ from mercato.client import MercatoClient
 from mercato.v1 import common_pb2, profile_pb2, profile_pb2_grpc, ranking_pb2, ranking_pb2_grpc
 from tests.procs import free_port, start_service
 from tests.profile.factory import DAY_US, NOW_US, event, item
+
+pytestmark = pytest.mark.slow  # profile, ranking and gateway as processes
 
 ET = common_pb2.EventType
 

@@ -21,6 +21,8 @@ from tests.procs import ServiceProc, free_port, start_service
 from tests.profile.factory import DAY_US, NOW_US, catalog, random_events
 from tests.profile.redis_proc import RedisProc
 
+pytestmark = pytest.mark.slow  # profile service and redis-server killed and restarted
+
 BATCH = 20
 
 

@@ -115,6 +115,7 @@ def _random_lists(seed: int, users: int = 40, n: int = 12) -> RankLists:
     )
 
 
+@pytest.mark.slow
 def test_training_is_deterministic_by_seed_and_learns_a_planted_signal() -> None:
     fit, valid = _random_lists(1), _random_lists(2)
     cfg = RankerConfig(epochs=15, patience=15, progress=False, candidates=12, ks=(10,))
@@ -149,6 +150,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[RankerResult, Ran
     return train_and_register_ranker(cfg), cfg, tmp
 
 
+@pytest.mark.slow
 def test_training_logs_per_epoch_metrics_curve_and_registers_a_challenger(trained) -> None:
     res, cfg, _ = trained
     client, _ = registry.client_for(cfg.tracking_uri)
@@ -170,6 +172,7 @@ def test_training_logs_per_epoch_metrics_curve_and_registers_a_challenger(traine
     assert res.two_tower == {"source": "trained in this run"}
 
 
+@pytest.mark.slow
 def test_bundle_loads_without_training_code_and_reproduces_scores(trained) -> None:
     res, _, _ = trained
     code = (
@@ -214,6 +217,7 @@ def _broken_copy(src: Path, dst: Path) -> Path:
     return dst
 
 
+@pytest.mark.slow
 def test_bundle_refuses_corrupt_or_inconsistent_files(trained, tmp_path: Path) -> None:
     res, _, _ = trained
     with pytest.raises(RankerBundleError, match="smoke test"):
@@ -329,6 +333,7 @@ def _wait_model(stub, req, version: str | None, timeout: float = 30.0) -> rankin
         time.sleep(0.2)
 
 
+@pytest.mark.slow
 def test_served_scores_equal_the_exported_model_and_promotion_moves_the_default(
     trained, served: Served
 ) -> None:
@@ -352,6 +357,7 @@ def test_served_scores_equal_the_exported_model_and_promotion_moves_the_default(
         assert it.model_score == pytest.approx(want[it.item_id], rel=1e-5, abs=1e-5)
 
 
+@pytest.mark.slow
 def test_rules_hold_with_the_ranker_on(trained, served: Served) -> None:
     res, _, _ = trained
     bundle = RankerBundle.load(res.bundle_dir)
@@ -373,6 +379,7 @@ def test_rules_hold_with_the_ranker_on(trained, served: Served) -> None:
         assert all(math.isfinite(it.model_score) for it in resp.items)
 
 
+@pytest.mark.slow
 def test_gate_and_a_broken_version_refused_while_the_old_one_keeps_serving(
     trained, served: Served, tmp_path: Path
 ) -> None:

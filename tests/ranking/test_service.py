@@ -12,6 +12,8 @@ import pytest
 from mercato.v1 import common_pb2, ranking_pb2, ranking_pb2_grpc
 from tests.procs import ServiceProc, start_service
 
+pytestmark = pytest.mark.slow  # the ranking service as a process
+
 SERVICE = "mercato.v1.RankingService"
 ENV = {"MERCATO_RANKING_MAX_CANDIDATES": "50", "MERCATO_RANKING_OFFERS_SEED": "7"}
 

@@ -12,11 +12,14 @@ from pathlib import Path
 
 import faiss
 import numpy as np
+import pytest
 
 from mercato.v1 import common_pb2, retrieval_pb2, retrieval_pb2_grpc
 from services.models.two_tower import TwoTowerBundle
 from tests.procs import ServiceProc, start_service
 from tests.retrieval.conftest import Store
+
+pytestmark = pytest.mark.slow  # trains a two-tower; retrieval as a process
 
 SWAP_MODEL = "mercato-two-tower-swap"
 

@@ -7,12 +7,15 @@ from pathlib import Path
 
 import faiss
 import numpy as np
+import pytest
 
 from services.models.registry import ModelVersionInfo
 from services.models.two_tower import ItemFeatures, TwoTowerBundle, UserQuery
 from services.retrieval.model import IndexConfig, RowFilter, load_retrieval_model
 from services.retrieval.user_encoder import NumpyUserEncoder
 from tests.retrieval.conftest import Store
+
+pytestmark = pytest.mark.slow  # trains a two-tower (session fixture)
 
 INFO = ModelVersionInfo("m", "1", "r", "champion")
 

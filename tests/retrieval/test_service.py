@@ -15,6 +15,8 @@ from services.models.two_tower import ItemFeatures, TwoTowerBundle, UserQuery
 from tests.procs import ServiceProc, start_service
 from tests.retrieval.conftest import MODEL, Store, brute_force
 
+pytestmark = pytest.mark.slow  # trains a two-tower; retrieval as a process
+
 
 @pytest.fixture(scope="module")
 def svc(store: Store, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProc]:

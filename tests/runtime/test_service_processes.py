@@ -14,6 +14,8 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from mercato.v1 import diagnostics_pb2, diagnostics_pb2_grpc
 from tests.procs import ServiceProc, start_service
 
+pytestmark = pytest.mark.slow  # starts services as processes
+
 SERVICES = {
     "profile": "mercato.v1.ProfileService",
     "retrieval": "mercato.v1.RetrievalService",

@@ -10,7 +10,11 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.procs import REPO, free_port
+
+pytestmark = pytest.mark.slow  # starts the four services as processes
 
 SERVICES = ("profile", "retrieval", "ranking", "gateway")
 # Without a trained model retrieval is alive but not ready; the other three serve.
