@@ -50,7 +50,10 @@ from training.ranker import (
 from training.synthetic import SyntheticConfig
 from training.two_tower import TwoTowerConfig
 
-TINY = SyntheticConfig(n_users=600, n_items=240, n_categories=12, days=60, seed=5)
+# Big enough that the trained ranker beats the retrieval order on validation (at 600
+# customers it cannot, and an untrained ranker, which keeps the retrieval order, would
+# score the same: the promotion gate would have nothing to refuse).
+TINY = SyntheticConfig(n_users=2000, n_items=300, n_categories=12, days=60, seed=5)
 NOW = 1_720_000_000.0
 
 # ----------------------------------------------------------------------------- metrics
@@ -145,7 +148,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[RankerResult, Ran
         tracking_uri=uri,
     )
     cfg = RankerConfig(
-        retrieval=retrieval, tracking_uri=uri, epochs=4, patience=4, progress=False, seed=0
+        retrieval=retrieval, tracking_uri=uri, epochs=8, patience=4, progress=False, seed=0
     )
     return train_and_register_ranker(cfg), cfg, tmp
 
@@ -383,17 +386,22 @@ def test_rules_hold_with_the_ranker_on(trained, served: Served) -> None:
 def test_gate_and_a_broken_version_refused_while_the_old_one_keeps_serving(
     trained, served: Served, tmp_path: Path
 ) -> None:
-    res, _, _ = trained
+    res, cfg, _ = trained
     client, _ = registry.client_for(served.uri)
     exp = client.get_experiment_by_name("mercato-ranker")
-    # A worse run on the same split: the gate refuses it.
-    worse = client.create_run(exp.experiment_id, tags={"split_signature": res.split_signature})
-    client.log_metric(
-        worse.info.run_id, "valid_ndcg_10", res.metrics["valid"]["ranker"]["ndcg@10"] - 0.05
-    )
-    client.log_artifacts(worse.info.run_id, str(res.bundle_dir), "bundle")
-    client.set_terminated(worse.info.run_id)
-    mv_worse = registry.register_bundle(client, worse.info.run_id, "mercato-ranker", alias=None)
+    # Independent of the other tests: the trained version holds champion, and serves.
+    registry.promote("mercato-ranker", served.uri, version=res.version, force=True)
+    bundle = RankerBundle.load(res.bundle_dir)
+    req = _request(bundle, seed=20)
+    before = _wait_model(served.stub, req, res.version)
+
+    # A genuinely worse ranker: the same data and split, but untrained (lr ~ 0: the net
+    # keeps its initial weights, which rank by the retrieval score), registered without an
+    # alias. The trained one beats the retrieval order on validation; this one cannot.
+    worse = train_and_register_ranker(replace(cfg, lr=1e-9, epochs=1, patience=1, alias=""))
+    assert worse.split_signature == res.split_signature
+    w, b = (r.metrics["valid"]["ranker"]["ndcg@10"] for r in (worse, res))
+    assert w < b, f"precondition: the untrained ranker should be worse ({w} vs {b})"
     cli = CliRunner().invoke(
         app,
         [
@@ -401,12 +409,16 @@ def test_gate_and_a_broken_version_refused_while_the_old_one_keeps_serving(
             "--model",
             "ranker",
             "--version",
-            str(mv_worse.version),
+            str(worse.version),
             "--tracking-uri",
             served.uri,
         ],
     )
-    assert cli.exit_code == 1 and "refused" in cli.output
+    assert cli.exit_code == 1 and "refused" in cli.output, cli.output
+    # Refused means refused: the alias did not move, and the service still serves v1.
+    champion = client.get_model_version_by_alias("mercato-ranker", "champion")
+    assert str(champion.version) == res.version
+    assert served.stub.Rank(req, timeout=10).model.version == res.version
 
     # A broken version (NaN weights, consistent manifest) pushed to champion by force.
     broken_dir = _broken_copy(res.bundle_dir, tmp_path / "bundle")
@@ -414,9 +426,6 @@ def test_gate_and_a_broken_version_refused_while_the_old_one_keeps_serving(
     client.log_artifacts(run.info.run_id, str(broken_dir), "bundle")
     client.set_terminated(run.info.run_id)
     mv = registry.register_bundle(client, run.info.run_id, "mercato-ranker", alias=None)
-    bundle = RankerBundle.load(res.bundle_dir)
-    req = _request(bundle, seed=20)
-    before = _wait_model(served.stub, req, "1")
     client.set_registered_model_alias("mercato-ranker", "champion", mv.version)
     deadline = time.monotonic() + 30
     while "model version refused" not in served.proc.log() and time.monotonic() < deadline:
@@ -424,7 +433,7 @@ def test_gate_and_a_broken_version_refused_while_the_old_one_keeps_serving(
     log = served.proc.log()
     assert "model version refused" in log and f'"version": "{mv.version}"' in log
     after = served.stub.Rank(req, timeout=10)
-    assert after.model.version == "1"
+    assert after.model.version == res.version
     assert [(i.item_id, i.model_score) for i in after.items] == [
         (i.item_id, i.model_score) for i in before.items
     ]
