@@ -41,7 +41,7 @@ test-fast: ## Before every commit: the tests that start no service process and t
 	$(PY) -m pytest -q -m "not slow" --durations=5
 
 MODULES ?=
-mutation: setup ## Mutation testing (mutmut), one module after the other, niced; writes docs/mutation.md (MODULES="offer-policy" for one)
+mutation: setup ## Mutation testing (mutmut), one module after the other, niced; writes docs/testing.md (MODULES="offer-policy" for one)
 	env -u PYTHONPATH $(PY) -m tools.mutation $(MODULES)
 
 protos: ## Regenerate the Python stubs in mercato/v1 from protos/

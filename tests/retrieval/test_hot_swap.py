@@ -44,6 +44,19 @@ def loaded_version_metric(svc: ServiceProc) -> float | None:
     return None
 
 
+def polls(svc: ServiceProc, alias: str = "champion", model: str = SWAP_MODEL) -> float:
+    """How many registry look-ups of ``alias`` the service has done (its metric)."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{svc.metrics_port}/metrics").read().decode()
+    for line in text.splitlines():
+        if (
+            line.startswith("mercato_model_polls_total{")
+            and f'model="{model}"' in line
+            and f'alias="{alias}"' in line
+        ):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
 def wait_for(cond: object, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while not cond():  # type: ignore[operator]
@@ -130,7 +143,8 @@ def test_swap_under_load_refuses_broken_versions(store: Store, tmp_path: Path) -
         # A version with a missing file: refused too.
         v_file = store.register(bad_file, model=SWAP_MODEL, alias="champion")
         wait_for(lambda: refused(svc, v_file).get("invalid") == 1.0)
-        time.sleep(1.0)  # a few more polls: not retried, still v1
+        done = polls(svc)
+        wait_for(lambda: polls(svc) >= done + 3)  # three more look-ups: not retried, still v1
         assert refused(svc, v_dim) == {"invalid": 1.0}
         assert loaded_version_metric(svc) == float(v1)
         assert all(s[-1] == v1 for s in seen)
@@ -138,7 +152,8 @@ def test_swap_under_load_refuses_broken_versions(store: Store, tmp_path: Path) -
         # A good version: served within a few polls, no call fails during the swap.
         v3 = store.register(good, model=SWAP_MODEL, alias="champion")
         wait_for(lambda: all(s[-1] == v3 for s in seen))
-        time.sleep(0.5)
+        counts = [len(s) for s in seen]  # then more calls on every client, all on v3
+        wait_for(lambda: all(len(s) >= n + 10 for s, n in zip(seen, counts, strict=True)))
     finally:
         stop.set()
         for t in threads:
