@@ -146,6 +146,7 @@ def test_swap_under_load_refuses_broken_versions(store: Store, tmp_path: Path) -
         done = polls(svc)
         wait_for(lambda: polls(svc) >= done + 3)  # three more look-ups: not retried, still v1
         assert refused(svc, v_dim) == {"invalid": 1.0}
+        assert refused(svc, v_file) == {"invalid": 1.0}  # the alias's target: not retried
         assert loaded_version_metric(svc) == float(v1)
         assert all(s[-1] == v1 for s in seen)
 
