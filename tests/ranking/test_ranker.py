@@ -118,6 +118,28 @@ def _random_lists(seed: int, users: int = 40, n: int = 12) -> RankLists:
     )
 
 
+def test_graded_ndcg_ignores_padding_and_keeps_ties_in_list_order() -> None:
+    # Padding (mask False) carries garbage labels and the highest scores: it must count
+    # neither in the ranking nor in the ideal. Ties keep the list order (stable).
+    labels = np.array([[3.0, 0.0, 1.0, 5.0], [0.0, 2.0, 0.0, 4.0]])
+    mask = np.array([[True, True, True, False], [True, True, True, False]])
+    scores = np.array([[0.5, 0.5, 0.9, 9.0], [0.1, 0.1, 0.1, 7.0]])
+    d = [1.0, 1.0 / math.log2(3), 0.5]
+    # row 0: order 2, 0, 1 -> gains 1, 3, 0; ideal 3, 1, 0
+    row0 = (1 * d[0] + 3 * d[1]) / (3 * d[0] + 1 * d[1])
+    # row 1: all tied -> order 0, 1, 2 -> gains 0, 2, 0; ideal 2, 0, 0
+    row1 = (2 * d[1]) / (2 * d[0])
+    got = graded_ndcg(labels, scores, mask, 3)
+    assert got == pytest.approx((row0 + row1) / 2, rel=1e-12)
+    # a list without a positive label is skipped, not counted as 0
+    none = np.zeros((1, 4))
+    both = graded_ndcg(
+        np.vstack([labels, none]), np.vstack([scores, none]), np.vstack([mask, none > -1]), 3
+    )
+    assert both == pytest.approx(got, rel=1e-12)
+    assert graded_ndcg(none, none, none > -1, 3) == 0.0
+
+
 @pytest.mark.slow
 def test_training_is_deterministic_by_seed_and_learns_a_planted_signal() -> None:
     fit, valid = _random_lists(1), _random_lists(2)
