@@ -118,6 +118,29 @@ def _random_lists(seed: int, users: int = 40, n: int = 12) -> RankLists:
     )
 
 
+def test_rerank_metrics_edges_padding_item_zero_and_short_lists() -> None:
+    empty = rerank_metrics(
+        np.zeros((0, 3), dtype=np.int64), np.zeros((0, 3)), sp.csr_matrix((0, 5)), (2,)
+    )
+    assert empty == {"users": 0.0}
+    # User 0: items 3 and 0 (row 0 is an item), padding (-1) in between with the top
+    # score; truth {0, 1}. User 1: no truth, skipped. Lists of 3, K up to 5: padded.
+    rows = np.array([[3, -1, 0], [2, 1, 4]])
+    scores = np.array([[0.2, 9.0, 0.1], [0.3, 0.3, 0.1]])
+    truth = sp.csr_matrix(np.array([[1, 1, 0, 0, 0], [0, 0, 0, 0, 0]], dtype=np.float32))
+    got = rerank_metrics(rows, scores, truth, (2, 5))
+    assert got["users"] == 1.0
+    # ranked 3, 0, then padding: item 0 at rank 2; item 1 never (padding is no item)
+    assert got["recall@2"] == pytest.approx(0.5) and got["recall@5"] == pytest.approx(0.5)
+    ideal = 1.0 + 1.0 / math.log2(3)
+    assert got["ndcg@2"] == pytest.approx((1.0 / math.log2(3)) / ideal)
+    assert got["hit@2"] == 1.0
+    one = rerank_metrics(rows[:1], scores[:1], truth[:1], (2, 5))
+    assert one == pytest.approx(got)  # a single list is a list too
+    nobody = rerank_metrics(rows[1:], scores[1:], truth[1:], (2,))
+    assert nobody["users"] == 0.0 and nobody["ndcg@2"] == 0.0 and nobody["recall@2"] == 0.0
+
+
 def test_graded_ndcg_ignores_padding_and_keeps_ties_in_list_order() -> None:
     # Padding (mask False) carries garbage labels and the highest scores: it must count
     # neither in the ranking nor in the ideal. Ties keep the list order (stable).
