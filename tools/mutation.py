@@ -168,10 +168,11 @@ def _functions(source: str) -> dict[str, list[str]]:
     """Every function of a mutmut-generated file by name, as source lines."""
     import ast
 
+    lines = source.splitlines()
     out: dict[str, list[str]] = {}
     for node in ast.walk(ast.parse(source)):
-        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
-            out[node.name] = (ast.get_source_segment(source, node) or "").splitlines()[1:]
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.end_lineno:
+            out[node.name] = lines[node.lineno : node.end_lineno]  # body, not the def line
     return out
 
 
@@ -233,10 +234,22 @@ def score(statuses: dict[str, str]) -> dict[str, Any]:
     }
 
 
-def rescore(name: str, previous: dict[str, Any]) -> dict[str, Any]:
-    """Score an existing run again (after a change to the scoring, not to code or tests)."""
+def rescore(name: str, previous: dict[str, Any] | None) -> dict[str, Any]:
+    """Score an existing run again (after a change to the scoring, not to code or tests).
+    Without a previous record, the run time is read from the scratch copy's files (from
+    writing its config to mutmut's log)."""
     mod = MODULES[name]
-    result = score(_statuses(SCRATCH / name, mod))
+    dst = SCRATCH / name
+    result = score(_statuses(dst, mod))
+    if previous is None:
+        seconds = (dst / "mutmut.log").stat().st_mtime - (dst / "pyproject.toml").stat().st_mtime
+        previous = {
+            "what": mod.what,
+            "files": list(mod.files),
+            "functions": list(mod.functions),
+            "tests": list(mod.tests),
+            "seconds": round(seconds, 1),
+        }
     return {**previous, **result}
 
 
@@ -307,7 +320,7 @@ def main(argv: list[str] | None = None) -> None:
     for name in names:
         print(f"== {name}", flush=True)
         if args.rescore:
-            results[name] = rescore(name, results[name])
+            results[name] = rescore(name, results.get(name))
         else:
             results[name] = run_module(name, args.max_children)
         r = results[name]
