@@ -8,7 +8,7 @@ export OPENBLAS_NUM_THREADS ?= 1
 export OMP_NUM_THREADS ?= 1
 BUF := node_modules/.bin/buf
 
-.PHONY: help setup demo up down test test-fast protos protos-check lint bench bench-profile bench-ranking bench-retrieval bench-load bench-quality clean k8s-validate image
+.PHONY: help setup demo up down test test-fast mutation protos protos-check lint bench bench-profile bench-ranking bench-retrieval bench-load bench-quality clean k8s-validate image
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-16s %s\n", $$1, $$2}'
@@ -37,8 +37,12 @@ down: ## Stop services started by `make up` in the background
 test: setup protos-check lint ## Set up, check generated code and lint, run the whole test suite
 	$(PY) -m pytest -q --durations=15
 
-test-fast: ## Run the tests without setup or slow tests
-	$(PY) -m pytest -q -m "not slow"
+test-fast: ## Before every commit: the tests that start no service process and train no model (-m "not slow")
+	$(PY) -m pytest -q -m "not slow" --durations=5
+
+MODULES ?=
+mutation: setup ## Mutation testing (mutmut), one module after the other, niced; writes docs/testing.md (MODULES="offer-policy" for one)
+	env -u PYTHONPATH $(PY) -m tools.mutation $(MODULES)
 
 protos: ## Regenerate the Python stubs in mercato/v1 from protos/
 	PYTHON=$(PY) ./scripts/gen_protos.sh

@@ -59,6 +59,11 @@ MODEL_LOAD_SECONDS = Histogram(
     ["model"],
     buckets=(0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0),
 )
+MODEL_POLLS = Counter(
+    "mercato_model_polls_total",
+    "Registry look-ups of an alias done (whatever their outcome).",
+    ["model", "alias"],
+)
 MODEL_POLL_ERRORS = Counter(
     "mercato_model_poll_errors_total",
     "Registry look-ups of an alias that failed (store unreachable, unknown alias).",
@@ -246,6 +251,12 @@ class ModelWatcher(Generic[T]):
         return {"model": self.model_name, "service": self.service, **kw}
 
     async def _poll_alias(self, alias: str) -> None:
+        try:
+            await self._check_alias(alias)
+        finally:
+            MODEL_POLLS.labels(self.model_name, alias).inc()
+
+    async def _check_alias(self, alias: str) -> None:
         current = self._snapshot.get(alias)
         try:
             info = await run_in_daemon_thread(

@@ -17,6 +17,8 @@ from services.common.supervisor import SERVICES, health_status
 from tests.e2e.conftest import TinyShop
 from tests.procs import free_port
 
+pytestmark = pytest.mark.slow  # runs `mercato demo`: trains, serves, stops
+
 
 def test_demo_trains_serves_and_explains(
     tiny_shop: TinyShop, tmp_path: Path, monkeypatch: pytest.MonkeyPatch

@@ -31,6 +31,8 @@ from training.registry import promote
 from training.synthetic import SyntheticConfig, write_synthetic
 from training.two_tower import TwoTowerConfig
 
+pytestmark = pytest.mark.slow  # trains both models, runs the four services as processes
+
 ET = common_pb2.EventType
 # Small, but big enough that the two-tower learns from history (at 500 customers it
 # barely moves away from popularity, and views would not change the next answer).
@@ -262,39 +264,63 @@ def test_events_change_the_next_recommendation(stack: Stack) -> None:
 # ------------------------------------------------------------------ faults under load
 
 
+@dataclass(frozen=True)
+class Answer:
+    """One Recommend call of the load, in the order the calls were made."""
+
+    at: float  # time.monotonic() when the answer (or the failure) came back
+    customer: str
+    version: str  # two-tower version that answered ("" when retrieval degraded)
+    items: tuple[str, ...]
+    degraded: frozenset[str]
+    error: str = ""  # any exception, gRPC or not: the call failed
+
+
 class Load:
-    """Recommend calls in a loop on a thread; counts failures and degraded answers."""
+    """Recommend calls in a loop on one thread, through a client WITHOUT retries (so a
+    failure is a failure), every answer recorded in order."""
 
     def __init__(self, stack: Stack, customers: list[str]) -> None:
         self.stack = stack
         self.customers = customers
-        self.ok = 0
-        self.failed: list[str] = []
-        self.degraded: Counter[str] = Counter()
-        self.versions: Counter[str] = Counter()
+        self.answers: list[Answer] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
-        with MercatoClient(self.stack.procs["gateway"].target, timeout=5.0) as c:
+        with MercatoClient(self.stack.procs["gateway"].target, timeout=5.0, retries=0) as c:
             n = 0
             while not self._stop.is_set():
                 cid = self.customers[n % len(self.customers)]
                 n += 1
                 try:
                     resp = c.recommend(cid, k=5)
-                except grpc.RpcError as exc:
-                    self.failed.append(f"{exc.code().name}: {exc.details()}")
+                except Exception as exc:  # every failure counts, gRPC or not
+                    code = exc.code().name if isinstance(exc, grpc.RpcError) else ""
+                    err = f"{type(exc).__name__} {code}: {exc}"
+                    self.answers.append(Answer(time.monotonic(), cid, "", (), frozenset(), err))
                     continue
-                if not resp.items:
-                    stages = [(d.stage, d.fallback, d.reason) for d in resp.degraded]
-                    self.failed.append(f"empty answer for {cid}: {stages} {_models(resp)}")
-                self.ok += 1
-                for d in resp.degraded:
-                    self.degraded[d.stage] += 1
-                tt = _models(resp).get("mercato-two-tower")
-                if tt:
-                    self.versions[tt[0]] += 1
+                tt = _models(resp).get("mercato-two-tower", ("", ""))[0]
+                items = tuple(r.item.item_id for r in resp.items)
+                stages = frozenset(d.stage for d in resp.degraded)
+                err = "" if items else f"empty answer: {sorted(stages)}"
+                self.answers.append(Answer(time.monotonic(), cid, tt, items, stages, err))
+
+    @property
+    def failed(self) -> list[str]:
+        return [a.error for a in self.answers if a.error]
+
+    def since(self, t0: float, t1: float = float("inf")) -> list[Answer]:
+        return [a for a in self.answers if t0 <= a.at < t1]
+
+    def wait_until(self, cond: object, timeout: float, what: str) -> float:
+        """Wait (while the load runs) until ``cond(answers)``; returns when it held."""
+        deadline = time.monotonic() + timeout
+        while not cond(list(self.answers)):  # type: ignore[operator]
+            assert self._thread.is_alive(), "the load thread died"
+            assert time.monotonic() < deadline, f"{what}: not within {timeout} s"
+            time.sleep(0.05)
+        return time.monotonic()
 
     def __enter__(self) -> Load:
         self._thread.start()
@@ -303,25 +329,51 @@ class Load:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join(30)
+        assert not self._thread.is_alive(), "the load thread hung"
 
     def run_for(self, seconds: float) -> None:
-        time.sleep(seconds)
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            assert self._thread.is_alive(), "the load thread died"
+            time.sleep(0.05)
+
+
+def _recovered(n: int) -> object:
+    """The last ``n`` answers are full, with both models."""
+
+    def cond(answers: list[Answer]) -> bool:
+        tail = answers[-n:]
+        return len(tail) == n and all(not a.degraded and not a.error and a.version for a in tail)
+
+    return cond
 
 
 @pytest.mark.parametrize("victim", ["retrieval", "ranking", "profile"])
 def test_kill_a_downstream_mid_load(stack: Stack, victim: str) -> None:
     customers = [stack.returning, "nobody-yet", f"x-{new_event_id()}"]
+    _wait_full(stack)
     with Load(stack, customers) as load:
-        load.run_for(1.0)
+        load.wait_until(_recovered(10), 30, "full answers before the kill")
+        killed_at = time.monotonic()
         stack.procs[victim].kill()
-        load.run_for(2.0)
-        degraded_while_down = load.degraded[victim]
+        load.run_for(2.5)
+        restarted_at = time.monotonic()
         stack.restart(victim)
+        # Recovery during the load: full answers again while calls keep coming
+        # (breakers probe after their reset time).
+        recovered_at = load.wait_until(_recovered(10), 60, f"recovery after {victim} restart")
         load.run_for(0.5)
     assert not load.failed, load.failed[:5]
-    assert degraded_while_down > 0, load.degraded
-    # full answers again once it is back (breakers probe after their reset time)
-    _wait_full(stack)
+    # Degraded, not failed, for the whole time the victim was down: every answer from
+    # shortly after the kill (calls in flight may still finish) to the restart.
+    down = load.since(killed_at + 0.3, restarted_at)
+    assert len(down) >= 10, f"only {len(down)} answers while {victim} was down"
+    assert all(victim in a.degraded for a in down), [sorted(a.degraded) for a in down][:10]
+    assert down[-1].at - down[0].at >= 1.5  # a sustained window, not one answer
+    assert all(a.items for a in down)  # degraded answers still recommend
+    # Recovered while the load ran, and stayed so.
+    after = load.since(recovered_at)
+    assert after and all(not a.degraded and a.version for a in after), after[:5]
 
 
 def _wait_full(stack: Stack, timeout_s: float = 30.0) -> None:
@@ -336,23 +388,56 @@ def _wait_full(stack: Stack, timeout_s: float = 30.0) -> None:
 
 
 def test_promote_a_new_model_mid_load(stack: Stack) -> None:
+    old = stack.two_tower_version
     new = train_and_register(_retrieval_cfg(stack.tracking_uri, stack.data, seed=1))
-    assert new.version and new.version != stack.two_tower_version
+    assert new.version and new.version != old
     _wait_full(stack)
-    with Load(stack, [stack.returning, f"y-{new_event_id()}"]) as load:
+    customers = [stack.returning, f"y-{new_event_id()}"]
+    with Load(stack, customers) as load:
         load.run_for(1.0)
         promote("mercato-two-tower", stack.tracking_uri, version=new.version, force=True)
-        deadline = time.monotonic() + 30
-        while load.versions[new.version] < 20 and time.monotonic() < deadline:
-            time.sleep(0.2)
+        stack.two_tower_version = new.version  # the champion now, whatever follows
+        load.wait_until(
+            lambda answers: sum(a.version == new.version for a in answers) >= 20,
+            30,
+            f"20 answers from v{new.version}",
+        )
+    answers = load.answers
     assert not load.failed, load.failed[:5]
-    assert load.versions[stack.two_tower_version] > 0
-    assert load.versions[new.version] >= 20, load.versions
-    assert not load.degraded, load.degraded
-    stack.two_tower_version = new.version
+    assert all(not a.degraded for a in answers), [a for a in answers if a.degraded][:3]
+    # One-way switch: old, old, ..., new, new, ... and never back.
+    versions = [a.version for a in answers]
+    first_new = versions.index(new.version)
+    assert first_new > 0, "the new version answered before it was promoted"
+    assert set(versions[:first_new]) == {old}, versions
+    assert set(versions[first_new:]) == {new.version}, versions
+    # The answers changed with the model: the returning customer (a long history, so
+    # the two towers' views of them differ) never gets an old answer from the new model.
+    before = {a.items for a in answers[:first_new] if a.customer == stack.returning}
+    after = {a.items for a in answers[first_new:] if a.customer == stack.returning}
+    assert before and after and before.isdisjoint(after), (before, after)
+
+
+def _other_version(stack: Stack) -> str:
+    """A registered two-tower version other than the champion (trained if none)."""
+    from training.registry import client_for
+
+    client, _ = client_for(stack.tracking_uri)
+    versions = {str(mv.version) for mv in client.search_model_versions("name='mercato-two-tower'")}
+    others = sorted(versions - {stack.two_tower_version}, key=int)
+    if others:
+        return others[-1]
+    return str(train_and_register(_retrieval_cfg(stack.tracking_uri, stack.data, seed=2)).version)
 
 
 def test_ab_split_serves_each_variant_its_alias(stack: Stack, tmp_path: Path) -> None:
+    from training.registry import client_for
+
+    # Champion and challenger are different versions, so the variants answer differently.
+    challenger = _other_version(stack)
+    assert challenger != stack.two_tower_version
+    client, _ = client_for(stack.tracking_uri)
+    client.set_registered_model_alias("mercato-two-tower", "challenger", challenger)
     experiments = tmp_path / "experiments.yaml"
     experiments.write_text(
         "experiments:\n"
@@ -366,20 +451,52 @@ def test_ab_split_serves_each_variant_its_alias(stack: Stack, tmp_path: Path) ->
         "gateway", tmp_path, {**stack.env, "MERCATO_GATEWAY_EXPERIMENTS_FILE": str(experiments)}
     )
     _wait_full(stack)
+    import pandas as pd
+
+    users = pd.read_parquet(stack.data / "events.parquet", columns=["user_id"])["user_id"]
+    customers = [str(u) for u in users.drop_duplicates().head(200)]
     try:
         seen: dict[str, str] = {}
-        with MercatoClient(gw.target, timeout=5.0) as c:
-            for i in range(200):
-                cid = f"ab-{i}"
-                resp = c.recommend(cid, k=3)
-                (assignment,) = [e for e in resp.experiments if e.experiment == "tt-next"]
-                alias = _models(resp)["mercato-two-tower"][1]
-                assert alias == ("champion" if assignment.variant == "control" else "challenger")
-                seen[cid] = assignment.variant
-            for i in range(0, 200, 10):  # stable
-                again = c.recommend(f"ab-{i}", k=3)
-                assert [e.variant for e in again.experiments] == [seen[f"ab-{i}"]]
-        share = sum(v == "treatment" for v in seen.values()) / len(seen)
-        assert 0.18 < share < 0.42, share
+        with (
+            MercatoClient(gw.target, timeout=5.0, retries=0) as c,
+            stack.client() as champion_only,
+        ):
+            # the replica loads the challenger alias on first use: wait until it serves
+            treated_one = next(
+                cid for cid in customers if _variant(c.recommend(cid, k=3)) == "treatment"
+            )
+            deadline = time.monotonic() + 60
+            while True:
+                resp = c.recommend(treated_one, k=3)
+                if _models(resp).get("mercato-two-tower", ("", ""))[0] == challenger:
+                    break
+                assert time.monotonic() < deadline, (resp.degraded, resp.models)
+                time.sleep(0.2)
+            changed = 0
+            for cid in customers:
+                resp = c.recommend(cid, k=5)
+                assert not resp.degraded, (cid, resp.degraded)
+                variant = _variant(resp)
+                version, alias = _models(resp)["mercato-two-tower"]
+                base = champion_only.recommend(cid, k=5)
+                items = [r.item.item_id for r in resp.items]
+                if variant == "control":
+                    assert (alias, version) == ("champion", stack.two_tower_version)
+                    assert items == [r.item.item_id for r in base.items]  # the same model
+                else:
+                    assert (alias, version) == ("challenger", challenger)
+                    changed += items != [r.item.item_id for r in base.items]
+                seen[cid] = variant
+            for cid in customers[::10]:  # stable
+                assert _variant(c.recommend(cid, k=3)) == seen[cid]
+        treated = sum(v == "treatment" for v in seen.values())
+        assert 0.18 < treated / len(seen) < 0.42, treated
+        # The challenger's answers differ from the champion's for most treated customers.
+        assert changed > treated / 2, (changed, treated)
     finally:
         gw.kill()
+
+
+def _variant(resp: object) -> str:
+    (assignment,) = [e for e in resp.experiments if e.experiment == "tt-next"]  # type: ignore[attr-defined]
+    return str(assignment.variant)

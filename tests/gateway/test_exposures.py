@@ -7,6 +7,7 @@ import json
 import time
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from mercato.client import MercatoClient
@@ -14,6 +15,8 @@ from mercato.v1 import common_pb2, profile_pb2, profile_pb2_grpc
 from services.gateway.experiments import load_experiments
 from tests.procs import free_port, start_service
 from tests.profile.factory import NOW_US, event, item
+
+pytestmark = pytest.mark.slow  # gateway and profile as processes
 
 ET = common_pb2.EventType
 

@@ -13,10 +13,11 @@ import grpc
 import pytest
 
 from mercato.client import MercatoClient
-from mercato.v1 import common_pb2, profile_pb2, profile_pb2_grpc
-from services.gateway.experiments import Experiment, Variant
+from mercato.v1 import common_pb2, profile_pb2, profile_pb2_grpc, ranking_pb2, ranking_pb2_grpc
 from tests.procs import ServiceProc, free_port, start_service
 from tests.profile.factory import NOW_US, event, item
+
+pytestmark = pytest.mark.slow  # gateway, profile and ranking as processes
 
 ET = common_pb2.EventType
 KEY = "test-key-123"
@@ -202,23 +203,32 @@ def test_profile_and_retrieval_down_serve_the_last_trending_list(tmp_path: Path)
         profile.kill()
 
 
-def test_ab_assignment_is_stable_and_split_as_configured() -> None:
-    exp = Experiment(
-        "tt",
-        "retrieval",
-        (Variant("control", "champion", 90), Variant("challenger", "challenger", 10)),
-    )
-    first = [exp.assign(f"c{i}").name for i in range(20_000)]
-    assert first == [exp.assign(f"c{i}").name for i in range(20_000)]
-    share = first.count("challenger") / len(first)
-    assert 0.09 < share < 0.11
+CART_OFFERS = """
+margin_rate: 0.35
+default_order_value: 40.0
+attribution_days: 7
+offers:
+  - {id: none, kind: none, description: No incentive}
+  - id: nudge
+    kind: cart_recovery
+    description: Finish your order
+    cost: {fixed: 0.01}
+    eligibility: {surfaces: [cart], min_cart_value: 1}
+"""
 
 
 def test_real_ranking_orders_fallback_candidates_and_offers(
     stack: dict[str, ServiceProc], tmp_path: Path
 ) -> None:
+    offers = tmp_path / "offers.yaml"
+    offers.write_text(CART_OFFERS)  # one offer eligible on the cart: a decision is always made
     ranking = start_service(
-        "ranking", tmp_path, {"MERCATO_RANKING_CATALOG_TARGET": stack["profile"].target}
+        "ranking",
+        tmp_path,
+        {
+            "MERCATO_RANKING_OFFERS_FILE": str(offers),
+            "MERCATO_RANKING_CATALOG_TARGET": stack["profile"].target,
+        },
     )
     gw = start_service(
         "gateway",
@@ -253,10 +263,21 @@ def test_real_ranking_orders_fallback_candidates_and_offers(
         assert {d.stage for d in resp.degraded} == {"retrieval"}  # ranking answered
         assert [s.stage for s in resp.debug.stages][-1] in {"ranking", "offer"}
         ids = [r.item.item_id for r in resp.items]
-        assert ids and "gone" not in ids
+        assert len(ids) == 4 and "gone" not in ids
+        assert "p4" not in ids  # already in the cart: the cart surface's rule
         assert all(r.item.stock > 0 for r in resp.items)
-        if resp.offer.offer_id:  # the policy may rightly choose no offer
-            assert resp.offer_decision_id
+        # Ordered by the ranking service: ranks 1..k by non-increasing score.
+        assert [r.rank for r in resp.items] == [1, 2, 3, 4]
+        scores = [r.score for r in resp.items]
+        assert scores == sorted(scores, reverse=True) and len(set(scores)) > 1
+        # The offer came from the policy: one decision recorded, the one answered.
+        assert resp.offer_decision_id
+        with ranking.channel() as ch:
+            listed = ranking_pb2_grpc.RankingServiceStub(ch).ListOffers(
+                ranking_pb2.ListOffersRequest(), timeout=5
+            )
+        decided = {o.offer.offer_id: o.decisions for o in listed.offers if o.decisions}
+        assert decided == {resp.offer.offer_id or "none": 1}, (decided, resp.offer)
     finally:
         gw.kill()
         ranking.kill()

@@ -15,6 +15,8 @@ from tests.certs import Pki, make_pki
 from tests.procs import ServiceProc, free_port, start_service
 from tests.profile.factory import event, item
 
+pytestmark = pytest.mark.slow  # services as processes over TLS
+
 ET = common_pb2.EventType
 
 

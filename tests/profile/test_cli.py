@@ -113,13 +113,19 @@ def test_load_is_idempotent_and_export_round_trips(retail_file: Path, tmp_path: 
 def test_synthetic_adapter_unregistered_says_who_registers_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    import mercato.cli  # noqa: F401  (the composition root registers the adapter)
     from services.profile import datasets
 
+    # Wired: the training package answers (here: no data set in this folder).
+    with pytest.raises(DatasetUnavailable, match="mercato train generate"):
+        open_dataset("synthetic", str(tmp_path))
+    # Not wired (the profile service without the `mercato` command): a clear message.
     monkeypatch.delitem(datasets.ADAPTERS, "synthetic", raising=False)
     with pytest.raises(DatasetUnavailable, match="registered by the `mercato` command"):
         open_dataset("synthetic", str(tmp_path))
     result = CliRunner().invoke(app, ["load", "--data", "nope", "--path", "x"])
     assert result.exit_code != 0
+    assert "unknown dataset 'nope'" in result.output
 
 
 def test_settings_default_path_is_under_mercato_home(

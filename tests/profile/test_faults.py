@@ -6,7 +6,8 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -17,9 +18,11 @@ from services.profile.logic import ProfileConfig, recompute_profile
 from services.profile.store.base import ProfileStore
 from services.profile.store.redis import RedisStore
 from services.profile.store.sqlite import SqliteStore
-from tests.procs import ServiceProc, free_port, start_service
+from tests.procs import free_port, start_service
 from tests.profile.factory import DAY_US, NOW_US, catalog, random_events
 from tests.profile.redis_proc import RedisProc
+
+pytestmark = pytest.mark.slow  # profile service and redis-server killed and restarted
 
 BATCH = 20
 
@@ -35,38 +38,54 @@ def _request(events: list[common_pb2.Event]) -> profile_pb2.ProfileServiceTrackE
     return profile_pb2.ProfileServiceTrackEventsRequest(events=events)
 
 
-def _stream_until_killed(svc: ServiceProc, batches: list[list[common_pb2.Event]]) -> set[int]:
-    """Send batches from 4 client threads; SIGKILL the service once ~40% are acknowledged.
-    Returns the indexes of acknowledged batches."""
-    acked: set[int] = set()
-    failures: list[grpc.StatusCode] = []
+@dataclass
+class Stream:
+    """What a stream of batches did: which were acknowledged, which calls were cut off."""
+
+    acked: set[int] = field(default_factory=set)
+    cut: dict[int, str] = field(default_factory=dict)  # batch -> the failure it got
+
+
+def _stream_until(
+    target: str, batches: list[list[common_pb2.Event]], kill: Callable[[], None]
+) -> Stream:
+    """Send batches from 4 client threads (no retries: a failure is a failure); call
+    ``kill`` once ~40% are acknowledged, while calls are in flight. A thread stops at its
+    first failed call, whatever the exception."""
+    out = Stream()
     lock = threading.Lock()
     cursor = iter(range(len(batches)))
+    options = [("grpc.enable_retries", 0)]
 
     def worker() -> None:
-        with svc.channel() as ch:
+        with grpc.insecure_channel(target, options=options) as ch:
             stub = profile_pb2_grpc.ProfileServiceStub(ch)
             for n in cursor:
                 try:
                     stub.TrackEvents(_request(batches[n]), timeout=10)
-                except grpc.RpcError as exc:
-                    failures.append(exc.code())  # the process died under this call
+                except Exception as exc:  # every failure counts, gRPC or not
+                    is_rpc = isinstance(exc, grpc.RpcError)
+                    with lock:
+                        out.cut[n] = exc.code().name if is_rpc else f"{type(exc).__name__}: {exc}"
                     return
                 with lock:
-                    acked.add(n)
+                    out.acked.add(n)
 
     threads = [threading.Thread(target=worker) for _ in range(4)]
     for t in threads:
         t.start()
     deadline = time.monotonic() + 60
-    while len(acked) < len(batches) * 0.4 and not failures and time.monotonic() < deadline:
+    while len(out.acked) < len(batches) * 0.4 and not out.cut and time.monotonic() < deadline:
         time.sleep(0.005)
-    svc.kill()  # SIGKILL while calls are in flight
+    assert not out.cut, f"calls failed before the kill: {out.cut}"
+    kill()  # while calls are in flight
     for t in threads:
         t.join(30)
-    assert set(failures) <= {grpc.StatusCode.UNAVAILABLE}, failures
-    assert 0 < len(acked) < len(batches), "the kill did not land mid-stream"
-    return acked
+        assert not t.is_alive(), "a client thread hung"
+    assert 0 < len(out.acked) < len(batches), "the kill did not land mid-stream"
+    assert out.cut, "no call was cut off: the kill did not land while calls were in flight"
+    assert set(out.cut.values()) == {"UNAVAILABLE"}, out.cut
+    return out
 
 
 async def _verify(
@@ -105,7 +124,7 @@ def _crash_and_restart(tmp_path: Path, env: dict[str, str], make_store: object) 
         profile_pb2_grpc.ProfileServiceStub(ch).UpsertItems(
             profile_pb2.UpsertItemsRequest(items=items), timeout=10
         )
-    acked = _stream_until_killed(svc, batches)
+    acked = _stream_until(svc.target, batches, svc.kill).acked
     again = start_service("profile", tmp_path, env, port=port)
     try:
         with again.channel() as ch:
@@ -129,6 +148,38 @@ def test_sigkill_mid_stream_sqlite(tmp_path: Path) -> None:
 def test_sigkill_mid_stream_redis(tmp_path: Path, own_redis: RedisProc) -> None:
     env = {"MERCATO_PROFILE_BACKEND": "redis", "MERCATO_PROFILE_REDIS_URL": own_redis.url}
     _crash_and_restart(tmp_path, env, lambda cfg: RedisStore(own_redis.url, cfg))
+
+
+def test_redis_sigkill_mid_stream(tmp_path: Path, own_redis: RedisProc) -> None:
+    """redis-server (appendfsync always) is SIGKILLed while the profile service writes
+    batches into it: every batch the service acknowledged is in Redis after the restart,
+    exactly once, and every batch cut off is there whole or not at all."""
+    cfg = ProfileConfig()
+    env = {
+        "MERCATO_PROFILE_BACKEND": "redis",
+        "MERCATO_PROFILE_REDIS_URL": own_redis.url,
+        "MERCATO_PROFILE_REDIS_TIMEOUT_SECONDS": "2",
+    }
+    events = random_events(77, 60 * BATCH, customers=40, items=30, start_us=NOW_US - 61 * DAY_US)
+    batches = [events[i : i + BATCH] for i in range(0, len(events), BATCH)]
+    svc = start_service("profile", tmp_path, env)
+    try:
+        with svc.channel() as ch:
+            profile_pb2_grpc.ProfileServiceStub(ch).UpsertItems(
+                profile_pb2.UpsertItemsRequest(items=catalog(30)), timeout=10
+            )
+        stream = _stream_until(svc.target, batches, own_redis.kill)
+        assert svc.process.poll() is None  # the service outlives its store
+        own_redis.start()  # same port, same append-only file
+        svc.wait_status("SERVING", timeout=30)
+        with svc.channel() as ch:
+            stub = profile_pb2_grpc.ProfileServiceStub(ch)
+            for n in sorted(stream.acked)[:10]:
+                resp = stub.TrackEvents(_request(batches[n]), timeout=10)
+                assert (resp.accepted, resp.duplicates) == (0, BATCH)
+    finally:
+        assert svc.terminate() == 0
+    asyncio.run(_verify(RedisStore(own_redis.url, cfg), cfg, batches, stream.acked))
 
 
 def test_redis_outage_unavailable_then_recovery(tmp_path: Path, own_redis: RedisProc) -> None:

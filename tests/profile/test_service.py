@@ -15,6 +15,8 @@ from services.profile.logic import US_PER_DAY, us_to_ts
 from tests.procs import ServiceProc, start_service
 from tests.profile.factory import NOW_US, catalog, event
 
+pytestmark = pytest.mark.slow  # the profile service as a process
+
 ET = common_pb2.EventType
 MAX_BATCH = 50
 

@@ -18,14 +18,17 @@ from services.profile.logic import (
     recompute_profile,
     recompute_trending,
 )
-from services.profile.store.base import ProfileStore, StockChange, UnknownItems
+from services.profile.store.base import AppendResult, ProfileStore, StockChange, UnknownItems
+from services.profile.store.redis import RedisStore
 from services.profile.store.sqlite import (
     SCHEMA_VERSION,
     SqliteStore,
+    _Writer,
     connect,
     migrate,
     schema_version,
 )
+from tests.profile.conftest import make_test_store
 from tests.profile.factory import DAY_US, NOW_US, catalog, item, random_events, to_log
 
 ET = common_pb2.EventType
@@ -84,23 +87,26 @@ async def test_a_failing_batch_writes_nothing(
     await store.append_events(log[:30])
     before = await states_of(store)
     trend_before = await store.trending("", 100, 0)
-    real = ProfileState.to_json
-    victim = log[45].customer_id
+    real = ProfileState.abandon_key
+    calls: list[str] = []
 
-    def failing(self: ProfileState) -> str:  # fault injection while the batch is written
-        if self.events and any(e.customer_id == victim for e in log[30:]):
-            raise RuntimeError("injected write failure")
-        return real(self)
+    # The fault fires while the batch is written, not while it is planned: a state's
+    # cart key is computed only for the write, after the batch's events went to the log
+    # (SQLite: INSERTed in the open transaction; Redis: queued in the MULTI).
+    def failing(self: ProfileState) -> int | None:
+        calls.append("write")
+        raise RuntimeError("injected write failure")
 
-    monkeypatch.setattr(ProfileState, "to_json", failing)
-    with pytest.raises(RuntimeError, match="injected"):
+    monkeypatch.setattr(ProfileState, "abandon_key", failing)
+    with pytest.raises(Exception, match="injected write failure"):
         await store.append_events(log[30:])
-    monkeypatch.setattr(ProfileState, "to_json", real)
+    monkeypatch.setattr(ProfileState, "abandon_key", real)
+    assert calls, "the fault was never reached"
     assert await states_of(store) == before
     assert await store.trending("", 100, 0) == trend_before
-    assert len([e async for e in store.iter_log()]) == 30
+    assert [e.event_id async for e in store.iter_log()] == [e.event_id for e in log[:30]]
     res = await store.append_events(log[30:])  # the retry goes through whole
-    assert res.accepted == 30
+    assert (res.accepted, res.duplicates) == (30, 0)
     await assert_consistent(store, cfg)
 
 
@@ -244,3 +250,83 @@ async def test_page_customer_ids_covers_every_customer_with_a_state(
             break
     assert set(seen) == set(await states_of(store))
     assert "only-shown" not in seen
+
+
+async def test_one_failing_batch_leaves_the_others_of_its_group_whole(
+    store: ProfileStore, cfg: ProfileConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Batches written together (SQLite: one group commit) where one fails at write time:
+    that one is not there at all, every other one is there whole."""
+    items = catalog()
+    await store.upsert_items(items, NOW_US)
+    log = to_log(random_events(13, 200, customers=20), items)
+    batches = [log[i : i + 10] for i in range(0, len(log), 10)]
+    victim = batches[7][3].event_id
+    real = LogEvent.to_json
+
+    def failing(self: LogEvent) -> str:  # the event's log row is built only for the write
+        if self.event_id == victim:
+            raise RuntimeError("injected write failure")
+        return real(self)
+
+    groups: list[int] = []
+    if isinstance(store, SqliteStore):
+        run_group = _Writer._run_group
+
+        def spy(conn: object, group: list[object]) -> list[tuple[bool, object]]:
+            groups.append(len(group))
+            return run_group(conn, group)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(_Writer, "_run_group", staticmethod(spy))
+    monkeypatch.setattr(LogEvent, "to_json", failing)
+    results = await asyncio.gather(
+        *(store.append_events(b) for b in batches), return_exceptions=True
+    )
+    monkeypatch.setattr(LogEvent, "to_json", real)
+    failed = [n for n, r in enumerate(results) if isinstance(r, BaseException)]
+    assert failed == [7], results
+    assert "injected write failure" in str(results[7])
+    assert all(r.accepted == 10 for r in results if isinstance(r, AppendResult))
+    if groups:
+        assert max(groups) > 1, f"every batch was committed alone: {groups}"
+    stored = await assert_consistent(store, cfg)
+    assert {e.event_id for e in stored} == {e.event_id for e in log} - {
+        e.event_id for e in batches[7]
+    }
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "redis"])
+async def test_trending_stays_exact_when_the_anchor_moves(
+    backend: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """A short half-life makes the trend anchor move (rebase after 512 half-lives) while
+    batches arrive in time order: every stored score is rescaled, none is lost."""
+    cfg = ProfileConfig(trending_half_life_hours=1.0)
+    url = request.getfixturevalue("redis_server").url if backend == "redis" else ""
+    store = make_test_store(backend, tmp_path, url, cfg)
+    await store.open()
+    try:
+        items = catalog()
+        await store.upsert_items(items, NOW_US)
+        log = sorted(
+            to_log(random_events(41, 400, start_us=NOW_US - 60 * DAY_US), items),
+            key=lambda e: e.ts_us,
+        )
+        anchors = set()
+        for start in range(0, len(log), 40):
+            await store.append_events(log[start : start + 40])
+            anchors.add((await store.trending("", 1, 0))[1])
+        assert len(anchors) >= 2, "the anchor never moved: the test tests nothing"
+        h = cfg.trending_half_life_us
+        at = max(e.ts_us for e in log)
+        expected = recompute_trending(log, at, h)
+        for scope in ["", "kitchen", "toys"]:
+            rows, anchor = await store.trending(scope, 1000, 0)
+            assert anchor is not None
+            got = {i: decay_to(s, anchor, at, h) for i, s in rows}
+            want = {i: v for i, v in expected[scope].items() if v > 1e-300}
+            assert {i: v for i, v in got.items() if v > 1e-300} == pytest.approx(want, rel=1e-9)
+    finally:
+        if isinstance(store, RedisStore):
+            await store.flush_prefix()
+        await store.close()

@@ -465,3 +465,79 @@ def test_catalog_changes_keep_what_still_applies(tmp_path: Path) -> None:
     np.testing.assert_allclose(again.model.mean[2 * d :], lift_a)
     np.testing.assert_allclose(again.model.mean[d : 2 * d], 0.0)  # new offer: prior
     again.close()
+
+
+def test_budget_accounting_is_exact_to_the_cent() -> None:
+    """Reserve the redemption cost and spend the fixed cost at decision time; on the
+    outcome, spend what the redemption really cost (capped at the reservation, priced on
+    the revenue when given, else the order value) and release the rest. An offer stays
+    affordable while its remaining budget covers its cost exactly."""
+    from services.ranking.offers.policy import BUDGET
+
+    cat = catalog(
+        [
+            {
+                "id": "pct",
+                "kind": "percent_off",
+                "value": 10,
+                "cost": {"percent": 10, "fixed": 0.5},
+                # five decisions at 4 reserved + 0.5 fixed: the fifth fits exactly
+                "budget": {"amount": 22.5, "period": "total"},
+            }
+        ],
+        exploration={"max_share": 1.0, "prior_lift_sd": 3.0},
+        attribution_days=30,
+    )
+    policy = OfferPolicy(cat, MemoryStore(), seed=3, clock=Clock())
+    ctx = OfferContext(surface="cart", cart_value=40.0, cart_items=1, order_value=40.0, margin=14)
+
+    def row(offer_id: str = "pct") -> Any:
+        return next(r for r in policy.status() if r.offer.id == offer_id)
+
+    def give() -> str:
+        for _ in range(500):  # Thompson sampling: the offer comes up about half the time
+            choice = policy.select(ctx)
+            if choice.offer.id == "pct":
+                return choice.decision_id
+        raise AssertionError("the offer was never chosen")
+
+    nones = 0
+    decisions = []
+    for n in range(1, 6):
+        decisions.append(give())
+        r = row()
+        assert (r.budget, r.decisions, r.redemptions) == (22.5, n, 0)
+        assert r.spent == pytest.approx(4.5 * n)
+    nones = row("none").decisions
+    assert row().period_key == "total" and row("none").period_key == "2026-01-01"
+    # 22.5 used of 22.5: nothing left, so the policy says why it gives nothing
+    for _ in range(20):
+        choice = policy.select(ctx)
+        assert (choice.offer.id, choice.reason) == ("none", BUDGET)
+    assert row("none").decisions == nones + 20
+    d1, d2, d3, d4, d5 = decisions
+    used = 22.5
+    # redeemed on a 60 order: 6 would be due, 4 were reserved: 4 spent, nothing released
+    assert policy.record(d1, REDEEMED, revenue=60.0)
+    assert row().spent == pytest.approx(used) and row().redemptions == 1
+    # redeemed on a 20 order: 2 spent, 2 released
+    assert policy.record(d2, REDEEMED, revenue=20.0)
+    used -= 2.0
+    assert row().spent == pytest.approx(used) and row().redemptions == 2
+    # redeemed on 0.5: 0.05 spent, 3.95 released (a revenue under 1 is still a revenue)
+    assert policy.record(d3, REDEEMED, revenue=0.5)
+    used -= 3.95
+    assert row().spent == pytest.approx(used) and row().redemptions == 3
+    # redeemed, no revenue given: priced on the decision's order value (40): 4 spent
+    assert policy.record(d4, REDEEMED)
+    assert row().spent == pytest.approx(used) and row().redemptions == 4
+    # no conversion: the whole reservation comes back, the fixed cost stays spent
+    assert policy.record(d5, NO_CONVERSION)
+    used -= 4.0
+    assert row().spent == pytest.approx(used) and row().redemptions == 4
+    assert row().decisions == 5
+    assert not policy.record(d5, NO_CONVERSION)  # once
+    assert row().spent == pytest.approx(used)
+    # 5.95 is free again: one more offer (4.5) fits, a second would not
+    decisions.append(give())
+    assert row().spent == pytest.approx(used + 4.5) and row().decisions == 6

@@ -116,14 +116,16 @@ def test_boosts_are_bounded(scenario: tuple) -> None:
             "category_cap": 0,
         }
     )
-    result = apply_rules(cands, cands.scores, items, ctx, rules, k)
+    # Ask for every candidate: with no cap and no diversity, every candidate a filter
+    # keeps is returned, so the relevance (min-max over every kept candidate) is known.
+    result = apply_rules(cands, cands.scores, items, ctx, rules, len(cands))
     kept_scores = {cands.ids[i]: s for i, s in zip(result.indices, result.scores, strict=True)}
     mask = np.array([i in kept_scores for i in cands.ids])
-    # The relevance the boost multiplies: min-max over every kept candidate; compare
-    # with the returned ones only when nothing else was kept.
-    filtered = sum(result.dropped.values())
-    if len(kept_scores) + filtered != len(cands):
-        return
+    assert len(kept_scores) + sum(result.dropped.values()) == len(cands)
+    # The top k is the head of that list: a cut never reorders or rescores.
+    top = apply_rules(cands, cands.scores, items, ctx, rules, k)
+    assert list(top.indices) == list(result.indices)[:k]
+    assert list(top.scores) == pytest.approx(list(result.scores)[:k])
     relevance = normalize_relevance(cands.scores[mask])
     bound = 1.0 + rules.boosts.max_boost
     for rel, item_id in zip(relevance, [i for i in cands.ids if i in kept_scores], strict=True):

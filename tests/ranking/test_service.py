@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import random
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,6 +13,8 @@ import pytest
 
 from mercato.v1 import common_pb2, ranking_pb2, ranking_pb2_grpc
 from tests.procs import ServiceProc, start_service
+
+pytestmark = pytest.mark.slow  # the ranking service as a process
 
 SERVICE = "mercato.v1.RankingService"
 ENV = {"MERCATO_RANKING_MAX_CANDIDATES": "50", "MERCATO_RANKING_OFFERS_SEED": "7"}
@@ -219,3 +223,137 @@ def test_offer_state_survives_sigterm_and_a_crash(tmp_path: Path) -> None:
     finally:
         channel.close()
         proc.terminate()
+
+
+KILL_OFFERS = """
+margin_rate: 0.35
+default_order_value: 40.0
+attribution_days: 7
+exploration: {max_share: 1.0, prior_lift_sd: 3.0}
+offers:
+  - {id: none, kind: none, description: No incentive}
+  - id: nudge
+    kind: cart_recovery
+    description: Finish your order
+    cost: {fixed: 0.01}
+    eligibility: {surfaces: [cart, checkout, email]}
+    budget: {amount: 1000, period: total}
+  - id: ship
+    kind: free_shipping
+    description: Free shipping
+    cost: {fixed: 0.03}
+    eligibility: {surfaces: [cart, checkout, email]}
+    budget: {amount: 1000, period: total}
+"""
+FIXED = {"none": 0.0, "nudge": 0.01, "ship": 0.03}
+
+
+def test_offer_state_survives_a_sigkill_while_calls_are_in_flight(tmp_path: Path) -> None:
+    """SIGKILL lands while decisions and outcomes are in flight from 4 clients without
+    retries: after the restart every acknowledged decision exists once (an outcome can
+    be recorded for it, once), every acknowledged outcome is kept, and the counters and
+    budgets hold exactly the acknowledged writes plus at most the ones cut off, whole."""
+    offers = tmp_path / "offers.yaml"
+    offers.write_text(KILL_OFFERS)
+    env = {**ENV, "MERCATO_RANKING_OFFERS_FILE": str(offers)}
+    proc = start_service("ranking", tmp_path, env=env)
+    lock = threading.Lock()
+    decided: dict[str, str] = {}  # acknowledged decision -> offer
+    outcomes: dict[str, int] = {}  # acknowledged outcome per decision
+    cut: list[tuple[str, str, str]] = []  # (call, decision id or "", failure)
+    stop = threading.Event()
+
+    def worker(seed: int) -> None:
+        rng = random.Random(seed)
+        options = [("grpc.enable_retries", 0)]
+        with grpc.insecure_channel(proc.target, options=options) as ch:
+            stub = ranking_pb2_grpc.RankingServiceStub(ch)
+            while not stop.is_set():
+                call, decision = "select", ""
+                try:
+                    profile = _cart_profile(rng.uniform(10, 150))
+                    resp = stub.SelectOffer(
+                        ranking_pb2.SelectOfferRequest(
+                            profile=profile,
+                            context=common_pb2.Context(surface=common_pb2.SURFACE_CART),
+                        ),
+                        timeout=10,
+                    )
+                    assert resp.decision_id, "an eligible offer always makes a decision"
+                    with lock:
+                        decided[resp.decision_id] = resp.offer.offer_id
+                    if rng.random() < 0.6:
+                        call, decision = "outcome", resp.decision_id
+                        outcome = (
+                            ranking_pb2.OFFER_OUTCOME_REDEEMED
+                            if resp.offer.offer_id != "none"
+                            else ranking_pb2.OFFER_OUTCOME_NO_CONVERSION
+                        )
+                        rec = stub.RecordOfferOutcome(
+                            ranking_pb2.RecordOfferOutcomeRequest(
+                                decision_id=decision, outcome=outcome, revenue=50.0
+                            ),
+                            timeout=10,
+                        )
+                        assert rec.recorded
+                        with lock:
+                            outcomes[decision] = outcome
+                except Exception as exc:  # every failure counts, gRPC or not
+                    is_rpc = isinstance(exc, grpc.RpcError)
+                    with lock:
+                        cut.append((call, decision, exc.code().name if is_rpc else repr(exc)))
+                    return
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 60
+    while len(decided) < 150 and not cut and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert not cut, f"calls failed before the kill: {cut}"
+    proc.kill()  # SIGKILL while calls are in flight
+    stop.set()
+    for t in threads:
+        t.join(30)
+        assert not t.is_alive()
+    assert len(decided) >= 150, "the stream never got going"
+    assert cut, "no call was cut off: the kill did not land while calls were in flight"
+    assert {failure for _, _, failure in cut} == {"UNAVAILABLE"}, cut
+
+    proc = start_service("ranking", tmp_path, env=env)
+    channel, stub = _stub(proc)
+    try:
+        listed = {
+            s.offer.offer_id: s
+            for s in stub.ListOffers(ranking_pb2.ListOffersRequest(), timeout=5).offers
+        }
+        cut_selects = sum(call == "select" for call, _, _ in cut)
+        cut_outcomes = {d for call, d, _ in cut if call == "outcome"}
+        for offer_id, fixed in FIXED.items():
+            acked = sum(o == offer_id for o in decided.values())
+            row = listed[offer_id]
+            # every acknowledged decision once; at most the cut-off calls on top
+            assert acked <= row.decisions <= acked + cut_selects, (offer_id, acked, row)
+            # a decision and its budget are written together: no half-written decision
+            assert row.spent == pytest.approx(row.decisions * fixed), (offer_id, row)
+            redeemed = sum(
+                1
+                for d, o in outcomes.items()
+                if decided[d] == offer_id and o == ranking_pb2.OFFER_OUTCOME_REDEEMED
+            )
+            maybe = sum(1 for d in cut_outcomes if decided[d] == offer_id)
+            assert redeemed <= row.redemptions <= redeemed + maybe, (offer_id, row)
+        assert sum(r.decisions for r in listed.values()) >= len(decided)
+
+        for decision, offer_id in decided.items():
+            again = ranking_pb2.RecordOfferOutcomeRequest(
+                decision_id=decision, outcome=ranking_pb2.OFFER_OUTCOME_NO_CONVERSION
+            )
+            recorded = stub.RecordOfferOutcome(again, timeout=5).recorded  # NOT_FOUND raises
+            if decision in outcomes:
+                assert not recorded, f"acknowledged outcome of {decision} ({offer_id}) lost"
+            elif decision not in cut_outcomes:
+                assert recorded, f"decision {decision} had no outcome, yet one is stored"
+    finally:
+        channel.close()
+        assert proc.terminate() == 0

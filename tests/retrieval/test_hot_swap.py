@@ -12,11 +12,14 @@ from pathlib import Path
 
 import faiss
 import numpy as np
+import pytest
 
 from mercato.v1 import common_pb2, retrieval_pb2, retrieval_pb2_grpc
 from services.models.two_tower import TwoTowerBundle
 from tests.procs import ServiceProc, start_service
 from tests.retrieval.conftest import Store
+
+pytestmark = pytest.mark.slow  # trains a two-tower; retrieval as a process
 
 SWAP_MODEL = "mercato-two-tower-swap"
 
@@ -39,6 +42,19 @@ def loaded_version_metric(svc: ServiceProc) -> float | None:
         if line.startswith("mercato_model_loaded_version{") and SWAP_MODEL in line:
             return float(line.rsplit(" ", 1)[1])
     return None
+
+
+def polls(svc: ServiceProc, alias: str = "champion", model: str = SWAP_MODEL) -> float:
+    """How many registry look-ups of ``alias`` the service has done (its metric)."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{svc.metrics_port}/metrics").read().decode()
+    for line in text.splitlines():
+        if (
+            line.startswith("mercato_model_polls_total{")
+            and f'model="{model}"' in line
+            and f'alias="{alias}"' in line
+        ):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
 
 
 def wait_for(cond: object, timeout: float = 30.0) -> None:
@@ -127,15 +143,18 @@ def test_swap_under_load_refuses_broken_versions(store: Store, tmp_path: Path) -
         # A version with a missing file: refused too.
         v_file = store.register(bad_file, model=SWAP_MODEL, alias="champion")
         wait_for(lambda: refused(svc, v_file).get("invalid") == 1.0)
-        time.sleep(1.0)  # a few more polls: not retried, still v1
+        done = polls(svc)
+        wait_for(lambda: polls(svc) >= done + 3)  # three more look-ups: not retried, still v1
         assert refused(svc, v_dim) == {"invalid": 1.0}
+        assert refused(svc, v_file) == {"invalid": 1.0}  # the alias's target: not retried
         assert loaded_version_metric(svc) == float(v1)
         assert all(s[-1] == v1 for s in seen)
 
         # A good version: served within a few polls, no call fails during the swap.
         v3 = store.register(good, model=SWAP_MODEL, alias="champion")
         wait_for(lambda: all(s[-1] == v3 for s in seen))
-        time.sleep(0.5)
+        counts = [len(s) for s in seen]  # then more calls on every client, all on v3
+        wait_for(lambda: all(len(s) >= n + 10 for s, n in zip(seen, counts, strict=True)))
     finally:
         stop.set()
         for t in threads:

@@ -15,6 +15,8 @@ from services.retrieval.model import IndexConfig, RowFilter, load_retrieval_mode
 from services.retrieval.user_encoder import NumpyUserEncoder
 from tests.retrieval.conftest import Store
 
+pytestmark = pytest.mark.slow  # trains a two-tower (session fixture)
+
 INFO = ModelVersionInfo("m", "1", "r", "champion")
 
 

@@ -14,6 +14,9 @@ from mercato.v1 import common_pb2, retrieval_pb2, retrieval_pb2_grpc
 from services.models.two_tower import ItemFeatures, TwoTowerBundle, UserQuery
 from tests.procs import ServiceProc, start_service
 from tests.retrieval.conftest import MODEL, Store, brute_force
+from tests.retrieval.test_hot_swap import polls
+
+pytestmark = pytest.mark.slow  # trains a two-tower; retrieval as a process
 
 
 @pytest.fixture(scope="module")
@@ -501,7 +504,11 @@ def test_not_serving_until_a_model_is_promoted_then_per_request_alias(
             )
             # Registered as challenger only: still NOT_SERVING for the default alias.
             v = store.register(store.bundle_dir, model=name, alias="challenger")
-            time.sleep(1.5)  # five polls
+            done = polls(svc, "champion", name)
+            deadline = time.monotonic() + 30
+            while polls(svc, "champion", name) < done + 5:  # five more look-ups
+                assert time.monotonic() < deadline, "the watcher stopped polling"
+                time.sleep(0.05)
             assert svc.health() == "NOT_SERVING"
             store.set_alias("champion", v, model=name)
             svc.wait_status("SERVING", timeout=20)

@@ -7,11 +7,14 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 import torch.multiprocessing as mp
 
 from tests.procs import free_port
 from training.synthetic import SyntheticConfig
+
+pytestmark = pytest.mark.slow  # torchrun with two processes
 
 TINY = SyntheticConfig(n_users=300, n_items=120, n_categories=8, days=30, seed=5)
 

@@ -112,6 +112,7 @@ def test_movielens_slice_random_order_and_genres(tmp_path: Path) -> None:
 
 
 @needs_shared
+@pytest.mark.slow
 def test_full_online_retail_file() -> None:
     d = load_online_retail(SHARED / "online-retail")
     raw = pd.read_csv(
@@ -139,6 +140,7 @@ def test_full_online_retail_file() -> None:
 
 
 @needs_shared
+@pytest.mark.slow
 def test_full_movielens_file() -> None:
     d = load_movielens(SHARED / "ml-1m")
     summary = d.summary()

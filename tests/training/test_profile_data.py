@@ -19,6 +19,8 @@ from training.pipeline import TrainConfig, train_and_register
 from training.synthetic import SyntheticConfig, load_synthetic, write_synthetic
 from training.two_tower import TwoTowerConfig
 
+pytestmark = pytest.mark.slow  # profile service as a process, trains a model
+
 SMALL = SyntheticConfig(n_users=80, n_items=40, n_categories=8, days=20, seed=11)
 
 

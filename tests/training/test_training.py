@@ -166,6 +166,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[TrainConfig, obje
     return cfg, train_and_register(cfg)
 
 
+@pytest.mark.slow
 def test_tiny_train_register_load_by_alias_gives_same_scores(trained, tmp_path: Path) -> None:
     cfg, res = trained
     assert res.version == "1" and res.alias == "challenger"
@@ -255,6 +256,7 @@ def test_tiny_train_register_load_by_alias_gives_same_scores(trained, tmp_path: 
     assert remote.popularity and remote.popularity[0][1] >= remote.popularity[-1][1]
 
 
+@pytest.mark.slow
 def test_run_has_baselines_table_curve_and_complements(trained) -> None:
     cfg, res = trained
     from mlflow.tracking import MlflowClient
@@ -290,6 +292,7 @@ def test_run_has_baselines_table_curve_and_complements(trained) -> None:
     assert bundle.complements("NO-SUCH-ITEM", 5) == [] and bundle.complements(item, 0) == []
 
 
+@pytest.mark.slow
 def test_bundle_without_complements_file_still_loads(trained, tmp_path: Path) -> None:
     """Bundles written before complements existed have no complements.json."""
     import shutil
@@ -306,6 +309,7 @@ def test_bundle_without_complements_file_still_loads(trained, tmp_path: Path) ->
     assert b.complements(some, 5) == []
 
 
+@pytest.mark.slow
 def test_bundle_refuses_missing_or_corrupt_files(trained, tmp_path: Path) -> None:
     import shutil
 
@@ -328,6 +332,7 @@ def test_bundle_refuses_missing_or_corrupt_files(trained, tmp_path: Path) -> Non
         TwoTowerBundle.load(tmp_path / "nothing")
 
 
+@pytest.mark.slow
 def test_promotion_gate_refuses_a_worse_model(trained) -> None:
     cfg, res = trained
     first = promote(cfg.model_name, cfg.tracking_uri)
