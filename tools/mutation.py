@@ -324,6 +324,9 @@ def main(argv: list[str] | None = None) -> None:
         else:
             results[name] = run_module(name, args.max_children)
         r = results[name]
+        # Re-read before writing: another module may have been run in parallel meanwhile.
+        on_disk = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+        results = {**on_disk, name: r}
         print(
             f"   {r['killed']}/{r['mutants']} killed ({r['score']}), {r['seconds']} s; "
             f"survivors: {len(r['survivors'])}",
