@@ -321,6 +321,13 @@ def test_failed_download_is_refused_then_retried(
     store = Store(tmp_path, name=name)
     loader = Loader()
     w = make_watcher(store, loader, ["champion"], poll_interval_s=60)
+    heard: list[str] = []
+
+    def broken_listener() -> None:
+        raise RuntimeError("listener bug")
+
+    w.add_listener(broken_listener)  # a failing listener neither stops the swap nor the others
+    w.add_listener(lambda: heard.append(w.get("champion").info.version))  # type: ignore[union-attr]
 
     async def run() -> None:
         await w.start()
@@ -369,6 +376,12 @@ def test_failed_download_is_refused_then_retried(
             await w.poll()
             swapped = [r for r in _records(caplog, logging.INFO) if hasattr(r, "previous_version")]
             assert (swapped[-1].version, swapped[-1].previous_version) == (v3, v1)  # type: ignore[attr-defined]
+            assert heard == [v1, v3]
+            swaps = metric("mercato_model_swaps_total", model=name, alias="champion")
+            assert swaps == 2.0
+            failed = [r for r in _records(caplog, logging.ERROR) if r.exc_info]
+            assert len(failed) == 2
+            assert all(r.alias == "champion" for r in failed)  # type: ignore[attr-defined]
         finally:
             await w.stop()
 
