@@ -126,6 +126,8 @@ MODULES: dict[str, Module] = {
 KILLED = {"killed", "timeout", "caught by type check", "segfault"}
 
 _EV = "training.evaluate.x_"
+_RK = "training.ranker.x_"
+_UPPER = "numpy reads the sort kind case-insensitively: 'STABLE' is 'stable'"
 _AXIS = "axis=-1 is the default and the arrays are 2-D"
 _TIES = "only reorders tied scores among the k kept, whose order argpartition leaves undefined"
 # Mutants no test can tell from the original (beyond SQL re-casing, found automatically),
@@ -152,6 +154,20 @@ EQUIVALENT: dict[str, str] = {
     f"{_EV}top_k__mutmut_32": _TIES,
     f"{_EV}top_k__mutmut_35": _TIES,
     f"{_EV}top_k__mutmut_46": "numpy reads the sort kind case-insensitively: 'STABLE' is 'stable'",
+    f"{_RK}graded_ndcg__mutmut_14": _AXIS,
+    f"{_RK}graded_ndcg__mutmut_26": _AXIS,
+    f"{_RK}graded_ndcg__mutmut_56": _AXIS,
+    f"{_RK}graded_ndcg__mutmut_19": _UPPER,
+    f"{_RK}graded_ndcg__mutmut_37": "2.0 / log2 instead of 1.0 / log2: a constant factor "
+    "of both DCG and IDCG, cancelled in their ratio",
+    f"{_RK}rerank_metrics__mutmut_21": _AXIS,
+    f"{_RK}rerank_metrics__mutmut_33": _AXIS,
+    f"{_RK}rerank_metrics__mutmut_26": _UPPER,
+    f"{_RK}rerank_metrics__mutmut_38": "<= instead of <: padding by zero columns is a no-op",
+    f"{_RK}rerank_metrics__mutmut_49": "more padding columns than needed, beyond max(ks), "
+    "never read",
+    f"{_RK}rerank_metrics__mutmut_52": "padding marked -2 instead of -1: negative either "
+    "way, never an item of the truth",
     "services.models.watcher.xǁModelWatcherǁ_refuse__mutmut_9": "the reason remembered "
     "for a refused version is never read, only whether the version was refused",
 }
