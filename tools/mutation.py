@@ -168,6 +168,8 @@ EQUIVALENT: dict[str, str] = {
     "never read",
     f"{_RK}rerank_metrics__mutmut_52": "padding marked -2 instead of -1: negative either "
     "way, never an item of the truth",
+    "services.models.watcher.xǁModelWatcherǁ_download_and_load__mutmut_11": "remember=None "
+    "instead of False: both falsy, the only use is `if remember:`",
     "services.models.watcher.xǁModelWatcherǁ_refuse__mutmut_9": "the reason remembered "
     "for a refused version is never read, only whether the version was refused",
 }

@@ -372,6 +372,7 @@ def test_failed_download_is_refused_then_retried(
             rec = _records(caplog, logging.ERROR)[-1]
             assert (rec.alias, rec.version, rec.reason) == ("champion", bad, "invalid")  # type: ignore[attr-defined]
             assert f"keeps serving version {v1}" in rec.getMessage()
+            assert "ModelRejected: value is 'bad'" in rec.getMessage()  # why, for the operator
             v3 = await asyncio.to_thread(store.register, "three", "champion")
             await w.poll()
             swapped = [r for r in _records(caplog, logging.INFO) if hasattr(r, "previous_version")]
@@ -382,7 +383,16 @@ def test_failed_download_is_refused_then_retried(
             failed = [r for r in _records(caplog, logging.ERROR) if r.exc_info]
             assert len(failed) == 2
             assert all(r.alias == "champion" for r in failed)  # type: ignore[attr-defined]
+            # Two versions loaded (v1, v3): the load time histogram holds two real times.
+            elapsed = time.monotonic() - started
+            count = metric("mercato_model_load_seconds_count", model=name)
+            total = metric("mercato_model_load_seconds_sum", model=name)
+            assert count == 2.0 and total is not None and 0 < total < elapsed
+            loads = [r for r in _records(caplog, logging.INFO) if hasattr(r, "seconds")]
+            assert [(r.alias, r.version) for r in loads] == [("champion", v1), ("champion", v3)]  # type: ignore[attr-defined]
+            assert all(0 < r.seconds < elapsed for r in loads)  # type: ignore[attr-defined]
         finally:
             await w.stop()
 
+    started = time.monotonic()
     asyncio.run(run())
