@@ -170,6 +170,11 @@ EQUIVALENT: dict[str, str] = {
     "way, never an item of the truth",
     "services.models.watcher.xǁModelWatcherǁ_download_and_load__mutmut_11": "remember=None "
     "instead of False: both falsy, the only use is `if remember:`",
+    **{
+        f"services.models.watcher.xǁModelWatcherǁ_publish__mutmut_{i}": "the re-aliasing "
+        "in _publish never runs: both callers pass a version resolved under that alias"
+        for i in range(1, 11)
+    },
     "services.models.watcher.xǁModelWatcherǁ_refuse__mutmut_9": "the reason remembered "
     "for a refused version is never read, only whether the version was refused",
 }
