@@ -125,6 +125,60 @@ MODULES: dict[str, Module] = {
 
 KILLED = {"killed", "timeout", "caught by type check", "segfault"}
 
+_EV = "training.evaluate.x_"
+_RK = "training.ranker.x_"
+_UPPER = "numpy reads the sort kind case-insensitively: 'STABLE' is 'stable'"
+_AXIS = "axis=-1 is the default and the arrays are 2-D"
+_TIES = "only reorders tied scores among the k kept, whose order argpartition leaves undefined"
+# Mutants no test can tell from the original (beyond SQL re-casing, found automatically),
+# each with the reason; listed in docs/testing.md and not counted in the score.
+EQUIVALENT: dict[str, str] = {
+    f"{_EV}metrics_from_ranking__mutmut_21": "2.0 / log2 instead of 1.0 / log2: a constant "
+    "factor of both DCG and IDCG, cancelled in their ratio",
+    f"{_EV}metrics_from_ranking__mutmut_30": "one more discount computed, never read (the "
+    "ranking is at least max(ks) wide, as documented)",
+    f"{_EV}metrics_from_ranking__mutmut_6": "hits as float zeros instead of bool: the same "
+    "sums, products and comparisons",
+    f"{_EV}metrics_from_ranking__mutmut_8": "hits as float zeros instead of bool: the same "
+    "sums, products and comparisons",
+    f"{_EV}metrics_from_ranking__mutmut_62": "n_true >= 0: a user without truth has DCG 0, "
+    "so DCG / IDCG is 0 either way",
+    f"{_EV}metrics_from_ranking__mutmut_67": "astype(None) is float64, the original dtype",
+    f"{_EV}top_k__mutmut_7": "copy=True is np.array's default",
+    f"{_EV}top_k__mutmut_10": "excluded scores set to NaN instead of -inf: NaN also sorts "
+    "after every number, so excluded items still come last",
+    f"{_EV}top_k__mutmut_24": _AXIS,
+    f"{_EV}top_k__mutmut_34": _AXIS,
+    f"{_EV}top_k__mutmut_42": _AXIS,
+    f"{_EV}top_k__mutmut_52": _AXIS,
+    f"{_EV}top_k__mutmut_32": _TIES,
+    f"{_EV}top_k__mutmut_35": _TIES,
+    f"{_EV}top_k__mutmut_46": "numpy reads the sort kind case-insensitively: 'STABLE' is 'stable'",
+    f"{_RK}graded_ndcg__mutmut_14": _AXIS,
+    f"{_RK}graded_ndcg__mutmut_26": _AXIS,
+    f"{_RK}graded_ndcg__mutmut_56": _AXIS,
+    f"{_RK}graded_ndcg__mutmut_19": _UPPER,
+    f"{_RK}graded_ndcg__mutmut_37": "2.0 / log2 instead of 1.0 / log2: a constant factor "
+    "of both DCG and IDCG, cancelled in their ratio",
+    f"{_RK}rerank_metrics__mutmut_21": _AXIS,
+    f"{_RK}rerank_metrics__mutmut_33": _AXIS,
+    f"{_RK}rerank_metrics__mutmut_26": _UPPER,
+    f"{_RK}rerank_metrics__mutmut_38": "<= instead of <: padding by zero columns is a no-op",
+    f"{_RK}rerank_metrics__mutmut_49": "more padding columns than needed, beyond max(ks), "
+    "never read",
+    f"{_RK}rerank_metrics__mutmut_52": "padding marked -2 instead of -1: negative either "
+    "way, never an item of the truth",
+    "services.models.watcher.xǁModelWatcherǁ_download_and_load__mutmut_11": "remember=None "
+    "instead of False: both falsy, the only use is `if remember:`",
+    **{
+        f"services.models.watcher.xǁModelWatcherǁ_publish__mutmut_{i}": "the re-aliasing "
+        "in _publish never runs: both callers pass a version resolved under that alias"
+        for i in range(1, 11)
+    },
+    "services.models.watcher.xǁModelWatcherǁ_refuse__mutmut_9": "the reason remembered "
+    "for a refused version is never read, only whether the version was refused",
+}
+
 
 def _copy_repo(dst: Path) -> None:
     files = subprocess.run(
@@ -209,7 +263,7 @@ def _statuses(dst: Path, mod: Module) -> dict[str, str]:
             if any(fnmatch.fnmatchcase(name, pat) for pat in mod.functions):
                 fn = name.rsplit(".", 1)[1]
                 orig = functions.get(fn.rsplit("__mutmut_", 1)[0] + "__mutmut_orig", [])
-                if _is_equivalent(functions.get(fn, []), orig):
+                if name in EQUIVALENT or _is_equivalent(functions.get(fn, []), orig):
                     out[name] = "equivalent"
                 else:
                     out[name] = status_by_exit_code[code]
@@ -324,6 +378,9 @@ def main(argv: list[str] | None = None) -> None:
         else:
             results[name] = run_module(name, args.max_children)
         r = results[name]
+        # Re-read before writing: another module may have been run in parallel meanwhile.
+        on_disk = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+        results = {**on_disk, name: r}
         print(
             f"   {r['killed']}/{r['mutants']} killed ({r['score']}), {r['seconds']} s; "
             f"survivors: {len(r['survivors'])}",

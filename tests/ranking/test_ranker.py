@@ -39,6 +39,7 @@ from services.models.ranker import (
 )
 from tests.procs import ServiceProc, start_service
 from training import registry
+from training.evaluate import metrics_from_ranking
 from training.pipeline import TrainConfig
 from training.ranker import (
     RankerConfig,
@@ -163,6 +164,33 @@ def test_graded_ndcg_ignores_padding_and_keeps_ties_in_list_order() -> None:
     )
     assert both == pytest.approx(got, rel=1e-12)
     assert graded_ndcg(none, none, none > -1, 3) == 0.0
+
+
+def test_graded_ndcg_short_lists_single_gain_and_ties_in_long_lists() -> None:
+    # A list shorter than k: the padding filling the last places of the top k gains nothing.
+    labels = np.array([[2.0, 0.0, 7.0]])
+    mask = np.array([[True, True, False]])
+    scores = np.array([[0.1, 0.9, 5.0]])
+    assert graded_ndcg(labels, scores, mask, 3) == pytest.approx(1 / math.log2(3), rel=1e-12)
+    # One relevant item of gain 1 ranked first: a perfect list (IDCG 1 still counts).
+    one = np.array([[1.0, 0.0]])
+    assert graded_ndcg(one, np.array([[0.9, 0.1]]), one > -1, 2) == 1.0
+    # Ties in a long list (beyond numpy's small-array insertion sort) keep the list order.
+    rng = np.random.default_rng(0)
+    tied = np.round(rng.random((1, 40)) * 3)  # four score values, many ties
+    gains = rng.integers(0, 3, (1, 40)).astype(np.float64)
+    order = np.argsort(-tied[0], kind="stable")
+    d = 1.0 / np.log2(np.arange(2, 42))
+    want = (gains[0][order] * d).sum() / (np.sort(gains[0])[::-1] * d).sum()
+    assert graded_ndcg(gains, tied, tied > -1, 40) == pytest.approx(want, rel=1e-12)
+    # rerank_metrics too: ties keep the list order in a long list.
+    rows = np.arange(40)[None, :]
+    truth = sp.csr_matrix((np.ones(3), ([0, 0, 0], [5, 17, 33])), shape=(1, 40))
+    ranked = rows[:, np.argsort(-tied[0], kind="stable")]
+    expect = metrics_from_ranking(ranked, truth, (5, 20))
+    got = rerank_metrics(rows, tied, truth, (5, 20))
+    for name, v in expect.items():
+        assert got[name] == pytest.approx(float(v[0]), rel=1e-12), name
 
 
 @pytest.mark.slow

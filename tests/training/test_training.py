@@ -124,6 +124,37 @@ def test_metrics_match_hand_computed_values() -> None:
     assert m["hit@2"][0] == 1.0
 
 
+def test_metrics_of_a_user_without_truth_are_zero_and_averageable() -> None:
+    """A user with nothing to find scores 0 on every metric (not 1, not a gap), and the
+    arrays stay float so the mean over users is a number."""
+    ranked = np.array([[0, 1, 2], [2, 1, 0]])
+    truth = sp.csr_matrix(np.array([[0, 0, 1], [0, 0, 0]], dtype=np.float32))
+    m = metrics_from_ranking(ranked, truth, ks=(1, 3))
+    for name, values in m.items():
+        assert values.dtype == np.float64, name
+        assert values[1] == 0.0, name
+    assert float(np.mean(m["ndcg@3"])) == pytest.approx((1 / math.log2(4)) / 2)
+    assert float(np.mean(m["hit@1"])) == 0.0
+
+
+def test_top_k_matches_a_full_sort_for_every_k() -> None:
+    """top_k (argpartition, then a sort of the k) returns exactly the k best items per row,
+    best first, for every k from 1 to the number of items; integer scores (counts)
+    work too, with excluded items never returned while others remain."""
+    rng = np.random.default_rng(7)
+    scores = rng.permutation(20 * 300).reshape(20, 300).astype(np.float64)  # no ties
+    exclude = sp.random(20, 300, density=0.2, format="csr", random_state=3)
+    masked = np.where(exclude.toarray() != 0, -np.inf, scores)
+    reference = np.argsort(-masked, axis=1, kind="stable")
+    available = int((exclude.toarray() == 0).sum(1).min())  # ties only among excluded
+    assert available >= 15
+    for k in range(1, available + 1):
+        assert np.array_equal(top_k(scores, exclude, k), reference[:, :k]), k
+    counts = np.array([[3, 9, 1, 7], [5, 0, 2, 8]], dtype=np.int64)
+    excl = sp.csr_matrix(np.array([[0, 1, 0, 0], [0, 0, 0, 1]], dtype=np.float32))
+    assert top_k(counts, excl, 3).tolist() == [[3, 0, 2], [0, 2, 1]]
+
+
 def test_evaluate_excludes_history_and_counts_coverage() -> None:
     from training.features import EvalSet
 
