@@ -11,6 +11,7 @@ Times are integer microseconds since the Unix epoch (UTC) throughout.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -167,24 +168,28 @@ class LogEvent:
         )
 
 
+_FEATURE_DEFAULTS = features.FeatureThresholds()
+
+
 @dataclass(frozen=True)
 class ProfileConfig:
     """The knobs of the derivation (from :class:`ProfileSettings`)."""
 
     recent_items_limit: int = 50
     purchases_limit: int = 200
-    affinity_half_life_days: float = 30.0
+    # The feature knobs default to the shared definitions' own defaults (one source).
+    affinity_half_life_days: float = _FEATURE_DEFAULTS.affinity_half_life_days
     trending_half_life_hours: float = 24.0
-    rfm_recency_days: tuple[float, ...] = (30.0, 90.0, 180.0, 365.0)
-    rfm_frequency_orders: tuple[float, ...] = (2.0, 4.0, 8.0, 16.0)
-    rfm_monetary: tuple[float, ...] = (100.0, 500.0, 2000.0, 10000.0)
-    price_band_low_below: float = 5.0
-    price_band_high_from: float = 20.0
-    segment_at_risk_days: float = 90.0
-    segment_lapsed_days: float = 365.0
-    segment_loyal_orders: int = 4
+    rfm_recency_days: tuple[float, ...] = _FEATURE_DEFAULTS.rfm_recency_days
+    rfm_frequency_orders: tuple[float, ...] = _FEATURE_DEFAULTS.rfm_frequency_orders
+    rfm_monetary: tuple[float, ...] = _FEATURE_DEFAULTS.rfm_monetary
+    price_band_low_below: float = _FEATURE_DEFAULTS.price_band_low_below
+    price_band_high_from: float = _FEATURE_DEFAULTS.price_band_high_from
+    segment_at_risk_days: float = _FEATURE_DEFAULTS.segment_at_risk_days
+    segment_lapsed_days: float = _FEATURE_DEFAULTS.segment_lapsed_days
+    segment_loyal_orders: int = _FEATURE_DEFAULTS.segment_loyal_orders
 
-    @property
+    @functools.cached_property
     def thresholds(self) -> features.FeatureThresholds:
         """The shared feature definitions' knobs (segment, price band, RFM, affinity)."""
         return features.FeatureThresholds(
