@@ -62,7 +62,8 @@ ALLOWED_CLIENTS: dict[str, frozenset[str]] = {
     "retrieval": frozenset({"gateway"}),
     "ranking": frozenset({"gateway"}),
     "mlflow": frozenset({"retrieval", "ranking", "training", "console"}),
-    "redis": frozenset({"profile", "ranking", "training"}),
+    # events-export: the console's event log export (components/profile-redis).
+    "redis": frozenset({"profile", "ranking", "training", "events-export"}),
     "postgres": frozenset({"mlflow"}),
 }
 

@@ -123,6 +123,46 @@ def test_prod_stores(rendered: dict[str, Objs]) -> None:
     assert "--artifacts-destination=/mlflow/artifacts" in mlflow["args"]
 
 
+def test_prod_exports_the_event_log_where_the_console_reads_it(
+    rendered: dict[str, Objs],
+) -> None:
+    """The console reads events.parquet from the mercato-exports claim (read-only); in prod
+    a CronJob writes it there from the Redis store, renaming a finished file over the old
+    one so that the console never reads half a file."""
+    objs = rendered["prod"]
+    events = _configmap(objs, "mercato-console-config")["data"]["MERCATO_CONSOLE_EVENTS"]
+    console = _find(objs, "Deployment", "console")["spec"]["template"]["spec"]
+    cron = _find(objs, "CronJob", "mercato-events-export")
+    assert cron["spec"]["concurrencyPolicy"] == "Forbid"
+    pod = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+
+    def mount_dir(spec: dict[str, Any], claim: str) -> tuple[str, bool]:
+        vol = next(
+            v["name"]
+            for v in spec["volumes"]
+            if (v.get("persistentVolumeClaim") or {}).get("claimName") == claim
+        )
+        (mount,) = [m for m in spec["containers"][0]["volumeMounts"] if m["name"] == vol]
+        return mount["mountPath"], bool(mount.get("readOnly"))
+
+    console_dir, console_ro = mount_dir(console, "mercato-exports")
+    export_dir, export_ro = mount_dir(pod, "mercato-exports")
+    assert console_ro and not export_ro
+    assert events == f"{console_dir}/events.parquet"
+    container = pod["containers"][0]
+    script = kc.script_text(container).replace("$dir", export_dir)
+    partial = re.search(r"mercato export-events --out \"?([^\s\"]+)", script)
+    assert partial and partial.group(1).startswith(export_dir + "/")
+    assert partial.group(1) != f"{export_dir}/events.parquet"
+    assert re.search(
+        rf'mv -f "?{re.escape(partial.group(1))}"? "?{re.escape(export_dir)}/events.parquet',
+        script,
+    )
+    env = {e["name"]: e for e in container["env"]}
+    assert env["MERCATO_PROFILE_BACKEND"]["value"] == "redis"
+    assert env["MERCATO_PROFILE_REDIS_URL"]["valueFrom"]["secretKeyRef"]["name"] == "mercato-redis"
+
+
 def test_dev_is_laptop_sized(rendered: dict[str, Objs]) -> None:
     objs = rendered["dev"]
     assert not [o for o in objs if o["kind"] == "HorizontalPodAutoscaler"]
