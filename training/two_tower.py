@@ -394,12 +394,14 @@ def _epoch_rows(rows: TrainRows, rng: np.random.Generator) -> np.ndarray:
 def train_two_tower(
     vocab: Vocab,
     rows: TrainRows,
-    valid: EvalSet,
+    valid: EvalSet | None,
     cfg: TwoTowerConfig,
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
     warm: WarmStart | None = None,
 ) -> tuple[TwoTowerNet, ItemTable, TrainHistory]:
     """Train with early stopping on ``valid``; returns the best net and its item table.
+    ``warm`` (:func:`warm_start`) is the initial weights and the epoch-0 candidate.
+    Without ``valid`` (a refit) exactly ``cfg.epochs`` epochs run and the last is kept.
 
     Under torch.distributed (see :mod:`training.distributed`) every rank trains on its
     slice of each global batch and gradients are averaged, so all ranks end with the same
@@ -436,7 +438,7 @@ def train_two_tower(
     bad = 0
     t0 = time.perf_counter()
     metric = f"recall@{cfg.early_stop_k}"
-    if warm is not None:  # "epoch 0", the warm start itself, is a candidate
+    if warm is not None and valid is not None:  # "epoch 0", the warm start, is a candidate
         hist.best_metric, hist.best_epoch = warm.valid_metric, 0
         best_state = copy.deepcopy(net.state_dict())
     for epoch in range(cfg.epochs):
@@ -466,6 +468,9 @@ def train_two_tower(
             seen += len(sel)
         train_s = time.perf_counter() - te
         value = 0.0
+        if valid is None:  # a refit: a fixed number of epochs, the last one kept
+            hist.epochs.append({"epoch": float(epoch + 1), "train_loss": total / max(seen, 1)})
+            continue
         if rank == 0:
             m = evaluate(
                 EmbeddingScorer(encode_eval_users(net, valid), items.all_embeddings(net)),
@@ -509,6 +514,26 @@ def train_two_tower(
     net.eval()
     hist.seconds = time.perf_counter() - t0
     return net, items, hist
+
+
+def refit_two_tower(
+    vocab: Vocab, rows: TrainRows, chosen: TwoTowerConfig, hist: TrainHistory
+) -> tuple[TwoTowerNet, ItemTable, TrainHistory]:
+    """The configuration chosen on validation (weight decay, input dropout, the warm
+    start's λ, the best epoch count) fit again on ``rows`` (train + validation), without
+    looking at any evaluation data: the warm start recomputed from ``rows`` with the
+    chosen λ, then exactly ``hist.best_epoch`` epochs."""
+    cfg = replace(chosen, epochs=max(hist.best_epoch, 0), grid=())
+    warm = None
+    if hist.warm_start:
+        lam = float(hist.warm_start["lambda"])
+        x = history_matrix(rows, vocab.n_items)
+        p, q = ease_factors((x.T @ x).toarray().astype(np.float64), lam, cfg.dim, cfg.warm_scale)
+        warm = WarmStart(p, q, lam, math.nan)
+    elif cfg.epochs == 0:
+        raise ValueError("nothing to refit: no warm start and no epoch")
+    net, items, h = train_two_tower(vocab, rows, None, cfg, warm=warm)
+    return net, items, h
 
 
 def select_two_tower(

@@ -8,6 +8,7 @@ from dataclasses import replace
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 import numpy as np
+import pandas as pd
 import pytest
 import scipy.sparse as sp
 import torch
@@ -26,6 +27,8 @@ from training.two_tower import (
     encode_eval_users,
     history_matrix,
     new_net,
+    refit_two_tower,
+    select_two_tower,
     train_two_tower,
     warm_start,
 )
@@ -144,3 +147,34 @@ def test_the_warm_start_is_epoch_zero_and_kept_when_training_does_worse() -> Non
     np.testing.assert_allclose(
         net.history.weight[1:].detach().numpy()[known], ws.history[known], atol=1e-6
     )
+
+
+@pytest.mark.slow
+def test_refit_uses_train_plus_validation_and_the_chosen_epochs() -> None:
+    data = generate(TINY)
+    split = time_split(data)
+    vocab = build_vocab(data)
+    cfg = replace(TwoTowerConfig(), dim=8, epochs=3, progress=False, ease_lambdas=(20.0,))
+    tc = TrainConfig(model=cfg)
+    rows = train_rows(split, vocab, tc)
+    valid = build_eval_set(
+        "valid", split.train, split.valid, vocab, data.target_events, now=query_times(split)[0]
+    )
+    both = pd.concat([split.train, split.valid], ignore_index=True)
+    rows_tv = train_rows(split, vocab, tc, both)
+    only_valid = np.setdiff1d(np.unique(rows_tv.items), np.unique(rows.items))
+    assert len(only_valid) > 0
+    # Chosen at epoch 0 (training wrecked by the learning rate): the refit is the warm
+    # start recomputed on train + validation with the chosen λ, and nothing else.
+    _, _, hist, chosen = select_two_tower(vocab, rows, valid, replace(cfg, lr=50.0))
+    assert hist.best_epoch == 0 and hist.warm_start["lambda"] == 20.0
+    net, items, h = refit_two_tower(vocab, rows_tv, chosen, hist)
+    assert h.epochs == [] and items.known[only_valid].all()
+    x = history_matrix(rows_tv, vocab.n_items)
+    p, _ = ease_factors((x.T @ x).toarray(), 20.0, cfg.dim, cfg.warm_scale)
+    np.testing.assert_allclose(net.history.weight[1:].detach().numpy(), p, atol=1e-6)
+    # Chosen after some epochs: the refit trains exactly that many on train + validation.
+    _, _, hist, chosen = select_two_tower(vocab, rows, valid, replace(cfg, lr=5e-3, epochs=2))
+    net, items, h = refit_two_tower(vocab, rows_tv, chosen, replace(hist, best_epoch=2))
+    assert [e["epoch"] for e in h.epochs] == [1.0, 2.0]
+    assert np.abs(net.history.weight[1 + only_valid].detach().numpy()).sum() > 0
