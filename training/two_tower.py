@@ -15,8 +15,13 @@ Losses (``loss``):
   candidate set: its target frequency within a batch, plus the uniform draw), the
   sampling-bias correction of Yi et al. 2019, for catalogs too large for ``full``.
 
-The score is ``u · v + b`` (dot product plus item bias). AdamW with decoupled weight
-decay; early stopping on validation Recall@K with the best epoch's weights kept.
+The score is ``u · v + b`` (dot product plus item bias). Initialisation (``init``):
+``ease`` (default, catalogs up to ``warm_start_max_items``) writes a rank-``dim``
+projection of EASE into the towers (:func:`ease_factors`, :func:`apply_warm_start`, λ
+chosen on validation); that start is "epoch 0", a candidate of early stopping like any
+epoch. ``random`` starts from small random weights. AdamW with decoupled weight
+decay; early stopping on validation Recall@K with the best epoch's weights kept
+(:func:`refit_two_tower` fits the chosen configuration again on more data).
 ``grid`` lists (weight decay, input dropout) pairs tried one after the other, the best
 on validation is kept (:func:`select_two_tower`); the test part is never read here.
 Determinism: a seeded torch generator and numpy generator, one thread by default.
