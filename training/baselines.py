@@ -66,6 +66,17 @@ def _binary(x: sp.csr_matrix) -> sp.csr_matrix:
     return b
 
 
+def ease_matrix(gram: np.ndarray, lam: float) -> np.ndarray:
+    """EASE's ``B = I - P / diag(P)``, ``P = (G + λI)⁻¹``, zero diagonal (Steck 2019),
+    from the item Gram matrix ``G = XᵀX`` of binary interactions (float64)."""
+    g = gram.astype(np.float64, copy=True)
+    g[np.diag_indices_from(g)] += lam
+    p = np.linalg.inv(g)
+    b = -p / np.diag(p)[None, :]
+    b[np.diag_indices_from(b)] = 0.0
+    return b
+
+
 class EASE:
     """Closed-form item-item model; ``fit`` on a user-item matrix, score history rows."""
 
@@ -75,12 +86,7 @@ class EASE:
 
     def fit(self, x: sp.csr_matrix) -> EASE:
         xb = _binary(x)
-        g = (xb.T @ xb).toarray().astype(np.float64)
-        g[np.diag_indices_from(g)] += self.lam
-        p = np.linalg.inv(g)
-        b = -p / np.diag(p)[None, :]
-        b[np.diag_indices_from(b)] = 0.0
-        self.B = b.astype(np.float32)
+        self.B = ease_matrix((xb.T @ xb).toarray(), self.lam).astype(np.float32)
         return self
 
     def scorer(self, history: sp.csr_matrix) -> Callable[[np.ndarray], np.ndarray]:

@@ -46,6 +46,19 @@ def train_retrieval(
         "0.2", help="Comma-separated history dropouts to try (chosen on validation)."
     ),
     patience: int = typer.Option(5, help="Epochs without validation gain before stopping."),
+    init: str = typer.Option(
+        "ease",
+        help="ease (start from a rank-dim EASE, catalogs up to 20k items; the start itself "
+        "is epoch 0 of early stopping) | random",
+    ),
+    ease_lambdas: str = typer.Option(
+        "250,500", help="Comma-separated EASE λ of the warm start (chosen on validation)."
+    ),
+    refit: bool = typer.Option(
+        True,
+        help="Default protocol: fit the chosen configurations again on train + validation "
+        "before the test read (the registered model is that refit).",
+    ),
     exact_max_items: int = typer.Option(
         200_000, help="Exact FAISS index up to this size, HNSW above."
     ),
@@ -97,9 +110,12 @@ def train_retrieval(
                 for d in input_dropout.split(",")
             ),
             patience=patience,
+            init=init,
+            ease_lambdas=tuple(float(x) for x in ease_lambdas.split(",") if x.strip()),
             seed=seed,
             progress=progress,
         ),
+        refit=refit,
         index=replace(IndexConfig(), exact_max_items=exact_max_items),
         max_eval_users=max_eval_users,
         seed=seed,

@@ -37,7 +37,7 @@ from services.common.threads import configure_threads
 from services.models.registry import BUNDLE_ARTIFACT_PATH
 from services.models.two_tower import FORMAT_VERSION, MODEL_TYPE, TwoTowerBundle
 from training import distributed
-from training.baselines import BaselineConfig, fit_baseline, interactions
+from training.baselines import BaselineConfig, fit_baseline, interactions, make_model
 from training.complements import ComplementsConfig, basket_complements
 from training.data import RetailData, Split, k_core, time_split, user_random_split
 from training.evaluate import (
@@ -60,7 +60,12 @@ from training.features import (
 )
 from training.index import IndexConfig, ann_recall, build_index, index_kind
 from training.synthetic import SyntheticConfig
-from training.two_tower import TwoTowerConfig, encode_eval_users, select_two_tower
+from training.two_tower import (
+    TwoTowerConfig,
+    encode_eval_users,
+    refit_two_tower,
+    select_two_tower,
+)
 
 # Progress and tables go to stderr; logs redirected to a file get full-width tables.
 console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
@@ -97,6 +102,9 @@ class TrainConfig:
     alias: str = "challenger"
     register: bool = True
     evaluate_test: bool = True
+    # default protocol: every model's configuration chosen on validation is fit again on
+    # train + validation (the history the test queries see) before the one test read.
+    refit: bool = True
     run_name: str = ""
 
     def params(self) -> dict[str, Any]:
@@ -258,13 +266,24 @@ def query_times(split: Split) -> tuple[float, float]:
     return last, last
 
 
-def train_rows(split: Split, vocab: Vocab, cfg: TrainConfig) -> TrainRows:
-    """The two-tower's rows: per customer and cut-off on a time split (targets within
-    ``horizon_days``, default the validation window), per customer otherwise."""
+def train_rows(
+    split: Split, vocab: Vocab, cfg: TrainConfig, events: pd.DataFrame | None = None
+) -> TrainRows:
+    """The two-tower's rows from ``events`` (default the train part): per customer and
+    cut-off on a time split (targets within ``horizon_days``, default the validation
+    window), per customer otherwise."""
+    ev = split.train if events is None else events
     if split.kind == "time":
         horizon = cfg.model.horizon_days * 86_400 or float(split.params["t2"] - split.params["t1"])
-        return build_train_rows(split.train, vocab, "time", horizon)
-    return build_train_rows(split.train, vocab, "random")
+        return build_train_rows(ev, vocab, "time", horizon)
+    return build_train_rows(ev, vocab, "random")
+
+
+def refits(cfg: TrainConfig) -> bool:
+    """Whether models are fit again on train + validation before the test read: under
+    the default protocol, whose test queries see that history (RecBole's protocol fits
+    on train only)."""
+    return cfg.refit and cfg.protocol == "default" and cfg.evaluate_test
 
 
 def training_curve_png(history: list[dict[str, float]], path: Path, title: str) -> bool:
@@ -320,7 +339,10 @@ def train_and_register(cfg: TrainConfig) -> RegisteredResult:
     prep_seconds = time.perf_counter() - t_start
 
     if not main:
-        net, items, hist, _ = select_two_tower(vocab, rows, valid, cfg.model)
+        net, items, hist, chosen = select_two_tower(vocab, rows, valid, cfg.model)
+        if refits(cfg):
+            rows_tv = train_rows(split, vocab, cfg, history_test)
+            net, items, _ = refit_two_tower(vocab, rows_tv, chosen, hist)
         distributed.barrier()
         return RegisteredResult(
             run_id="",
@@ -386,9 +408,26 @@ def train_and_register(cfg: TrainConfig) -> RegisteredResult:
         net, items, hist, chosen = select_two_tower(
             vocab, rows, valid, cfg.model, on_epoch=on_epoch
         )
+        refit = refits(cfg)
+        refit_seconds: dict[str, float] = {}
+        nets = {"valid": (net, items)}
+        if refit:
+            t0 = time.perf_counter()
+            rows_tv = train_rows(split, vocab, cfg, history_test)
+            nets["test"] = refit_two_tower(vocab, rows_tv, chosen, hist)[:2]
+            refit_seconds["two_tower"] = time.perf_counter() - t0
+            if log:
+                log(
+                    f"two-tower refit on train + validation ({hist.best_epoch} epochs): "
+                    f"{refit_seconds['two_tower']:.1f}s"
+                )
+        else:
+            nets["test"] = nets["valid"]
         distributed.barrier()
+        # What is served: the model the test part evaluates (refit when refitting).
+        net, items = nets["test"]
         item_emb = items.all_embeddings(net)
-        pop = popularity_counts(split.train, vocab, data.target_events)
+        pop = popularity_counts(history_test if refit else split.train, vocab, data.target_events)
         fit_seconds: dict[str, float] = {"two_tower": hist.seconds, "popularity": 0.0}
         results: dict[str, dict[str, dict[str, float]]] = {}
         eval_sets = [("valid", valid, history_valid)]
@@ -396,9 +435,12 @@ def train_and_register(cfg: TrainConfig) -> RegisteredResult:
             eval_sets.append(("test", test, history_test))
         for name, es, hist_events in eval_sets:
             pop_s = popularity_counts(hist_events, vocab, data.target_events)
+            n_, it_ = nets[name]
             results[name] = {
                 "two_tower": evaluate(
-                    EmbeddingScorer(encode_eval_users(net, es), item_emb), es, cfg.ks
+                    EmbeddingScorer(encode_eval_users(n_, es), it_.all_embeddings(n_)),
+                    es,
+                    cfg.ks,
                 ),
                 "popularity": evaluate(PopularityScorer(pop_s), es, cfg.ks),
             }
@@ -419,9 +461,16 @@ def train_and_register(cfg: TrainConfig) -> RegisteredResult:
                 )
                 fit_seconds[bname] = fb.fit_seconds
                 baseline_info[bname] = {"chosen": fb.params, "tried": fb.tried}
+                fitted = {"valid": fb.model, "test": fb.model}
+                if refit:
+                    t0 = time.perf_counter()
+                    fitted["test"] = make_model(bname, fb.params, cfg.baselines.seed).fit(
+                        interactions(history_test, vocab)
+                    )
+                    refit_seconds[bname] = time.perf_counter() - t0
                 for name, es, hist_events in eval_sets:
                     h = hv if name == "valid" else interactions(hist_events, vocab, es.users)
-                    results[name][bname] = evaluate(fb.model.scorer(h), es, cfg.ks)
+                    results[name][bname] = evaluate(fitted[name].scorer(h), es, cfg.ks)
         for models in results.values():
             for model, m in models.items():
                 m["train_seconds"] = fit_seconds.get(model, 0.0)
@@ -472,8 +521,10 @@ def train_and_register(cfg: TrainConfig) -> RegisteredResult:
                     "input_dropout": chosen.input_dropout,
                 },
                 "tried": hist.tried,
+                "warm_start": hist.warm_start,
             },
             "fit_seconds": fit_seconds,
+            "refit": {"train_plus_valid": refit, "seconds": refit_seconds},
             "complements": {"items": len(complements)},
             "index": {"kind": index_kind(index), "ann_recall": recall, "k": cfg.index.recall_k},
         }
@@ -489,6 +540,8 @@ def train_and_register(cfg: TrainConfig) -> RegisteredResult:
             "loss": cfg.model.loss,
             "weight_decay": chosen.weight_decay,
             "input_dropout": chosen.input_dropout,
+            "init": "ease" if hist.warm_start else "random",
+            "best_epoch": hist.best_epoch,
             "index": report["index"],
             "dataset": data.name,
             "split_signature": split.signature(),

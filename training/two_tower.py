@@ -15,8 +15,13 @@ Losses (``loss``):
   candidate set: its target frequency within a batch, plus the uniform draw), the
   sampling-bias correction of Yi et al. 2019, for catalogs too large for ``full``.
 
-The score is ``u · v + b`` (dot product plus item bias). AdamW with decoupled weight
-decay; early stopping on validation Recall@K with the best epoch's weights kept.
+The score is ``u · v + b`` (dot product plus item bias). Initialisation (``init``):
+``ease`` (default, catalogs up to ``warm_start_max_items``) writes a rank-``dim``
+projection of EASE into the towers (:func:`ease_factors`, :func:`apply_warm_start`, λ
+chosen on validation); that start is "epoch 0", a candidate of early stopping like any
+epoch. ``random`` starts from small random weights. AdamW with decoupled weight
+decay; early stopping on validation Recall@K with the best epoch's weights kept
+(:func:`refit_two_tower` fits the chosen configuration again on more data).
 ``grid`` lists (weight decay, input dropout) pairs tried one after the other, the best
 on validation is kept (:func:`select_two_tower`); the test part is never read here.
 Determinism: a seeded torch generator and numpy generator, one thread by default.
@@ -38,6 +43,7 @@ from tqdm.auto import tqdm
 
 from services.models.two_tower import TwoTowerNet
 from training import distributed
+from training.baselines import ease_matrix
 from training.evaluate import EmbeddingScorer, evaluate
 from training.features import EvalSet, TrainRows, UserFeatures, Vocab, ragged_positions
 
@@ -59,6 +65,10 @@ class TwoTowerConfig:
     full_softmax_max_items: int = 300_000
     full_softmax_budget: int = 20_000_000  # batch rows x items per step
     grid: tuple[tuple[float, float], ...] = ()  # (weight_decay, input_dropout) to try
+    init: str = "ease"  # "ease" (rank-dim EASE warm start when it fits) | "random"
+    ease_lambdas: tuple[float, ...] = (250.0, 500.0)  # warm start: chosen on validation
+    warm_start_max_items: int = 20_000  # dense items x items matrices above: random init
+    warm_scale: float = 30.0  # the warm start's scores x this (softmax temperature)
     seed: int = 0
     progress: bool = True
 
@@ -73,6 +83,53 @@ class TrainHistory:
     best_metric: float = -math.inf
     seconds: float = 0.0
     tried: list[dict[str, float]] = field(default_factory=list)
+    warm_start: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class WarmStart:
+    """Input (history) and output (item id) embeddings whose product ranks as a rank-d
+    EASE: ``x P Qᵀ = x B Q Qᵀ`` (see :func:`ease_factors`)."""
+
+    history: np.ndarray  # P [n_items, dim]
+    items: np.ndarray  # Q [n_items, dim]
+    lam: float
+    valid_metric: float
+    tried: list[dict[str, float]] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def ease_factors(
+    gram: np.ndarray, lam: float, dim: int, scale: float = 1.0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Rank-``dim`` factors (P, Q) of EASE: the reduced-rank regression solution of
+    ``min ||X - X W||²`` with ``rank(W) <= dim`` starting from EASE's ``B``:
+    ``Q`` = the top-``dim`` eigenvectors of ``(XB)ᵀ(XB) = Bᵀ G B`` (the directions that
+    keep most of EASE's fitted scores), ``P = B Q``, so ``x P Qᵀ`` is the projection of
+    EASE's scores ``x B`` on them (exactly ``x B`` at ``dim = n_items``). Both factors
+    are multiplied by ``sqrt(scale)``: ``scale`` sets the softmax temperature of the
+    start, not its ranking. Items without interactions get zero rows."""
+    import scipy.linalg
+
+    b = ease_matrix(gram, lam)
+    n = len(b)
+    d = min(dim, n)
+    b32 = b.astype(np.float32)
+    fitted = b32.T @ (gram.astype(np.float32) @ b32)
+    fitted = (fitted + fitted.T) / 2
+    _, vecs = scipy.linalg.eigh(fitted, subset_by_index=[n - d, n - 1])
+    vecs = vecs.astype(np.float64)
+    q = vecs[:, ::-1]
+    p = b @ q
+    out_p = np.zeros((n, dim), dtype=np.float32)
+    out_q = np.zeros((n, dim), dtype=np.float32)
+    s = math.sqrt(scale)
+    out_p[:, :d] = p * s
+    out_q[:, :d] = q * s
+    empty = np.diag(gram) == 0  # items without interactions: exactly zero factors
+    out_p[empty] = 0.0
+    out_q[empty] = 0.0
+    return out_p, out_q
 
 
 def _bags(hist: sp.csr_matrix) -> tuple[torch.Tensor, torch.Tensor]:
@@ -151,6 +208,80 @@ class ItemTable:
                 for a in range(0, len(self.ids), batch)
             ]
         return np.concatenate(out).astype(np.float32)
+
+
+def history_matrix(rows: TrainRows, n_items: int) -> sp.csr_matrix:
+    """Binary customers x items matrix of the training rows' whole histories."""
+    return sp.csr_matrix(
+        (np.ones(len(rows.items), dtype=np.float32), rows.items, rows.indptr),
+        shape=(len(rows.users), n_items),
+    )
+
+
+def apply_warm_start(net: TwoTowerNet, ws: WarmStart) -> None:
+    """History embeddings = P; item vectors = Q, written as a category centroid (the
+    category residual: the mean Q of the category's trained items) plus the id
+    embedding ``Q - centroid``, so a new item starts at its category's centroid (cold
+    start) while every trained item's vector is exactly its Q. Every other weight
+    (price and attribute residuals, context, biases, base) is zero, so the net ranks
+    exactly as ``x P Qᵀ`` (the user tower's ``1/sqrt(n)`` is per user: no ranking
+    changes)."""
+    q = ws.items.astype(np.float64)
+    cat = net.item_category[1:].numpy()
+    known = np.abs(q).sum(1) > 0
+    n_cat = net.category.weight.shape[0]
+    sums = np.zeros((n_cat, q.shape[1]))
+    np.add.at(sums, cat[known], q[known])
+    counts = np.bincount(cat[known], minlength=n_cat)
+    centroid = sums / np.maximum(counts, 1)[:, None]
+    centroid[0] = 0.0  # "no category" is padding
+    ids = np.where(known[:, None], q - centroid[cat], 0.0)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.zero_()
+        net.history.weight[1:] = torch.from_numpy(ws.history)
+        net.item_id.weight[1:] = torch.from_numpy(ids.astype(np.float32))
+        net.category.weight.copy_(torch.from_numpy(centroid.astype(np.float32)))
+
+
+def warm_start(
+    vocab: Vocab, rows: TrainRows, valid: EvalSet, cfg: TwoTowerConfig
+) -> WarmStart | None:
+    """The rank-``dim`` EASE start (:func:`ease_factors`) with λ chosen on validation
+    from ``cfg.ease_lambdas``; None when ``cfg.init`` is "random" or the catalog is
+    larger than ``cfg.warm_start_max_items`` (dense items x items matrices)."""
+    if cfg.init not in ("ease", "random"):
+        raise ValueError(f"init must be 'ease' or 'random', not {cfg.init!r}")
+    if cfg.init == "random" or vocab.n_items > cfg.warm_start_max_items:
+        return None
+    t0 = time.perf_counter()
+    x = history_matrix(rows, vocab.n_items)
+    gram = (x.T @ x).toarray().astype(np.float64)
+    metric = f"recall@{cfg.early_stop_k}"
+    best: WarmStart | None = None
+    tried: list[dict[str, float]] = []
+    net = new_net(vocab, cfg)
+    items = ItemTable(vocab, np.unique(rows.items))
+    for lam in cfg.ease_lambdas:
+        p, q = ease_factors(gram, lam, cfg.dim, cfg.warm_scale)
+        ws = WarmStart(p, q, lam, 0.0)
+        apply_warm_start(net, ws)
+        ws.valid_metric = evaluate(
+            EmbeddingScorer(encode_eval_users(net, valid), items.all_embeddings(net)),
+            valid,
+            ks=(cfg.early_stop_k,),
+        ).get(metric, 0.0)
+        tried.append({"lambda": lam, f"valid_{metric}": ws.valid_metric})
+        if cfg.progress:
+            tqdm.write(
+                f"warm start: EASE λ={lam} rank {cfg.dim}: valid {metric} {ws.valid_metric:.4f}"
+            )
+        if best is None or ws.valid_metric > best.valid_metric:
+            best = ws
+    assert best is not None
+    best.tried = tried
+    best.seconds = time.perf_counter() - t0
+    return best
 
 
 def new_net(vocab: Vocab, cfg: TwoTowerConfig) -> TwoTowerNet:
@@ -268,11 +399,14 @@ def _epoch_rows(rows: TrainRows, rng: np.random.Generator) -> np.ndarray:
 def train_two_tower(
     vocab: Vocab,
     rows: TrainRows,
-    valid: EvalSet,
+    valid: EvalSet | None,
     cfg: TwoTowerConfig,
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+    warm: WarmStart | None = None,
 ) -> tuple[TwoTowerNet, ItemTable, TrainHistory]:
     """Train with early stopping on ``valid``; returns the best net and its item table.
+    ``warm`` (:func:`warm_start`) is the initial weights and the epoch-0 candidate.
+    Without ``valid`` (a refit) exactly ``cfg.epochs`` epochs run and the last is kept.
 
     Under torch.distributed (see :mod:`training.distributed`) every rank trains on its
     slice of each global batch and gradients are averaged, so all ranks end with the same
@@ -294,6 +428,8 @@ def train_two_tower(
     if rows.n_rows == 0:
         raise ValueError("no training rows: the train split has no customer with history")
     net = new_net(vocab, cfg)
+    if warm is not None:
+        apply_warm_start(net, warm)
     distributed.broadcast_parameters(net)
     items = ItemTable(vocab, np.unique(rows.items))
     counts = rows.target_counts(n_items)
@@ -307,6 +443,9 @@ def train_two_tower(
     bad = 0
     t0 = time.perf_counter()
     metric = f"recall@{cfg.early_stop_k}"
+    if warm is not None and valid is not None:  # "epoch 0", the warm start, is a candidate
+        hist.best_metric, hist.best_epoch = warm.valid_metric, 0
+        best_state = copy.deepcopy(net.state_dict())
     for epoch in range(cfg.epochs):
         net.train()
         order = _epoch_rows(rows, rng)
@@ -334,6 +473,9 @@ def train_two_tower(
             seen += len(sel)
         train_s = time.perf_counter() - te
         value = 0.0
+        if valid is None:  # a refit: a fixed number of epochs, the last one kept
+            hist.epochs.append({"epoch": float(epoch + 1), "train_loss": total / max(seen, 1)})
+            continue
         if rank == 0:
             m = evaluate(
                 EmbeddingScorer(encode_eval_users(net, valid), items.all_embeddings(net)),
@@ -379,6 +521,26 @@ def train_two_tower(
     return net, items, hist
 
 
+def refit_two_tower(
+    vocab: Vocab, rows: TrainRows, chosen: TwoTowerConfig, hist: TrainHistory
+) -> tuple[TwoTowerNet, ItemTable, TrainHistory]:
+    """The configuration chosen on validation (weight decay, input dropout, the warm
+    start's λ, the best epoch count) fit again on ``rows`` (train + validation), without
+    looking at any evaluation data: the warm start recomputed from ``rows`` with the
+    chosen λ, then exactly ``hist.best_epoch`` epochs."""
+    cfg = replace(chosen, epochs=max(hist.best_epoch, 0), grid=())
+    warm = None
+    if hist.warm_start:
+        lam = float(hist.warm_start["lambda"])
+        x = history_matrix(rows, vocab.n_items)
+        p, q = ease_factors((x.T @ x).toarray().astype(np.float64), lam, cfg.dim, cfg.warm_scale)
+        warm = WarmStart(p, q, lam, math.nan)
+    elif cfg.epochs == 0:
+        raise ValueError("nothing to refit: no warm start and no epoch")
+    net, items, h = train_two_tower(vocab, rows, None, cfg, warm=warm)
+    return net, items, h
+
+
 def select_two_tower(
     vocab: Vocab,
     rows: TrainRows,
@@ -390,9 +552,10 @@ def select_two_tower(
     keep the best on validation; the history lists every try. ``on_epoch`` gets the
     epochs of all tries, numbered on."""
     grid = cfg.grid or ((cfg.weight_decay, cfg.input_dropout),)
+    t0 = time.perf_counter()
+    warm = warm_start(vocab, rows, valid, cfg)
     best: tuple[TwoTowerNet, ItemTable, TrainHistory, TwoTowerConfig] | None = None
     tried: list[dict[str, float]] = []
-    t0 = time.perf_counter()
     offset = 0
     for wd, drop in grid:
         c = replace(cfg, weight_decay=wd, input_dropout=drop, grid=())
@@ -401,7 +564,7 @@ def select_two_tower(
             if on_epoch is not None:
                 on_epoch(at + epoch, row)
 
-        net, items, h = train_two_tower(vocab, rows, valid, c, shifted)
+        net, items, h = train_two_tower(vocab, rows, valid, c, shifted, warm)
         offset += len(h.epochs)
         tried.append(
             {
@@ -422,4 +585,13 @@ def select_two_tower(
     assert best is not None
     best[2].tried = tried
     best[2].seconds = time.perf_counter() - t0
+    if warm is not None:
+        best[2].warm_start = {
+            "lambda": warm.lam,
+            "rank": cfg.dim,
+            "scale": cfg.warm_scale,
+            f"valid_recall@{cfg.early_stop_k}": warm.valid_metric,
+            "tried": warm.tried,
+            "seconds": warm.seconds,
+        }
     return best

@@ -19,13 +19,13 @@ from services.models import BundleError, ItemFeatures, TwoTowerBundle, UserQuery
 from services.models.two_tower import PRICE_BANDS
 from training.data import time_split, user_random_split
 from training.evaluate import PopularityScorer, evaluate, metrics_from_ranking, top_k
-from training.features import build_eval_set, build_vocab
+from training.features import build_vocab
 from training.index import IndexConfig, ann_recall, build_index, index_kind
 from training.pipeline import (
     TrainConfig,
+    _eval_sets,
     load_data,
     make_split,
-    query_times,
     train_and_register,
 )
 from training.registry import PromotionRefused, promote
@@ -219,13 +219,13 @@ def test_tiny_train_register_load_by_alias_gives_same_scores(trained, tmp_path: 
     assert remote.config["n_items"] == TINY.n_items
     np.testing.assert_array_equal(local.item_embeddings, remote.item_embeddings)
 
-    # Serving features == training features: encode the validation users from string ids.
+    # Serving features == training features: encode the test users from string ids. The
+    # registered model is the one the test part evaluates (refit on train + validation).
     data = load_data(cfg)
     split = make_split(data, cfg)
     vocab = build_vocab(data, cfg.features)
-    valid = build_eval_set(
-        "valid", split.train, split.valid, vocab, data.target_events, now=query_times(split)[0]
-    )
+    _, valid, _, _ = _eval_sets(cfg, data, split, vocab)
+    assert valid is not None and valid.name == "test"
     ids = vocab.item_ids
     queries = [
         UserQuery(
@@ -243,11 +243,11 @@ def test_tiny_train_register_load_by_alias_gives_same_scores(trained, tmp_path: 
     trained_side = encode_eval_users(remote.net, valid)
     np.testing.assert_allclose(served, trained_side, atol=1e-5)
     np.testing.assert_allclose(served, local.encode_users(queries), atol=1e-6)
-    # Scores from the downloaded bundle reproduce the logged validation metric.
+    # Scores from the downloaded bundle reproduce the logged test metric.
     from training.evaluate import EmbeddingScorer
 
     m = evaluate(EmbeddingScorer(served, remote.item_embeddings), valid, cfg.ks)
-    assert m["recall@20"] == pytest.approx(res.metrics["valid"]["two_tower"]["recall@20"], abs=1e-9)
+    assert m["recall@20"] == pytest.approx(res.metrics["test"]["two_tower"]["recall@20"], abs=1e-9)
     # Item tower from catalog features reproduces the stored embeddings; new ids work.
     items = data.items
     feats = [
@@ -393,3 +393,34 @@ def test_promotion_gate_refuses_a_worse_model(trained) -> None:
     assert other.split_signature != res.split_signature
     with pytest.raises(PromotionRefused, match="not comparable"):
         promote(cfg.model_name, cfg.tracking_uri)
+
+
+@pytest.mark.slow
+def test_test_part_is_read_with_every_model_refit_on_train_plus_validation(trained) -> None:
+    cfg, res = trained
+    from training.baselines import EASE, interactions
+    from training.evaluate import EmbeddingScorer
+
+    report = TwoTowerBundle.load(res.bundle_dir).eval_report
+    assert report["refit"]["train_plus_valid"] is True
+    assert set(report["refit"]["seconds"]) == {"two_tower", "als", "ease"}
+    data = load_data(cfg)
+    split = make_split(data, cfg)
+    vocab = build_vocab(data, cfg.features)
+    valid, test, _, history_test = _eval_sets(cfg, data, split, vocab)
+    assert test is not None
+    lam = report["baselines"]["ease"]["chosen"]["lam"]
+    h = interactions(history_test, vocab, test.users)
+    on_both = evaluate(EASE(lam).fit(interactions(history_test, vocab)).scorer(h), test, cfg.ks)
+    assert res.metrics["test"]["ease"]["recall@20"] == pytest.approx(on_both["recall@20"], abs=1e-9)
+    on_train = evaluate(EASE(lam).fit(interactions(split.train, vocab)).scorer(h), test, cfg.ks)
+    assert on_train["ndcg@100"] != pytest.approx(on_both["ndcg@100"], abs=1e-9)
+    # Validation numbers come from the models fit on train only: the served (refit) model
+    # has seen the validation truth, so it scores higher there.
+    served = TwoTowerBundle.load(res.bundle_dir)
+    leak = evaluate(
+        EmbeddingScorer(encode_eval_users(served.net, valid), served.item_embeddings),
+        valid,
+        cfg.ks,
+    )
+    assert leak["recall@20"] > res.metrics["valid"]["two_tower"]["recall@20"]

@@ -1,0 +1,180 @@
+"""The two-tower's closed-form warm start: a rank-d EASE written into the towers."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+import torch
+
+from training.baselines import ease_matrix
+from training.data import time_split
+from training.features import build_eval_set, build_vocab
+from training.pipeline import TrainConfig, query_times, train_rows
+from training.synthetic import SyntheticConfig, generate
+from training.two_tower import (
+    ItemTable,
+    TwoTowerConfig,
+    WarmStart,
+    apply_warm_start,
+    ease_factors,
+    encode_eval_users,
+    history_matrix,
+    new_net,
+    refit_two_tower,
+    select_two_tower,
+    train_two_tower,
+    warm_start,
+)
+
+TINY = SyntheticConfig(n_users=400, n_items=200, n_categories=12, days=60, seed=5)
+
+
+def _random_binary(users: int, items: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    x = (rng.random((users, items)) < 0.3).astype(np.float64)
+    x[:, 0] = 1.0  # a popular item, so no column is empty
+    return x
+
+
+def test_full_rank_factors_reproduce_ease_scores() -> None:
+    x = _random_binary(40, 12)
+    gram = x.T @ x
+    b = ease_matrix(gram, 3.0)
+    # EASE's defining properties: zero diagonal, B = I - P / diag(P).
+    assert np.allclose(np.diag(b), 0.0)
+    p_inv = np.linalg.inv(gram + 3.0 * np.eye(12))
+    off = ~np.eye(12, dtype=bool)
+    np.testing.assert_allclose(b[off], (-p_inv / np.diag(p_inv)[None, :])[off], rtol=1e-9)
+    p, q = ease_factors(gram, 3.0, dim=12, scale=1.0)
+    np.testing.assert_allclose(x @ p @ q.T, x @ b, atol=1e-4)
+    # A larger dim than the catalog pads with zero columns.
+    p16, q16 = ease_factors(gram, 3.0, dim=16, scale=1.0)
+    assert p16.shape == (12, 16) and np.allclose(p16[:, 12:], 0.0)
+    np.testing.assert_allclose(x @ p16 @ q16.T, x @ b, atol=1e-4)
+
+
+def test_low_rank_factors_are_the_best_projection_of_ease_scores() -> None:
+    x = _random_binary(60, 15, seed=1)
+    gram = x.T @ x
+    b = ease_matrix(gram, 2.0)
+    p, q = ease_factors(gram, 2.0, dim=4, scale=1.0)
+    y = x @ b
+    approx = x @ p @ q.T
+    assert np.linalg.matrix_rank(p @ q.T, tol=1e-6) == 4
+    # Reduced-rank regression: the projection on the top eigenvectors of YᵀY keeps more
+    # of EASE's fitted scores than any other rank-4 projection, e.g. a truncated SVD of B.
+    u, s, vt = np.linalg.svd(b)
+    svd = x @ (u[:, :4] * s[:4]) @ vt[:4]
+    err = np.linalg.norm(y - approx)
+    assert err < np.linalg.norm(y - svd)
+    _, vecs = np.linalg.eigh(y.T @ y)
+    top = vecs[:, -4:]
+    np.testing.assert_allclose(approx, y @ top @ top.T, atol=1e-4)
+    # The scale multiplies the scores, it changes no ranking.
+    p3, q3 = ease_factors(gram, 2.0, dim=4, scale=9.0)
+    np.testing.assert_allclose(x @ p3 @ q3.T, 9.0 * approx, atol=1e-3)
+
+
+def _tiny() -> tuple:
+    data = generate(TINY)
+    split = time_split(data)
+    vocab = build_vocab(data)
+    cfg = replace(TwoTowerConfig(), dim=8, progress=False, ease_lambdas=(20.0,))
+    rows = train_rows(split, vocab, TrainConfig(model=cfg))
+    valid = build_eval_set(
+        "valid", split.train, split.valid, vocab, data.target_events, now=query_times(split)[0]
+    )
+    return vocab, rows, valid, cfg
+
+
+def test_warm_started_towers_rank_as_the_factors_and_new_items_start_at_a_centroid() -> None:
+    vocab, rows, valid, cfg = _tiny()
+    x = history_matrix(rows, vocab.n_items)
+    gram = (x.T @ x).toarray()
+    p, q = ease_factors(gram, 20.0, cfg.dim, cfg.warm_scale)
+    net = new_net(vocab, cfg)
+    apply_warm_start(net, WarmStart(p, q, 20.0, 0.0))
+    items = ItemTable(vocab, np.unique(rows.items))
+    scores = encode_eval_users(net, valid) @ items.all_embeddings(net).T
+    h = valid.history.tocsr()
+    n = np.diff(h.indptr).astype(np.float64)
+    expected = np.asarray(sp.csr_matrix(h) @ p) @ q.T
+    known = np.abs(q).sum(1) > 0
+    assert known.sum() > 0.8 * vocab.n_items
+    np.testing.assert_allclose(
+        (scores * np.sqrt(n)[:, None])[:, known], expected[:, known], rtol=1e-3, atol=1e-3
+    )
+    # A new item (id 0) of category c starts at the mean Q of c's trained items.
+    c = int(np.bincount(vocab.item_category[known]).argmax())
+    members = known & (vocab.item_category == c)
+    t = torch.from_numpy
+    with torch.no_grad():
+        v = net.encode_item(
+            t(np.array([0])), t(np.array([c])), t(np.array([1])), t(np.zeros((1, 8), np.int64))
+        ).numpy()[0]
+    np.testing.assert_allclose(v[:-1], q[members].mean(0), atol=1e-5)
+    assert np.abs(v[:-1]).sum() > 0 and v[-1] == 0.0
+
+
+def test_warm_start_only_where_it_fits() -> None:
+    vocab, rows, valid, cfg = _tiny()
+    assert warm_start(vocab, rows, valid, replace(cfg, init="random")) is None
+    assert warm_start(vocab, rows, valid, replace(cfg, warm_start_max_items=100)) is None
+    with pytest.raises(ValueError, match="init"):
+        warm_start(vocab, rows, valid, replace(cfg, init="svd"))
+
+
+@pytest.mark.slow
+def test_the_warm_start_is_epoch_zero_and_kept_when_training_does_worse() -> None:
+    vocab, rows, valid, cfg = _tiny()
+    ws = warm_start(vocab, rows, valid, replace(cfg, ease_lambdas=(5.0, 20.0)))
+    assert ws is not None and [t["lambda"] for t in ws.tried] == [5.0, 20.0]
+    assert ws.valid_metric == max(t["valid_recall@20"] for t in ws.tried) > 0
+    # A learning rate that wrecks the model: the best epoch stays the warm start.
+    bad = replace(cfg, lr=50.0, epochs=2, patience=5)
+    net, _, hist = train_two_tower(vocab, rows, valid, bad, warm=ws)
+    assert hist.best_epoch == 0 and hist.best_metric == ws.valid_metric
+    assert [e["epoch"] for e in hist.epochs] == [1.0, 2.0]
+    assert max(e["epoch_valid_recall_20"] for e in hist.epochs) < ws.valid_metric
+    known = np.flatnonzero(np.abs(ws.history).sum(1) > 0)
+    np.testing.assert_allclose(
+        net.history.weight[1:].detach().numpy()[known], ws.history[known], atol=1e-6
+    )
+
+
+@pytest.mark.slow
+def test_refit_uses_train_plus_validation_and_the_chosen_epochs() -> None:
+    data = generate(TINY)
+    split = time_split(data)
+    vocab = build_vocab(data)
+    cfg = replace(TwoTowerConfig(), dim=8, epochs=3, progress=False, ease_lambdas=(20.0,))
+    tc = TrainConfig(model=cfg)
+    rows = train_rows(split, vocab, tc)
+    valid = build_eval_set(
+        "valid", split.train, split.valid, vocab, data.target_events, now=query_times(split)[0]
+    )
+    both = pd.concat([split.train, split.valid], ignore_index=True)
+    rows_tv = train_rows(split, vocab, tc, both)
+    only_valid = np.setdiff1d(np.unique(rows_tv.items), np.unique(rows.items))
+    assert len(only_valid) > 0
+    # Chosen at epoch 0 (training wrecked by the learning rate): the refit is the warm
+    # start recomputed on train + validation with the chosen λ, and nothing else.
+    _, _, hist, chosen = select_two_tower(vocab, rows, valid, replace(cfg, lr=50.0))
+    assert hist.best_epoch == 0 and hist.warm_start["lambda"] == 20.0
+    net, items, h = refit_two_tower(vocab, rows_tv, chosen, hist)
+    assert h.epochs == [] and items.known[only_valid].all()
+    x = history_matrix(rows_tv, vocab.n_items)
+    p, _ = ease_factors((x.T @ x).toarray(), 20.0, cfg.dim, cfg.warm_scale)
+    np.testing.assert_allclose(net.history.weight[1:].detach().numpy(), p, atol=1e-6)
+    # Chosen after some epochs: the refit trains exactly that many on train + validation.
+    _, _, hist, chosen = select_two_tower(vocab, rows, valid, replace(cfg, lr=5e-3, epochs=2))
+    net, items, h = refit_two_tower(vocab, rows_tv, chosen, replace(hist, best_epoch=2))
+    assert [e["epoch"] for e in h.epochs] == [1.0, 2.0]
+    assert np.abs(net.history.weight[1 + only_valid].detach().numpy()).sum() > 0
