@@ -464,6 +464,16 @@ async def run_phase(
     return results
 
 
+async def warm_up(
+    gateway: ServiceProc, customers: list[str], args: argparse.Namespace
+) -> dict[str, Any]:
+    """``--memory-only``: 2 s of Recommend calls (every hop and both models used), so the
+    resident memory read next is that of a serving process, not of an idle one."""
+    async with grpc.aio.insecure_channel(gateway.target) as ch:
+        r = await closed_loop(Target(ch, "recommend", customers, args.k), 1, 2.0, 5.0)
+        return {"recommend_warm_up": r}
+
+
 class MultiTarget:
     """Round-robin over targets on different channels."""
 
@@ -611,7 +621,10 @@ def bench_catalog(items: int, args: argparse.Namespace) -> dict[str, Any]:
             load_before = os.getloadavg()
             pids = {name: p.process.pid for name, p in procs.items()}
             ports = {name: p.metrics_port for name, p in procs.items()}
-            results = asyncio.run(run_phase(gateway, pids, ports, customers, args))
+            if args.memory_only:  # resident memory after some real calls, no load runs
+                results = asyncio.run(warm_up(gateway, customers, args))
+            else:
+                results = asyncio.run(run_phase(gateway, pids, ports, customers, args))
             return {
                 "rss_mb": {name: rss_mb(pid) for name, pid in pids.items()},
                 "catalog": data,
@@ -758,6 +771,11 @@ def main() -> None:
     )
     ap.add_argument("--train-epochs", type=int, default=5, help="Two-tower epochs (--train).")
     ap.add_argument("--tag", default="load", help="Result file name (bench/results/TAG.*).")
+    ap.add_argument(
+        "--memory-only",
+        action="store_true",
+        help="Resident memory per service after 200 calls; no load runs (for 1M items).",
+    )
     args = ap.parse_args()
     if args.quick:
         args.items = [10_000]
