@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 import grpc
 from google.protobuf.internal import encoder, wire_format
+from google.protobuf.message import DecodeError, Message
 
 from mercato.v1 import (
     common_pb2,
@@ -41,6 +42,7 @@ from mercato.v1 import (
 )
 from services.common.errors import InvalidArgument, NotFound, ServiceError, Unavailable
 from services.common.logs import request_id_var
+from services.common.wire import WireError, field_payload, field_tag, length_delimited, varint
 from services.gateway.breaker import CircuitBreaker
 from services.gateway.cache import TtlCache
 from services.gateway.downstream import Deadline, Downstream, HopError
@@ -54,17 +56,18 @@ _ITEMS_TAG = encoder.TagBytes(
     ranking_pb2.RankRequest.DESCRIPTOR.fields_by_name["items"].number,
     wire_format.WIRETYPE_LENGTH_DELIMITED,
 )
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        low, n = n & 0x7F, n >> 7
-        if n:
-            out.append(low | 0x80)
-        else:
-            out.append(low)
-            return bytes(out)
+# Number of GetProfileResponse.profile, and the tag of ``profile`` in each request
+# that carries it: the profile travels on as the bytes the profile service sent.
+_PROFILE_IN_RESPONSE = profile_pb2.GetProfileResponse.DESCRIPTOR.fields_by_name["profile"].number
+_PROFILE_TAGS = {
+    m.DESCRIPTOR.full_name: field_tag(m.DESCRIPTOR, "profile")
+    for m in (
+        retrieval_pb2.RetrieveRequest,
+        retrieval_pb2.RetrieveRelatedRequest,
+        ranking_pb2.RankRequest,
+        ranking_pb2.SelectOfferRequest,
+    )
+}
 
 
 _SURFACE_NAMES = {
@@ -98,6 +101,10 @@ class Trace:
     # out later, per rule: what explains a list shorter than k.
     candidates: int = 0
     dropped: dict[str, int] = field(default_factory=dict)
+    # The request's profile and its serialized bytes (as the profile service sent them,
+    # or serialized once on first use), appended to every downstream request.
+    profile: common_pb2.Profile | None = None
+    profile_bytes: bytes = b""
 
     def drop(self, rule: str, n: int = 1) -> None:
         if n:
@@ -177,11 +184,32 @@ class Pipeline:
         self.profile_stub = profile_pb2_grpc.ProfileServiceStub(channels["profile"])
         self.retrieval_stub = retrieval_pb2_grpc.RetrievalServiceStub(channels["retrieval"])
         self.ranking_stub = ranking_pb2_grpc.RankingServiceStub(channels["ranking"])
-        # Rank with a request already serialized (see rank()).
+        # Calls that carry the profile take requests already serialized (see
+        # _with_profile); GetProfile answers bytes, parsed once here.
+        self.get_profile_raw = channels["profile"].unary_unary(
+            "/mercato.v1.ProfileService/GetProfile",
+            request_serializer=profile_pb2.GetProfileRequest.SerializeToString,
+            response_deserializer=None,
+        )
+        self.retrieve_raw = channels["retrieval"].unary_unary(
+            "/mercato.v1.RetrievalService/Retrieve",
+            request_serializer=None,
+            response_deserializer=retrieval_pb2.RetrieveResponse.FromString,
+        )
+        self.retrieve_related_raw = channels["retrieval"].unary_unary(
+            "/mercato.v1.RetrievalService/RetrieveRelated",
+            request_serializer=None,
+            response_deserializer=retrieval_pb2.RetrieveRelatedResponse.FromString,
+        )
         self.rank_raw = channels["ranking"].unary_unary(
             "/mercato.v1.RankingService/Rank",
             request_serializer=None,
             response_deserializer=ranking_pb2.RankResponse.FromString,
+        )
+        self.select_offer_raw = channels["ranking"].unary_unary(
+            "/mercato.v1.RankingService/SelectOffer",
+            request_serializer=None,
+            response_deserializer=ranking_pb2.SelectOfferResponse.FromString,
         )
         self.experiments = experiments
         self.details_cache: TtlCache[str, common_pb2.Item] = TtlCache(
@@ -201,12 +229,22 @@ class Pipeline:
         field = self._item_fields.get(item.item_id)
         if field is None or field[0] is not item:
             data = item.SerializeToString()
-            field = (item, _ITEMS_TAG + _varint(len(data)) + data)
+            field = (item, _ITEMS_TAG + varint(len(data)) + data)
             if self.details_cache.enabled:
                 self._item_fields[item.item_id] = field
                 if len(self._item_fields) > 2 * self.s.details_cache_items:
                     self._item_fields.clear()  # entries of evicted items: start over
         return field[1]
+
+    @staticmethod
+    def _with_profile(request: Message, profile: common_pb2.Profile, trace: Trace) -> bytes:
+        """``request`` (without its profile) serialized, plus the profile field: the
+        profile's bytes are those the profile service sent (or serialized once per
+        request), never copied into each request message and encoded again."""
+        if trace.profile is not profile:
+            trace.profile, trace.profile_bytes = profile, profile.SerializeToString()
+        tag = _PROFILE_TAGS[request.DESCRIPTOR.full_name]
+        return request.SerializeToString() + length_delimited(tag, trace.profile_bytes)
 
     def deadline(self, context: grpc.aio.ServicerContext) -> Deadline:
         remaining = context.time_remaining()
@@ -241,20 +279,24 @@ class Pipeline:
             return common_pb2.Profile(known=False)
         started = time.perf_counter()
         try:
-            resp = await self.profile.call(
+            raw: bytes = await self.profile.call(
                 "profile",
-                self.profile_stub.GetProfile,
+                self.get_profile_raw,
                 profile_pb2.GetProfileRequest(customer_id=customer_id),
                 deadline,
                 self.s.profile_timeout_ms / 1000,
                 self.s.read_retries,
             )
-        except HopError as err:
-            trace.degrade("profile", "anonymous", err.reason)
-            trace.stage("profile", started, 0, True, err.reason)
+            data = field_payload(raw, _PROFILE_IN_RESPONSE) or b""
+            profile = common_pb2.Profile.FromString(data)
+        except (HopError, WireError, DecodeError) as err:
+            reason = err.reason if isinstance(err, HopError) else f"unreadable profile: {err}"
+            trace.degrade("profile", "anonymous", reason)
+            trace.stage("profile", started, 0, True, reason)
             return common_pb2.Profile(customer_id=customer_id, known=False)
-        trace.stage("profile", started, len(resp.profile.recent_items))
-        return resp.profile
+        trace.profile, trace.profile_bytes = profile, data
+        trace.stage("profile", started, len(profile.recent_items))
+        return profile
 
     async def trending(
         self,
@@ -369,8 +411,8 @@ class Pipeline:
         try:
             resp = await self.ranking.call(
                 "offer",
-                self.ranking_stub.SelectOffer,
-                ranking_pb2.SelectOfferRequest(profile=profile, context=context),
+                self.select_offer_raw,
+                self._with_profile(ranking_pb2.SelectOfferRequest(context=context), profile, trace),
                 deadline,
                 self.s.offer_timeout_ms / 1000,
                 0,  # a decision reserves budget: not retried
@@ -409,9 +451,9 @@ class Pipeline:
         if candidates:
             try:
                 head = ranking_pb2.RankRequest(
-                    profile=profile, context=context, candidates=candidates, k=k, model_alias=alias
+                    context=context, candidates=candidates, k=k, model_alias=alias
                 )
-                payload = head.SerializeToString()
+                payload = self._with_profile(head, profile, trace)
                 if self.s.rank_sends_items:
                     # The items field appended as pre-serialized bytes (a repeated field
                     # may come in any number of pieces). Ranking normally reads items from
@@ -619,9 +661,13 @@ class Pipeline:
         try:
             resp = await self.retrieval.call(
                 "retrieval",
-                self.retrieval_stub.Retrieve,
-                retrieval_pb2.RetrieveRequest(
-                    profile=profile, context=ctx, k=want, filters=filters, model_alias=alias
+                self.retrieve_raw,
+                self._with_profile(
+                    retrieval_pb2.RetrieveRequest(
+                        context=ctx, k=want, filters=filters, model_alias=alias
+                    ),
+                    profile,
+                    trace,
                 ),
                 deadline,
                 self.s.retrieval_timeout_ms / 1000,
@@ -680,18 +726,21 @@ class Pipeline:
         try:
             resp = await self.retrieval.call(
                 "retrieval",
-                self.retrieval_stub.RetrieveRelated,
-                retrieval_pb2.RetrieveRelatedRequest(
-                    item_ids=[req.item_id],
-                    kind=kind,
-                    # Headroom for items the catalog now says are out of stock (retrieval
-                    # knows the stock of its last catalog update only).
-                    k=_related_depth(k),
-                    filters=retrieval_pb2.Filters(
-                        exclude_purchased=bool(req.customer_id), in_stock_only=True
+                self.retrieve_related_raw,
+                self._with_profile(
+                    retrieval_pb2.RetrieveRelatedRequest(
+                        item_ids=[req.item_id],
+                        kind=kind,
+                        # Headroom for items the catalog now says are out of stock
+                        # (retrieval knows the stock of its last catalog update only).
+                        k=_related_depth(k),
+                        filters=retrieval_pb2.Filters(
+                            exclude_purchased=bool(req.customer_id), in_stock_only=True
+                        ),
+                        model_alias=aliases.get("retrieval", ""),
                     ),
-                    profile=profile,
-                    model_alias=aliases.get("retrieval", ""),
+                    profile,
+                    trace,
                 ),
                 deadline,
                 self.s.retrieval_timeout_ms / 1000,
@@ -771,16 +820,19 @@ class Pipeline:
             try:
                 resp = await self.retrieval.call(
                     "retrieval",
-                    self.retrieval_stub.RetrieveRelated,
-                    retrieval_pb2.RetrieveRelatedRequest(
-                        item_ids=cart_ids,
-                        kind=common_pb2.RELATION_KIND_COMPLEMENT,
-                        k=max(k, self.s.candidates_k // 2),
-                        filters=retrieval_pb2.Filters(
-                            exclude_in_cart=True, exclude_purchased=True, in_stock_only=True
+                    self.retrieve_related_raw,
+                    self._with_profile(
+                        retrieval_pb2.RetrieveRelatedRequest(
+                            item_ids=cart_ids,
+                            kind=common_pb2.RELATION_KIND_COMPLEMENT,
+                            k=max(k, self.s.candidates_k // 2),
+                            filters=retrieval_pb2.Filters(
+                                exclude_in_cart=True, exclude_purchased=True, in_stock_only=True
+                            ),
+                            model_alias=aliases.get("retrieval", ""),
                         ),
-                        profile=profile,
-                        model_alias=aliases.get("retrieval", ""),
+                        profile,
+                        trace,
                     ),
                     deadline,
                     self.s.retrieval_timeout_ms / 1000,
