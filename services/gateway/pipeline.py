@@ -51,6 +51,13 @@ from services.gateway.exposures import ExposureLog, exposure_event
 from services.gateway.settings import GatewaySettings
 
 MAX_ID_BYTES = 128
+# Upper bounds of the public list fields (docs/api.md, the protos' comments): past them a
+# call gets INVALID_ARGUMENT naming the field, before any downstream work.
+MAX_EXCLUDE_ITEM_IDS = 1000  # RecommendRequest.exclude_item_ids
+MAX_CATEGORIES = 100  # RecommendRequest.categories
+MAX_CATEGORY_BYTES = 256  # each category name
+MAX_CART_ITEM_IDS = 500  # Context.cart_item_ids
+MAX_EVENTS = 1000  # TrackEventsRequest.events
 # Tag of RankRequest.items (field number, wire type 2 = length-delimited).
 _ITEMS_TAG = encoder.TagBytes(
     ranking_pb2.RankRequest.DESCRIPTOR.fields_by_name["items"].number,
@@ -155,11 +162,28 @@ def surface_name(surface: int) -> str:
     return _SURFACE_NAMES.get(surface, "home")  # type: ignore[call-overload]
 
 
-def _check_id(value: str, field_name: str, required: bool = True) -> None:
+def _check_id(
+    value: str, field_name: str, required: bool = True, max_bytes: int = MAX_ID_BYTES
+) -> None:
     if required and not value:
         raise InvalidArgument(f"{field_name} is required")
-    if len(value.encode()) > MAX_ID_BYTES:
-        raise InvalidArgument(f"{field_name} is longer than {MAX_ID_BYTES} bytes")
+    if len(value.encode()) > max_bytes:
+        raise InvalidArgument(f"{field_name} is longer than {max_bytes} bytes")
+
+
+def _check_list(
+    values: Sequence[str], field_name: str, most: int, max_bytes: int = MAX_ID_BYTES
+) -> None:
+    """At most ``most`` non-empty entries of at most ``max_bytes`` bytes each."""
+    if len(values) > most:
+        raise InvalidArgument(f"{field_name} has {len(values)} entries; at most {most} per call")
+    for value in values:
+        _check_id(value, f"{field_name}[]", max_bytes=max_bytes)
+
+
+def _check_context(ctx: common_pb2.Context) -> None:
+    _check_id(ctx.anchor_item_id, "context.anchor_item_id", required=False)
+    _check_list(ctx.cart_item_ids, "context.cart_item_ids", MAX_CART_ITEM_IDS)
 
 
 class Pipeline:
@@ -533,8 +557,9 @@ class Pipeline:
     ) -> gateway_pb2.RecommendResponse:
         _check_id(req.customer_id, "customer_id", required=False)
         k = self._k(req.k)
-        for item_id in req.exclude_item_ids:
-            _check_id(item_id, "exclude_item_ids[]")
+        _check_list(req.exclude_item_ids, "exclude_item_ids", MAX_EXCLUDE_ITEM_IDS)
+        _check_list(req.categories, "categories", MAX_CATEGORIES, MAX_CATEGORY_BYTES)
+        _check_context(req.context)
         ctx = common_pb2.Context()
         ctx.CopyFrom(req.context)
         if not ctx.surface:
@@ -801,6 +826,7 @@ class Pipeline:
     ) -> gateway_pb2.GetCartRecommendationsResponse:
         _check_id(req.customer_id, "customer_id")
         k = self._k(req.k)
+        _check_context(req.context)
         ctx = common_pb2.Context()
         ctx.CopyFrom(req.context)
         if not ctx.surface:
@@ -920,6 +946,10 @@ class Pipeline:
     ) -> gateway_pb2.TrackEventsResponse:
         if not req.events:
             raise InvalidArgument("events must not be empty")
+        if len(req.events) > MAX_EVENTS:
+            raise InvalidArgument(
+                f"events has {len(req.events)} entries; at most {MAX_EVENTS} per call"
+            )
         deadline = Deadline(context.time_remaining() or self.s.track_timeout_ms / 1000, 0.0)
         try:
             resp = await self.profile.call(

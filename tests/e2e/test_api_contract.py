@@ -158,6 +158,74 @@ def test_unparseable_request_is_invalid_argument(
     assert len(resp.items) == 2
 
 
+def test_list_fields_past_their_bounds_are_invalid_argument(
+    channel: grpc.Channel, gw: Stub, md: tuple[tuple[str, str], ...]
+) -> None:
+    """gateway.proto RecommendRequest.categories / exclude_item_ids,
+    TrackEventsRequest.events, common.proto Context.cart_item_ids: a list at its bound is
+    served; one entry more, or an entry too long or empty, is INVALID_ARGUMENT naming
+    the field and the bound, sent as raw bytes (what any client may put on the wire);
+    the gateway keeps answering."""
+    ids = [f"no-such-item-{i}" for i in range(1001)]
+    cats = [f"category-{i}" for i in range(101)]
+    at_bound = [
+        gateway_pb2.RecommendRequest(k=3, exclude_item_ids=ids[:1000]),
+        gateway_pb2.RecommendRequest(k=3, categories=cats[:100]),
+        gateway_pb2.RecommendRequest(k=3, context=common_pb2.Context(cart_item_ids=ids[:500])),
+    ]
+    for req in at_bound:
+        gw.Recommend(req, metadata=md, timeout=10)  # no error
+    raw = channel.unary_unary(
+        "/mercato.v1.GatewayService/Recommend",
+        request_serializer=None,
+        response_deserializer=gateway_pb2.RecommendResponse.FromString,
+    )
+    past = {
+        "exclude_item_ids has 1001 entries; at most 1000": gateway_pb2.RecommendRequest(
+            k=3, exclude_item_ids=ids
+        ),
+        "categories has 101 entries; at most 100": gateway_pb2.RecommendRequest(
+            k=3, categories=cats
+        ),
+        "categories[] is longer than 256 bytes": gateway_pb2.RecommendRequest(
+            k=3, categories=["x" * 257]
+        ),
+        "exclude_item_ids[] is required": gateway_pb2.RecommendRequest(
+            k=3, exclude_item_ids=["ok", ""]
+        ),
+        "context.cart_item_ids has 501 entries; at most 500": gateway_pb2.RecommendRequest(
+            k=3, context=common_pb2.Context(cart_item_ids=ids[:501])
+        ),
+        "context.cart_item_ids[] is longer than 128 bytes": gateway_pb2.RecommendRequest(
+            k=3, context=common_pb2.Context(cart_item_ids=["y" * 129])
+        ),
+    }
+    for want, req in past.items():
+        with pytest.raises(grpc.RpcError) as err:
+            raw(req.SerializeToString(), metadata=md, timeout=10)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (want, err.value.details())
+        assert want in err.value.details()
+    with pytest.raises(grpc.RpcError) as err:
+        gw.GetCartRecommendations(
+            gateway_pb2.GetCartRecommendationsRequest(
+                customer_id="c", context=common_pb2.Context(cart_item_ids=ids[:501])
+            ),
+            metadata=md,
+            timeout=10,
+        )
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "at most 500" in err.value.details()
+    events = [
+        common_pb2.Event(event_id=f"bound-{i}", customer_id="c", type=common_pb2.EVENT_TYPE_VIEW)
+        for i in range(1001)
+    ]
+    with pytest.raises(grpc.RpcError) as err:
+        gw.TrackEvents(gateway_pb2.TrackEventsRequest(events=events), metadata=md, timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "events has 1001 entries; at most 1000" in err.value.details()
+    assert len(gw.Recommend(gateway_pb2.RecommendRequest(k=2), metadata=md, timeout=10).items) == 2
+
+
 # -- fallbacks are named ---------------------------------------------------------------
 
 
