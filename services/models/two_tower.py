@@ -47,6 +47,7 @@ import faiss
 import numpy as np
 
 from mercato.features import PRICE_BANDS
+from services.models.arrays import load_npy, load_npz, release
 from services.models.manifest import verify_manifest, write_manifest
 
 if TYPE_CHECKING:  # torch is imported only when training code asks for the network
@@ -237,6 +238,13 @@ class TwoTowerBundle:
         self._row = {iid: i for i, iid in enumerate(item_ids)}
         self._lookup = {k: {v: i for i, v in enumerate(vals)} for k, vals in vocab.items()}
         self.check()
+        self.release()
+
+    def release(self) -> None:
+        """Drop the pages of memory-mapped tables from the resident set (after checks
+        or index builds that read them all); no-op for tables in private memory."""
+        for arr in (self.item_embeddings, *self._w.values()):
+            release(arr)
 
     # -- consistency
     def check(self) -> None:
@@ -487,12 +495,19 @@ class TwoTowerBundle:
 
     @classmethod
     def load(
-        cls, path: str | Path, verify_checksums: bool = True, index_io_flags: int = 0
+        cls,
+        path: str | Path,
+        verify_checksums: bool = True,
+        index_io_flags: int = 0,
+        mmap: bool = False,
     ) -> TwoTowerBundle:
         """Load a bundle directory; BundleError says what is missing or wrong.
 
         ``index_io_flags`` go to ``faiss.read_index`` (for example
         ``faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY`` to memory-map the index).
+        With ``mmap`` the item embeddings and the towers' tables are memory-mapped
+        read-only (checked at load, then released from the resident set: a request reads
+        the rows it needs).
         """
         d = Path(path)
         listed = verify_manifest(d, REQUIRED_FILES, BundleError, verify_checksums)["files"]
@@ -501,15 +516,14 @@ class TwoTowerBundle:
             vocab = json.loads((d / "vocab.json").read_text())
             items = json.loads((d / "items.json").read_text())
             price = np.load(d / "item_price.npy", allow_pickle=False)
-            emb = np.load(d / "item_embeddings.npy", allow_pickle=False)
+            emb = load_npy(d / "item_embeddings.npy", mmap)
             popularity = [
                 (str(i), float(s)) for i, s in json.loads((d / "popularity.json").read_text())
             ]
             report = (
                 json.loads((d / "eval.json").read_text()) if (d / "eval.json").is_file() else {}
             )
-            with np.load(d / "towers.npz", allow_pickle=False) as npz:
-                weights = {k: npz[k] for k in npz.files}
+            weights = load_npz(d / "towers.npz", mmap)
             index = faiss.read_index(str(d / "index.faiss"), index_io_flags)
         except BundleError:
             raise

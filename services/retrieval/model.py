@@ -456,7 +456,7 @@ def validate(model: RetrievalModel) -> None:
 def load_retrieval_model(path: Path, info: ModelVersionInfo, cfg: IndexConfig) -> RetrievalModel:
     """Load, index and validate one downloaded version (the watcher's ``load``)."""
     try:
-        bundle = TwoTowerBundle.load(path, index_io_flags=_io_flags(cfg))
+        bundle = TwoTowerBundle.load(path, index_io_flags=_io_flags(cfg), mmap=cfg.mmap)
     except BundleError as e:
         raise ModelRejected(str(e)) from e
     index, choice = serving_index(bundle, Path(path), cfg)
@@ -464,6 +464,7 @@ def load_retrieval_model(path: Path, info: ModelVersionInfo, cfg: IndexConfig) -
     model.index_choice = choice
     model.complements_of("")  # read a lazily loaded complements file now, not in a call
     validate(model)
+    bundle.release()  # the index choice read every embedding: pages back to the cache
     return model
 
 
