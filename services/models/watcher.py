@@ -34,6 +34,7 @@ from typing import Any, Generic, TypeVar
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from services.common.memory import trim
 from services.models.registry import (
     ModelVersionInfo,
     download_bundle,
@@ -297,6 +298,7 @@ class ModelWatcher(Generic[T]):
         loaded = await self._download_and_load(alias, info)
         if loaded is not None:
             self._publish(alias, loaded, current)
+        trim()  # what loading (or a refused version) allocated and freed
 
     async def _download_and_load(self, alias: str, info: ModelVersionInfo) -> LoadedModel[T] | None:
         t0 = time.perf_counter()
