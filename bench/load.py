@@ -579,7 +579,13 @@ def train_models(tmp: Path, items: int, args: argparse.Namespace) -> dict[str, A
     started = time.perf_counter()
     cfg = TrainConfig(
         synthetic=SyntheticConfig(n_users=args.users, n_items=items, days=30, seed=args.seed),
-        model=replace(TwoTowerConfig(), epochs=args.train_epochs, progress=False),
+        model=replace(
+            TwoTowerConfig(),
+            epochs=args.train_epochs,
+            progress=False,
+            # the full softmax is refused above its item limit (300k): sampled there
+            loss="full" if items <= TwoTowerConfig().full_softmax_max_items else "sampled",
+        ),
         baselines=BaselineConfig(models=()),  # EASE is items x items: not at this size
         index=IndexConfig(recall_queries=200),
         max_eval_users=500,
