@@ -818,7 +818,11 @@ def main() -> None:
         args.extra_rates = [100.0]
         args.concurrency = 16
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    runs = [bench_catalog(n, args) for n in args.items]
+    try:
+        runs = [bench_catalog(n, args) for n in args.items]
+    finally:  # an MLflow server started for a run that failed early (in training)
+        while args._servers:
+            args._servers.pop().stop()
     report = {
         "command": "python bench/load.py " + " ".join(sys.argv[1:]),
         "machine": (
