@@ -368,10 +368,13 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def rss_mb(pid: int) -> float:
-    """Resident memory of a process now (VmRSS, MB)."""
+def rss_mb(pid: int, field: str = "VmRSS") -> float:
+    """Resident memory of a process now (MB): ``VmRSS`` (all), ``RssAnon`` (private:
+    heap, Python objects, tables read into memory) or ``RssFile`` (pages of mapped
+    files in use: libraries, memory-mapped indexes and tables, shared with other
+    processes through the page cache and reclaimable)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(f"{field}:"):
             return round(int(line.split()[1]) / 1024, 1)
     return 0.0
 
@@ -439,7 +442,9 @@ async def run_phase(
         for kind in ("echo", "recommend"):
             targets = [Target(ch, kind, customers, args.k) for ch in channels]
             # warm-up
-            await asyncio.gather(*(t.call(5.0) for t in targets for _ in range(20)))
+            # (16 in flight at most: below the gateway's MAX_IN_FLIGHT, which sheds)
+            for t in targets:
+                await asyncio.gather(*(t.call(5.0) for _ in range(16)))
             per = []
             for _ in range(args.repeats):
                 per.append(await measure(kind, "closed", 0, targets, gateway, pids, ports, args))
@@ -462,6 +467,16 @@ async def run_phase(
         for ch in channels:
             await ch.close()
     return results
+
+
+async def warm_up(
+    gateway: ServiceProc, customers: list[str], args: argparse.Namespace
+) -> dict[str, Any]:
+    """``--memory-only``: 2 s of Recommend calls (every hop and both models used), so the
+    resident memory read next is that of a serving process, not of an idle one."""
+    async with grpc.aio.insecure_channel(gateway.target) as ch:
+        r = await closed_loop(Target(ch, "recommend", customers, args.k), 1, 2.0, 5.0)
+        return {"recommend_warm_up": r}
 
 
 class MultiTarget:
@@ -554,11 +569,23 @@ def train_models(tmp: Path, items: int, args: argparse.Namespace) -> dict[str, A
     from training.two_tower import TwoTowerConfig
 
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    if args.mlflow_server:  # production's topology: training and serving reach a server
+        from tests.mlflow_server import MlflowServer
+
+        server = MlflowServer(tmp / "mlflow-server").start()
+        args._servers.append(server)
+        uri = server.url
     os.environ["MERCATO_MLFLOW_TRACKING_URI"] = uri  # the services inherit it
     started = time.perf_counter()
     cfg = TrainConfig(
         synthetic=SyntheticConfig(n_users=args.users, n_items=items, days=30, seed=args.seed),
-        model=replace(TwoTowerConfig(), epochs=args.train_epochs, progress=False),
+        model=replace(
+            TwoTowerConfig(),
+            epochs=args.train_epochs,
+            progress=False,
+            # the full softmax is refused above its item limit (300k): sampled there
+            loss="full" if items <= TwoTowerConfig().full_softmax_max_items else "sampled",
+        ),
         baselines=BaselineConfig(models=()),  # EASE is items x items: not at this size
         index=IndexConfig(recall_queries=200),
         max_eval_users=500,
@@ -580,6 +607,7 @@ def train_models(tmp: Path, items: int, args: argparse.Namespace) -> dict[str, A
         "two_tower_valid_recall_20": round(tt.metric("valid", "two_tower", "recall@20"), 4),
         "popularity_valid_recall_20": round(tt.metric("valid", "popularity", "recall@20"), 4),
         "ranker_version": rk.version,
+        "registry": "mlflow server over HTTP" if uri.startswith("http") else "SQLite store",
         "train_seconds": round(time.perf_counter() - started, 1),
         "two_tower_train_seconds": round(tt_s, 1),
     }
@@ -611,9 +639,14 @@ def bench_catalog(items: int, args: argparse.Namespace) -> dict[str, Any]:
             load_before = os.getloadavg()
             pids = {name: p.process.pid for name, p in procs.items()}
             ports = {name: p.metrics_port for name, p in procs.items()}
-            results = asyncio.run(run_phase(gateway, pids, ports, customers, args))
+            if args.memory_only:  # resident memory after some real calls, no load runs
+                results = asyncio.run(warm_up(gateway, customers, args))
+            else:
+                results = asyncio.run(run_phase(gateway, pids, ports, customers, args))
             return {
                 "rss_mb": {name: rss_mb(pid) for name, pid in pids.items()},
+                "rss_anon_mb": {name: rss_mb(pid, "RssAnon") for name, pid in pids.items()},
+                "rss_file_mb": {name: rss_mb(pid, "RssFile") for name, pid in pids.items()},
                 "catalog": data,
                 "models": trained or "none registered (retrieval and ranker absent)",
                 "model_services": status,
@@ -624,6 +657,8 @@ def bench_catalog(items: int, args: argparse.Namespace) -> dict[str, Any]:
             for name in ("gateway", "ranking", "retrieval", "profile"):
                 if name in procs:
                     procs[name].terminate()
+            while args._servers:
+                args._servers.pop().stop()
 
 
 def _errors(r: dict[str, Any]) -> str:
@@ -660,7 +695,9 @@ def markdown(report: dict[str, Any]) -> str:
             f"Machine load average (1 min) before/after the runs: "
             f"{run.get('loadavg_1m_before_after')} (the machine is shared)",
             "",
-            f"Resident memory after the runs (MB): {run.get('rss_mb')}",
+            f"Resident memory after the runs (MB): {run.get('rss_mb')}; of which private "
+            f"(RssAnon) {run.get('rss_anon_mb')}, mapped files (RssFile) "
+            f"{run.get('rss_file_mb')}",
             "",
             "| call | mode | load | throughput/s | p50 ms | p95 ms | p99 ms | errors | degraded |",
             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
@@ -758,7 +795,20 @@ def main() -> None:
     )
     ap.add_argument("--train-epochs", type=int, default=5, help="Two-tower epochs (--train).")
     ap.add_argument("--tag", default="load", help="Result file name (bench/results/TAG.*).")
+    ap.add_argument(
+        "--mlflow-server",
+        action="store_true",
+        help="With --train: register the models on a real `mlflow server` (PostgreSQL, "
+        "proxied artifacts) that the services follow over HTTP, as in production; "
+        "default: a SQLite store the services open with the mlflow client.",
+    )
+    ap.add_argument(
+        "--memory-only",
+        action="store_true",
+        help="Resident memory per service after 200 calls; no load runs (for 1M items).",
+    )
     args = ap.parse_args()
+    args._servers = []
     if args.quick:
         args.items = [10_000]
         args.users = 300
@@ -768,14 +818,18 @@ def main() -> None:
         args.extra_rates = [100.0]
         args.concurrency = 16
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    runs = [bench_catalog(n, args) for n in args.items]
+    try:
+        runs = [bench_catalog(n, args) for n in args.items]
+    finally:  # an MLflow server started for a run that failed early (in training)
+        while args._servers:
+            args._servers.pop().stop()
     report = {
         "command": "python bench/load.py " + " ".join(sys.argv[1:]),
         "machine": (
             f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
         ),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "args": {k: v for k, v in vars(args).items()},
+        "args": {k: v for k, v in vars(args).items() if not k.startswith("_")},
         "runs": runs,
         "notes": [],
     }

@@ -814,7 +814,9 @@ class Context(_message.Message):
     """Country of the request, where known."""
     @_builtins.property
     def cart_item_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Items currently in the cart, when the caller knows better than the stored cart."""
+        """Items currently in the cart, when the caller knows better than the stored cart. At
+        most 500 ids of 1 to 128 bytes at the gateway; more is rejected with INVALID_ARGUMENT.
+        """
 
     @_builtins.property
     def timestamp(self) -> _timestamp_pb2.Timestamp:

@@ -144,11 +144,15 @@ class RecommendRequest(_message.Message):
 
     @_builtins.property
     def categories(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Only items of these categories (empty = all)."""
+        """Only items of these categories (empty = all). At most 100 names of 1 to 256 bytes;
+        more, or an empty or longer name, is rejected with INVALID_ARGUMENT.
+        """
 
     @_builtins.property
     def exclude_item_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Leave out these items."""
+        """Leave out these items. At most 1000 ids of 1 to 128 bytes; more, or an empty or
+        longer id, is rejected with INVALID_ARGUMENT.
+        """
 
     def __init__(
         self,
@@ -480,7 +484,7 @@ class TrackEventsRequest(_message.Message):
     """Accept the valid events and report the invalid ones instead of rejecting the batch."""
     @_builtins.property
     def events(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Event]:
-        """The events, 1 to 1000."""
+        """The events, 1 to 1000; none or more than 1000 is rejected with INVALID_ARGUMENT."""
 
     def __init__(
         self,

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 import grpc
 from google.protobuf.internal import encoder, wire_format
+from google.protobuf.message import DecodeError, Message
 
 from mercato.v1 import (
     common_pb2,
@@ -41,6 +42,7 @@ from mercato.v1 import (
 )
 from services.common.errors import InvalidArgument, NotFound, ServiceError, Unavailable
 from services.common.logs import request_id_var
+from services.common.wire import WireError, field_payload, field_tag, length_delimited, varint
 from services.gateway.breaker import CircuitBreaker
 from services.gateway.cache import TtlCache
 from services.gateway.downstream import Deadline, Downstream, HopError
@@ -49,22 +51,30 @@ from services.gateway.exposures import ExposureLog, exposure_event
 from services.gateway.settings import GatewaySettings
 
 MAX_ID_BYTES = 128
+# Upper bounds of the public list fields (docs/api.md, the protos' comments): past them a
+# call gets INVALID_ARGUMENT naming the field, before any downstream work.
+MAX_EXCLUDE_ITEM_IDS = 1000  # RecommendRequest.exclude_item_ids
+MAX_CATEGORIES = 100  # RecommendRequest.categories
+MAX_CATEGORY_BYTES = 256  # each category name
+MAX_CART_ITEM_IDS = 500  # Context.cart_item_ids
+MAX_EVENTS = 1000  # TrackEventsRequest.events
 # Tag of RankRequest.items (field number, wire type 2 = length-delimited).
 _ITEMS_TAG = encoder.TagBytes(
     ranking_pb2.RankRequest.DESCRIPTOR.fields_by_name["items"].number,
     wire_format.WIRETYPE_LENGTH_DELIMITED,
 )
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        low, n = n & 0x7F, n >> 7
-        if n:
-            out.append(low | 0x80)
-        else:
-            out.append(low)
-            return bytes(out)
+# Number of GetProfileResponse.profile, and the tag of ``profile`` in each request
+# that carries it: the profile travels on as the bytes the profile service sent.
+_PROFILE_IN_RESPONSE = profile_pb2.GetProfileResponse.DESCRIPTOR.fields_by_name["profile"].number
+_PROFILE_TAGS = {
+    m.DESCRIPTOR.full_name: field_tag(m.DESCRIPTOR, "profile")
+    for m in (
+        retrieval_pb2.RetrieveRequest,
+        retrieval_pb2.RetrieveRelatedRequest,
+        ranking_pb2.RankRequest,
+        ranking_pb2.SelectOfferRequest,
+    )
+}
 
 
 _SURFACE_NAMES = {
@@ -98,6 +108,10 @@ class Trace:
     # out later, per rule: what explains a list shorter than k.
     candidates: int = 0
     dropped: dict[str, int] = field(default_factory=dict)
+    # The request's profile and its serialized bytes (as the profile service sent them,
+    # or serialized once on first use), appended to every downstream request.
+    profile: common_pb2.Profile | None = None
+    profile_bytes: bytes = b""
 
     def drop(self, rule: str, n: int = 1) -> None:
         if n:
@@ -148,11 +162,28 @@ def surface_name(surface: int) -> str:
     return _SURFACE_NAMES.get(surface, "home")  # type: ignore[call-overload]
 
 
-def _check_id(value: str, field_name: str, required: bool = True) -> None:
+def _check_id(
+    value: str, field_name: str, required: bool = True, max_bytes: int = MAX_ID_BYTES
+) -> None:
     if required and not value:
         raise InvalidArgument(f"{field_name} is required")
-    if len(value.encode()) > MAX_ID_BYTES:
-        raise InvalidArgument(f"{field_name} is longer than {MAX_ID_BYTES} bytes")
+    if len(value.encode()) > max_bytes:
+        raise InvalidArgument(f"{field_name} is longer than {max_bytes} bytes")
+
+
+def _check_list(
+    values: Sequence[str], field_name: str, most: int, max_bytes: int = MAX_ID_BYTES
+) -> None:
+    """At most ``most`` non-empty entries of at most ``max_bytes`` bytes each."""
+    if len(values) > most:
+        raise InvalidArgument(f"{field_name} has {len(values)} entries; at most {most} per call")
+    for value in values:
+        _check_id(value, f"{field_name}[]", max_bytes=max_bytes)
+
+
+def _check_context(ctx: common_pb2.Context) -> None:
+    _check_id(ctx.anchor_item_id, "context.anchor_item_id", required=False)
+    _check_list(ctx.cart_item_ids, "context.cart_item_ids", MAX_CART_ITEM_IDS)
 
 
 class Pipeline:
@@ -177,11 +208,32 @@ class Pipeline:
         self.profile_stub = profile_pb2_grpc.ProfileServiceStub(channels["profile"])
         self.retrieval_stub = retrieval_pb2_grpc.RetrievalServiceStub(channels["retrieval"])
         self.ranking_stub = ranking_pb2_grpc.RankingServiceStub(channels["ranking"])
-        # Rank with a request already serialized (see rank()).
+        # Calls that carry the profile take requests already serialized (see
+        # _with_profile); GetProfile answers bytes, parsed once here.
+        self.get_profile_raw = channels["profile"].unary_unary(
+            "/mercato.v1.ProfileService/GetProfile",
+            request_serializer=profile_pb2.GetProfileRequest.SerializeToString,
+            response_deserializer=None,
+        )
+        self.retrieve_raw = channels["retrieval"].unary_unary(
+            "/mercato.v1.RetrievalService/Retrieve",
+            request_serializer=None,
+            response_deserializer=retrieval_pb2.RetrieveResponse.FromString,
+        )
+        self.retrieve_related_raw = channels["retrieval"].unary_unary(
+            "/mercato.v1.RetrievalService/RetrieveRelated",
+            request_serializer=None,
+            response_deserializer=retrieval_pb2.RetrieveRelatedResponse.FromString,
+        )
         self.rank_raw = channels["ranking"].unary_unary(
             "/mercato.v1.RankingService/Rank",
             request_serializer=None,
             response_deserializer=ranking_pb2.RankResponse.FromString,
+        )
+        self.select_offer_raw = channels["ranking"].unary_unary(
+            "/mercato.v1.RankingService/SelectOffer",
+            request_serializer=None,
+            response_deserializer=ranking_pb2.SelectOfferResponse.FromString,
         )
         self.experiments = experiments
         self.details_cache: TtlCache[str, common_pb2.Item] = TtlCache(
@@ -201,12 +253,22 @@ class Pipeline:
         field = self._item_fields.get(item.item_id)
         if field is None or field[0] is not item:
             data = item.SerializeToString()
-            field = (item, _ITEMS_TAG + _varint(len(data)) + data)
+            field = (item, _ITEMS_TAG + varint(len(data)) + data)
             if self.details_cache.enabled:
                 self._item_fields[item.item_id] = field
                 if len(self._item_fields) > 2 * self.s.details_cache_items:
                     self._item_fields.clear()  # entries of evicted items: start over
         return field[1]
+
+    @staticmethod
+    def _with_profile(request: Message, profile: common_pb2.Profile, trace: Trace) -> bytes:
+        """``request`` (without its profile) serialized, plus the profile field: the
+        profile's bytes are those the profile service sent (or serialized once per
+        request), never copied into each request message and encoded again."""
+        if trace.profile is not profile:
+            trace.profile, trace.profile_bytes = profile, profile.SerializeToString()
+        tag = _PROFILE_TAGS[request.DESCRIPTOR.full_name]
+        return request.SerializeToString() + length_delimited(tag, trace.profile_bytes)
 
     def deadline(self, context: grpc.aio.ServicerContext) -> Deadline:
         remaining = context.time_remaining()
@@ -241,20 +303,24 @@ class Pipeline:
             return common_pb2.Profile(known=False)
         started = time.perf_counter()
         try:
-            resp = await self.profile.call(
+            raw: bytes = await self.profile.call(
                 "profile",
-                self.profile_stub.GetProfile,
+                self.get_profile_raw,
                 profile_pb2.GetProfileRequest(customer_id=customer_id),
                 deadline,
                 self.s.profile_timeout_ms / 1000,
                 self.s.read_retries,
             )
-        except HopError as err:
-            trace.degrade("profile", "anonymous", err.reason)
-            trace.stage("profile", started, 0, True, err.reason)
+            data = field_payload(raw, _PROFILE_IN_RESPONSE) or b""
+            profile = common_pb2.Profile.FromString(data)
+        except (HopError, WireError, DecodeError) as err:
+            reason = err.reason if isinstance(err, HopError) else f"unreadable profile: {err}"
+            trace.degrade("profile", "anonymous", reason)
+            trace.stage("profile", started, 0, True, reason)
             return common_pb2.Profile(customer_id=customer_id, known=False)
-        trace.stage("profile", started, len(resp.profile.recent_items))
-        return resp.profile
+        trace.profile, trace.profile_bytes = profile, data
+        trace.stage("profile", started, len(profile.recent_items))
+        return profile
 
     async def trending(
         self,
@@ -369,8 +435,8 @@ class Pipeline:
         try:
             resp = await self.ranking.call(
                 "offer",
-                self.ranking_stub.SelectOffer,
-                ranking_pb2.SelectOfferRequest(profile=profile, context=context),
+                self.select_offer_raw,
+                self._with_profile(ranking_pb2.SelectOfferRequest(context=context), profile, trace),
                 deadline,
                 self.s.offer_timeout_ms / 1000,
                 0,  # a decision reserves budget: not retried
@@ -409,9 +475,9 @@ class Pipeline:
         if candidates:
             try:
                 head = ranking_pb2.RankRequest(
-                    profile=profile, context=context, candidates=candidates, k=k, model_alias=alias
+                    context=context, candidates=candidates, k=k, model_alias=alias
                 )
-                payload = head.SerializeToString()
+                payload = self._with_profile(head, profile, trace)
                 if self.s.rank_sends_items:
                     # The items field appended as pre-serialized bytes (a repeated field
                     # may come in any number of pieces). Ranking normally reads items from
@@ -491,8 +557,9 @@ class Pipeline:
     ) -> gateway_pb2.RecommendResponse:
         _check_id(req.customer_id, "customer_id", required=False)
         k = self._k(req.k)
-        for item_id in req.exclude_item_ids:
-            _check_id(item_id, "exclude_item_ids[]")
+        _check_list(req.exclude_item_ids, "exclude_item_ids", MAX_EXCLUDE_ITEM_IDS)
+        _check_list(req.categories, "categories", MAX_CATEGORIES, MAX_CATEGORY_BYTES)
+        _check_context(req.context)
         ctx = common_pb2.Context()
         ctx.CopyFrom(req.context)
         if not ctx.surface:
@@ -619,9 +686,13 @@ class Pipeline:
         try:
             resp = await self.retrieval.call(
                 "retrieval",
-                self.retrieval_stub.Retrieve,
-                retrieval_pb2.RetrieveRequest(
-                    profile=profile, context=ctx, k=want, filters=filters, model_alias=alias
+                self.retrieve_raw,
+                self._with_profile(
+                    retrieval_pb2.RetrieveRequest(
+                        context=ctx, k=want, filters=filters, model_alias=alias
+                    ),
+                    profile,
+                    trace,
                 ),
                 deadline,
                 self.s.retrieval_timeout_ms / 1000,
@@ -680,18 +751,21 @@ class Pipeline:
         try:
             resp = await self.retrieval.call(
                 "retrieval",
-                self.retrieval_stub.RetrieveRelated,
-                retrieval_pb2.RetrieveRelatedRequest(
-                    item_ids=[req.item_id],
-                    kind=kind,
-                    # Headroom for items the catalog now says are out of stock (retrieval
-                    # knows the stock of its last catalog update only).
-                    k=_related_depth(k),
-                    filters=retrieval_pb2.Filters(
-                        exclude_purchased=bool(req.customer_id), in_stock_only=True
+                self.retrieve_related_raw,
+                self._with_profile(
+                    retrieval_pb2.RetrieveRelatedRequest(
+                        item_ids=[req.item_id],
+                        kind=kind,
+                        # Headroom for items the catalog now says are out of stock
+                        # (retrieval knows the stock of its last catalog update only).
+                        k=_related_depth(k),
+                        filters=retrieval_pb2.Filters(
+                            exclude_purchased=bool(req.customer_id), in_stock_only=True
+                        ),
+                        model_alias=aliases.get("retrieval", ""),
                     ),
-                    profile=profile,
-                    model_alias=aliases.get("retrieval", ""),
+                    profile,
+                    trace,
                 ),
                 deadline,
                 self.s.retrieval_timeout_ms / 1000,
@@ -752,6 +826,7 @@ class Pipeline:
     ) -> gateway_pb2.GetCartRecommendationsResponse:
         _check_id(req.customer_id, "customer_id")
         k = self._k(req.k)
+        _check_context(req.context)
         ctx = common_pb2.Context()
         ctx.CopyFrom(req.context)
         if not ctx.surface:
@@ -771,16 +846,19 @@ class Pipeline:
             try:
                 resp = await self.retrieval.call(
                     "retrieval",
-                    self.retrieval_stub.RetrieveRelated,
-                    retrieval_pb2.RetrieveRelatedRequest(
-                        item_ids=cart_ids,
-                        kind=common_pb2.RELATION_KIND_COMPLEMENT,
-                        k=max(k, self.s.candidates_k // 2),
-                        filters=retrieval_pb2.Filters(
-                            exclude_in_cart=True, exclude_purchased=True, in_stock_only=True
+                    self.retrieve_related_raw,
+                    self._with_profile(
+                        retrieval_pb2.RetrieveRelatedRequest(
+                            item_ids=cart_ids,
+                            kind=common_pb2.RELATION_KIND_COMPLEMENT,
+                            k=max(k, self.s.candidates_k // 2),
+                            filters=retrieval_pb2.Filters(
+                                exclude_in_cart=True, exclude_purchased=True, in_stock_only=True
+                            ),
+                            model_alias=aliases.get("retrieval", ""),
                         ),
-                        profile=profile,
-                        model_alias=aliases.get("retrieval", ""),
+                        profile,
+                        trace,
                     ),
                     deadline,
                     self.s.retrieval_timeout_ms / 1000,
@@ -868,6 +946,10 @@ class Pipeline:
     ) -> gateway_pb2.TrackEventsResponse:
         if not req.events:
             raise InvalidArgument("events must not be empty")
+        if len(req.events) > MAX_EVENTS:
+            raise InvalidArgument(
+                f"events has {len(req.events)} entries; at most {MAX_EVENTS} per call"
+            )
         deadline = Deadline(context.time_remaining() or self.s.track_timeout_ms / 1000, 0.0)
         try:
             resp = await self.profile.call(

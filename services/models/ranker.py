@@ -1,7 +1,9 @@
 """Serving side of the trained ranker (``mercato-ranker``): features, network, bundle.
 
-The ranking service imports this module; it depends on numpy, torch and the standard
-library only (never on ``training``). Training builds its feature matrices with
+The ranking service imports this module; it depends on numpy and the standard library
+only: never on torch (the network's weights are served as arrays by :class:`NumpyRanker`;
+:class:`RankerNet` lives in :mod:`services.models.ranker_net` and is imported from here
+on first use, by training) nor on ``training``. Training builds its feature matrices with
 :func:`build_features` from here, so training and serving share one definition of
 every feature.
 
@@ -20,7 +22,8 @@ margin rate where known; the surface (one-hot).
 A bundle is a directory::
 
     config.json         format_version, model_type, feature names, hidden sizes, ...
-    ranker.pt           state dict of :class:`RankerNet` (wide & deep; weights_only=True)
+    ranker.npz          state dict of :class:`RankerNet` (wide & deep) as NumPy arrays
+                        (``np.savez``, read without pickle)
     normalization.json  per-feature mean and std (features are standardised before the MLP)
     items.json          item_ids with category, price, popularity, trend (training cutoff),
                         and the category transition table
@@ -29,24 +32,27 @@ A bundle is a directory::
     manifest.json       sha256 and size of every file above
 
 Loading validates: every file matches the manifest, config / normalisation / state dict
-agree on the feature count, and the network reproduces ``smoke.json``'s scores (finite,
-within 1e-4) before a version may serve.
+agree on the feature count, and the NumPy forward pass reproduces ``smoke.json``'s scores
+(computed by the torch network in training; finite, within 1e-4) before a version may
+serve. That is the check against torch a pod makes without importing torch; the tests
+compare the two forward passes directly.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
-import torch
-from torch import nn
 
 from services.models.manifest import verify_manifest, write_manifest
+
+if TYPE_CHECKING:  # torch is imported only when training code asks for the network
+    from services.models.ranker_net import RankerNet as RankerNet
 
 FORMAT_VERSION = 1
 MODEL_TYPE = "ranker"
@@ -82,7 +88,7 @@ FEATURES: tuple[str, ...] = (
 )
 N_FEATURES = len(FEATURES)
 _F = {name: i for i, name in enumerate(FEATURES)}
-REQUIRED_FILES = ("config.json", "ranker.pt", "normalization.json", "items.json", "smoke.json")
+REQUIRED_FILES = ("config.json", "ranker.npz", "normalization.json", "items.json", "smoke.json")
 SMOKE_TOLERANCE = 1e-4
 # "No related activity" is encoded as this many hours (about 3 years) plus a flag.
 NEVER_HOURS = 26_000.0
@@ -90,6 +96,16 @@ NEVER_HOURS = 26_000.0
 
 class RankerBundleError(Exception):
     """A ranker bundle is missing, corrupt, inconsistent or fails its smoke test."""
+
+
+def __getattr__(name: str) -> Any:
+    """``RankerNet`` lives with torch in ``ranker_net``; importing it from here (training
+    does) loads torch then, never when the ranking service imports this module."""
+    if name == "RankerNet":
+        from services.models import ranker_net
+
+        return ranker_net.RankerNet
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass
@@ -288,51 +304,6 @@ def build_features(query: RankerQuery, cands: CandidateDetails, table: ItemTable
 # --------------------------------------------------------------------------- network
 
 
-class RankerNet(nn.Module):
-    """Wide & deep scorer over standardised features: ``wide(z) + mlp(z)``.
-
-    With ``start_from`` (a feature name) the wide part starts as that feature alone and
-    the MLP's output layer starts at zero, so the untrained model ranks exactly by that
-    feature (training starts from the retrieval order, not from noise)."""
-
-    mean: torch.Tensor
-    std: torch.Tensor
-
-    def __init__(
-        self,
-        n_features: int,
-        hidden: Sequence[int] = (64, 32),
-        dropout: float = 0.0,
-        start_from: str | None = None,
-    ):
-        super().__init__()
-        layers: list[nn.Module] = []
-        d = n_features
-        for h in hidden:
-            layers += [nn.Linear(d, h), nn.ReLU()]
-            if dropout > 0:
-                layers.append(nn.Dropout(dropout))
-            d = h
-        out = nn.Linear(d, 1)
-        layers.append(out)
-        self.mlp = nn.Sequential(*layers)
-        self.wide = nn.Linear(n_features, 1)
-        self.register_buffer("mean", torch.zeros(n_features))
-        self.register_buffer("std", torch.ones(n_features))
-        if start_from is not None:
-            with torch.no_grad():
-                nn.init.zeros_(out.weight)
-                nn.init.zeros_(out.bias)
-                nn.init.zeros_(self.wide.weight)
-                nn.init.zeros_(self.wide.bias)
-                self.wide.weight[0, FEATURES.index(start_from)] = 1.0
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x`` [..., F] raw features -> scores [...]."""
-        z = (x - self.mean) / self.std
-        return (self.mlp(z) + self.wide(z)).squeeze(-1)
-
-
 class NumpyRanker:
     """:class:`RankerNet`'s forward pass in NumPy (float32, no autograd, no torch call
     per request): ``wide(z) + mlp(z)`` with ``z = (x - mean) / std``."""
@@ -351,19 +322,52 @@ class NumpyRanker:
 
     @classmethod
     def from_net(cls, net: RankerNet) -> NumpyRanker:
-        def arr(t: torch.Tensor) -> np.ndarray:
-            return t.detach().cpu().numpy().astype(np.float32)
+        from services.models.ranker_net import net_weights
 
+        return cls.from_weights(net_weights(net))
+
+    @classmethod
+    def from_weights(cls, weights: Mapping[str, np.ndarray]) -> NumpyRanker:
+        """From :class:`RankerNet`'s state dict as arrays (``mean`` and ``std`` included):
+        ``mlp.<i>.weight`` / ``mlp.<i>.bias`` are its Linear layers in order, each but
+        the last followed by a ReLU (dropout, identity at eval, has no parameters)."""
+
+        def arr(name: str) -> np.ndarray:
+            if name not in weights:
+                raise RankerBundleError(f"ranker weights have no {name!r}")
+            return np.asarray(weights[name], dtype=np.float32)
+
+        known = {"mean", "std", "wide.weight", "wide.bias"}
+        linear: list[int] = []
+        for name in weights:
+            if name in known:
+                continue
+            parts = name.split(".")
+            if len(parts) != 3 or parts[0] != "mlp" or not parts[1].isdigit():
+                raise RankerBundleError(f"ranker weights: unknown parameter {name!r}")
+            if parts[2] == "weight":
+                linear.append(int(parts[1]))
+            elif parts[2] != "bias":
+                raise RankerBundleError(f"ranker weights: unknown parameter {name!r}")
+        if not linear:
+            raise RankerBundleError("ranker weights have no layers")
         layers: list[tuple[np.ndarray, np.ndarray] | None] = []
-        for module in net.mlp:
-            if isinstance(module, nn.Linear):
-                layers.append((np.ascontiguousarray(arr(module.weight).T), arr(module.bias)))
-            elif isinstance(module, nn.ReLU):
-                layers.append(None)
-            elif not isinstance(module, nn.Dropout):  # identity at eval
-                raise RankerBundleError(f"no NumPy forward for {type(module).__name__}")
-        wide = (arr(net.wide.weight)[0], float(arr(net.wide.bias)[0]))
-        return cls(arr(net.mean), arr(net.std), layers, wide)
+        width = len(arr("mean"))
+        for k, i in enumerate(sorted(linear)):
+            w, b = arr(f"mlp.{i}.weight"), arr(f"mlp.{i}.bias")
+            if w.ndim != 2 or w.shape[1] != width or b.shape != (w.shape[0],):
+                raise RankerBundleError(
+                    f"ranker weights: layer mlp.{i} is {w.shape} / {b.shape} after width {width}"
+                )
+            if k:
+                layers.append(None)  # ReLU between Linear layers
+            layers.append((np.ascontiguousarray(w.T), b))
+            width = w.shape[0]
+        wide_w = arr("wide.weight")
+        if width != 1 or wide_w.shape != (1, len(arr("mean"))) or arr("wide.bias").shape != (1,):
+            raise RankerBundleError("ranker weights: the output layers do not give one score")
+        wide = (wide_w[0], float(arr("wide.bias")[0]))
+        return cls(arr("mean"), arr("std"), layers, wide)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         if len(x) == 0:
@@ -382,14 +386,24 @@ class RankerBundle:
     def __init__(
         self,
         config: dict[str, Any],
-        net: RankerNet,
+        net: RankerNet | Mapping[str, np.ndarray],
         items: ItemTable,
         smoke: dict[str, Any] | None = None,
         eval_report: dict[str, Any] | None = None,
     ) -> None:
+        """``net`` is the trained torch network (training) or its state dict as arrays
+        with ``mean`` and ``std`` (a loaded bundle); either way the bundle scores with
+        the NumPy copy."""
         self.config = config
-        self.net = net.eval()
-        self.forward = NumpyRanker.from_net(self.net)
+        self._net: RankerNet | None = None
+        if isinstance(net, Mapping):
+            self.weights = {k: np.asarray(v) for k, v in net.items()}
+        else:
+            from services.models.ranker_net import net_weights
+
+            self._net = net.eval()
+            self.weights = net_weights(net)
+        self.forward = NumpyRanker.from_weights(self.weights)
         self.items = items
         self.smoke = smoke or {}
         self.eval_report = eval_report or {}
@@ -398,6 +412,16 @@ class RankerBundle:
     @property
     def features(self) -> list[str]:
         return list(self.config["features"])
+
+    @property
+    def net(self) -> RankerNet:
+        """The network as a torch module (imports torch; for training code and tests:
+        serving scores with :attr:`forward`, the NumPy copy)."""
+        if self._net is None:
+            from services.models.ranker_net import net_from_weights
+
+            self._net = net_from_weights(self.weights, [int(h) for h in self.config["hidden"]])
+        return self._net
 
     def check(self) -> None:
         """Raise RankerBundleError unless config, network and smoke scores agree."""
@@ -415,12 +439,15 @@ class RankerBundle:
                 f"config.json lists {len(c['features'])} features that differ from the "
                 f"{N_FEATURES} this server computes"
             )
-        if tuple(self.net.mean.shape) != (N_FEATURES,) or tuple(self.net.std.shape) != (
-            N_FEATURES,
-        ):
+        mean, std = self.forward.mean, self.forward.std
+        if tuple(mean.shape) != (N_FEATURES,) or tuple(std.shape) != (N_FEATURES,):
             raise RankerBundleError("normalisation does not have one entry per feature")
-        if not (torch.isfinite(self.net.mean).all() and (self.net.std > 0).all()):
+        if not (np.isfinite(mean).all() and (std > 0).all()):
             raise RankerBundleError("normalisation has non-finite means or non-positive stds")
+        hidden = [int(h) for h in c["hidden"]]
+        widths = [w.shape[1] for w in (layer[0] for layer in self.forward.layers if layer)]
+        if widths[:-1] != hidden:
+            raise RankerBundleError(f"config.json says hidden {hidden}, the weights {widths[:-1]}")
         if self.smoke:
             x = np.asarray(self.smoke["features"], dtype=np.float32)
             want = np.asarray(self.smoke["scores"], dtype=np.float32)
@@ -429,9 +456,8 @@ class RankerBundle:
             got = self.score_features(x)
             if not np.isfinite(got).all():
                 raise RankerBundleError("smoke test: scores are not finite")
-            gap = float(np.max(np.abs(got - self.torch_scores(x)))) if len(x) else 0.0
-            if not gap <= SMOKE_TOLERANCE:
-                raise RankerBundleError(f"the NumPy forward pass differs from torch by {gap:.3g}")
+            # ``want`` are the torch network's scores, computed by training: the NumPy
+            # forward pass is checked against torch without importing it here.
             err = float(np.max(np.abs(got - want))) if len(want) else 0.0
             if not err <= SMOKE_TOLERANCE:
                 raise RankerBundleError(
@@ -442,13 +468,16 @@ class RankerBundle:
         """Scores float32 [n] of raw feature rows [n, F] (the NumPy forward pass)."""
         return self.forward(x)
 
-    @torch.no_grad()
     def torch_scores(self, x: np.ndarray) -> np.ndarray:
-        """Scores of the torch network itself (what :meth:`score_features` must equal)."""
+        """Scores of the torch network itself (what :meth:`score_features` must equal;
+        imports torch: for tests and training)."""
         if len(x) == 0:
             return np.zeros(0, dtype=np.float32)
+        import torch
+
         t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
-        return self.net(t).numpy().astype(np.float32)
+        with torch.no_grad():
+            return self.net(t).numpy().astype(np.float32)
 
     def score(self, query: RankerQuery, cands: CandidateDetails) -> np.ndarray:
         """One score per candidate (higher is better)."""
@@ -459,14 +488,14 @@ class RankerBundle:
         d = Path(path)
         d.mkdir(parents=True, exist_ok=True)
         (d / "config.json").write_text(json.dumps(self.config, indent=2, sort_keys=True))
-        state = {k: v for k, v in self.net.state_dict().items() if k not in ("mean", "std")}
-        torch.save(state, d / "ranker.pt")
+        state = {k: v for k, v in self.weights.items() if k not in ("mean", "std")}
+        np.savez(d / "ranker.npz", allow_pickle=False, **cast(dict[str, Any], state))
         (d / "normalization.json").write_text(
             json.dumps(
                 {
                     "features": list(FEATURES),
-                    "mean": [float(v) for v in self.net.mean],
-                    "std": [float(v) for v in self.net.std],
+                    "mean": [float(v) for v in self.weights["mean"]],
+                    "std": [float(v) for v in self.weights["std"]],
                 },
                 indent=1,
             )
@@ -494,16 +523,12 @@ class RankerBundle:
             )
             if list(norm.get("features", [])) != list(config.get("features", [])):
                 raise RankerBundleError("normalization.json and config.json list other features")
-            net = RankerNet(
-                len(config["features"]),
-                hidden=[int(h) for h in config["hidden"]],
-            )
-            state = torch.load(d / "ranker.pt", map_location="cpu", weights_only=True)
-            state["mean"] = torch.tensor(norm["mean"], dtype=torch.float32)
-            state["std"] = torch.tensor(norm["std"], dtype=torch.float32)
-            net.load_state_dict(state, strict=True)
+            with np.load(d / "ranker.npz", allow_pickle=False) as npz:
+                weights = {k: npz[k] for k in npz.files}
+            weights["mean"] = np.asarray(norm["mean"], dtype=np.float32)
+            weights["std"] = np.asarray(norm["std"], dtype=np.float32)
+            return cls(config=config, net=weights, items=items, smoke=smoke, eval_report=report)
         except RankerBundleError:
             raise
         except Exception as e:  # any unreadable or inconsistent artifact
             raise RankerBundleError(f"{d}: cannot load bundle: {type(e).__name__}: {e}") from e
-        return cls(config=config, net=net, items=items, smoke=smoke, eval_report=report)

@@ -1,7 +1,10 @@
 """Resolve a registered model alias in MLflow and download its serving bundle.
 
 ``mlflow`` is imported inside the functions so that importing ``services.models`` stays
-cheap for code that only loads bundles from disk.
+cheap for code that only loads bundles from disk. With an MLflow server (``http(s)://``
+tracking URI) it is not imported at all: both calls go over the REST API
+(:mod:`services.models.registry_http`), so a model-serving process holds neither torch
+nor mlflow.
 """
 
 from __future__ import annotations
@@ -9,6 +12,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from services.models import registry_http
 
 BUNDLE_ARTIFACT_PATH = "bundle"
 
@@ -27,6 +32,16 @@ class ModelVersionInfo:
 
 def resolve_alias(model_name: str, alias: str, tracking_uri: str) -> ModelVersionInfo:
     """The version an alias points at; raises LookupError when the alias does not exist."""
+    if registry_http.is_http(tracking_uri):
+        rest = registry_http.resolve_alias(model_name, alias, tracking_uri)
+        return ModelVersionInfo(
+            name=str(rest.get("name", model_name)),
+            version=str(rest["version"]),
+            run_id=str(rest.get("run_id") or ""),
+            alias=alias,
+            source=str(rest.get("source") or ""),
+            tags={str(t["key"]): str(t.get("value", "")) for t in rest.get("tags", [])},
+        )
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
@@ -54,18 +69,26 @@ def download_bundle(
     Returns the version info and the local bundle directory (``dst/bundle``), ready for
     ``TwoTowerBundle.load``. Raises LookupError for an unknown model or alias.
     """
+    info = resolve_alias(model_name, alias, tracking_uri)
+    return info, download_run_bundle(info, tracking_uri, dst)
+
+
+def download_run_bundle(info: ModelVersionInfo, tracking_uri: str, dst: Path) -> Path:
+    """Download the bundle artifact of exactly ``info``'s run into ``dst``; returns the
+    local bundle directory. Over REST for an MLflow server, else with the mlflow client."""
+    dst = Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    artifact_path = info.tags.get("bundle_artifact_path", BUNDLE_ARTIFACT_PATH)
+    if registry_http.is_http(tracking_uri):
+        return registry_http.download_run_artifacts(tracking_uri, info.run_id, artifact_path, dst)
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     import mlflow.artifacts
 
-    info = resolve_alias(model_name, alias, tracking_uri)
-    dst = Path(dst)
-    dst.mkdir(parents=True, exist_ok=True)
-    artifact_path = info.tags.get("bundle_artifact_path", BUNDLE_ARTIFACT_PATH)
     local = mlflow.artifacts.download_artifacts(
         run_id=info.run_id,
         artifact_path=artifact_path,
         dst_path=str(dst),
         tracking_uri=tracking_uri,
     )
-    return info, Path(local)
+    return Path(local)

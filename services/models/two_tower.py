@@ -1,9 +1,12 @@
 """Serving side of the two-tower retrieval model: feature encoding, towers, the bundle.
 
-This module is what the retrieval service imports. It depends on numpy, torch, faiss and
-the standard library only (never on ``training``): the training pipeline imports the
-tower definition and the feature encoders from here, so training and serving share one
-definition of every feature.
+This module is what the retrieval service imports. It depends on numpy, faiss and the
+standard library only: never on torch (a serving pod holds the towers' weights as arrays
+and computes both towers in NumPy) nor on ``training``. The training pipeline imports the
+tower definition (:class:`TwoTowerNet`, in :mod:`services.models.two_tower_net`, reached
+through this module on first use) and the feature encoders from here, so training and
+serving share one definition of every feature. The NumPy towers are checked equal to the
+torch ones in the tests (``tests/retrieval/test_model.py``), not in every pod.
 
 A bundle is a directory::
 
@@ -15,7 +18,8 @@ A bundle is a directory::
     item_embeddings.npy    float32 [n_items, dim], ``[v, b]`` (item vector, item bias),
                            row i = items.json[i]; a user vector is ``[u, 1]``, so the
                            inner product is the model's score ``u · v + b``
-    towers.pt              state dict of both towers (loaded with weights_only=True)
+    towers.npz             state dict of both towers as NumPy arrays (``np.savez``, read
+                           without pickle): ``history.weight``, ``item_id.weight``, ...
     index.faiss            FAISS index over item_embeddings, ids == rows, inner product
     popularity.json        [[item_id, score], ...] descending (fallback)
     complements.json       {item_id: [[item_id, score], ...]} best first (cross-sell from
@@ -34,17 +38,21 @@ from __future__ import annotations
 import json
 import math
 import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import faiss
 import numpy as np
-import torch
-from torch import nn
 
 from mercato.features import PRICE_BANDS
+from services.models.arrays import load_npy, load_npz, release
 from services.models.manifest import verify_manifest, write_manifest
+
+if TYPE_CHECKING:  # torch is imported only when training code asks for the network
+    from services.models.two_tower_net import TwoTowerNet as TwoTowerNet
+    from services.models.two_tower_net import build_net as build_net
 
 FORMAT_VERSION = 2
 MODEL_TYPE = "two-tower"
@@ -55,11 +63,39 @@ REQUIRED_FILES = (
     "items.json",
     "item_price.npy",
     "item_embeddings.npy",
-    "towers.pt",
+    "towers.npz",
     "index.faiss",
     "popularity.json",
 )
 OPTIONAL_FILES = ("complements.json", "eval.json")
+# The towers' parameters (state-dict names) and the shape of each, in terms of the
+# bundle's config and vocabularies: what ``check`` verifies before a version may serve.
+WEIGHT_NAMES = (
+    "item_id.weight",
+    "item_bias.weight",
+    "category.weight",
+    "category_bias.weight",
+    "price.weight",
+    "attrs.weight",
+    "history.weight",
+    "history_category.weight",
+    "surface.weight",
+    "country.weight",
+    "segment.weight",
+    "band.weight",
+    "user_base",
+    "item_category",
+)
+
+
+def __getattr__(name: str) -> Any:
+    """``TwoTowerNet`` and ``build_net`` live with torch in ``two_tower_net``; importing
+    them from here (training does) loads torch then, never when serving imports this."""
+    if name in ("TwoTowerNet", "build_net"):
+        from services.models import two_tower_net
+
+        return getattr(two_tower_net, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass
@@ -143,132 +179,6 @@ def history_bags(rows: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
     return flat, offsets
 
 
-class TwoTowerNet(nn.Module):
-    """User and item towers; the score of an item for a user is ``u · v + b``.
-
-    - item tower: ``v`` = id embedding + a content residual (category, fine price bucket,
-      hashed attributes; small initial weights, so the id carries the collaborative
-      signal and the content what generalises), ``b`` = id bias + category bias. Item
-      index 0 is "unknown item": its id embedding and bias are fixed zeros, so a new item
-      gets ``v`` and ``b`` from its features alone.
-    - user tower: the sum of the history items' input embeddings (id + category
-      residual) scaled by ``1/sqrt(n)`` (n = distinct known items), plus embeddings of
-      the surface, country, segment and price band, plus a learned base vector.
-
-    Both towers return augmented vectors of size ``dim + 1``: items ``[v, b]``, users
-    ``[u, 1]``, so a plain inner-product index ranks exactly as the model scores.
-    """
-
-    item_category: torch.Tensor
-
-    def __init__(
-        self,
-        n_items: int,
-        n_categories: int,
-        n_surfaces: int,
-        n_countries: int,
-        n_segments: int,
-        n_price_buckets: int,
-        attr_buckets: int,
-        dim: int = 64,
-    ) -> None:
-        super().__init__()
-        self.dim = dim
-        self.n_categories = n_categories
-        self.item_id = nn.Embedding(n_items + 1, dim, padding_idx=0)
-        self.item_bias = nn.Embedding(n_items + 1, 1, padding_idx=0)
-        self.category = nn.Embedding(n_categories, dim, padding_idx=0)
-        self.category_bias = nn.Embedding(n_categories, 1, padding_idx=0)
-        self.price = nn.Embedding(n_price_buckets + 2, dim, padding_idx=0)
-        self.attrs = nn.EmbeddingBag(attr_buckets + 1, dim, mode="mean", padding_idx=0)
-        self.history = nn.EmbeddingBag(n_items + 1, dim, mode="sum", padding_idx=0)
-        self.history_category = nn.EmbeddingBag(n_categories, dim, mode="sum", padding_idx=0)
-        self.surface = nn.Embedding(n_surfaces, dim)
-        self.country = nn.Embedding(n_countries, dim)
-        self.segment = nn.Embedding(n_segments, dim)
-        self.band = nn.Embedding(len(PRICE_BANDS), dim)
-        self.user_base = nn.Parameter(torch.zeros(dim))
-        # Category of every item row (0 = unknown).
-        self.register_buffer("item_category", torch.zeros(n_items + 1, dtype=torch.long))
-        with torch.no_grad():
-            for emb, std in (
-                (self.item_id, 0.05),
-                (self.history, 0.05),
-                (self.history_category, 0.01),
-                (self.category, 0.01),
-                (self.price, 0.01),
-                (self.attrs, 0.01),
-                (self.surface, 0.01),
-                (self.country, 0.01),
-                (self.segment, 0.01),
-                (self.band, 0.01),
-            ):
-                nn.init.normal_(emb.weight, std=std)
-            for emb in (
-                self.item_id,
-                self.history,
-                self.history_category,
-                self.category,
-                self.price,
-                self.attrs,
-            ):
-                emb.weight[0].zero_()
-            self.item_bias.weight.zero_()
-            self.category_bias.weight.zero_()
-
-    # -- item tower
-    def encode_item(
-        self, item: torch.Tensor, cat: torch.Tensor, price: torch.Tensor, attrs: torch.Tensor
-    ) -> torch.Tensor:
-        """item [B] (0 = unknown), cat [B], price bucket [B], attrs [B, A] -> [B, dim+1]."""
-        v = self.item_id(item) + self.category(cat) + self.price(price) + self.attrs(attrs)
-        b = self.item_bias(item) + self.category_bias(cat)
-        return torch.cat([v, b], dim=1)
-
-    # -- user tower
-    def encode_user(
-        self,
-        history: torch.Tensor,
-        offsets: torch.Tensor,
-        surface: torch.Tensor,
-        country: torch.Tensor,
-        segment: torch.Tensor,
-        band: torch.Tensor,
-    ) -> torch.Tensor:
-        """history: flat item indices (0 = ignored) of B bags starting at ``offsets``;
-        context ids [B] -> [B, dim+1]."""
-        lengths = torch.diff(offsets, append=torch.tensor([len(history)]))
-        bag_id = torch.repeat_interleave(torch.arange(len(offsets)), lengths)
-        n = torch.zeros(len(offsets)).index_add_(0, bag_id, (history > 0).float())
-        per_item = n.clamp_min(1.0).rsqrt()[bag_id]
-        cats = self.item_category[history]
-        u = (
-            self.history(history, offsets, per_sample_weights=per_item)
-            + self.history_category(cats, offsets, per_sample_weights=per_item)
-            + self.surface(surface)
-            + self.country(country)
-            + self.segment(segment)
-            + self.band(band)
-            + self.user_base
-        )
-        return torch.cat([u, torch.ones(len(u), 1)], dim=1)
-
-
-def build_net(config: dict[str, Any], vocab: dict[str, list[str]]) -> TwoTowerNet:
-    """The towers as described by a bundle's config and vocabularies."""
-    f = config["features"]
-    return TwoTowerNet(
-        n_items=int(config["n_items"]),
-        n_categories=len(vocab["category"]),
-        n_surfaces=len(vocab["surface"]),
-        n_countries=len(vocab["country"]),
-        n_segments=len(vocab["segment"]),
-        n_price_buckets=len(f["price_boundaries"]) + 1,
-        attr_buckets=int(f["attr_buckets"]),
-        dim=int(config["model_dim"]),
-    )
-
-
 # --------------------------------------------------------------------------- index
 
 
@@ -300,7 +210,7 @@ class TwoTowerBundle:
         item_category: list[str],
         item_price: np.ndarray,
         item_embeddings: np.ndarray,
-        net: TwoTowerNet,
+        net: TwoTowerNet | Mapping[str, np.ndarray],
         index: faiss.Index,
         popularity: list[tuple[str, float]],
         complements: dict[str, list[tuple[str, float]]] | None = None,
@@ -312,7 +222,14 @@ class TwoTowerBundle:
         self.item_category = item_category
         self.item_price = np.asarray(item_price, dtype=np.float32)
         self.item_embeddings = np.ascontiguousarray(item_embeddings, dtype=np.float32)
-        self.net = net.eval()
+        self._net: TwoTowerNet | None = None
+        if isinstance(net, Mapping):
+            self.weights = {k: np.asarray(v) for k, v in net.items()}
+        else:  # a trained torch network: keep it for training code, serve its arrays
+            from services.models.two_tower_net import net_weights
+
+            self._net = net.eval()
+            self.weights = net_weights(net)
         self.index = index
         self.popularity = popularity
         self._complements = complements
@@ -321,6 +238,13 @@ class TwoTowerBundle:
         self._row = {iid: i for i, iid in enumerate(item_ids)}
         self._lookup = {k: {v: i for i, v in enumerate(vals)} for k, vals in vocab.items()}
         self.check()
+        self.release()
+
+    def release(self) -> None:
+        """Drop the pages of memory-mapped tables from the resident set (after checks
+        or index builds that read them all); no-op for tables in private memory."""
+        for arr in (self.item_embeddings, *self._w.values()):
+            release(arr)
 
     # -- consistency
     def check(self) -> None:
@@ -357,6 +281,59 @@ class TwoTowerBundle:
         for key in ("category", "surface", "country", "segment"):
             if key not in self.vocab or not self.vocab[key] or self.vocab[key][0] != "":
                 raise BundleError(f"vocab.json: {key!r} missing or does not start with ''")
+        self._check_weights()
+
+    def _check_weights(self) -> None:
+        """Every tower parameter present with the shape the config implies; float32
+        copies for the NumPy towers (``_w``)."""
+        c, w = self.config, self.weights
+        n, d = int(c["n_items"]), int(c["model_dim"])
+        n_cat = len(self.vocab["category"])
+        f = c["features"]
+        want = {
+            "item_id.weight": (n + 1, d),
+            "item_bias.weight": (n + 1, 1),
+            "category.weight": (n_cat, d),
+            "category_bias.weight": (n_cat, 1),
+            "price.weight": (len(f["price_boundaries"]) + 3, d),
+            "attrs.weight": (int(f["attr_buckets"]) + 1, d),
+            "history.weight": (n + 1, d),
+            "history_category.weight": (n_cat, d),
+            "surface.weight": (len(self.vocab["surface"]), d),
+            "country.weight": (len(self.vocab["country"]), d),
+            "segment.weight": (len(self.vocab["segment"]), d),
+            "band.weight": (len(PRICE_BANDS), d),
+            "user_base": (d,),
+            "item_category": (n + 1,),
+        }
+        extra = sorted(set(w) - set(want))
+        if extra:
+            raise BundleError(f"towers.npz has parameters this server does not know: {extra}")
+        for name, shape in want.items():
+            if name not in w:
+                raise BundleError(f"towers.npz has no {name!r}")
+            if tuple(w[name].shape) != shape:
+                raise BundleError(f"towers.npz: {name} has shape {w[name].shape}, want {shape}")
+            if w[name].dtype.kind == "f" and not np.isfinite(w[name]).all():
+                raise BundleError(f"towers.npz: {name} contains NaN or inf")
+        cats = w["item_category"]
+        if cats.dtype.kind not in "iu" or (len(cats) and (cats.min() < 0 or cats.max() >= n_cat)):
+            raise BundleError("towers.npz: item_category is not a category index per item")
+        self._w = {
+            k: (np.ascontiguousarray(v, dtype=np.float32) if k != "item_category" else v)
+            for k, v in w.items()
+        }
+        self._w["item_category"] = np.asarray(cats, dtype=np.int64)
+
+    @property
+    def net(self) -> TwoTowerNet:
+        """The towers as a torch module (imports torch; for training code and tests:
+        serving computes the towers from :attr:`weights` in NumPy)."""
+        if self._net is None:
+            from services.models.two_tower_net import net_from_weights
+
+            self._net = net_from_weights(self.config, self.vocab, self.weights)
+        return self._net
 
     # -- cross-sell
     @property
@@ -428,18 +405,32 @@ class TwoTowerBundle:
             band,
         )
 
-    @torch.no_grad()
+    def encode_user(self, q: UserQuery) -> np.ndarray:
+        """User-tower vector float32 [dim] (last component 1) of one query, in NumPy:
+        ``TwoTowerNet.encode_user``'s math (history items' id + category embeddings
+        summed and scaled by ``1/sqrt(n)``, plus the context embeddings and the base)."""
+        w = self._w
+        rows = self.history_rows(q)
+        s, c, g, b = self.context_ids(q)
+        u = (
+            w["user_base"]
+            + w["surface.weight"][s]
+            + w["country.weight"][c]
+            + w["segment.weight"][g]
+            + w["band.weight"][b]
+        )
+        if rows:
+            r = np.asarray(rows, dtype=np.int64)
+            h = w["history.weight"][r] + w["history_category.weight"][w["item_category"][r]]
+            u = u + h.sum(0) / np.float32(np.sqrt(len(rows)))
+        return np.concatenate([u, np.ones(1, np.float32)]).astype(np.float32)
+
     def encode_users(self, queries: list[UserQuery]) -> np.ndarray:
         """User-tower vectors float32 [B, dim] (last component 1); unknown item ids are
         ignored."""
         if not queries:
             return np.zeros((0, self.dim), dtype=np.float32)
-        flat, offsets = history_bags([self.history_rows(q) for q in queries])
-        ctx = torch.tensor([self.context_ids(q) for q in queries], dtype=torch.long)
-        out = self.net.encode_user(
-            torch.from_numpy(flat), torch.from_numpy(offsets), *ctx.unbind(1)
-        )
-        return out.numpy().astype(np.float32)
+        return np.stack([self.encode_user(q) for q in queries])
 
     def item_feature_arrays(self, items: list[ItemFeatures]) -> tuple[np.ndarray, ...]:
         """Integer feature arrays (id, category, price bucket, attribute tokens)."""
@@ -453,20 +444,26 @@ class TwoTowerBundle:
         )
         return ids, cats.astype(np.int64), prices, attrs
 
-    @torch.no_grad()
     def encode_items(self, items: list[ItemFeatures]) -> np.ndarray:
-        """Item-tower vectors float32 [B, dim] (``[v, b]``); an unknown id is embedded
-        from its features."""
+        """Item-tower vectors float32 [B, dim] (``[v, b]``) in NumPy, as
+        ``TwoTowerNet.encode_item``; an unknown id is embedded from its features."""
         if not items:
             return np.zeros((0, self.dim), dtype=np.float32)
+        w = self._w
         ids, cats, prices, attrs = self.item_feature_arrays(items)
-        out = self.net.encode_item(
-            torch.from_numpy(ids),
-            torch.from_numpy(cats),
-            torch.from_numpy(prices),
-            torch.from_numpy(attrs),
+        # EmbeddingBag(mode="mean", padding_idx=0): the mean over non-padding tokens,
+        # zeros for a bag of padding only.
+        tokens = (attrs > 0).astype(np.float32)
+        count = tokens.sum(1, keepdims=True)
+        attr_mean = (w["attrs.weight"][attrs] * tokens[:, :, None]).sum(1) / np.maximum(count, 1)
+        v = (
+            w["item_id.weight"][ids]
+            + w["category.weight"][cats]
+            + w["price.weight"][prices]
+            + attr_mean
         )
-        return out.numpy().astype(np.float32)
+        b = w["item_bias.weight"][ids] + w["category_bias.weight"][cats]
+        return np.concatenate([v, b], axis=1).astype(np.float32)
 
     def search(self, user_vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """FAISS search: (scores [B, k], rows [B, k]); rows are -1 where fewer exist."""
@@ -484,7 +481,7 @@ class TwoTowerBundle:
         )
         np.save(d / "item_price.npy", self.item_price)
         np.save(d / "item_embeddings.npy", self.item_embeddings)
-        torch.save(self.net.state_dict(), d / "towers.pt")
+        np.savez(d / "towers.npz", allow_pickle=False, **cast(dict[str, Any], self.weights))
         faiss.write_index(self.index, str(d / "index.faiss"))
         (d / "popularity.json").write_text(json.dumps([[i, float(s)] for i, s in self.popularity]))
         (d / "complements.json").write_text(
@@ -498,12 +495,19 @@ class TwoTowerBundle:
 
     @classmethod
     def load(
-        cls, path: str | Path, verify_checksums: bool = True, index_io_flags: int = 0
+        cls,
+        path: str | Path,
+        verify_checksums: bool = True,
+        index_io_flags: int = 0,
+        mmap: bool = False,
     ) -> TwoTowerBundle:
         """Load a bundle directory; BundleError says what is missing or wrong.
 
         ``index_io_flags`` go to ``faiss.read_index`` (for example
         ``faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY`` to memory-map the index).
+        With ``mmap`` the item embeddings and the towers' tables are memory-mapped
+        read-only (checked at load, then released from the resident set: a request reads
+        the rows it needs).
         """
         d = Path(path)
         listed = verify_manifest(d, REQUIRED_FILES, BundleError, verify_checksums)["files"]
@@ -512,16 +516,14 @@ class TwoTowerBundle:
             vocab = json.loads((d / "vocab.json").read_text())
             items = json.loads((d / "items.json").read_text())
             price = np.load(d / "item_price.npy", allow_pickle=False)
-            emb = np.load(d / "item_embeddings.npy", allow_pickle=False)
+            emb = load_npy(d / "item_embeddings.npy", mmap)
             popularity = [
                 (str(i), float(s)) for i, s in json.loads((d / "popularity.json").read_text())
             ]
             report = (
                 json.loads((d / "eval.json").read_text()) if (d / "eval.json").is_file() else {}
             )
-            net = build_net(config, vocab)
-            state = torch.load(d / "towers.pt", map_location="cpu", weights_only=True)
-            net.load_state_dict(state, strict=True)
+            weights = load_npz(d / "towers.npz", mmap)
             index = faiss.read_index(str(d / "index.faiss"), index_io_flags)
         except BundleError:
             raise
@@ -534,7 +536,7 @@ class TwoTowerBundle:
             item_category=[str(x) for x in items["category"]],
             item_price=price,
             item_embeddings=emb,
-            net=net,
+            net=weights,
             index=index,
             popularity=popularity,
             complements=None,

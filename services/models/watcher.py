@@ -34,7 +34,13 @@ from typing import Any, Generic, TypeVar
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from services.models.registry import ModelVersionInfo, download_bundle, resolve_alias
+from services.common.memory import trim
+from services.models.registry import (
+    ModelVersionInfo,
+    download_bundle,
+    download_run_bundle,
+    resolve_alias,
+)
 
 log = logging.getLogger("mercato.models.watcher")
 
@@ -292,6 +298,7 @@ class ModelWatcher(Generic[T]):
         loaded = await self._download_and_load(alias, info)
         if loaded is not None:
             self._publish(alias, loaded, current)
+        trim()  # what loading (or a refused version) allocated and freed
 
     async def _download_and_load(self, alias: str, info: ModelVersionInfo) -> LoadedModel[T] | None:
         t0 = time.perf_counter()
@@ -407,22 +414,7 @@ def download_bundle_by_run(
 ) -> tuple[ModelVersionInfo, Path]:
     """Download the bundle artifact of exactly ``info``'s run (not whatever the alias
     points at now) into ``dst``; returns ``(info, local bundle directory)``."""
-    import os
-
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    import mlflow.artifacts
-
-    from services.models.registry import BUNDLE_ARTIFACT_PATH
-
     if not info.run_id:
         # A version without a run: fall back to resolving through the alias.
         return download_bundle(info.name, info.alias, tracking_uri, dst)
-    dst.mkdir(parents=True, exist_ok=True)
-    local = mlflow.artifacts.download_artifacts(
-        run_id=info.run_id,
-        artifact_path=info.tags.get("bundle_artifact_path", BUNDLE_ARTIFACT_PATH),
-        dst_path=str(dst),
-        tracking_uri=tracking_uri,
-    )
-    return info, Path(local)
+    return info, download_run_bundle(info, tracking_uri, dst)

@@ -462,14 +462,23 @@ def build_profile(
         profile.segment = override or "new"
         profile.cart.customer_id = customer_id
         return profile
+    # Hot path (every GetProfile): timestamps are set from plain dicts, not built as a
+    # Timestamp message per entry and copied in (about half the time per entry).
+    add_recent = profile.recent_items.add
     for item_id, kind, ts in state.recent:
-        profile.recent_items.add(item_id=item_id, type=kind, timestamp=us_to_ts(ts))
+        sec, us = divmod(int(ts), US_PER_S)
+        add_recent(item_id=item_id, type=kind, timestamp={"seconds": sec, "nanos": us * 1000})
     bought = sorted(state.purchases.items(), key=lambda kv: (-kv[1][2], kv[0]))
     if cfg.purchases_limit > 0:
         bought = bought[: cfg.purchases_limit]
+    add_bought = profile.purchases.add
     for item_id, (count, qty, last) in bought:
-        profile.purchases.add(
-            item_id=item_id, count=count, quantity=qty, last_purchased_at=us_to_ts(last)
+        sec, us = divmod(int(last), US_PER_S)
+        add_bought(
+            item_id=item_id,
+            count=count,
+            quantity=qty,
+            last_purchased_at={"seconds": sec, "nanos": us * 1000},
         )
     profile.cart.CopyFrom(build_cart(customer_id, state))
     profile.category_affinity.update(normalized_affinity(state))

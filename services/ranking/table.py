@@ -31,6 +31,7 @@ import numpy as np
 
 from mercato.v1 import common_pb2, profile_pb2
 from services.common.errors import InvalidArgument
+from services.common.memory import trim
 
 if TYPE_CHECKING:
     from services.ranking.rules import ItemInfo
@@ -300,6 +301,7 @@ class CatalogFollower:
         table = await load_catalog(self.list_items, self.page_size)
         self.table = table
         self.extra = {}
+        trim()  # the pages of items parsed for the table (and the previous table)
         log.info(
             "catalogue table loaded",
             extra={"items": len(table), "ms": round((time.perf_counter() - started) * 1000, 1)},

@@ -30,7 +30,6 @@ from services.models.registry import ModelVersionInfo
 from services.models.two_tower import BundleError, ItemFeatures, TwoTowerBundle, UserQuery
 from services.models.watcher import ModelRejected
 from services.retrieval.index_choice import IndexChoice, choose_index
-from services.retrieval.user_encoder import NumpyUserEncoder
 
 log = logging.getLogger("mercato.retrieval.model")
 
@@ -147,15 +146,6 @@ class RetrievalModel:
             item_price=np.asarray(bundle.item_price, dtype=np.float32).copy(),
             item_stock=np.full(len(bundle.item_ids), UNKNOWN_STOCK, dtype=np.int64),
         )
-        self.fast_user: NumpyUserEncoder | None = None
-        try:
-            enc = NumpyUserEncoder(bundle)
-            if enc.matches(_sample_queries(bundle)):
-                self.fast_user = enc
-            else:
-                log.warning("numpy user tower disagrees with torch; using torch")
-        except Exception as e:  # a tower this copy does not know: torch it is
-            log.warning("numpy user tower unavailable (%s); using torch", e)
         stock = bundle.config.get("item_stock")
         if isinstance(stock, list) and len(stock) == len(bundle.item_ids):
             self.state.item_stock[:] = np.asarray(stock, dtype=np.int64)
@@ -196,10 +186,8 @@ class RetrievalModel:
         return q.astype(np.float32)
 
     def encode_user(self, query: UserQuery) -> np.ndarray:
-        """User-tower embedding of one query (NumPy copy of the tower when it agrees)."""
-        if self.fast_user is not None:
-            return self.fast_user.encode(query)
-        return self.bundle.encode_users([query])[0]
+        """User-tower embedding of one query (the bundle's NumPy tower)."""
+        return self.bundle.encode_user(query)
 
     # ------------------------------------------------------------------ search
 
@@ -307,29 +295,6 @@ class RetrievalModel:
                 item_stock=item_stock,
             )
             return m, len(items) - m
-
-
-def _sample_queries(b: TwoTowerBundle) -> list[UserQuery]:
-    """Queries that exercise every input of the user tower."""
-    ids = b.item_ids
-    rng = np.random.default_rng(0)
-    pick = [ids[int(i)] for i in rng.choice(len(ids), size=min(30, len(ids)), replace=False)]
-    cats = [c for c in b.vocab["category"] if c][:3]
-    return [
-        UserQuery([], [], []),
-        UserQuery(pick[:25], pick[5:12], pick[12:15], anchor_item_id=pick[-1], surface="home"),
-        UserQuery(
-            [*pick[:3], "unknown-id"],
-            [],
-            ["unknown-id"],
-            surface="product",
-            country=(b.vocab["country"] + [""])[1],
-            segment=(b.vocab["segment"] + [""])[1],
-            price_band="high",
-            category_affinity={c: 1.0 + i for i, c in enumerate(cats)},
-        ),
-        UserQuery([], pick[:2], [], surface="no-such-surface", price_band="???"),
-    ]
 
 
 def describe_index(index: faiss.Index) -> str:
@@ -491,7 +456,7 @@ def validate(model: RetrievalModel) -> None:
 def load_retrieval_model(path: Path, info: ModelVersionInfo, cfg: IndexConfig) -> RetrievalModel:
     """Load, index and validate one downloaded version (the watcher's ``load``)."""
     try:
-        bundle = TwoTowerBundle.load(path, index_io_flags=_io_flags(cfg))
+        bundle = TwoTowerBundle.load(path, index_io_flags=_io_flags(cfg), mmap=cfg.mmap)
     except BundleError as e:
         raise ModelRejected(str(e)) from e
     index, choice = serving_index(bundle, Path(path), cfg)
@@ -499,6 +464,7 @@ def load_retrieval_model(path: Path, info: ModelVersionInfo, cfg: IndexConfig) -
     model.index_choice = choice
     model.complements_of("")  # read a lazily loaded complements file now, not in a call
     validate(model)
+    bundle.release()  # the index choice read every embedding: pages back to the cache
     return model
 
 

@@ -69,7 +69,9 @@ class RetrievalSettings(ServiceSettings):
     hnsw_ef_search: int = Field(
         32, ge=8, le=4096, description="Starting HNSW efSearch; doubled at load until MIN_RECALL."
     )
-    mmap_index: bool = Field(True, description="Memory-map the FAISS index file.")
+    mmap_index: bool = Field(
+        True, description="Memory-map the FAISS index, item embeddings and tower tables."
+    )
     oversample: float = Field(
         2.0, ge=1.0, le=100.0, description="First search fetches k * oversample + exclusions."
     )

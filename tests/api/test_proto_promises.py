@@ -99,6 +99,18 @@ PROMISES: dict[str, list[str]] = {
         C + "test_offer_is_unset_unless_the_policy_chose_an_incentive"
     ],
     "gateway.proto:RecommendResponse.shortfall": [C + "test_a_short_list_says_why", NODE],
+    "gateway.proto:RecommendRequest.categories": [
+        C + "test_list_fields_past_their_bounds_are_invalid_argument"
+    ],
+    "gateway.proto:RecommendRequest.exclude_item_ids": [
+        C + "test_list_fields_past_their_bounds_are_invalid_argument"
+    ],
+    "gateway.proto:TrackEventsRequest.events": [
+        C + "test_list_fields_past_their_bounds_are_invalid_argument"
+    ],
+    "common.proto:Context.cart_item_ids": [
+        C + "test_list_fields_past_their_bounds_are_invalid_argument"
+    ],
     "gateway.proto:GetRelatedItemsRequest.item_id": [
         C + "test_unknown_item_is_not_found",
         "tests/gateway/test_gateway_degraded.py::test_anonymous_and_validation",

@@ -41,6 +41,7 @@ class TinyShop:
 
 @pytest.fixture(scope="session")
 def tiny_shop(tmp_path_factory: pytest.TempPathFactory) -> TinyShop:
+    import mercato.cli  # noqa: F401  (registers the "synthetic" dataset, as `mercato` does)
     from mercato.demo import (
         DemoOptions,
         ensure_data,
@@ -75,6 +76,8 @@ class ApiStack:
     profile: str
     log_dir: Path
     api_key: str = API_KEY
+    pids: tuple[tuple[str, int], ...] = ()  # (service, process id)
+    retrieval_port: int = 0
 
 
 @pytest.fixture(scope="module")
@@ -111,6 +114,13 @@ def api_stack(tiny_shop: TinyShop, tmp_path_factory: pytest.TempPathFactory) -> 
             while not any(m.name == "mercato-ranker" for m in client.recommend("", k=1).models):
                 assert time.monotonic() < deadline, "ranking did not load the ranker"
                 time.sleep(0.2)
-        yield ApiStack(tiny_shop, gateway, f"127.0.0.1:{ports['profile'][0]}", tmp / "logs")
+        yield ApiStack(
+            tiny_shop,
+            gateway,
+            f"127.0.0.1:{ports['profile'][0]}",
+            tmp / "logs",
+            pids=tuple((p.name, p.process.pid) for p in sup.processes),
+            retrieval_port=ports["retrieval"][0],
+        )
     finally:
         sup.stop()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import grpc
 import pytest
@@ -155,6 +156,74 @@ def test_unparseable_request_is_invalid_argument(
         assert _trailing(err.value).get(RID)
     resp = Stub(channel).Recommend(gateway_pb2.RecommendRequest(k=2), metadata=md, timeout=10)
     assert len(resp.items) == 2
+
+
+def test_list_fields_past_their_bounds_are_invalid_argument(
+    channel: grpc.Channel, gw: Stub, md: tuple[tuple[str, str], ...]
+) -> None:
+    """gateway.proto RecommendRequest.categories / exclude_item_ids,
+    TrackEventsRequest.events, common.proto Context.cart_item_ids: a list at its bound is
+    served; one entry more, or an entry too long or empty, is INVALID_ARGUMENT naming
+    the field and the bound, sent as raw bytes (what any client may put on the wire);
+    the gateway keeps answering."""
+    ids = [f"no-such-item-{i}" for i in range(1001)]
+    cats = [f"category-{i}" for i in range(101)]
+    at_bound = [
+        gateway_pb2.RecommendRequest(k=3, exclude_item_ids=ids[:1000]),
+        gateway_pb2.RecommendRequest(k=3, categories=cats[:100]),
+        gateway_pb2.RecommendRequest(k=3, context=common_pb2.Context(cart_item_ids=ids[:500])),
+    ]
+    for req in at_bound:
+        gw.Recommend(req, metadata=md, timeout=10)  # no error
+    raw = channel.unary_unary(
+        "/mercato.v1.GatewayService/Recommend",
+        request_serializer=None,
+        response_deserializer=gateway_pb2.RecommendResponse.FromString,
+    )
+    past = {
+        "exclude_item_ids has 1001 entries; at most 1000": gateway_pb2.RecommendRequest(
+            k=3, exclude_item_ids=ids
+        ),
+        "categories has 101 entries; at most 100": gateway_pb2.RecommendRequest(
+            k=3, categories=cats
+        ),
+        "categories[] is longer than 256 bytes": gateway_pb2.RecommendRequest(
+            k=3, categories=["x" * 257]
+        ),
+        "exclude_item_ids[] is required": gateway_pb2.RecommendRequest(
+            k=3, exclude_item_ids=["ok", ""]
+        ),
+        "context.cart_item_ids has 501 entries; at most 500": gateway_pb2.RecommendRequest(
+            k=3, context=common_pb2.Context(cart_item_ids=ids[:501])
+        ),
+        "context.cart_item_ids[] is longer than 128 bytes": gateway_pb2.RecommendRequest(
+            k=3, context=common_pb2.Context(cart_item_ids=["y" * 129])
+        ),
+    }
+    for want, req in past.items():
+        with pytest.raises(grpc.RpcError) as err:
+            raw(req.SerializeToString(), metadata=md, timeout=10)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (want, err.value.details())
+        assert want in err.value.details()
+    with pytest.raises(grpc.RpcError) as err:
+        gw.GetCartRecommendations(
+            gateway_pb2.GetCartRecommendationsRequest(
+                customer_id="c", context=common_pb2.Context(cart_item_ids=ids[:501])
+            ),
+            metadata=md,
+            timeout=10,
+        )
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "at most 500" in err.value.details()
+    events = [
+        common_pb2.Event(event_id=f"bound-{i}", customer_id="c", type=common_pb2.EVENT_TYPE_VIEW)
+        for i in range(1001)
+    ]
+    with pytest.raises(grpc.RpcError) as err:
+        gw.TrackEvents(gateway_pb2.TrackEventsRequest(events=events), metadata=md, timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "events has 1001 entries; at most 1000" in err.value.details()
+    assert len(gw.Recommend(gateway_pb2.RecommendRequest(k=2), metadata=md, timeout=10).items) == 2
 
 
 # -- fallbacks are named ---------------------------------------------------------------
@@ -382,3 +451,31 @@ def test_reflection_answers_v1_and_v1alpha(channel: grpc.Channel, version: str) 
     assert {"grpc.reflection.v1.ServerReflection", "grpc.health.v1.Health"} <= names
     files = answers[1].file_descriptor_response.file_descriptor_proto
     assert files, answers[1]
+
+
+# -- serving without training libraries ------------------------------------------------
+
+
+def _mapped_libraries(pid: int) -> set[str]:
+    """Shared objects mapped into a process (``/proc/<pid>/maps``)."""
+    with open(f"/proc/{pid}/maps") as f:
+        return {line.split()[-1] for line in f if ".so" in line}
+
+
+def test_model_services_serve_without_torch(api_stack: ApiStack, gw: Stub, md: Any) -> None:
+    """Retrieval and ranking answer with both models loaded (the fixture waits for them)
+    while no torch library is mapped into any service process: they serve from arrays."""
+    from services.common.supervisor import health_status
+
+    resp = gw.Recommend(gateway_pb2.RecommendRequest(customer_id="", k=3), metadata=md, timeout=5)
+    assert "mercato-ranker" in {m.name for m in resp.models}, resp.models
+    pids = dict(api_stack.pids)
+    assert set(pids) == {"gateway", "profile", "retrieval", "ranking"}
+    retrieval = api_stack.gateway.rsplit(":", 1)[0] + f":{api_stack.retrieval_port}"
+    assert health_status(retrieval) == "SERVING"  # SERVING = a two-tower version loaded
+    for name, pid in pids.items():
+        libs = _mapped_libraries(pid)
+        torch_libs = sorted(lib for lib in libs if "libtorch" in lib or "/torch/" in lib)
+        assert not torch_libs, f"{name} (pid {pid}) has torch loaded: {torch_libs[:3]}"
+    # The check sees native libraries: retrieval has FAISS's mapped.
+    assert any("faiss" in lib for lib in _mapped_libraries(pids["retrieval"]))

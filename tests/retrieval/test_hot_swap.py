@@ -76,7 +76,7 @@ def test_swap_under_load_refuses_broken_versions(store: Store, tmp_path: Path) -
         faiss.write_index(index, str(d / "index.faiss"))
 
     def missing_file(d: Path) -> None:
-        (d / "towers.pt").unlink()
+        (d / "towers.npz").unlink()
 
     anchor, comp = b.item_ids[5], [b.item_ids[40], b.item_ids[41]]
 
@@ -169,7 +169,7 @@ def test_swap_under_load_refuses_broken_versions(store: Store, tmp_path: Path) -
         assert loaded_version_metric(svc) == float(v3)
         log = svc.log()
         assert "model version refused" in log and f'"version": "{v_dim}"' in log
-        assert "towers.pt is missing" in log
+        assert "towers.npz is missing" in log
         assert re.search(rf"index has \d+ x {dim + 3}, want \d+ x {dim}", log)
 
         with svc.channel() as ch:

@@ -1,4 +1,5 @@
-"""The serving model in-process: NumPy user tower, index choice, copy-on-write item adds."""
+"""The serving model in-process: NumPy towers equal to torch, index choice, copy-on-write
+item adds."""
 
 from __future__ import annotations
 
@@ -10,9 +11,8 @@ import numpy as np
 import pytest
 
 from services.models.registry import ModelVersionInfo
-from services.models.two_tower import ItemFeatures, TwoTowerBundle, UserQuery
+from services.models.two_tower import ItemFeatures, TwoTowerBundle, UserQuery, history_bags
 from services.retrieval.model import IndexConfig, RowFilter, load_retrieval_model
-from services.retrieval.user_encoder import NumpyUserEncoder
 from tests.retrieval.conftest import Store
 
 pytestmark = pytest.mark.slow  # trains a two-tower (session fixture)
@@ -20,9 +20,13 @@ pytestmark = pytest.mark.slow  # trains a two-tower (session fixture)
 INFO = ModelVersionInfo("m", "1", "r", "champion")
 
 
-def test_numpy_user_tower_equals_torch(store: Store) -> None:
+def test_numpy_towers_equal_torch(store: Store) -> None:
+    """Serving computes both towers in NumPy from towers.npz; here (not in every pod)
+    they are checked equal to the torch network rebuilt from the same arrays."""
+    import torch
+
     b = TwoTowerBundle.load(store.bundle_dir)
-    enc = NumpyUserEncoder(b)
+    assert b._net is None  # loading a bundle builds no torch module
     rng = np.random.default_rng(0)
     ids, cats = b.item_ids, [c for c in b.vocab["category"] if c]
     queries = []
@@ -43,10 +47,28 @@ def test_numpy_user_tower_equals_torch(store: Store) -> None:
                 else {},
             )
         )
-    want = b.encode_users(queries)
-    got = np.stack([enc.encode(q) for q in queries])
-    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
-    assert enc.matches(queries)
+    net = b.net
+    flat, offsets = history_bags([b.history_rows(q) for q in queries])
+    ctx = torch.tensor([b.context_ids(q) for q in queries], dtype=torch.long)
+    with torch.no_grad():
+        want = net.encode_user(torch.from_numpy(flat), torch.from_numpy(offsets), *ctx.unbind(1))
+    np.testing.assert_allclose(b.encode_users(queries), want.numpy(), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(b.encode_user(queries[3]), want.numpy()[3], atol=1e-5, rtol=0)
+
+    # Item tower: known ids, an unknown id (features only), no attributes, many.
+    feats = [
+        ItemFeatures(ids[i], b.item_category[i], float(b.item_price[i]), {"brand": f"b{i % 7}"})
+        for i in range(30)
+    ]
+    feats += [
+        ItemFeatures("NEW-1", cats[0], 12.5, {"brand": "x", "colour": "red", "size": "M"}),
+        ItemFeatures("NEW-2", "unknown-cat", 0.0, {}),
+        ItemFeatures(ids[3], "", -1.0, {f"k{j}": str(j) for j in range(20)}),
+    ]
+    i_ids, i_cats, i_prices, i_attrs = (torch.from_numpy(a) for a in b.item_feature_arrays(feats))
+    with torch.no_grad():
+        want_items = net.encode_item(i_ids, i_cats, i_prices, i_attrs).numpy()
+    np.testing.assert_allclose(b.encode_items(feats), want_items, atol=1e-5, rtol=0)
 
 
 def test_index_type_by_catalog_size_and_mmap(store: Store, tmp_path: Path) -> None:

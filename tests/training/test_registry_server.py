@@ -3,7 +3,11 @@
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,6 +15,7 @@ import pytest
 
 from services.models.registry import BUNDLE_ARTIFACT_PATH, download_bundle
 from tests.mlflow_server import MlflowServer
+from tests.procs import REPO
 from training import registry
 
 pytestmark = pytest.mark.slow
@@ -65,3 +70,51 @@ def test_artifact_location_rules() -> None:
         == "mlflow-artifacts:/exp"
     )
     assert registry.artifact_location_for("http://mlflow:5000", "s3://b/x", "exp") == "s3://b/x"
+
+
+def test_serving_resolves_and_downloads_over_rest_without_importing_mlflow(
+    server: MlflowServer, tmp_path: Path
+) -> None:
+    """A model service following an MLflow server resolves aliases and downloads bundles
+    over the REST API: in a fresh interpreter, after the watcher's own calls (resolve,
+    download by run id, a nested folder, an unknown alias), ``mlflow`` was never
+    imported, and the files are those training logged."""
+    client, uri = registry.client_for(server.url)
+    exp_id = registry.ensure_experiment(client, "mercato-t-rest", uri, None)
+    bundle = tmp_path / "bundle-src"
+    (bundle / "nested").mkdir(parents=True)
+    (bundle / "config.json").write_text('{"a": 1}')
+    (bundle / "nested" / "weights.npy").write_bytes(bytes(range(256)) * 400)
+    run_id = client.create_run(exp_id).info.run_id
+    client.log_artifacts(run_id, str(bundle), BUNDLE_ARTIFACT_PATH)
+    client.set_terminated(run_id)
+    registry.register_bundle(client, run_id, model_name="mercato-t-rest")
+    code = f"""
+import json, sys
+from pathlib import Path
+from services.models.registry import resolve_alias
+from services.models.watcher import download_bundle_by_run
+info = resolve_alias("mercato-t-rest", "challenger", {server.url!r})
+_, local = download_bundle_by_run(info, {server.url!r}, Path({str(tmp_path / "dl")!r}))
+try:
+    resolve_alias("mercato-t-rest", "no-such-alias", {server.url!r})
+    missing = "resolved"
+except LookupError as e:
+    missing = "LookupError"
+print(json.dumps({{"version": info.version, "run_id": info.run_id, "local": str(local),
+    "missing": missing, "mlflow": sorted(m for m in sys.modules if m.startswith("mlflow"))}}))
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["mlflow"] == []
+    assert (got["version"], got["run_id"], got["missing"]) == ("1", run_id, "LookupError")
+    local = Path(got["local"])
+    assert (local / "config.json").read_text() == '{"a": 1}'
+    assert (local / "nested" / "weights.npy").read_bytes() == bytes(range(256)) * 400
