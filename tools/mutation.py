@@ -95,6 +95,34 @@ MODULES: dict[str, Module] = {
         ("services.gateway.breaker.*", "services.gateway.downstream.*"),
         ("tests/gateway/test_breaker.py", "tests/gateway/test_downstream.py"),
     ),
+    "gateway-fallbacks": Module(
+        "gateway: what a failed or slow profile, retrieval, ranking, item lookup or offer "
+        "hop turns into (anonymous profile, popular items, retrieval order, ids only, no "
+        "offer), the degraded entries and the shortfall",
+        ("services/gateway/pipeline.py",),
+        tuple(
+            f"services.gateway.pipeline.{name}__mutmut_*"
+            for name in (
+                "xǁTraceǁdrop",
+                "xǁTraceǁdegrade",
+                "xǁTraceǁshortfall",
+                "xǁPipelineǁget_profile",
+                "xǁPipelineǁtrending",
+                "xǁPipelineǁ_trending",
+                "xǁPipelineǁ_trending_call",
+                "xǁPipelineǁ_trending_depth",
+                "xǁPipelineǁitem_details",
+                "xǁPipelineǁselect_offer",
+                "xǁPipelineǁrank",
+                "xǁPipelineǁcandidates",
+                "xǁPipelineǁ_fallback_trending",
+                "xǁPipelineǁoverloaded_recommend",
+                "x__complement_fallback",
+                "x__passthrough",
+            )
+        ),
+        ("tests/gateway/test_fallbacks.py",),
+    ),
     "offer-policy": Module(
         "offer policy: budget reservation, spending and release",
         ("services/ranking/offers/policy.py",),
