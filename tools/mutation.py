@@ -365,22 +365,33 @@ def run_module(name: str, max_children: int) -> dict[str, Any]:
 
 
 def write_report(results: dict[str, dict[str, Any]]) -> None:
+    """Write ``results`` to bench/results/mutation.json and their rows into the table of
+    docs/testing.md; the rows of modules not in ``results`` (run elsewhere: the JSON file
+    is local) are kept as they are."""
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
-    lines = [
-        "| module | mutants | killed | score | equivalent (not counted) | run time | tests |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
-    ]
+    text = DOC.read_text() if DOC.exists() else ""
+    start, end = "<!-- mutation-table -->", "<!-- /mutation-table -->"
+    rows: dict[str, str] = {}
+    if start in text and end in text:
+        for line in text.split(start, 1)[1].split(end, 1)[0].splitlines():
+            name = line.split("|")[1].strip() if line.startswith("| ") else ""
+            if name in MODULES:
+                rows[name] = line
     for name, r in results.items():
         pct = f"{100 * r['score']:.1f}%" if r["score"] is not None else "n/a"
         tests = ", ".join(f"`{t}`" for t in r["tests"])
-        lines.append(
+        rows[name] = (
             f"| {name} | {r['mutants']} | {r['killed']} | {pct} | {r.get('equivalent', 0)} "
             f"| {r['seconds']:.0f} s | {tests} |"
         )
-    table = "\n".join(lines)
-    text = DOC.read_text() if DOC.exists() else ""
-    start, end = "<!-- mutation-table -->", "<!-- /mutation-table -->"
+    table = "\n".join(
+        [
+            "| module | mutants | killed | score | equivalent (not counted) | run time | tests |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
+            *(rows[name] for name in MODULES if name in rows),
+        ]
+    )
     if start in text and end in text:
         head, rest = text.split(start, 1)
         _, tail = rest.split(end, 1)
