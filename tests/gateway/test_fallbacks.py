@@ -32,6 +32,7 @@ from mercato.v1 import (
     retrieval_pb2,
 )
 from services.common.interceptors import RuntimeInterceptor
+from services.gateway.experiments import Experiment, Variant
 from services.gateway.pipeline import Pipeline
 from services.gateway.server import GatewayServicer
 from services.gateway.settings import GatewaySettings
@@ -54,6 +55,7 @@ ITEMS = {
     for i in range(12)
 }
 ITEMS["gone"] = common_pb2.Item(item_id="gone", title="Gone", category="kitchen", stock=0)
+ITEMS["last"] = common_pb2.Item(item_id="last", title="Last", category="garden", stock=1)
 POPULAR = ["gone", *(f"p{i}" for i in range(12))]
 # alice bought p0 and p1 and looked at three items; carol has p3 and p4 in her cart.
 PROFILES = {
@@ -114,6 +116,7 @@ class Fake:
     once: dict[str, list[Any]] = field(default_factory=lambda: defaultdict(list))
     delay: dict[str, float] = field(default_factory=dict)
     seen: dict[str, list[Any]] = field(default_factory=lambda: defaultdict(list))
+    raw: dict[str, list[bytes]] = field(default_factory=lambda: defaultdict(list))
 
     def down(self, *methods: str) -> None:
         for m in methods or tuple(self.methods):
@@ -131,9 +134,13 @@ class Fake:
                     await context.abort(answer, f"fake {answer.name}")
                 return answer(request) if callable(answer) else answer
 
+            def parse(data: bytes) -> Any:
+                self.raw[name].append(data)
+                return req_cls.FromString(data)
+
             return grpc.unary_unary_rpc_method_handler(
                 handle,
-                request_deserializer=req_cls.FromString,
+                request_deserializer=parse,
                 response_serializer=resp_cls.SerializeToString,
             )
 
@@ -254,10 +261,11 @@ async def stacks() -> AsyncIterator[Callable[..., Awaitable[Stack]]]:
     def handlers(fake: Fake) -> Callable[[grpc.aio.Server], None]:
         return lambda server: server.add_generic_rpc_handlers((fake.handler(),))
 
-    async def make(**overrides: Any) -> Stack:
+    async def make(experiments: tuple[Experiment, ...] = (), **overrides: Any) -> Stack:
         down = fakes()
         chans = {name: await serve(handlers(f)) for name, f in down.items()}
-        pipeline = Pipeline(GatewaySettings(**{**BASE, **overrides}), chans, [], exposures=None)
+        settings = GatewaySettings(**{**BASE, **overrides})
+        pipeline = Pipeline(settings, chans, list(experiments), exposures=None)
         client = await serve(
             lambda server: gateway_pb2_grpc.add_GatewayServiceServicer_to_server(
                 GatewayServicer(pipeline), server
@@ -364,6 +372,29 @@ async def test_retrieval_filters_follow_the_request(stack: Stack) -> None:
     assert list(first.filters.exclude_item_ids) == ["p2", "p9"]  # sorted
     assert list(first.filters.categories) == ["kitchen", "garden"]
     assert first.filters.exclude_in_cart and second.filters.exclude_in_cart
+    checkout = common_pb2.Context(surface=common_pb2.SURFACE_CHECKOUT)
+    assert first.context == checkout and second.context == common_pb2.Context(surface=CART)
+    assert stack.ranking.seen["Rank"][0].context == checkout
+    # No experiment: each service's default model.
+    assert not first.model_alias and not stack.ranking.seen["Rank"][0].model_alias
+
+
+async def test_experiments_choose_the_models_asked_for(
+    stacks: Callable[..., Awaitable[Stack]],
+) -> None:
+    stack = await stacks(
+        experiments=(
+            Experiment("ret-exp", "retrieval", (Variant("treatment", "challenger", 1.0),)),
+            Experiment("rank-exp", "ranking", (Variant("control", "champion-r", 1.0),)),
+        )
+    )
+    resp = await recommend(stack, customer_id="alice", k=3)
+    assert [(e.experiment, e.variant) for e in resp.experiments] == [
+        ("ret-exp", "treatment"),
+        ("rank-exp", "control"),
+    ]
+    assert stack.retrieval.seen["Retrieve"][0].model_alias == "challenger"
+    assert stack.ranking.seen["Rank"][0].model_alias == "champion-r"
 
 
 async def test_ranking_sends_item_details_when_configured(
@@ -373,9 +404,13 @@ async def test_ranking_sends_item_details_when_configured(
     for _ in range(2):  # the second time from the details cache
         resp = await recommend(stack, customer_id="alice", k=3)
         assert len(resp.items) == 3
-    for req in stack.ranking.seen["Rank"]:
+    for req, raw in zip(stack.ranking.seen["Rank"], stack.ranking.raw["Rank"], strict=True):
         assert [c.item_id for c in req.candidates] == [i for i in RETRIEVED if i != "gone"]
         assert list(req.items) == [ITEMS[c.item_id] for c in req.candidates]
+        known = ranking_pb2.RankRequest()
+        known.CopyFrom(req)
+        known.DiscardUnknownFields()
+        assert known.ByteSize() == len(raw)  # nothing but the fields, pre-serialized
     assert len(stack.profile.seen["GetItems"]) == 1
 
 
@@ -432,6 +467,7 @@ async def test_popular_items_of_the_one_category_asked_for(stack: Stack) -> None
     kitchen = [f"p{i}" for i in (3, 5, 7, 9, 11)]  # p1 bought, gone sold out
     assert ids(resp) == kitchen
     assert stack.profile.seen["GetTrending"][0].category == "kitchen"
+    assert resp.shortfall.reason == "5 of 10 items: 5 candidates after retrieval's filters"
     await recommend(stack, customer_id="alice", k=10, categories=["kitchen", "garden"])
     assert stack.profile.seen["GetTrending"][1].category == ""  # several: all of them
 
@@ -475,6 +511,8 @@ async def test_a_cached_list_run_short_by_exclusions_asks_again_with_them(
     stack.profile.answers["GetTrending"] = lambda r: trending(r, many)
     stack.retrieval.down()
     stack.ranking.down()
+    exact = await recommend(stack, k=100, exclude_item_ids=["t0"])  # 100 of the 101 left
+    assert ids(exact) == many[1:101] and len(stack.profile.seen["GetTrending"]) == 1
     resp = await recommend(stack, k=100, exclude_item_ids=["t1", "t0"])
     first, second = stack.profile.seen["GetTrending"]
     assert first.k == 101 and not first.exclude_item_ids  # the cached depth: 1 + 100
@@ -569,7 +607,7 @@ async def test_ranking_drops_add_to_the_shortfall(stack: Stack) -> None:
     def few(req: ranking_pb2.RankRequest) -> ranking_pb2.RankResponse:
         resp = rank(req)
         del resp.items[2:]
-        resp.dropped.update({"brand_cap": 2, "nothing": 0})
+        resp.dropped.update({"brand_cap": 2, "out_of_stock": 2, "nothing": 0})
         return resp
 
     stack.ranking.answers["Rank"] = few
@@ -577,9 +615,9 @@ async def test_ranking_drops_add_to_the_shortfall(stack: Stack) -> None:
     assert len(resp.items) == 2
     assert resp.shortfall.reason == (
         "2 of 4 items: 7 candidates after retrieval's filters; "
-        "left out by rules: brand_cap 2, out_of_stock 1"
-    )
-    assert dict(resp.shortfall.dropped) == {"brand_cap": 2, "out_of_stock": 1}
+        "left out by rules: brand_cap 2, out_of_stock 3"
+    )  # out of stock: 1 by the gateway's details, 2 by ranking's table
+    assert dict(resp.shortfall.dropped) == {"brand_cap": 2, "out_of_stock": 3}
 
 
 async def test_already_a_fallback_reason_is_not_repeated(stack: Stack) -> None:
@@ -598,6 +636,12 @@ async def test_nothing_in_stock_is_not_sent_to_ranking(stack: Stack) -> None:
     resp = await recommend(stack, customer_id="alice", k=2)
     assert not resp.items and not resp.degraded and not stack.ranking.seen["Rank"]
     assert dict(resp.shortfall.dropped) == {"out_of_stock": 1}
+    # The last one in stock is still in stock.
+    gone.append(common_pb2.Candidate(item_id="last", score=0.5, source=MODEL))
+    stack.retrieval.answers["Retrieve"] = retrieval_pb2.RetrieveResponse(candidates=gone)
+    resp = await recommend(stack, customer_id="alice", k=2)
+    assert ids(resp) == ["last"]
+    assert [c.item_id for c in stack.ranking.seen["Rank"][0].candidates] == ["last"]
 
 
 # ---------------------------------------------------------------------- details, offer
@@ -658,6 +702,9 @@ async def test_offer_down_means_no_offer_and_is_not_retried(
     ctx = common_pb2.Context(surface=CART)
     ok = await recommend(stack, customer_id="alice", k=2, include_offer=True, context=ctx)
     assert ok.offer.offer_id == "o10" and ok.offer_decision_id == "d1"
+    (offer_req,) = stack.ranking.seen["SelectOffer"]
+    assert offer_req.profile == PROFILES["alice"] and offer_req.context == ctx
+    before = hops()
     assert stages(ok)["offer"] == (1, False, "best margin") and not ok.degraded
     stack.ranking.once["SelectOffer"].append(S.UNAVAILABLE)
     resp = await recommend(stack, customer_id="alice", k=2, include_offer=True, context=ctx)
@@ -666,6 +713,7 @@ async def test_offer_down_means_no_offer_and_is_not_retried(
     assert stages(resp)["offer"] == (0, True, DOWN)
     assert not resp.HasField("offer") and not resp.offer_decision_id
     assert len(resp.items) == 2
+    assert hop_delta(before)[("offer", "UNAVAILABLE")] == 1
 
 
 async def test_a_none_offer_is_counted_as_no_offer_in_the_stage(stack: Stack) -> None:
@@ -795,6 +843,27 @@ async def test_overloaded_answer_is_the_cached_popular_list(
     default_k = pipe.overloaded_recommend(gateway_pb2.RecommendRequest())
     assert default_k is not None and len(default_k.items) == 10
     assert len(stack.profile.seen["GetTrending"]) == 2  # no downstream call for these
+
+
+async def test_past_the_bound_a_call_gets_the_cached_list_at_once(
+    stacks: Callable[..., Awaitable[Stack]],
+) -> None:
+    stack = await stacks(trending_cache_seconds=60, max_in_flight=1)
+    stack.retrieval.once["Retrieve"].append(S.UNAVAILABLE)
+    await recommend(stack, k=3)  # caches the popular list
+    stack.retrieval.delay["Retrieve"] = 1.0
+    slow = asyncio.create_task(recommend(stack, k=3))
+    while len(stack.retrieval.seen["Retrieve"]) < 2:  # the slow call holds the one slot
+        await asyncio.sleep(0.005)
+    started = time.monotonic()
+    fast = await stack.stub.Recommend(
+        gateway_pb2.RecommendRequest(k=3), timeout=10, metadata=(("x-request-id", "req-77"),)
+    )
+    assert time.monotonic() - started < 0.5 and not slow.done()
+    assert fast.request_id == "req-77"
+    assert ids(fast) == ["p0", "p1", "p2"] and fast.degraded[0].stage == "gateway"
+    assert len(stack.retrieval.seen["Retrieve"]) == 2  # the fast answer asked nobody
+    assert len((await slow).items) == 3
 
 
 # --------------------------------------------------------------------- related, cart
