@@ -132,7 +132,7 @@ MODULES: dict[str, Module] = {
             "services.ranking.offers.policy.xǁOfferPolicyǁ_settle__mutmut_*",
             "services.ranking.offers.policy.xǁOfferPolicyǁstatus__mutmut_*",
         ),
-        ("tests/ranking/test_offers.py",),
+        ("tests/ranking/test_offers.py", "tests/ranking/test_offers_shared.py"),
     ),
     "evaluation-metrics": Module(
         "evaluation metrics: top-k with exclusions, recall/NDCG/MAP/coverage, re-rank NDCG",
@@ -239,6 +239,12 @@ EQUIVALENT: dict[str, str] = {
         for i in (23, 24)
     },
     f"{_GW}select_offer__mutmut_14": "retries omitted: Downstream.call's default is the 0 written",
+    **{
+        f"services.ranking.offers.policy.xǁOfferPolicyǁ_settle__mutmut_{i}": "an offer's "
+        "counters exist from its first decision (written with it, restored with the state), "
+        "so the default of counts.setdefault is never used when an outcome is settled"
+        for i in (61, 63)
+    },
 }
 
 
