@@ -749,7 +749,7 @@ async def test_a_slow_hop_times_out_on_its_own_deadline(
 ) -> None:
     fake, method, setting, (stage, fallback) = HOPS[hop]
     stack = await stacks(**{setting: 200})
-    getattr(stack, fake).delay[method] = 1.5
+    getattr(stack, fake).delay[method] = 5.0
     started = time.monotonic()
     resp = await recommend(
         stack,
@@ -762,7 +762,7 @@ async def test_a_slow_hop_times_out_on_its_own_deadline(
     assert (stage, fallback) in [(d.stage, d.fallback) for d in resp.degraded]
     reason = next(d.reason for d in resp.degraded if d.stage == stage)
     assert reason.startswith("DEADLINE_EXCEEDED")
-    assert elapsed < 1.4  # the hop's 0.2 s, not the slow answer nor the caller's 5 s
+    assert elapsed < 2.5  # the hop's 0.2 s, not the slow answer (5 s) nor the caller's deadline
     assert len(resp.items) == 3
 
 
@@ -771,10 +771,10 @@ async def test_trending_times_out_on_the_profile_hop_deadline(
 ) -> None:
     stack = await stacks(profile_timeout_ms=200)
     stack.retrieval.down()
-    stack.profile.delay["GetTrending"] = 1.5
+    stack.profile.delay["GetTrending"] = 5.0
     started = time.monotonic()
     resp = await recommend(stack, k=3)
-    assert time.monotonic() - started < 1.4
+    assert time.monotonic() - started < 2.5
     assert resp.degraded[0].fallback == "none" and "trending: DEADLINE_EXCEEDED" in (
         resp.degraded[0].reason
     )
@@ -851,7 +851,7 @@ async def test_past_the_bound_a_call_gets_the_cached_list_at_once(
     stack = await stacks(trending_cache_seconds=60, max_in_flight=1)
     stack.retrieval.once["Retrieve"].append(S.UNAVAILABLE)
     await recommend(stack, k=3)  # caches the popular list
-    stack.retrieval.delay["Retrieve"] = 1.0
+    stack.retrieval.delay["Retrieve"] = 2.0
     slow = asyncio.create_task(recommend(stack, k=3))
     while len(stack.retrieval.seen["Retrieve"]) < 2:  # the slow call holds the one slot
         await asyncio.sleep(0.005)
@@ -859,7 +859,7 @@ async def test_past_the_bound_a_call_gets_the_cached_list_at_once(
     fast = await stack.stub.Recommend(
         gateway_pb2.RecommendRequest(k=3), timeout=10, metadata=(("x-request-id", "req-77"),)
     )
-    assert time.monotonic() - started < 0.5 and not slow.done()
+    assert time.monotonic() - started < 1.5 and not slow.done()
     assert fast.request_id == "req-77"
     assert ids(fast) == ["p0", "p1", "p2"] and fast.degraded[0].stage == "gateway"
     assert len(stack.retrieval.seen["Retrieve"]) == 2  # the fast answer asked nobody
