@@ -245,6 +245,11 @@ EQUIVALENT: dict[str, str] = {
         "so the default of counts.setdefault is never used when an outcome is settled"
         for i in (61, 63)
     },
+    **{
+        f"services.profile.logic.x_apply_event__mutmut_{i}": "INTEREST_WEIGHTS.get(kind) "
+        "without a default gives None for the other kinds, as falsy as the 0.0 written"
+        for i in (29, 31)
+    },
 }
 
 
