@@ -228,3 +228,54 @@ def test_normalisation_fills_catalog_price_and_category() -> None:
     assert norm.quantity == 1
     assert norm.price == items["i2"].price and norm.category == items["i2"].category
     assert LogEvent.from_json(norm.to_json()) == norm
+
+
+def test_apply_event_field_by_field_with_late_events() -> None:
+    """Every field apply_event changes, after each event of a sequence where some events
+    arrive late (an earlier timestamp than one already applied)."""
+    cfg = ProfileConfig()
+    s = ProfileState()
+    t = NOW_US
+    add, remove, buy = (
+        ET.EVENT_TYPE_ADD_TO_CART,
+        ET.EVENT_TYPE_REMOVE_FROM_CART,
+        ET.EVENT_TYPE_PURCHASE,
+    )
+    apply_event(s, ev(1, add, "a", t + 10, quantity=2, price=3.0), cfg)
+    assert s.cart == {"a": [2, 3.0, t + 10]} and s.cart_updated_us == t + 10
+    assert (s.first_seen_us, s.last_seen_us, s.events) == (t + 10, t + 10, 1)
+    # late, quantity 0 (counts as 1), no price (the line keeps its price)
+    apply_event(s, ev(2, add, "a", t + 5, quantity=0, price=0.0), cfg)
+    assert s.cart == {"a": [3, 3.0, t + 10]} and s.cart_updated_us == t + 10
+    assert (s.first_seen_us, s.last_seen_us, s.events) == (t + 5, t + 10, 2)
+    apply_event(s, ev(3, add, "a", t + 20, quantity=1, price=2.5), cfg)
+    assert s.cart == {"a": [4, 2.5, t + 20]} and s.cart_updated_us == t + 20
+    apply_event(s, ev(4, remove, "a", t + 15, quantity=3), cfg)  # late, part of the line
+    assert s.cart == {"a": [1, 2.5, t + 20]} and s.cart_updated_us == t + 20
+    apply_event(s, ev(5, remove, "zz", t + 30, quantity=1), cfg)  # not in the cart
+    assert s.cart == {"a": [1, 2.5, t + 20]} and s.cart_updated_us == t + 20
+    assert s.last_seen_us == t + 30
+    apply_event(s, ev(6, remove, "a", t + 40, quantity=1), cfg)  # exactly what is there
+    assert s.cart == {} and s.cart_updated_us == t + 40
+    apply_event(s, ev(7, buy, "b", t + 50, quantity=2, price=4.0, order_id="o1"), cfg)
+    apply_event(s, ev(8, buy, "b", t + 45, quantity=0, price=1.5), cfg)  # late, no order id
+    assert s.purchases == {"b": [2, 3, t + 50]}
+    assert s.orders == {"o1", "event:e8"}
+    assert s.monetary == pytest.approx(2 * 4.0 + 1 * 1.5) and s.units == 3
+    assert s.last_purchase_us == t + 50 and s.cart_updated_us == t + 40
+    apply_event(s, ev(9, add, "c", t + 60, quantity=1, price=1.0), cfg)
+    apply_event(s, ev(10, buy, "c", t + 55, quantity=1, price=1.0, order_id="o2"), cfg)
+    assert s.cart == {} and s.cart_updated_us == t + 60  # bought: out of the cart
+    assert s.purchases["c"] == [1, 1, t + 55] and s.last_purchase_us == t + 55
+    apply_event(s, ev(11, buy, "d", t + 70, quantity=1, price=1.0, order_id="o2"), cfg)
+    assert s.cart_updated_us == t + 60  # not in the cart: the cart did not change
+    assert s.orders == {"o1", "o2", "event:e8"} and s.units == 5
+    assert (s.first_seen_us, s.last_seen_us, s.events) == (t + 5, t + 70, 11)
+    # An offer event says nothing about interest in an item: neither recent items nor
+    # affinity change; a removal from the cart is a recent item but no interest either.
+    recent = [list(r) for r in s.recent]
+    offer = ev(12, ET.EVENT_TYPE_OFFER_SHOWN, "x", t + 80, category="garden", offer_id="o")
+    apply_event(s, offer, cfg)
+    assert s.recent == recent and s.affinity == {}
+    apply_event(s, ev(13, remove, "x", t + 81, category="garden"), cfg)
+    assert s.recent[0][0] == "x" and s.affinity == {}

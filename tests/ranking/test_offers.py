@@ -541,3 +541,128 @@ def test_budget_accounting_is_exact_to_the_cent() -> None:
     # 5.95 is free again: one more offer (4.5) fits, a second would not
     decisions.append(give())
     assert row().spent == pytest.approx(used + 4.5) and row().decisions == 6
+
+
+def _give(policy: OfferPolicy, offer_id: str, ctx: OfferContext = CART, **kw: Any) -> str:
+    """A decision giving ``offer_id`` (Thompson sampling: asked until it comes up)."""
+    for _ in range(500):
+        choice = policy.select(ctx, **kw)
+        if choice.offer.id == offer_id:
+            return choice.decision_id
+    raise AssertionError(f"{offer_id} was never chosen")
+
+
+def test_a_budget_of_one_holds_exactly_one_decision() -> None:
+    """A small budget is a budget (not "unlimited"), and one decision that costs all of
+    it still fits when nothing was spent yet."""
+    from services.ranking.offers.policy import BUDGET
+
+    cat = catalog(
+        [
+            {
+                "id": "amt",
+                "kind": "amount_off",
+                "cost": {"amount": 0.75, "fixed": 0.25},
+                "budget": {"amount": 1, "period": "total"},
+            }
+        ],
+        exploration={"max_share": 1.0, "prior_lift_sd": 3.0},
+    )
+    policy = OfferPolicy(cat, MemoryStore(), seed=5, clock=Clock())
+    assert {r.offer.id: r.spent for r in policy.status()} == {"none": 0.0, "amt": 0.0}
+    _give(policy, "amt")
+    assert {r.offer.id: r.spent for r in policy.status()}["amt"] == pytest.approx(1.0)
+    for _ in range(20):
+        choice = policy.select(CART)
+        assert (choice.offer.id, choice.reason) == ("none", BUDGET)
+
+
+def test_decisions_and_status_use_the_time_given() -> None:
+    cat = catalog(
+        [
+            {
+                "id": "amt",
+                "kind": "amount_off",
+                "cost": {"amount": 5},
+                "budget": {"amount": 100, "period": "day"},
+            }
+        ],
+        exploration={"max_share": 1.0, "prior_lift_sd": 3.0},
+        attribution_days=60,
+    )
+    policy = OfferPolicy(cat, MemoryStore(), seed=1, clock=Clock())  # the clock says T0
+    later = T0 + 40 * DAY
+    _give(policy, "amt", now=later)
+    then = next(r for r in policy.status(now=later) if r.offer.id == "amt")
+    assert then.spent == pytest.approx(5.0) and then.period_key == "2026-02-10"
+    today = next(r for r in policy.status() if r.offer.id == "amt")
+    assert today.spent == 0.0 and today.period_key == "2026-01-01"
+
+
+@pytest.mark.parametrize("expired_learns", [True, False])
+def test_recorded_outcomes_teach_the_model_and_expiry_only_when_configured(
+    expired_learns: bool,
+) -> None:
+    cat = catalog(
+        [{"id": "amt", "kind": "amount_off", "cost": {"amount": 5}}],
+        exploration={"max_share": 1.0, "prior_lift_sd": 3.0},
+        attribution_days=1,
+        expired_is_no_conversion=expired_learns,
+    )
+    clock = Clock()
+    policy = OfferPolicy(cat, MemoryStore(), seed=2, clock=clock)
+    recorded = [policy.select(CART).decision_id for _ in range(3)]
+    left = [policy.select(CART).decision_id for _ in range(4)]
+    assert len(set(recorded + left)) == 7
+    for d in recorded:
+        assert policy.record(d, CONVERTED_WITHOUT_OFFER, revenue=50.0)
+    assert policy.model.updates == 3
+    clock.t += 2 * DAY
+    assert policy.expire() == 4
+    assert policy.model.updates == 3 + (4 if expired_learns else 0)
+
+
+def test_the_posterior_is_snapshot_every_so_many_learned_outcomes() -> None:
+    cat = catalog(
+        [{"id": "amt", "kind": "amount_off", "cost": {"amount": 5}}],
+        exploration={"max_share": 1.0, "prior_lift_sd": 3.0},
+    )
+    store = MemoryStore()
+    policy = OfferPolicy(cat, store, seed=4, clock=Clock())
+    seqs = []
+    for n in range(1, 2 * SNAPSHOT_EVERY + 2):
+        assert policy.record(policy.select(CART).decision_id, NO_CONVERSION)
+        snap = store.state.snapshot
+        seqs.append(None if snap is None else snap.seq)
+        assert policy.model.updates == n
+    # None until the SNAPSHOT_EVERY-th outcome, then that one until the next multiple
+    assert seqs == (
+        [None] * (SNAPSHOT_EVERY - 1) + [SNAPSHOT_EVERY] * SNAPSHOT_EVERY + [2 * SNAPSHOT_EVERY] * 2
+    )
+
+
+def test_an_open_decision_of_an_offer_since_removed_still_settles(tmp_path: Path) -> None:
+    """The offer is gone from the catalog: its redemption costs what was reserved, is
+    counted, and teaches the model nothing (it has no arm for it any more)."""
+    cat = catalog(
+        [
+            {"id": "a", "kind": "amount_off", "cost": {"amount": 3}},
+            {"id": "b", "kind": "amount_off", "cost": {"amount": 4}},
+        ],
+        exploration={"max_share": 1.0, "prior_lift_sd": 3.0},
+    )
+    path = tmp_path / "offers.db"
+    policy = OfferPolicy(cat, SqliteStore(path), seed=0, clock=Clock())
+    decision = _give(policy, "a")
+    policy.close()
+    without_a = catalog(
+        [{"id": "b", "kind": "amount_off", "cost": {"amount": 4}}],
+        exploration={"max_share": 1.0, "prior_lift_sd": 3.0},
+    )
+    again = OfferPolicy(without_a, SqliteStore(path), seed=0, clock=Clock())
+    updates = again.model.updates
+    assert again.record(decision, REDEEMED, revenue=200.0) is True
+    assert again.model.updates == updates
+    assert again.counts["a"].redemptions == 1
+    assert sum(r.spent for r in again.budgets.values()) == pytest.approx(3.0)
+    again.close()

@@ -197,3 +197,51 @@ def test_two_ranking_processes_share_budget_and_outcomes(two_rankings: list[Serv
     finally:
         for c in channels:
             c.close()
+
+
+def test_a_budget_used_up_by_another_replica_is_refused(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Replica b spends the whole budget; replica a then gives nothing, dry runs
+    included, and when a's read of the budget is stale the reservation is refused by the
+    store and the offer is not tried again."""
+    from services.ranking.offers.policy import BUDGET
+
+    prefix = "t-used-up:"
+    cat = budget_catalog()
+    a = OfferPolicy(cat, RedisStore(redis_url, prefix), seed=1, clock=lambda: T0)
+    b = OfferPolicy(cat, RedisStore(redis_url, prefix), seed=2, clock=lambda: T0)
+    given = sum(b.select(CTX).offer.id == "amt" for _ in range(300))
+    assert given == 18  # 18 x 5.5 of 100: a 19th does not fit
+    for dry_run in (True, False):
+        choice = a.select(CTX, dry_run=dry_run)
+        assert (choice.offer.id, choice.reason) == ("none", BUDGET)
+    reads: list[str] = []
+    reserves: list[tuple[str, bool]] = []
+    reserve = a.shared_store.reserve
+
+    def stale(offer_id: str, period: str) -> None:  # as if nothing had been spent
+        reads.append(offer_id)
+        assert len(reads) < 20, "the refused offer is tried again and again"
+
+    def counted(decision: Any, amount: float) -> bool:
+        ok = reserve(decision, amount)
+        reserves.append((decision.offer_id, ok))
+        return ok
+
+    monkeypatch.setattr(a.shared_store, "budget", stale)
+    monkeypatch.setattr(a.shared_store, "reserve", counted)
+    for _ in range(200):  # until sampling picks the offer a believes affordable
+        reads.clear()
+        reserves.clear()
+        choice = a.select(CTX)
+        if ("amt", False) in reserves:
+            break
+    assert reserves == [("amt", False), ("none", True)]  # refused by the store
+    assert reads == ["amt"]  # and not tried again
+    assert (choice.offer.id, choice.reason) == ("none", BUDGET)
+    monkeypatch.undo()
+    row = next(r for r in a.status(T0) if r.offer.id == "amt")
+    assert row.decisions == 18 and row.spent == pytest.approx(99.0)
+    for p in (a, b):
+        p.close()
