@@ -34,6 +34,7 @@ import pandas as pd
 from rich.console import Console
 
 from services.common.threads import configure_threads
+from services.models.item2item import DIRNAME as ITEM2ITEM_DIR
 from services.models.registry import BUNDLE_ARTIFACT_PATH
 from services.models.two_tower import FORMAT_VERSION, MODEL_TYPE, TwoTowerBundle
 from training import distributed
@@ -59,6 +60,8 @@ from training.features import (
     build_vocab,
 )
 from training.index import IndexConfig, ann_recall, build_index, index_kind
+from training.item2item import Item2ItemConfig, NeighbourScorer, fit_item2item
+from training.replay import ReplayConfig, choose_merge, load_for_replay, replay
 from training.synthetic import SyntheticConfig
 from training.two_tower import TwoTowerConfig, encode_eval_users, select_two_tower
 
@@ -85,6 +88,9 @@ class TrainConfig:
     index: IndexConfig = field(default_factory=IndexConfig)
     baselines: BaselineConfig = field(default_factory=BaselineConfig)
     complements: ComplementsConfig = field(default_factory=ComplementsConfig)
+    item2item: Item2ItemConfig = field(default_factory=Item2ItemConfig)
+    replay_served: bool = True  # replay the served list (training/replay.py) on valid/test
+    replay: ReplayConfig = field(default_factory=ReplayConfig)
     ks: tuple[int, ...] = DEFAULT_KS
     max_eval_users: int = 0  # 0 = every user with future targets
     popularity_size: int = 1000
@@ -404,9 +410,10 @@ def train_and_register(cfg: TrainConfig) -> RegisteredResult:
             }
         # Baselines: fit on train, hyper-parameters chosen on validation.
         baseline_info: dict[str, Any] = {}
+        train_x = interactions(split.train, vocab)
+        hv = interactions(history_valid, vocab, valid.users)
+        ease_b: tuple[np.ndarray, float] | None = None
         if cfg.baselines.models:
-            train_x = interactions(split.train, vocab)
-            hv = interactions(history_valid, vocab, valid.users)
             for bname in cfg.baselines.models:
                 fb = fit_baseline(
                     bname,
@@ -422,6 +429,25 @@ def train_and_register(cfg: TrainConfig) -> RegisteredResult:
                 for name, es, hist_events in eval_sets:
                     h = hv if name == "valid" else interactions(hist_events, vocab, es.users)
                     results[name][bname] = evaluate(fb.model.scorer(h), es, cfg.ks)
+                b_matrix = getattr(fb.model, "B", None)
+                if bname == "ease" and b_matrix is not None:
+                    ease_b = (b_matrix, float(fb.params["lam"]))
+        # Item-to-item neighbours (the second candidate source), chosen on validation.
+        i2i = fit_item2item(
+            train_x,
+            vocab.item_ids,
+            valid,
+            hv,
+            cfg.item2item,
+            f"recall@{cfg.model.early_stop_k}",
+            ease_b,
+            log,
+        )
+        fit_seconds["item2item"] = i2i.fit_seconds
+        baseline_info["item2item"] = {"chosen": i2i.model.config, "tried": i2i.tried}
+        for name, es, hist_events in eval_sets:
+            h = hv if name == "valid" else interactions(hist_events, vocab, es.users)
+            results[name]["item2item"] = evaluate(NeighbourScorer(i2i.model, h), es, cfg.ks)
         for models in results.values():
             for model, m in models.items():
                 m["train_seconds"] = fit_seconds.get(model, 0.0)
@@ -511,6 +537,34 @@ def train_and_register(cfg: TrainConfig) -> RegisteredResult:
         out = Path(tempfile.mkdtemp(prefix="mercato-bundle-"))
         bundle_dir = out / BUNDLE_ARTIFACT_PATH
         bundle.save(bundle_dir)
+        i2i.model.save(bundle_dir / ITEM2ITEM_DIR)
+        if cfg.replay_served:
+            # The served list: the bundle loaded as the retrieval service loads it, each
+            # query through Retrieve (both sources, merge) and Rank (rules), scored alike.
+            served_model = load_for_replay(bundle_dir, run_id)
+            merge, merge_tried = choose_merge(
+                served_model, valid, vocab, cfg.replay, f"recall@{cfg.model.early_stop_k}", log
+            )
+            report["served"] = {"chosen": asdict(merge), "tried": merge_tried}
+            # The weights ship with the bundle: the service fuses as validated here.
+            i2i.model.config["merge"] = asdict(merge)
+            i2i.model.save(bundle_dir / ITEM2ITEM_DIR)
+            served_model = load_for_replay(bundle_dir, run_id)
+            served: list[Metric] = []
+            for name, es, _ in eval_sets:
+                rr = replay(served_model, es, vocab, cfg.replay, cfg.ks, progress=log)
+                results[name]["served"] = {**rr.metrics, "train_seconds": 0.0}
+                fit_seconds[f"served_{name}_replay"] = rr.seconds
+                if log:
+                    log(f"served list replayed on {name}: {len(es)} customers, {rr.seconds:.0f}s")
+                ts = int(time.time() * 1000)
+                served += [
+                    Metric(f"{name}_served_{_metric_key(k)}", float(v), ts, 0)
+                    for k, v in rr.metrics.items()
+                ]
+            client.log_batch(run_id, metrics=served)
+            tables = {s: format_table(m, cfg.ks) for s, m in results.items()}
+            table = "\n\n".join(f"### {s}\n\n{t}" for s, t in tables.items())
         client.log_artifacts(run_id, str(bundle_dir), BUNDLE_ARTIFACT_PATH)
         eval_dir = out / "eval"
         eval_dir.mkdir()

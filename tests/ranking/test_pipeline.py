@@ -77,6 +77,48 @@ def test_duplicates_keep_the_best_score_and_its_source() -> None:
     assert merged.sources == [common_pb2.REASON_COMPLEMENT, 0]
 
 
+def test_merge_keeps_every_source_and_its_scores() -> None:
+    model, sim = common_pb2.REASON_MODEL, common_pb2.REASON_SIMILAR
+    cands = [
+        common_pb2.Candidate(
+            item_id="a",
+            score=0.03,
+            source=sim,
+            sources=[model, sim],
+            source_scores=[0.4, 2.5],
+            source_anchor_ids=["", "x"],
+        ),
+        common_pb2.Candidate(
+            item_id="b", score=0.02, source=model, sources=[model], source_scores=[0.9]
+        ),
+        # The same item again from another call: per source, the best score (and anchor) stays.
+        common_pb2.Candidate(
+            item_id="a",
+            score=0.01,
+            source=sim,
+            sources=[sim],
+            source_scores=[3.0],
+            source_anchor_ids=["y"],
+        ),
+        common_pb2.Candidate(item_id="c", score=0.5),  # a caller that does not merge
+    ]
+    merged = merge_candidates(cands)
+    assert merged.ids == ["a", "b", "c"]
+    assert merged.sources == [sim, model, 0]
+    np.testing.assert_allclose(merged.source_score(model), [0.4, 0.9, np.nan], rtol=1e-6)
+    np.testing.assert_array_equal(merged.source_score(sim), [3.0, np.nan, np.nan])
+    assert merged.source_anchors[sim] == ["y", "", ""]
+    assert np.isnan(merged.source_score(common_pb2.REASON_COMPLEMENT)).all()
+    bad = common_pb2.Candidate(item_id="d", score=1.0, sources=[model], source_scores=[])
+    with pytest.raises(InvalidArgument, match="parallel"):
+        merge_candidates([bad])
+    bad = common_pb2.Candidate(
+        item_id="d", score=1.0, sources=[model], source_scores=[float("inf")]
+    )
+    with pytest.raises(InvalidArgument, match="finite"):
+        merge_candidates([bad])
+
+
 def test_duplicate_candidates_returned_once(pipeline: RankPipeline) -> None:
     req = _request(3)
     req.candidates.add(item_id="i2", score=50.0)
