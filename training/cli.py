@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import replace
+from typing import Any
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
@@ -14,6 +15,35 @@ train_app = typer.Typer(
     help="Train models, evaluate them against baselines, register them.", no_args_is_help=True
 )
 console = Console()
+
+
+def _data_options(
+    data: str,
+    path: str,
+    split: str,
+    protocol: str,
+    min_rating: int,
+    k_core: int,
+    users: int,
+    items: int,
+    days: int,
+    seed: int,
+) -> dict[str, Any]:
+    """The TrainConfig fields that name the data and the split (train and evaluate)."""
+    from training.synthetic import SyntheticConfig
+
+    if data != "synthetic" and not path:
+        raise typer.BadParameter(f"--path is required for --data {data}")
+    return {
+        "data": data,
+        "path": path,
+        "split": split,
+        "protocol": protocol,
+        "min_rating": min_rating,
+        "min_user_interactions": k_core,
+        "min_item_interactions": k_core,
+        "synthetic": replace(SyntheticConfig(), n_users=users, n_items=items, days=days, seed=seed),
+    }
 
 
 @train_app.command("retrieval")
@@ -66,24 +96,14 @@ def train_retrieval(
     from training.features import FeatureConfig
     from training.index import IndexConfig
     from training.pipeline import TrainConfig, train_and_register
-    from training.synthetic import SyntheticConfig
     from training.two_tower import TwoTowerConfig
 
-    if data != "synthetic" and not path:
-        raise typer.BadParameter(f"--path is required for --data {data}")
     cfg = TrainConfig(
-        data=data,
-        path=path,
-        split=split,
-        protocol=protocol,
-        min_rating=min_rating,
-        min_user_interactions=k_core,
-        min_item_interactions=k_core,
+        **_data_options(data, path, split, protocol, min_rating, k_core, users, items, days, seed),
         baselines=replace(
             BaselineConfig(), models=tuple(b for b in baselines.split(",") if b), seed=seed
         ),
         features=FeatureConfig(),
-        synthetic=replace(SyntheticConfig(), n_users=users, n_items=items, days=days, seed=seed),
         model=replace(
             TwoTowerConfig(),
             loss=loss,
@@ -331,19 +351,9 @@ def evaluate_command(
     mercato-served) and print the table."""
     from training.pipeline import TrainConfig
     from training.replay import ReplayConfig, evaluate_served
-    from training.synthetic import SyntheticConfig
 
-    if data != "synthetic" and not path:
-        raise typer.BadParameter(f"--path is required for --data {data}")
     cfg = TrainConfig(
-        data=data,
-        path=path,
-        split=split,
-        protocol=protocol,
-        min_rating=min_rating,
-        min_user_interactions=k_core,
-        min_item_interactions=k_core,
-        synthetic=replace(SyntheticConfig(), n_users=users, n_items=items, days=days, seed=seed),
+        **_data_options(data, path, split, protocol, min_rating, k_core, users, items, days, seed),
         seed=seed,
         tracking_uri=tracking_uri,
         model_name=model_name,

@@ -121,6 +121,8 @@ class ItemNeighbours:
         w = self.scores[pos]
         want = np.isin(dst, rows)
         src, dst, w = src[want], dst[want], w[want]
+        if len(dst) == 0:
+            return out
         order = np.lexsort((src, -w, dst))  # per target: best weight, then lower row
         src, dst = src[order], dst[order]
         first = np.r_[True, dst[1:] != dst[:-1]]

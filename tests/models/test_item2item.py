@@ -96,6 +96,14 @@ def test_scores_equal_the_dense_product_and_top_leaves_out_history() -> None:
     assert top_rows.tolist() == want
     assert np.all(np.diff(top_scores) <= 0)
     assert m.score_rows(np.array([], dtype=np.int64))[0].size == 0
+    # The anchor of each reached item: the history item with the largest weight to it.
+    reached = np.flatnonzero(dense)
+    anchors = m.best_anchor(hist, np.r_[reached, 3])
+    for r, a in zip(reached, anchors[:-1], strict=True):
+        assert w[a, r] == max(w[j, r] for j in np.unique(hist))
+    assert anchors[-1] == -1  # item 3: nobody's neighbour
+    assert m.best_anchor(hist, np.array([3])).tolist() == [-1]
+    assert m.best_anchor(np.array([], dtype=np.int64), reached[:2]).tolist() == [-1, -1]
 
 
 def test_from_rows_keeps_top_n_positive_best_first() -> None:
