@@ -15,6 +15,7 @@ import numpy as np
 from mercato.v1 import common_pb2, ranking_pb2
 from services.common.deadline import check_time_left
 from services.common.errors import InvalidArgument
+from services.ranking.reasons import explain
 from services.ranking.rules import (
     SURFACE_NAMES,
     CandidateSet,
@@ -198,11 +199,15 @@ class RankPipeline:
         response = ranking_pb2.RankResponse(dropped=result.dropped)
         if version is not None:
             response.model.CopyFrom(version)
+        categories = items.category_strings()
+        profile, context = request.profile, request.context
         for idx, score, reasons in zip(result.indices, result.scores, result.reasons, strict=True):
+            codes, texts = explain(reasons, candidates, idx, categories[idx], profile, context)
             response.items.add(
                 item_id=candidates.ids[idx],
                 score=score,
                 model_score=float(scores[idx]),
-                reasons=reasons,  # type: ignore[arg-type]
+                reasons=codes,  # type: ignore[arg-type]
+                reason_texts=texts,
             )
         return response

@@ -32,6 +32,7 @@ def pipeline() -> RankPipeline:
 
 def test_rules_only_ranks_by_retrieval_score(pipeline: RankPipeline) -> None:
     req = _request(5)
+    req.profile.known = True
     req.candidates[3].score = 100.0  # i3 is now the best
     resp = pipeline.rank(req)
     assert _ids(resp)[0] == "i3"
@@ -117,6 +118,46 @@ def test_merge_keeps_every_source_and_its_scores() -> None:
     )
     with pytest.raises(InvalidArgument, match="finite"):
         merge_candidates([bad])
+
+
+def test_reasons_say_why(pipeline: RankPipeline) -> None:
+    sim, comp, model = (
+        common_pb2.REASON_SIMILAR,
+        common_pb2.REASON_COMPLEMENT,
+        common_pb2.REASON_MODEL,
+    )
+    req = ranking_pb2.RankRequest(
+        k=10,
+        profile=common_pb2.Profile(customer_id="c", known=True),
+        context=common_pb2.Context(surface=common_pb2.SURFACE_HOME, cart_item_ids=["cart-1"]),
+    )
+    for item_id, score, source, seen in (("a", 0.9, sim, "seen-7"), ("b", 0.8, model, "seen-3")):
+        # Both sources scored it; item-to-item names the customer's item behind it.
+        req.candidates.add(
+            item_id=item_id,
+            score=score,
+            source=source,
+            sources=[model, sim],
+            source_scores=[score / 2, score * 2],
+            source_anchor_ids=["", seen],
+        )
+    req.candidates.add(item_id="c", score=0.7, source=model, sources=[model], source_scores=[0.4])
+    req.candidates.add(item_id="d", score=0.6, source=comp)
+    req.candidates.add(item_id="e", score=0.5, source=common_pb2.REASON_TRENDING)
+    req.items.add(item_id="e", category="mugs", stock=3)
+    got = {it.item_id: (list(it.reasons), list(it.reason_texts)) for it in pipeline.rank(req).items}
+    assert got == {
+        "a": ([sim], ["similar to your recent seen-7"]),
+        "b": ([model], ["similar to your recent seen-3"]),
+        "c": ([model], ["picked for you from your history"]),
+        "d": ([comp], ["bought with cart-1"]),
+        "e": ([common_pb2.REASON_TRENDING], ["popular in mugs"]),
+    }
+    # The same candidates for an unknown customer: nothing says "model".
+    req.profile.known = False
+    unknown = pipeline.rank(req).items
+    assert all(model not in it.reasons for it in unknown)
+    assert {it.item_id: it.reason_texts[0] for it in unknown}["c"] == "trending"
 
 
 def test_duplicate_candidates_returned_once(pipeline: RankPipeline) -> None:
