@@ -250,3 +250,21 @@ def test_a_failing_scorer_degrades_to_rules_only(scorer: Scorer) -> None:
     resp = pipe.rank(_request(4))
     assert _ids(resp) == ["i0", "i1", "i2", "i3"]
     assert resp.model.name == ""
+
+
+def test_ranker_features_read_the_two_tower_score_of_merged_candidates() -> None:
+    from services.ranking.ranker import retrieval_scores
+
+    model, sim = common_pb2.REASON_MODEL, common_pb2.REASON_SIMILAR
+    merged = merge_candidates(
+        [
+            # Fused score 0.03; the two-tower gave it 0.7 (what the ranker was trained on).
+            common_pb2.Candidate(
+                item_id="a", score=0.03, source=sim, sources=[model, sim], source_scores=[0.7, 2.0]
+            ),
+            common_pb2.Candidate(item_id="b", score=0.5),  # not merged: its own score
+        ]
+    )
+    np.testing.assert_allclose(retrieval_scores(merged), [0.7, 0.5], rtol=1e-6)
+    plain = merge_candidates([common_pb2.Candidate(item_id="c", score=1.5)])
+    np.testing.assert_allclose(retrieval_scores(plain), [1.5])
