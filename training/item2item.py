@@ -3,7 +3,8 @@
 Two methods, the better on validation kept (:func:`fit_item2item`):
 
 - ``ease``: EASE's closed form ``B = I - P / diag(P)``, ``P = (XᵀX + λI)⁻¹`` on the
-  binary train matrix; each item keeps its ``top_n`` largest positive weights. Dense
+  binary train matrix; each item keeps its ``top_n`` largest positive weights (``top_n``
+  from ``ease_top_ns`` while ``items x top_n <= max_nnz``, chosen on validation). Dense
   item x item at training time, so only up to ``ease_max_items`` items (default 8,000:
   a 8k x 8k float64 inverse is 0.5 GB); above, only co-occurrence is fitted.
 - ``cooc``: shrunk cosine of co-occurrence, ``c_ij / (sqrt(n_i n_j) + shrink)`` with
@@ -33,7 +34,9 @@ from training.features import EvalSet
 
 @dataclass(frozen=True)
 class Item2ItemConfig:
-    top_n: int = 200  # neighbours kept per item
+    top_n: int = 200  # neighbours kept per item (cooc; EASE tries ease_top_ns)
+    ease_top_ns: tuple[int, ...] = (200, 1000)  # EASE truncations tried on validation
+    max_nnz: int = 20_000_000  # largest neighbour list kept in total (items x top_n)
     methods: tuple[str, ...] = ("ease", "cooc")  # tried, best on validation kept
     ease_max_items: int = 8_000  # EASE (dense inverse) only up to this many items
     ease_lambdas: tuple[float, ...] = (250.0,)  # used when no fitted EASE is passed in
@@ -159,14 +162,16 @@ def fit_item2item(
             if n > cfg.ease_max_items:
                 tried.append({"method": "ease", "skipped": f"{n} items > {cfg.ease_max_items}"})
                 continue
-            if ease_b is not None:
-                b, lam = ease_b
-                candidates.append(("ease", partial(ease_neighbours, b, item_ids, cfg.top_n, lam)))
-            else:
-                for lam in cfg.ease_lambdas:
-                    candidates.append(
-                        ("ease", partial(fit_ease, train_x, item_ids, lam, cfg.top_n))
-                    )
+            top_ns = [t for t in cfg.ease_top_ns if t * n <= cfg.max_nnz] or [cfg.top_n]
+            for top_n in top_ns:
+                if ease_b is not None:
+                    b, lam = ease_b
+                    candidates.append(("ease", partial(ease_neighbours, b, item_ids, top_n, lam)))
+                else:
+                    for lam in cfg.ease_lambdas:
+                        candidates.append(
+                            ("ease", partial(fit_ease, train_x, item_ids, lam, top_n))
+                        )
         elif method == "cooc":
             candidates.append(
                 (
