@@ -116,20 +116,34 @@ def retrieve_merged(
     cfg: MergeConfig | None = None,
     user_vector: np.ndarray | None = None,
 ) -> Merged:
-    """The two-tower's and item-to-item's top ``k`` (both after ``flt``), fused."""
+    """The two-tower's and item-to-item's top ``k`` (both after ``flt``), fused.
+
+    The two-tower is always searched: when item-to-item proposes nothing (a customer
+    without known items) its list alone answers, with its own scores, whatever the
+    weights; when the fused list is short of ``k`` (two-tower weight 0 and few
+    neighbours), the two-tower's next items fill it, below every fused score."""
     cfg = cfg or MergeConfig()
     q = user_vector if user_vector is not None else model.encode_user(query)
     lists: dict[int, tuple[np.ndarray, float]] = {}
-    res = model.search(st, q, k, flt) if cfg.two_tower_weight > 0 else None
-    if res is not None:
-        lists[SOURCE_TWO_TOWER] = (res.rows, cfg.two_tower_weight)
+    res = model.search(st, q, k, flt)
     i2i = model.item2item
     hist = history_rows(model, st, query) if i2i is not None else np.zeros(0, np.int64)
     if i2i is not None and len(hist) and cfg.item2item_weight > 0:
         rows, _ = i2i.top(hist, max(k * 2, k + len(flt.exclude)), exclude=flt.exclude)
         rows = rows[flt.mask(st, rows)][:k]
-        lists[SOURCE_ITEM2ITEM] = (rows, cfg.item2item_weight)
+        if len(rows):
+            lists[SOURCE_ITEM2ITEM] = (rows, cfg.item2item_weight)
+    if cfg.two_tower_weight > 0 or not lists:
+        lists[SOURCE_TWO_TOWER] = (res.rows, cfg.two_tower_weight or 1.0)
     rows, fused, source = fuse(lists, k)
+    filled = 0
+    if len(rows) < k:
+        more = res.rows[~np.isin(res.rows, rows)][: k - len(rows)]
+        filled = len(more)
+        low = float(fused.min()) if len(fused) else 1.0
+        rows = np.concatenate([rows, more])
+        fused = np.concatenate([fused, low * 1e-3 / np.arange(1, filled + 1)]).astype(np.float32)
+        source = np.concatenate([source, np.full(filled, SOURCE_TWO_TOWER, dtype=np.int64)])
     scores = {SOURCE_TWO_TOWER: (model.embeddings(st, rows) @ q).astype(np.float32)}
     anchors = np.full(len(rows), -1, dtype=np.int64)
     if i2i is not None and len(hist):
@@ -140,7 +154,7 @@ def retrieve_merged(
         scores[SOURCE_ITEM2ITEM] = s
         anchors[base] = i2i.best_anchor(hist, rows[base])
     used = [src for src, (r, _) in lists.items() if len(r)]
-    if len(used) == 1 and used[0] in scores:
+    if len(used) == 1 and used[0] in scores and not filled:
         # One source alone: its own scores (same order), as before merging existed.
         fused = scores[used[0]].copy()
     return Merged(
@@ -149,7 +163,7 @@ def retrieve_merged(
         source=source,
         scores=scores,
         anchors=anchors,
-        fetched=res.fetched if res is not None else 0,
+        fetched=res.fetched,
     )
 
 

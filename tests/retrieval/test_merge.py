@@ -13,11 +13,13 @@ import scipy.sparse as sp
 
 from mercato.v1 import common_pb2, retrieval_pb2, retrieval_pb2_grpc
 from services.models.item2item import ItemNeighbours
-from services.models.two_tower import TwoTowerBundle
-from services.retrieval.merge import fuse
+from services.models.two_tower import TwoTowerBundle, UserQuery
+from services.retrieval.merge import MergeConfig, fuse, retrieve_merged
+from services.retrieval.model import RowFilter
 from tests.procs import ServiceProc, start_service
 from tests.retrieval.conftest import Store, brute_force
 from tests.retrieval.test_service import home_query
+from training.replay import load_for_replay
 
 pytestmark = pytest.mark.slow  # trains a two-tower; retrieval as a process
 
@@ -94,7 +96,9 @@ def test_retrieve_merges_both_sources_with_their_scores(svc: ServiceProc, store:
             proposable = i2i_scores.copy()
             proposable[hist] = 0  # but never proposes them
             i2i_top = sorted(np.flatnonzero(proposable > 0), key=lambda r: (-proposable[r], r))[:k]
-            want = rrf([(tt_top, w_tt), ([int(r) for r in i2i_top], w_i2i)], k)
+            i2i_list = [int(r) for r in i2i_top]
+            want = rrf([(tt_top, w_tt if i2i_list else 1.0), (i2i_list, w_i2i)], k)
+            want += [r for r in tt_top if r not in want][: k - len(want)]  # the fill
             got = [b.row_of(c.item_id) for c in resp.candidates]
             assert got == want
             for c, r in zip(resp.candidates, got, strict=True):
@@ -135,3 +139,38 @@ def test_related_similar_uses_item_to_item_too(svc: ServiceProc, store: Store) -
     neighbours = sorted(np.flatnonzero(w[anchor] > 0), key=lambda r: (-w[anchor, r], r))
     assert neighbours[0] in got  # the best neighbour is always in a 10-item fused list
     assert anchor not in got and len(got) == 10
+
+
+def test_two_tower_answers_alone_or_fills_when_item_to_item_falls_short(store: Store) -> None:
+    """Even with the two-tower weighted 0 (item-to-item alone chosen on validation), a
+    customer without known items gets the two-tower's list, and a short item-to-item list
+    is filled with the two-tower's next items."""
+    model = load_for_replay(store.bundle_dir)
+    st = model.state
+    emb = np.load(store.bundle_dir / "item_embeddings.npy")
+    w = dense_w(store.bundle_dir)
+    off = MergeConfig(two_tower_weight=0.0, item2item_weight=1.0)
+    cold = UserQuery([], [], [], surface="home")
+    q = model.encode_user(cold)
+    got = retrieve_merged(model, st, cold, 15, RowFilter(), off)
+    want, scores = brute_force(emb, q, 15)
+    assert got.rows.tolist() == want  # the two-tower alone, with its own scores
+    np.testing.assert_allclose(got.fused, scores[want], atol=1e-5)
+    # One history item with few neighbours: its neighbours first, then the two-tower.
+    item = int(np.argmin(np.where((w > 0).sum(1) > 0, (w > 0).sum(1), 10**9)))
+    n_nb = int((w[item] > 0).sum())
+    k = n_nb + 5
+    query = UserQuery([b_id(store, item)], [], [], surface="home")
+    flt = RowFilter(exclude=np.array([item]))
+    got = retrieve_merged(model, st, query, k, flt, off)
+    neighbours = sorted(np.flatnonzero(w[item] > 0), key=lambda r: (-w[item, r], r))
+    assert got.rows[:n_nb].tolist() == neighbours
+    tt, _ = brute_force(emb, model.encode_user(query), k + n_nb + 1)
+    rest = [r for r in tt if r not in neighbours and r != item][: k - n_nb]
+    assert got.rows[n_nb:].tolist() == rest
+    assert np.all(np.diff(got.fused) < 0)
+    assert got.source[n_nb:].tolist() == [MODEL] * len(rest)
+
+
+def b_id(store: Store, row: int) -> str:
+    return TwoTowerBundle.load(store.bundle_dir).item_ids[row]
