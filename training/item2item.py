@@ -3,8 +3,9 @@
 Two methods, the better on validation kept (:func:`fit_item2item`):
 
 - ``ease``: EASE's closed form ``B = I - P / diag(P)``, ``P = (XᵀX + λI)⁻¹`` on the
-  binary train matrix; each item keeps its ``top_n`` largest positive weights (``top_n``
-  from ``ease_top_ns`` while ``items x top_n <= max_nnz``, chosen on validation). Dense
+  binary train matrix; each item keeps its ``top_n`` largest positive weights, or its
+  ``top_n`` largest in absolute value (negative weights kept: EASE's matter), ``top_n``
+  from ``ease_top_ns`` while ``items x top_n <= max_nnz``; chosen on validation. Dense
   item x item at training time, so only up to ``ease_max_items`` items (default 8,000:
   a 8k x 8k float64 inverse is 0.5 GB); above, only co-occurrence is fitted.
 - ``cooc``: shrunk cosine of co-occurrence, ``c_ij / (sqrt(n_i n_j) + shrink)`` with
@@ -52,9 +53,10 @@ def _binary(x: sp.spmatrix) -> sp.csr_matrix:
 
 
 def ease_neighbours(
-    b: np.ndarray, item_ids: list[str], top_n: int, lam: float | None = None
+    b: np.ndarray, item_ids: list[str], top_n: int, lam: float | None = None, signed: bool = False
 ) -> ItemNeighbours:
-    """Top-N per row of a dense EASE weight matrix ``B`` (``W[j, i] = B[j, i]``)."""
+    """Top-N per row of a dense EASE weight matrix ``B`` (``W[j, i] = B[j, i]``): the
+    largest weights, or with ``signed`` the largest in absolute value."""
     n = b.shape[0]
     rows: list[np.ndarray] = []
     cols: list[np.ndarray] = []
@@ -64,8 +66,9 @@ def ease_neighbours(
         idx = np.arange(block.shape[0])
         block[idx, a + idx] = 0.0
         kk = min(top_n, n)
+        key = np.abs(block) if signed else block
         part = (
-            np.argpartition(-block, kk - 1, axis=1)[:, :kk]
+            np.argpartition(-key, kk - 1, axis=1)[:, :kk]
             if kk < n
             else np.tile(np.arange(n), (block.shape[0], 1))
         )
@@ -77,7 +80,13 @@ def ease_neighbours(
     if lam is not None:
         cfg["lambda"] = lam
     return from_rows(
-        item_ids, np.concatenate(rows), np.concatenate(cols), np.concatenate(vals), top_n, cfg
+        item_ids,
+        np.concatenate(rows),
+        np.concatenate(cols),
+        np.concatenate(vals),
+        top_n,
+        cfg,
+        signed,
     )
 
 
@@ -166,7 +175,9 @@ def fit_item2item(
             for top_n in top_ns:
                 if ease_b is not None:
                     b, lam = ease_b
-                    candidates.append(("ease", partial(ease_neighbours, b, item_ids, top_n, lam)))
+                    for signed in (False, True):
+                        fit_signed = partial(ease_neighbours, b, item_ids, top_n, lam, signed)
+                        candidates.append(("ease", fit_signed))
                 else:
                     for lam in cfg.ease_lambdas:
                         candidates.append(

@@ -222,26 +222,29 @@ def from_rows(
     vals: np.ndarray,
     top_n: int,
     config: dict[str, Any] | None = None,
+    signed: bool = False,
 ) -> ItemNeighbours:
-    """Keep each row's ``top_n`` highest positive entries (ties by column), best first,
-    without self pairs."""
+    """Keep each row's ``top_n`` highest positive entries (``signed``: the ``top_n``
+    largest in absolute value, negative weights included, as EASE's matter), without
+    self pairs; rows best first, ties by column."""
     n = len(item_ids)
     rows, cols = np.asarray(rows, np.int64), np.asarray(cols, np.int64)
     vals = np.asarray(vals, np.float64)
-    ok = (rows != cols) & (vals > 0) & np.isfinite(vals)
+    ok = (rows != cols) & np.isfinite(vals) & ((vals != 0) if signed else (vals > 0))
     rows, cols, vals = rows[ok], cols[ok], vals[ok]
-    order = np.lexsort((cols, -vals, rows))
+    order = np.lexsort((cols, -np.abs(vals), rows))
     rows, cols, vals = rows[order], cols[order], vals[order]
     counts = np.bincount(rows, minlength=n)
     starts = np.r_[0, np.cumsum(counts)[:-1]]
     rank = np.arange(len(rows)) - np.repeat(starts, counts)
     keep = rank < top_n
     rows, cols, vals = rows[keep], cols[keep], vals[keep]
+    order = np.lexsort((cols, -vals, rows))  # best first within each row
+    rows, cols, vals = rows[order], cols[order], vals[order]
     indptr = np.r_[0, np.cumsum(np.bincount(rows, minlength=n))].astype(np.int64)
+    cfg = dict(config or {}, top_n=top_n)
+    if signed:
+        cfg["signed"] = True
     return ItemNeighbours(
-        list(item_ids),
-        indptr,
-        cols.astype(np.int32),
-        vals.astype(np.float32),
-        dict(config or {}, top_n=top_n),
+        list(item_ids), indptr, cols.astype(np.int32), vals.astype(np.float32), cfg
     )

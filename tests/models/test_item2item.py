@@ -11,7 +11,7 @@ import pytest
 import scipy.sparse as sp
 
 from services.models.item2item import Item2ItemError, ItemNeighbours, from_rows
-from training.item2item import fit_cooc, fit_ease
+from training.item2item import ease_neighbours, fit_cooc, fit_ease
 
 
 def small_matrix(seed: int = 0, users: int = 60, items: int = 25) -> sp.csr_matrix:
@@ -64,6 +64,24 @@ def test_cooc_neighbours_equal_brute_force(chunk: int) -> None:
     assert m.neighbours(3)[0].size == 0
     assert 3 not in m.indices
     m.check()
+
+
+def test_signed_ease_keeps_the_largest_weights_in_absolute_value() -> None:
+    x = small_matrix(3)
+    xb = (x.toarray() > 0).astype(np.float64)
+    lam = 5.0
+    p = np.linalg.inv(xb.T @ xb + lam * np.eye(xb.shape[1]))
+    b = -p / np.diag(p)[None, :]
+    np.fill_diagonal(b, 0.0)
+    m = ease_neighbours(b, IDS, 6, lam, signed=True)
+    want = []
+    for j in range(b.shape[0]):
+        pairs = [(i, float(b[j, i])) for i in range(b.shape[1]) if i != j and b[j, i] != 0]
+        pairs.sort(key=lambda p: (-abs(p[1]), p[0]))
+        want.append(sorted(pairs[:6], key=lambda p: (-p[1], p[0])))
+    assert_same(as_lists(m), want)
+    assert (m.scores < 0).any() and m.config["signed"] is True
+    m.check()  # rows still best first
 
 
 def test_ease_neighbours_equal_brute_force() -> None:

@@ -107,7 +107,7 @@ def test_retrieve_merges_both_sources_with_their_scores(svc: ServiceProc, store:
                 assert len(c.sources) == len(c.source_scores) == len(c.source_anchor_ids)
                 # The two-tower scores every candidate; item-to-item those reached.
                 assert scores[MODEL] == pytest.approx(tt_scores[r], abs=1e-5)
-                if i2i_scores[r] > 0:
+                if i2i_scores[r] != 0:
                     assert scores[I2I] == pytest.approx(i2i_scores[r], rel=1e-5)
                     anchor = c.source_anchor_ids[list(c.sources).index(I2I)]
                     best = max(hist, key=lambda j: (w[j, r], -j))
