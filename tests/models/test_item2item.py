@@ -66,13 +66,19 @@ def test_cooc_neighbours_equal_brute_force(chunk: int) -> None:
     m.check()
 
 
-def test_signed_ease_keeps_the_largest_weights_in_absolute_value() -> None:
-    x = small_matrix(3)
+def dense_ease(x: sp.csr_matrix, lam: float) -> np.ndarray:
+    """EASE's weight matrix computed directly (dense, float64) on the binary matrix."""
     xb = (x.toarray() > 0).astype(np.float64)
-    lam = 5.0
     p = np.linalg.inv(xb.T @ xb + lam * np.eye(xb.shape[1]))
     b = -p / np.diag(p)[None, :]
     np.fill_diagonal(b, 0.0)
+    return b
+
+
+def test_signed_ease_keeps_the_largest_weights_in_absolute_value() -> None:
+    x = small_matrix(3)
+    lam = 5.0
+    b = dense_ease(x, lam)
     m = ease_neighbours(b, IDS, 6, lam, signed=True)
     want = []
     for j in range(b.shape[0]):
@@ -86,11 +92,8 @@ def test_signed_ease_keeps_the_largest_weights_in_absolute_value() -> None:
 
 def test_ease_neighbours_equal_brute_force() -> None:
     x = small_matrix(1)
-    xb = (x.toarray() > 0).astype(np.float64)
     lam = 5.0
-    p = np.linalg.inv(xb.T @ xb + lam * np.eye(xb.shape[1]))
-    b = -p / np.diag(p)[None, :]
-    np.fill_diagonal(b, 0.0)
+    b = dense_ease(x, lam)
     m = fit_ease(x, IDS, lam=lam, top_n=8)
     assert m.config["method"] == "ease"
     assert_same(as_lists(m), brute_top(b, 8))
