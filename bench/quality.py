@@ -1,5 +1,7 @@
 """Retrieval quality benchmark: two-tower vs popularity vs ALS vs EASE, same split,
-full ranking over every item (``make bench-quality``).
+full ranking over every item (``make bench-quality``); with the item-to-item model and
+``served``, the list the services answer (retrieval merge + ranking rules, replayed in
+process by :mod:`training.replay`).
 
 Datasets (``--data-dir``, default ``../shared/data`` relative to the repository):
 
@@ -44,7 +46,7 @@ from training.two_tower import TwoTowerConfig  # noqa: E402
 
 KS = (10, 20, 50, 100)
 COLS = ("recall@10", "recall@20", "ndcg@10", "ndcg@20")
-MODELS = ("two_tower", "popularity", "als", "ease")
+MODELS = ("two_tower", "popularity", "als", "ease", "item2item", "served")
 
 #: Two-tower (weight decay, input dropout) pairs, chosen on validation.
 GRID = ((0.0, 0.2), (0.0, 0.5), (0.05, 0.2))

@@ -41,7 +41,7 @@ def _synthetic_dataset(path: str, **_: object) -> object:
 register_adapter("synthetic", _synthetic_dataset)  # type: ignore[arg-type]
 
 from services.profile import cli as profile_cli  # noqa: E402
-from training.cli import promote_command, train_app  # noqa: E402
+from training.cli import evaluate_command, promote_command, train_app  # noqa: E402
 
 app = typer.Typer(help="Mercato: real-time retail personalization.", no_args_is_help=True)
 console = Console()
@@ -52,6 +52,7 @@ app.add_typer(gateway_cli.report_app, name="report")
 app.command("campaign")(gateway_cli.campaign)
 app.add_typer(gateway_cli.keys_app, name="keys")
 app.command("promote")(promote_command)
+app.command("evaluate")(evaluate_command)
 app.command("console")(console_command)
 
 

@@ -165,6 +165,17 @@ def train_retrieval(path: Path, opts: DemoOptions, console: Console, tracking_ur
         f"registered {name} v{result.version}: valid Recall@20 "
         f"{result.metric('valid', 'two_tower', 'recall@20'):.3f}"
     )
+    if "test" in result.metrics:
+        from training.evaluate import rich_table
+
+        # What customers get (the replayed served list) against the baselines.
+        console.print(
+            rich_table(
+                result.metrics["test"],
+                (10, 20),
+                title="The served list against the baselines (test part, same split)",
+            )
+        )
     _tag_version(name, result.version, tracking_uri, path.name)
     # The demo's own version becomes champion even when an older one scored higher on a
     # different data set (the gate compares like with like; see `mercato promote`).

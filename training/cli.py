@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import replace
+from typing import Any
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
@@ -14,6 +15,35 @@ train_app = typer.Typer(
     help="Train models, evaluate them against baselines, register them.", no_args_is_help=True
 )
 console = Console()
+
+
+def _data_options(
+    data: str,
+    path: str,
+    split: str,
+    protocol: str,
+    min_rating: int,
+    k_core: int,
+    users: int,
+    items: int,
+    days: int,
+    seed: int,
+) -> dict[str, Any]:
+    """The TrainConfig fields that name the data and the split (train and evaluate)."""
+    from training.synthetic import SyntheticConfig
+
+    if data != "synthetic" and not path:
+        raise typer.BadParameter(f"--path is required for --data {data}")
+    return {
+        "data": data,
+        "path": path,
+        "split": split,
+        "protocol": protocol,
+        "min_rating": min_rating,
+        "min_user_interactions": k_core,
+        "min_item_interactions": k_core,
+        "synthetic": replace(SyntheticConfig(), n_users=users, n_items=items, days=days, seed=seed),
+    }
 
 
 @train_app.command("retrieval")
@@ -79,24 +109,14 @@ def train_retrieval(
     from training.features import FeatureConfig
     from training.index import IndexConfig
     from training.pipeline import TrainConfig, train_and_register
-    from training.synthetic import SyntheticConfig
     from training.two_tower import TwoTowerConfig
 
-    if data != "synthetic" and not path:
-        raise typer.BadParameter(f"--path is required for --data {data}")
     cfg = TrainConfig(
-        data=data,
-        path=path,
-        split=split,
-        protocol=protocol,
-        min_rating=min_rating,
-        min_user_interactions=k_core,
-        min_item_interactions=k_core,
+        **_data_options(data, path, split, protocol, min_rating, k_core, users, items, days, seed),
         baselines=replace(
             BaselineConfig(), models=tuple(b for b in baselines.split(",") if b), seed=seed
         ),
         features=FeatureConfig(),
-        synthetic=replace(SyntheticConfig(), n_users=users, n_items=items, days=days, seed=seed),
         model=replace(
             TwoTowerConfig(),
             loss=loss,
@@ -319,3 +339,50 @@ def promote_command(
         console.print(f"[red]{e}[/red]")
         raise typer.Exit(2) from e
     console.print(f"[green]promoted[/green] {r.model_name} v{r.version} to @{r.alias}: {r.reason}")
+
+
+def evaluate_command(
+    data: str = typer.Option(
+        "synthetic", help="synthetic | online-retail | movielens | events (export-events file)"
+    ),
+    path: str = typer.Option("", help="Data file or folder (required for real data sets)."),
+    split: str = typer.Option("auto", help="auto | time | user-random"),
+    protocol: str = typer.Option("default", help="default | recbole"),
+    min_rating: int = typer.Option(0, help="MovieLens: drop ratings below this."),
+    k_core: int = typer.Option(0, help="Keep users and items with >= this many events."),
+    users: int = typer.Option(10_000, help="Synthetic: customers."),
+    items: int = typer.Option(5_000, help="Synthetic: catalog size."),
+    days: int = typer.Option(120, help="Synthetic: days of history."),
+    seed: int = typer.Option(0),
+    model_name: str = typer.Option("mercato-two-tower"),
+    alias: str = typer.Option("champion", help="Alias of the version to replay."),
+    k: int = typer.Option(100, help="Items of the served list scored."),
+    candidates: int = typer.Option(200, help="Candidates asked from retrieval."),
+    rules_file: str = typer.Option("", help="Ranking rules (empty = built-in defaults)."),
+    tracking_uri: str = typer.Option("", help="MLflow tracking URI (default: local SQLite)."),
+) -> None:
+    """Replay the served list (retrieval merge + ranking rules, the services' own code in
+    process) of a registered version for every validation and test customer of a data
+    set and split, score it like the baselines, log it to MLflow (experiment
+    mercato-served) and print the table."""
+    from training.pipeline import TrainConfig
+    from training.replay import ReplayConfig, evaluate_served
+
+    cfg = TrainConfig(
+        **_data_options(data, path, split, protocol, min_rating, k_core, users, items, days, seed),
+        seed=seed,
+        tracking_uri=tracking_uri,
+        model_name=model_name,
+    )
+    try:
+        res = evaluate_served(
+            cfg,
+            alias,
+            ReplayConfig(k=k, candidates=candidates, rules_file=rules_file),
+            log=console.print,
+        )
+    except (LookupError, ValueError) as e:
+        console.print(f"[red]cannot evaluate[/red]: {e}")
+        raise typer.Exit(1) from e
+    print(res.table)
+    console.print(f"{res.info.name} v{res.info.version} @{alias}: run {res.run_id}")

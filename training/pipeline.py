@@ -34,6 +34,7 @@ import pandas as pd
 from rich.console import Console
 
 from services.common.threads import configure_threads
+from services.models.item2item import DIRNAME as ITEM2ITEM_DIR
 from services.models.registry import BUNDLE_ARTIFACT_PATH
 from services.models.two_tower import FORMAT_VERSION, MODEL_TYPE, TwoTowerBundle
 from training import distributed
@@ -59,6 +60,8 @@ from training.features import (
     build_vocab,
 )
 from training.index import IndexConfig, ann_recall, build_index, index_kind
+from training.item2item import Item2ItemConfig, NeighbourScorer, fit_item2item, refit_item2item
+from training.replay import ReplayConfig, choose_merge, load_for_replay, replay
 from training.synthetic import SyntheticConfig
 from training.two_tower import (
     TwoTowerConfig,
@@ -90,6 +93,9 @@ class TrainConfig:
     index: IndexConfig = field(default_factory=IndexConfig)
     baselines: BaselineConfig = field(default_factory=BaselineConfig)
     complements: ComplementsConfig = field(default_factory=ComplementsConfig)
+    item2item: Item2ItemConfig = field(default_factory=Item2ItemConfig)
+    replay_served: bool = True  # replay the served list (training/replay.py) on valid/test
+    replay: ReplayConfig = field(default_factory=ReplayConfig)
     ks: tuple[int, ...] = DEFAULT_KS
     max_eval_users: int = 0  # 0 = every user with future targets
     popularity_size: int = 1000
@@ -446,9 +452,11 @@ def train_and_register(cfg: TrainConfig) -> RegisteredResult:
             }
         # Baselines: fit on train, hyper-parameters chosen on validation.
         baseline_info: dict[str, Any] = {}
+        train_x = interactions(split.train, vocab)
+        hv = interactions(history_valid, vocab, valid.users)
+        ease_b: tuple[np.ndarray, float] | None = None
+        ease_b_test: tuple[np.ndarray, float] | None = None
         if cfg.baselines.models:
-            train_x = interactions(split.train, vocab)
-            hv = interactions(history_valid, vocab, valid.users)
             for bname in cfg.baselines.models:
                 fb = fit_baseline(
                     bname,
@@ -471,6 +479,38 @@ def train_and_register(cfg: TrainConfig) -> RegisteredResult:
                 for name, es, hist_events in eval_sets:
                     h = hv if name == "valid" else interactions(hist_events, vocab, es.users)
                     results[name][bname] = evaluate(fitted[name].scorer(h), es, cfg.ks)
+                if bname == "ease":
+                    # The EASE weights item-to-item may reuse: fit on train (chosen on
+                    # validation) and, when refitting, on train + validation (served).
+                    lam = float(fb.params["lam"])
+                    b_valid = getattr(fitted["valid"], "B", None)
+                    b_test = getattr(fitted["test"], "B", None)
+                    ease_b = (b_valid, lam) if b_valid is not None else None
+                    ease_b_test = (b_test, lam) if b_test is not None else None
+        # Item-to-item neighbours (the second candidate source), chosen on validation;
+        # refit on train + validation like every other model when refitting.
+        i2i = fit_item2item(
+            train_x,
+            vocab.item_ids,
+            valid,
+            hv,
+            cfg.item2item,
+            f"recall@{cfg.model.early_stop_k}",
+            ease_b,
+            log,
+        )
+        fit_seconds["item2item"] = i2i.fit_seconds
+        baseline_info["item2item"] = {"chosen": i2i.model.config, "tried": i2i.tried}
+        i2i_models = {"valid": i2i.model, "test": i2i.model}
+        if refit:
+            t0 = time.perf_counter()
+            i2i_models["test"] = refit_item2item(
+                interactions(history_test, vocab), vocab.item_ids, i2i.model.config, ease_b_test
+            )
+            refit_seconds["item2item"] = time.perf_counter() - t0
+        for name, es, hist_events in eval_sets:
+            h = hv if name == "valid" else interactions(hist_events, vocab, es.users)
+            results[name]["item2item"] = evaluate(NeighbourScorer(i2i_models[name], h), es, cfg.ks)
         for models in results.values():
             for model, m in models.items():
                 m["train_seconds"] = fit_seconds.get(model, 0.0)
@@ -497,9 +537,11 @@ def train_and_register(cfg: TrainConfig) -> RegisteredResult:
         for a in range(0, len(final), 200):
             client.log_batch(run_id, metrics=final[a : a + 200])
 
-        order = np.argsort(-pop, kind="stable")[: cfg.popularity_size]
-        total = float(pop.sum()) or 1.0
-        popularity = [(vocab.item_ids[r], float(pop[r] / total)) for r in order if pop[r] >= 1]
+        def popularity_list(counts: np.ndarray) -> list[tuple[str, float]]:
+            order = np.argsort(-counts, kind="stable")[: cfg.popularity_size]
+            total = float(counts.sum()) or 1.0
+            return [(vocab.item_ids[r], float(counts[r] / total)) for r in order if counts[r] >= 1]
+
         complements = basket_complements(split.train, data.target_events, cfg.complements)
         tables = {s: format_table(m, cfg.ks) for s, m in results.items()}
         table = "\n\n".join(f"### {s}\n\n{t}" for s, t in tables.items())
@@ -548,22 +590,80 @@ def train_and_register(cfg: TrainConfig) -> RegisteredResult:
             "run_id": run_id,
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
-        bundle = TwoTowerBundle(
-            config=config,
-            vocab=vocab.as_json(),
-            item_ids=vocab.item_ids,
-            item_category=[vocab.categories[c] for c in vocab.item_category],
-            item_price=vocab.item_price,
-            item_embeddings=item_emb,
-            net=net,
-            index=index,
-            popularity=popularity,
-            complements=complements,
-            eval_report=report,
-        )
+
+        def make_bundle(
+            net_: Any, emb: np.ndarray, index_: Any, counts: np.ndarray, rep: dict[str, Any]
+        ) -> TwoTowerBundle:
+            return TwoTowerBundle(
+                config=config,
+                vocab=vocab.as_json(),
+                item_ids=vocab.item_ids,
+                item_category=[vocab.categories[c] for c in vocab.item_category],
+                item_price=vocab.item_price,
+                item_embeddings=emb,
+                net=net_,
+                index=index_,
+                popularity=popularity_list(counts),
+                complements=complements,
+                eval_report=rep,
+            )
+
+        bundle = make_bundle(net, item_emb, index, pop, report)
         out = Path(tempfile.mkdtemp(prefix="mercato-bundle-"))
         bundle_dir = out / BUNDLE_ARTIFACT_PATH
         bundle.save(bundle_dir)
+        i2i_models["test"].save(bundle_dir / ITEM2ITEM_DIR)
+        if cfg.replay_served:
+            # The served list: a bundle loaded as the retrieval service loads it, each
+            # query through Retrieve (both sources, merge) and Rank (rules), scored alike.
+            # Validation replays what was fit on train only (the merge weights are chosen
+            # there); the test part replays the bundle that is served (refit on train +
+            # validation when refitting), with the weights chosen on validation.
+            replay_dirs = {"test": bundle_dir}
+            if refit:
+                valid_net, valid_items = nets["valid"]
+                valid_emb = valid_items.all_embeddings(valid_net)
+                valid_bundle = make_bundle(
+                    valid_net,
+                    valid_emb,
+                    build_index(valid_emb, cfg.index),
+                    popularity_counts(split.train, vocab, data.target_events),
+                    {},
+                )
+                replay_dirs["valid"] = out / "replay-valid" / BUNDLE_ARTIFACT_PATH
+                valid_bundle.save(replay_dirs["valid"])
+            else:
+                replay_dirs["valid"] = bundle_dir
+            i2i_models["valid"].save(replay_dirs["valid"] / ITEM2ITEM_DIR)
+            merge, merge_tried = choose_merge(
+                load_for_replay(replay_dirs["valid"], run_id),
+                valid,
+                vocab,
+                cfg.replay,
+                f"recall@{cfg.model.early_stop_k}",
+                log,
+            )
+            report["served"] = {"chosen": asdict(merge), "tried": merge_tried}
+            # The weights ship with the bundle: the service fuses as validated here.
+            for name in ("valid", "test"):
+                i2i_models[name].config["merge"] = asdict(merge)
+                i2i_models[name].save(replay_dirs[name] / ITEM2ITEM_DIR)
+            served: list[Metric] = []
+            for name, es, _ in eval_sets:
+                served_model = load_for_replay(replay_dirs[name], run_id)
+                rr = replay(served_model, es, vocab, cfg.replay, cfg.ks, progress=log)
+                results[name]["served"] = {**rr.metrics, "train_seconds": 0.0}
+                fit_seconds[f"served_{name}_replay"] = rr.seconds
+                if log:
+                    log(f"served list replayed on {name}: {len(es)} customers, {rr.seconds:.0f}s")
+                ts = int(time.time() * 1000)
+                served += [
+                    Metric(f"{name}_served_{_metric_key(k)}", float(v), ts, 0)
+                    for k, v in rr.metrics.items()
+                ]
+            client.log_batch(run_id, metrics=served)
+            tables = {s: format_table(m, cfg.ks) for s, m in results.items()}
+            table = "\n\n".join(f"### {s}\n\n{t}" for s, t in tables.items())
         client.log_artifacts(run_id, str(bundle_dir), BUNDLE_ARTIFACT_PATH)
         eval_dir = out / "eval"
         eval_dir.mkdir()

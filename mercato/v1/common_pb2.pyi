@@ -1015,29 +1015,61 @@ Global___StageInfo: _TypeAlias = StageInfo  # noqa: Y015
 
 @_typing.final
 class Candidate(_message.Message):
-    """A candidate item with a score, as retrieval produces it."""
+    """A candidate item with a score, as retrieval produces it. Retrieve merges several
+    candidate sources (the two-tower, REASON_MODEL; item-to-item neighbours of the
+    customer's recent items, purchases and cart, REASON_SIMILAR); the per-source scores
+    ride along as three parallel repeated fields, so a candidate stays one flat message.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     ITEM_ID_FIELD_NUMBER: _builtins.int
     SCORE_FIELD_NUMBER: _builtins.int
     SOURCE_FIELD_NUMBER: _builtins.int
+    SOURCES_FIELD_NUMBER: _builtins.int
+    SOURCE_SCORES_FIELD_NUMBER: _builtins.int
+    SOURCE_ANCHOR_IDS_FIELD_NUMBER: _builtins.int
     item_id: _builtins.str
     """The item."""
     score: _builtins.float
-    """Retrieval score (higher is better; inner product of the towers' embeddings by default)."""
+    """Retrieval score, higher is better. For merged candidates (`sources` set): the fused
+    score, sum over the sources that proposed the item of weight / (60 + rank), so the
+    order means the same whatever the sources' scales; otherwise the source's own score
+    (inner product of the towers' embeddings for the two-tower).
+    """
     source: Global___Reason.ValueType
-    """Where it came from."""
+    """The source that proposed it (its best-ranked one when several did)."""
+    @_builtins.property
+    def sources(self) -> _containers.RepeatedScalarFieldContainer[Global___Reason.ValueType]:
+        """Every source that scored the item, whether or not it proposed it; parallel to
+        `source_scores` and `source_anchor_ids`. Empty from callers that do not merge.
+        """
+
+    @_builtins.property
+    def source_scores(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """The score each of `sources` gave the item, on that source's own scale (two-tower:
+        inner product; item-to-item: summed neighbour weights from the customer's items).
+        """
+
+    @_builtins.property
+    def source_anchor_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """For item-to-item: the customer's item that points to the candidate most (for the
+        reason "similar to your recent ..."); empty for other sources. Parallel to `sources`.
+        """
+
     def __init__(
         self,
         *,
         item_id: _builtins.str = ...,
         score: _builtins.float = ...,
         source: Global___Reason.ValueType = ...,
+        sources: _abc.Iterable[Global___Reason.ValueType] | None = ...,
+        source_scores: _abc.Iterable[_builtins.float] | None = ...,
+        source_anchor_ids: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["item_id", b"item_id", "score", b"score", "source", b"source"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["item_id", b"item_id", "score", b"score", "source", b"source", "source_anchor_ids", b"source_anchor_ids", "source_scores", b"source_scores", "sources", b"sources"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -25,35 +25,35 @@ _sym_db = _symbol_database.Default()
 from mercato.v1 import common_pb2 as mercato_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18mercato/v1/gateway.proto\x12\nmercato.v1\x1a\x17mercato/v1/common.proto\"s\n\x0fRecommendedItem\x12\x1e\n\x04item\x18\x01 \x01(\x0b\x32\x10.mercato.v1.Item\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x0c\n\x04rank\x18\x03 \x01(\x05\x12#\n\x07reasons\x18\x04 \x03(\x0e\x32\x12.mercato.v1.Reason\";\n\x14\x45xperimentAssignment\x12\x12\n\nexperiment\x18\x01 \x01(\t\x12\x0f\n\x07variant\x18\x02 \x01(\t\"D\n\tDebugInfo\x12%\n\x06stages\x18\x01 \x03(\x0b\x32\x15.mercato.v1.StageInfo\x12\x10\n\x08total_ms\x18\x02 \x01(\x01\"\xac\x01\n\x10RecommendRequest\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\x12$\n\x07\x63ontext\x18\x02 \x01(\x0b\x32\x13.mercato.v1.Context\x12\t\n\x01k\x18\x03 \x01(\x05\x12\x15\n\rinclude_offer\x18\x04 \x01(\x08\x12\r\n\x05\x64\x65\x62ug\x18\x05 \x01(\x08\x12\x12\n\ncategories\x18\x06 \x03(\t\x12\x18\n\x10\x65xclude_item_ids\x18\x07 \x03(\t\"\x82\x03\n\x11RecommendResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12*\n\x05items\x18\x02 \x03(\x0b\x32\x1b.mercato.v1.RecommendedItem\x12 \n\x05offer\x18\x03 \x01(\x0b\x32\x11.mercato.v1.Offer\x12\x19\n\x11offer_decision_id\x18\x04 \x01(\t\x12(\n\x06models\x18\x05 \x03(\x0b\x32\x18.mercato.v1.ModelVersion\x12)\n\x08\x64\x65graded\x18\x06 \x03(\x0b\x32\x17.mercato.v1.Degradation\x12\x35\n\x0b\x65xperiments\x18\x07 \x03(\x0b\x32 .mercato.v1.ExperimentAssignment\x12$\n\x05\x64\x65\x62ug\x18\x08 \x01(\x0b\x32\x15.mercato.v1.DebugInfo\x12\x14\n\x0coffer_reason\x18\t \x01(\t\x12(\n\tshortfall\x18\n \x01(\x0b\x32\x15.mercato.v1.Shortfall\"\x80\x01\n\x16GetRelatedItemsRequest\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12&\n\x04kind\x18\x02 \x01(\x0e\x32\x18.mercato.v1.RelationKind\x12\t\n\x01k\x18\x03 \x01(\x05\x12\x13\n\x0b\x63ustomer_id\x18\x04 \x01(\t\x12\r\n\x05\x64\x65\x62ug\x18\x05 \x01(\x08\"\xfe\x01\n\x17GetRelatedItemsResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12*\n\x05items\x18\x02 \x03(\x0b\x32\x1b.mercato.v1.RecommendedItem\x12(\n\x06models\x18\x03 \x03(\x0b\x32\x18.mercato.v1.ModelVersion\x12)\n\x08\x64\x65graded\x18\x04 \x03(\x0b\x32\x17.mercato.v1.Degradation\x12$\n\x05\x64\x65\x62ug\x18\x05 \x01(\x0b\x32\x15.mercato.v1.DebugInfo\x12(\n\tshortfall\x18\x06 \x01(\x0b\x32\x15.mercato.v1.Shortfall\"\x8b\x01\n\x1dGetCartRecommendationsRequest\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\x12\t\n\x01k\x18\x02 \x01(\x05\x12$\n\x07\x63ontext\x18\x03 \x01(\x0b\x32\x13.mercato.v1.Context\x12\x15\n\rinclude_offer\x18\x04 \x01(\x08\x12\r\n\x05\x64\x65\x62ug\x18\x05 \x01(\x08\"\xa3\x03\n\x1eGetCartRecommendationsResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x1e\n\x04\x63\x61rt\x18\x02 \x01(\x0b\x32\x10.mercato.v1.Cart\x12*\n\x05items\x18\x03 \x03(\x0b\x32\x1b.mercato.v1.RecommendedItem\x12 \n\x05offer\x18\x04 \x01(\x0b\x32\x11.mercato.v1.Offer\x12\x19\n\x11offer_decision_id\x18\x05 \x01(\t\x12)\n!offer_expected_incremental_margin\x18\x06 \x01(\x01\x12(\n\x06models\x18\x07 \x03(\x0b\x32\x18.mercato.v1.ModelVersion\x12)\n\x08\x64\x65graded\x18\x08 \x03(\x0b\x32\x17.mercato.v1.Degradation\x12$\n\x05\x64\x65\x62ug\x18\t \x01(\x0b\x32\x15.mercato.v1.DebugInfo\x12\x14\n\x0coffer_reason\x18\n \x01(\t\x12(\n\tshortfall\x18\x0b \x01(\x0b\x32\x15.mercato.v1.Shortfall\"O\n\x12TrackEventsRequest\x12!\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x11.mercato.v1.Event\x12\x16\n\x0epartial_accept\x18\x02 \x01(\x08\"w\n\x13TrackEventsResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\x05\x12\x12\n\nduplicates\x18\x03 \x01(\x05\x12&\n\x06\x65rrors\x18\x04 \x03(\x0b\x32\x16.mercato.v1.EventError2\xf7\x02\n\x0eGatewayService\x12H\n\tRecommend\x12\x1c.mercato.v1.RecommendRequest\x1a\x1d.mercato.v1.RecommendResponse\x12Z\n\x0fGetRelatedItems\x12\".mercato.v1.GetRelatedItemsRequest\x1a#.mercato.v1.GetRelatedItemsResponse\x12o\n\x16GetCartRecommendations\x12).mercato.v1.GetCartRecommendationsRequest\x1a*.mercato.v1.GetCartRecommendationsResponse\x12N\n\x0bTrackEvents\x12\x1e.mercato.v1.TrackEventsRequest\x1a\x1f.mercato.v1.TrackEventsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18mercato/v1/gateway.proto\x12\nmercato.v1\x1a\x17mercato/v1/common.proto\"\x89\x01\n\x0fRecommendedItem\x12\x1e\n\x04item\x18\x01 \x01(\x0b\x32\x10.mercato.v1.Item\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x0c\n\x04rank\x18\x03 \x01(\x05\x12#\n\x07reasons\x18\x04 \x03(\x0e\x32\x12.mercato.v1.Reason\x12\x14\n\x0creason_texts\x18\x05 \x03(\t\";\n\x14\x45xperimentAssignment\x12\x12\n\nexperiment\x18\x01 \x01(\t\x12\x0f\n\x07variant\x18\x02 \x01(\t\"D\n\tDebugInfo\x12%\n\x06stages\x18\x01 \x03(\x0b\x32\x15.mercato.v1.StageInfo\x12\x10\n\x08total_ms\x18\x02 \x01(\x01\"\xac\x01\n\x10RecommendRequest\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\x12$\n\x07\x63ontext\x18\x02 \x01(\x0b\x32\x13.mercato.v1.Context\x12\t\n\x01k\x18\x03 \x01(\x05\x12\x15\n\rinclude_offer\x18\x04 \x01(\x08\x12\r\n\x05\x64\x65\x62ug\x18\x05 \x01(\x08\x12\x12\n\ncategories\x18\x06 \x03(\t\x12\x18\n\x10\x65xclude_item_ids\x18\x07 \x03(\t\"\x82\x03\n\x11RecommendResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12*\n\x05items\x18\x02 \x03(\x0b\x32\x1b.mercato.v1.RecommendedItem\x12 \n\x05offer\x18\x03 \x01(\x0b\x32\x11.mercato.v1.Offer\x12\x19\n\x11offer_decision_id\x18\x04 \x01(\t\x12(\n\x06models\x18\x05 \x03(\x0b\x32\x18.mercato.v1.ModelVersion\x12)\n\x08\x64\x65graded\x18\x06 \x03(\x0b\x32\x17.mercato.v1.Degradation\x12\x35\n\x0b\x65xperiments\x18\x07 \x03(\x0b\x32 .mercato.v1.ExperimentAssignment\x12$\n\x05\x64\x65\x62ug\x18\x08 \x01(\x0b\x32\x15.mercato.v1.DebugInfo\x12\x14\n\x0coffer_reason\x18\t \x01(\t\x12(\n\tshortfall\x18\n \x01(\x0b\x32\x15.mercato.v1.Shortfall\"\x80\x01\n\x16GetRelatedItemsRequest\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12&\n\x04kind\x18\x02 \x01(\x0e\x32\x18.mercato.v1.RelationKind\x12\t\n\x01k\x18\x03 \x01(\x05\x12\x13\n\x0b\x63ustomer_id\x18\x04 \x01(\t\x12\r\n\x05\x64\x65\x62ug\x18\x05 \x01(\x08\"\xfe\x01\n\x17GetRelatedItemsResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12*\n\x05items\x18\x02 \x03(\x0b\x32\x1b.mercato.v1.RecommendedItem\x12(\n\x06models\x18\x03 \x03(\x0b\x32\x18.mercato.v1.ModelVersion\x12)\n\x08\x64\x65graded\x18\x04 \x03(\x0b\x32\x17.mercato.v1.Degradation\x12$\n\x05\x64\x65\x62ug\x18\x05 \x01(\x0b\x32\x15.mercato.v1.DebugInfo\x12(\n\tshortfall\x18\x06 \x01(\x0b\x32\x15.mercato.v1.Shortfall\"\x8b\x01\n\x1dGetCartRecommendationsRequest\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\x12\t\n\x01k\x18\x02 \x01(\x05\x12$\n\x07\x63ontext\x18\x03 \x01(\x0b\x32\x13.mercato.v1.Context\x12\x15\n\rinclude_offer\x18\x04 \x01(\x08\x12\r\n\x05\x64\x65\x62ug\x18\x05 \x01(\x08\"\xa3\x03\n\x1eGetCartRecommendationsResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x1e\n\x04\x63\x61rt\x18\x02 \x01(\x0b\x32\x10.mercato.v1.Cart\x12*\n\x05items\x18\x03 \x03(\x0b\x32\x1b.mercato.v1.RecommendedItem\x12 \n\x05offer\x18\x04 \x01(\x0b\x32\x11.mercato.v1.Offer\x12\x19\n\x11offer_decision_id\x18\x05 \x01(\t\x12)\n!offer_expected_incremental_margin\x18\x06 \x01(\x01\x12(\n\x06models\x18\x07 \x03(\x0b\x32\x18.mercato.v1.ModelVersion\x12)\n\x08\x64\x65graded\x18\x08 \x03(\x0b\x32\x17.mercato.v1.Degradation\x12$\n\x05\x64\x65\x62ug\x18\t \x01(\x0b\x32\x15.mercato.v1.DebugInfo\x12\x14\n\x0coffer_reason\x18\n \x01(\t\x12(\n\tshortfall\x18\x0b \x01(\x0b\x32\x15.mercato.v1.Shortfall\"O\n\x12TrackEventsRequest\x12!\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x11.mercato.v1.Event\x12\x16\n\x0epartial_accept\x18\x02 \x01(\x08\"w\n\x13TrackEventsResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\x05\x12\x12\n\nduplicates\x18\x03 \x01(\x05\x12&\n\x06\x65rrors\x18\x04 \x03(\x0b\x32\x16.mercato.v1.EventError2\xf7\x02\n\x0eGatewayService\x12H\n\tRecommend\x12\x1c.mercato.v1.RecommendRequest\x1a\x1d.mercato.v1.RecommendResponse\x12Z\n\x0fGetRelatedItems\x12\".mercato.v1.GetRelatedItemsRequest\x1a#.mercato.v1.GetRelatedItemsResponse\x12o\n\x16GetCartRecommendations\x12).mercato.v1.GetCartRecommendationsRequest\x1a*.mercato.v1.GetCartRecommendationsResponse\x12N\n\x0bTrackEvents\x12\x1e.mercato.v1.TrackEventsRequest\x1a\x1f.mercato.v1.TrackEventsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'mercato.v1.gateway_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_RECOMMENDEDITEM']._serialized_start=65
-  _globals['_RECOMMENDEDITEM']._serialized_end=180
-  _globals['_EXPERIMENTASSIGNMENT']._serialized_start=182
-  _globals['_EXPERIMENTASSIGNMENT']._serialized_end=241
-  _globals['_DEBUGINFO']._serialized_start=243
-  _globals['_DEBUGINFO']._serialized_end=311
-  _globals['_RECOMMENDREQUEST']._serialized_start=314
-  _globals['_RECOMMENDREQUEST']._serialized_end=486
-  _globals['_RECOMMENDRESPONSE']._serialized_start=489
-  _globals['_RECOMMENDRESPONSE']._serialized_end=875
-  _globals['_GETRELATEDITEMSREQUEST']._serialized_start=878
-  _globals['_GETRELATEDITEMSREQUEST']._serialized_end=1006
-  _globals['_GETRELATEDITEMSRESPONSE']._serialized_start=1009
-  _globals['_GETRELATEDITEMSRESPONSE']._serialized_end=1263
-  _globals['_GETCARTRECOMMENDATIONSREQUEST']._serialized_start=1266
-  _globals['_GETCARTRECOMMENDATIONSREQUEST']._serialized_end=1405
-  _globals['_GETCARTRECOMMENDATIONSRESPONSE']._serialized_start=1408
-  _globals['_GETCARTRECOMMENDATIONSRESPONSE']._serialized_end=1827
-  _globals['_TRACKEVENTSREQUEST']._serialized_start=1829
-  _globals['_TRACKEVENTSREQUEST']._serialized_end=1908
-  _globals['_TRACKEVENTSRESPONSE']._serialized_start=1910
-  _globals['_TRACKEVENTSRESPONSE']._serialized_end=2029
-  _globals['_GATEWAYSERVICE']._serialized_start=2032
-  _globals['_GATEWAYSERVICE']._serialized_end=2407
+  _globals['_RECOMMENDEDITEM']._serialized_start=66
+  _globals['_RECOMMENDEDITEM']._serialized_end=203
+  _globals['_EXPERIMENTASSIGNMENT']._serialized_start=205
+  _globals['_EXPERIMENTASSIGNMENT']._serialized_end=264
+  _globals['_DEBUGINFO']._serialized_start=266
+  _globals['_DEBUGINFO']._serialized_end=334
+  _globals['_RECOMMENDREQUEST']._serialized_start=337
+  _globals['_RECOMMENDREQUEST']._serialized_end=509
+  _globals['_RECOMMENDRESPONSE']._serialized_start=512
+  _globals['_RECOMMENDRESPONSE']._serialized_end=898
+  _globals['_GETRELATEDITEMSREQUEST']._serialized_start=901
+  _globals['_GETRELATEDITEMSREQUEST']._serialized_end=1029
+  _globals['_GETRELATEDITEMSRESPONSE']._serialized_start=1032
+  _globals['_GETRELATEDITEMSRESPONSE']._serialized_end=1286
+  _globals['_GETCARTRECOMMENDATIONSREQUEST']._serialized_start=1289
+  _globals['_GETCARTRECOMMENDATIONSREQUEST']._serialized_end=1428
+  _globals['_GETCARTRECOMMENDATIONSRESPONSE']._serialized_start=1431
+  _globals['_GETCARTRECOMMENDATIONSRESPONSE']._serialized_end=1850
+  _globals['_TRACKEVENTSREQUEST']._serialized_start=1852
+  _globals['_TRACKEVENTSREQUEST']._serialized_end=1931
+  _globals['_TRACKEVENTSRESPONSE']._serialized_start=1933
+  _globals['_TRACKEVENTSRESPONSE']._serialized_end=2052
+  _globals['_GATEWAYSERVICE']._serialized_start=2055
+  _globals['_GATEWAYSERVICE']._serialized_end=2430
 # @@protoc_insertion_point(module_scope)

@@ -32,6 +32,7 @@ class RecommendedItem(_message.Message):
     SCORE_FIELD_NUMBER: _builtins.int
     RANK_FIELD_NUMBER: _builtins.int
     REASONS_FIELD_NUMBER: _builtins.int
+    REASON_TEXTS_FIELD_NUMBER: _builtins.int
     score: _builtins.float
     """Final score (higher is better; comparable only within one response)."""
     rank: _builtins.int
@@ -44,6 +45,12 @@ class RecommendedItem(_message.Message):
     def reasons(self) -> _containers.RepeatedScalarFieldContainer[_common_pb2.Reason.ValueType]:
         """Why the item is there (the first is the main reason)."""
 
+    @_builtins.property
+    def reason_texts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The reasons in words, parallel to `reasons` (see RankedItem.reason_texts), for
+        example "similar to your recent 85123A" or "popular in holder".
+        """
+
     def __init__(
         self,
         *,
@@ -51,10 +58,11 @@ class RecommendedItem(_message.Message):
         score: _builtins.float = ...,
         rank: _builtins.int = ...,
         reasons: _abc.Iterable[_common_pb2.Reason.ValueType] | None = ...,
+        reason_texts: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["item", b"item"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["item", b"item", "rank", b"rank", "reasons", b"reasons", "score", b"score"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["item", b"item", "rank", b"rank", "reason_texts", b"reason_texts", "reasons", b"reasons", "score", b"score"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

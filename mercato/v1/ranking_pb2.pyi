@@ -120,6 +120,7 @@ class RankedItem(_message.Message):
     SCORE_FIELD_NUMBER: _builtins.int
     MODEL_SCORE_FIELD_NUMBER: _builtins.int
     REASONS_FIELD_NUMBER: _builtins.int
+    REASON_TEXTS_FIELD_NUMBER: _builtins.int
     item_id: _builtins.str
     """The item."""
     score: _builtins.float
@@ -130,6 +131,14 @@ class RankedItem(_message.Message):
     def reasons(self) -> _containers.RepeatedScalarFieldContainer[_common_pb2.Reason.ValueType]:
         """Why the item is there (the first is the main reason)."""
 
+    @_builtins.property
+    def reason_texts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The reasons in words, parallel to `reasons`, naming what put the item there: for
+        example "similar to your recent 85123A", "bought with 22423", "popular in holder",
+        "trending". An unknown customer's items never say "model": their main reason is
+        popularity or the context.
+        """
+
     def __init__(
         self,
         *,
@@ -137,10 +146,11 @@ class RankedItem(_message.Message):
         score: _builtins.float = ...,
         model_score: _builtins.float = ...,
         reasons: _abc.Iterable[_common_pb2.Reason.ValueType] | None = ...,
+        reason_texts: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["item_id", b"item_id", "model_score", b"model_score", "reasons", b"reasons", "score", b"score"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["item_id", b"item_id", "model_score", b"model_score", "reason_texts", b"reason_texts", "reasons", b"reasons", "score", b"score"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

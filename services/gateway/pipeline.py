@@ -50,6 +50,9 @@ from services.gateway.experiments import Experiment
 from services.gateway.exposures import ExposureLog, exposure_event
 from services.gateway.settings import GatewaySettings
 
+#: One ranked item: id, score, reason codes and their texts (RankedItem.reason_texts).
+Ranked = tuple[str, float, list[int], list[str]]
+
 MAX_ID_BYTES = 128
 # Upper bounds of the public list fields (docs/api.md, the protos' comments): past them a
 # call gets INVALID_ARGUMENT naming the field, before any downstream work.
@@ -458,9 +461,9 @@ class Pipeline:
         alias: str,
         deadline: Deadline,
         trace: Trace,
-    ) -> list[tuple[str, float, list[int]]]:
-        """Ranked (item id, score, reasons); falls back to retrieval order with rules that
-        need no model."""
+    ) -> list[Ranked]:
+        """Ranked (item id, score, reasons, reason texts); falls back to retrieval order
+        with rules that need no model."""
         started = time.perf_counter()
         # Sold out by the gateway's details (fresher than ranking's periodically
         # reloaded table): left out before ranking, so ranking fills k from the rest.
@@ -500,13 +503,15 @@ class Pipeline:
                 trace.stage("ranking", started, len(resp.items))
                 for rule, n in resp.dropped.items():
                     trace.drop(rule, n)
-                return [(r.item_id, r.score, list(r.reasons)) for r in resp.items]
+                return [
+                    (r.item_id, r.score, list(r.reasons), list(r.reason_texts)) for r in resp.items
+                ]
             except HopError as err:
                 trace.degrade("ranking", "retrieval_order", err.reason)
                 trace.stage("ranking", started, 0, True, err.reason)
         purchased = {p.item_id for p in profile.purchases}
         keep_purchased = context.surface == common_pb2.SURFACE_BUY_AGAIN
-        out = []
+        out: list[Ranked] = []
         for c in candidates:  # sold-out candidates were left out above
             if c.item_id in purchased and not keep_purchased:
                 trace.drop("purchased")
@@ -514,7 +519,7 @@ class Pipeline:
             reasons = [c.source or common_pb2.REASON_MODEL]
             if common_pb2.REASON_FALLBACK not in reasons:
                 reasons.append(common_pb2.REASON_FALLBACK)
-            out.append((c.item_id, c.score, [int(r) for r in reasons]))
+            out.append((c.item_id, c.score, [int(r) for r in reasons], []))
             if len(out) >= k:
                 break
         return out
@@ -632,8 +637,9 @@ class Pipeline:
         if cached is None:
             return None
         exclude = set(req.exclude_item_ids)
-        ranked = [
-            (c.item_id, c.score, [int(common_pb2.REASON_TRENDING), int(common_pb2.REASON_FALLBACK)])
+        trending = [int(common_pb2.REASON_TRENDING), int(common_pb2.REASON_FALLBACK)]
+        ranked: list[Ranked] = [
+            (c.item_id, c.score, trending, ["trending", "popular right now"])
             for c in cached
             if c.item_id not in exclude
         ][:k]
@@ -720,13 +726,19 @@ class Pipeline:
 
     @staticmethod
     def _items(
-        ranked: list[tuple[str, float, list[int]]], details: dict[str, common_pb2.Item]
+        ranked: list[Ranked], details: dict[str, common_pb2.Item]
     ) -> list[gateway_pb2.RecommendedItem]:
         out = []
-        for i, (item_id, score, reasons) in enumerate(ranked, start=1):
+        for i, (item_id, score, reasons, texts) in enumerate(ranked, start=1):
             item = details.get(item_id) or common_pb2.Item(item_id=item_id)
             out.append(
-                gateway_pb2.RecommendedItem(item=item, score=score, rank=i, reasons=reasons)  # type: ignore[arg-type]
+                gateway_pb2.RecommendedItem(
+                    item=item,
+                    score=score,
+                    rank=i,
+                    reasons=reasons,  # type: ignore[arg-type]
+                    reason_texts=texts,
+                )
             )
         return out
 
@@ -788,14 +800,14 @@ class Pipeline:
             trace.stage("retrieval", started, len(cands), True, err.reason)
         trace.candidates = len(cands)
         details = await self.item_details([c.item_id for c in cands], deadline, trace)
-        ranked: list[tuple[str, float, list[int]]] = []
+        ranked: list[Ranked] = []
         for c in cands:
             if len(ranked) >= k:
                 break
             if c.item_id in details and details[c.item_id].stock <= 0:
                 trace.drop("out_of_stock")
                 continue
-            ranked.append((c.item_id, c.score, [c.source or common_pb2.REASON_SIMILAR]))
+            ranked.append((c.item_id, c.score, [c.source or common_pb2.REASON_SIMILAR], []))
         if from_model and kind == common_pb2.RELATION_KIND_COMPLEMENT:
             _complement_fallback(trace, [r[2][0] for r in ranked], f"item {req.item_id!r}")
         resp_out = gateway_pb2.GetRelatedItemsResponse(
@@ -891,7 +903,7 @@ class Pipeline:
         if sources:
             _complement_fallback(
                 trace,
-                [sources.get(item_id, common_pb2.REASON_COMPLEMENT) for item_id, _, _ in ranked],
+                [sources.get(item_id, common_pb2.REASON_COMPLEMENT) for item_id, *_ in ranked],
                 "the cart's items",
             )
         offer = await offer_task if offer_task is not None else None

@@ -15,6 +15,7 @@ import numpy as np
 from mercato.v1 import common_pb2, ranking_pb2
 from services.common.deadline import check_time_left
 from services.common.errors import InvalidArgument
+from services.ranking.reasons import explain
 from services.ranking.rules import (
     SURFACE_NAMES,
     CandidateSet,
@@ -31,11 +32,14 @@ log = logging.getLogger("mercato.ranking")
 
 def merge_candidates(candidates: Sequence[common_pb2.Candidate]) -> CandidateSet:
     """Unique candidates in first-seen order; a duplicate id keeps its best score (and
-    that occurrence's source). Scores must be finite."""
+    that occurrence's source) and, per source, the best score any occurrence carried
+    (``Candidate.sources`` / ``source_scores``, with the item-to-item anchor of that
+    best). Scores must be finite."""
     index: dict[str, int] = {}
     ids: list[str] = []
     scores: list[float] = []
     sources: list[int] = []
+    per_source: dict[int, dict[int, tuple[float, str]]] = {}
     for n, cand in enumerate(candidates):
         item_id = cand.item_id
         bad = bad_id(item_id)
@@ -45,14 +49,51 @@ def merge_candidates(candidates: Sequence[common_pb2.Candidate]) -> CandidateSet
             raise InvalidArgument(f"candidates[{n}].score must be finite, got {cand.score}")
         at = index.get(item_id)
         if at is None:
-            index[item_id] = len(ids)
+            at = index[item_id] = len(ids)
             ids.append(item_id)
             scores.append(cand.score)
             sources.append(int(cand.source))
         elif cand.score > scores[at]:
             scores[at] = cand.score
             sources[at] = int(cand.source)
-    return CandidateSet(ids, np.asarray(scores, dtype=np.float64), sources)
+        if cand.sources:
+            _merge_sources(n, cand, at, per_source)
+    source_scores: dict[int, np.ndarray] = {}
+    source_anchors: dict[int, list[str]] = {}
+    for src, got in per_source.items():
+        arr = np.full(len(ids), np.nan)
+        anchors = [""] * len(ids)
+        for at, (v, anchor) in got.items():
+            arr[at] = v
+            anchors[at] = anchor
+        source_scores[src] = arr
+        source_anchors[src] = anchors
+    return CandidateSet(
+        ids, np.asarray(scores, dtype=np.float64), sources, source_scores, source_anchors
+    )
+
+
+def _merge_sources(
+    n: int,
+    cand: common_pb2.Candidate,
+    at: int,
+    per_source: dict[int, dict[int, tuple[float, str]]],
+) -> None:
+    """Fold one candidate's parallel source fields into ``per_source`` (best per source)."""
+    m = len(cand.sources)
+    if len(cand.source_scores) != m or len(cand.source_anchor_ids) not in (0, m):
+        raise InvalidArgument(
+            f"candidates[{n}]: sources, source_scores and source_anchor_ids must be parallel "
+            f"(got {m}, {len(cand.source_scores)}, {len(cand.source_anchor_ids)})"
+        )
+    for j in range(m):
+        v = float(cand.source_scores[j])
+        if not math.isfinite(v):
+            raise InvalidArgument(f"candidates[{n}].source_scores[{j}] must be finite, got {v}")
+        anchor = cand.source_anchor_ids[j] if cand.source_anchor_ids else ""
+        got = per_source.setdefault(int(cand.sources[j]), {})
+        if at not in got or v > got[at][0]:
+            got[at] = (v, anchor)
 
 
 def rank_context(profile: common_pb2.Profile, context: common_pb2.Context) -> RankContext:
@@ -158,11 +199,15 @@ class RankPipeline:
         response = ranking_pb2.RankResponse(dropped=result.dropped)
         if version is not None:
             response.model.CopyFrom(version)
+        categories = items.category_strings()
+        profile, context = request.profile, request.context
         for idx, score, reasons in zip(result.indices, result.scores, result.reasons, strict=True):
+            codes, texts = explain(reasons, candidates, idx, categories[idx], profile, context)
             response.items.add(
                 item_id=candidates.ids[idx],
                 score=score,
                 model_score=float(scores[idx]),
-                reasons=reasons,  # type: ignore[arg-type]
+                reasons=codes,  # type: ignore[arg-type]
+                reason_texts=texts,
             )
         return response

@@ -60,12 +60,24 @@ def ranker_query(profile: common_pb2.Profile, context: common_pb2.Context) -> Ra
     )
 
 
+def retrieval_scores(candidates: CandidateSet) -> np.ndarray:
+    """The score the ranker's retrieval features read: the two-tower's own score where
+    retrieval sent one (``Candidate.sources``: merged candidates carry it for every
+    item, whichever source proposed it), else the candidate's score. The ranker is
+    trained on two-tower scores; the fused merge score has another scale."""
+    scores = np.asarray(candidates.scores, dtype=np.float64)
+    two_tower = candidates.source_scores.get(int(common_pb2.REASON_MODEL))
+    if two_tower is None:
+        return scores
+    return np.where(np.isnan(two_tower), scores, two_tower)
+
+
 def candidate_details(candidates: CandidateSet, items: CandidateArrays) -> CandidateDetails:
     """Candidate arrays from the item table's rows; a candidate without details has
     unknown price, stock, margin."""
     return CandidateDetails(
         ids=list(candidates.ids),
-        scores=np.asarray(candidates.scores, dtype=np.float64),
+        scores=retrieval_scores(candidates),
         price=np.asarray(items.price, dtype=np.float64),
         stock=np.where(items.known, items.stock, -1).astype(np.float64),
         margin=np.asarray(items.margin, dtype=np.float64),

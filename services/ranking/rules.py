@@ -240,9 +240,19 @@ class CandidateSet:
     ids: list[str]
     scores: np.ndarray
     sources: list[int]
+    # Per-source scores of merged candidates (Candidate.sources / source_scores):
+    # source -> float64 [n], NaN where that source gave none; and, for item-to-item, the
+    # customer's item that points to the candidate most ("" where none).
+    source_scores: dict[int, np.ndarray] = field(default_factory=dict)
+    source_anchors: dict[int, list[str]] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    def source_score(self, source: int) -> np.ndarray:
+        """Scores ``source`` gave the candidates (NaN where none)."""
+        got = self.source_scores.get(source)
+        return got if got is not None else np.full(len(self.ids), np.nan)
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,8 @@ from typing import Any
 import faiss
 import numpy as np
 
+from services.models.item2item import DIRNAME as ITEM2ITEM_DIR
+from services.models.item2item import Item2ItemError, ItemNeighbours
 from services.models.registry import ModelVersionInfo
 from services.models.two_tower import BundleError, ItemFeatures, TwoTowerBundle, UserQuery
 from services.models.watcher import ModelRejected
@@ -146,6 +148,7 @@ class RetrievalModel:
             item_price=np.asarray(bundle.item_price, dtype=np.float32).copy(),
             item_stock=np.full(len(bundle.item_ids), UNKNOWN_STOCK, dtype=np.int64),
         )
+        self.item2item: ItemNeighbours | None = None  # the bundle's item2item/, if any
         stock = bundle.config.get("item_stock")
         if isinstance(stock, list) and len(stock) == len(bundle.item_ids):
             self.state.item_stock[:] = np.asarray(stock, dtype=np.int64)
@@ -459,8 +462,15 @@ def load_retrieval_model(path: Path, info: ModelVersionInfo, cfg: IndexConfig) -
         bundle = TwoTowerBundle.load(path, index_io_flags=_io_flags(cfg), mmap=cfg.mmap)
     except BundleError as e:
         raise ModelRejected(str(e)) from e
+    i2i: ItemNeighbours | None = None
+    if (Path(path) / ITEM2ITEM_DIR).is_dir():
+        try:
+            i2i = ItemNeighbours.load(Path(path) / ITEM2ITEM_DIR, bundle.item_ids)
+        except Item2ItemError as e:
+            raise ModelRejected(f"item2item: {e}") from e
     index, choice = serving_index(bundle, Path(path), cfg)
     model = RetrievalModel(bundle, index, info, cfg)
+    model.item2item = i2i
     model.index_choice = choice
     model.complements_of("")  # read a lazily loaded complements file now, not in a call
     validate(model)

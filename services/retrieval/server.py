@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,15 @@ from services.common.server import BaseService, run_service
 from services.models.registry import ModelVersionInfo
 from services.models.two_tower import ItemFeatures, UserQuery
 from services.models.watcher import LoadedModel, ModelWatcher
+from services.retrieval.merge import (
+    SOURCE_ITEM2ITEM,
+    SOURCE_TWO_TOWER,
+    MergeConfig,
+    fill_merged,
+    fuse,
+    merge_config,
+    retrieve_merged,
+)
 from services.retrieval.model import (
     IndexConfig,
     IndexState,
@@ -116,6 +125,71 @@ def _check_ids(ids: Sequence[str], what: str, limit: int) -> None:
         )
 
 
+def row_filter(
+    model: RetrievalModel,
+    st: IndexState,
+    f: retrieval_pb2.Filters,
+    profile: common_pb2.Profile,
+    context: common_pb2.Context | None,
+    extra_exclude: Sequence[int] = (),
+) -> RowFilter:
+    """A request's hard filters in row space (INVALID_ARGUMENT on bad ids)."""
+    _check_ids(f.exclude_item_ids, "exclude_item_ids", MAX_FILTER_IDS)
+    require(
+        len(f.categories) <= MAX_CATEGORIES,
+        f"at most {MAX_CATEGORIES} categories, got {len(f.categories)}",
+    )
+    excl: set[int] = set(extra_exclude)
+    ids: list[str] = list(f.exclude_item_ids)
+    if f.exclude_purchased:
+        ids += [p.item_id for p in profile.purchases]
+    if f.exclude_in_cart:
+        ids += [line.item_id for line in profile.cart.lines]
+        if context is not None:
+            ids += list(context.cart_item_ids)
+    for i in ids:
+        r = model.row_of(st, i)
+        if r is not None:
+            excl.add(r)
+    cats = None
+    if f.categories:
+        cats = np.array(
+            sorted({st.category_code[c] for c in f.categories if c in st.category_code}),
+            dtype=np.int64,
+        )
+    return RowFilter(
+        exclude=np.fromiter(excl, dtype=np.int64, count=len(excl)),
+        categories=cats,
+        in_stock_only=f.in_stock_only,
+    )
+
+
+def retrieve_response(
+    model: RetrievalModel,
+    st: IndexState,
+    request: retrieval_pb2.RetrieveRequest,
+    merge: MergeConfig,
+    checkpoint: Callable[[str], None] = lambda stage: None,
+) -> retrieval_pb2.RetrieveResponse:
+    """Everything ``Retrieve`` does after choosing the model (filters, user tower, both
+    sources, the merge), without the model version: the offline replay
+    (:mod:`training.replay`) calls it too. ``checkpoint(stage)`` runs before each stage
+    (the service checks its deadline there)."""
+    ctx = request.context
+    _check_ids(list(ctx.cart_item_ids), "context.cart_item_ids", MAX_FILTER_IDS)
+    flt = row_filter(model, st, request.filters, request.profile, ctx)
+    checkpoint("user tower")
+    query = user_query(request.profile, ctx)
+    q = model.encode_user(query)
+    checkpoint("search")
+    merged = retrieve_merged(model, st, query, request.k, flt, merge, q)
+    if len(merged) < request.k:
+        SHORT_RESULTS.labels("Retrieve").inc()
+    resp = retrieval_pb2.RetrieveResponse()
+    fill_merged(resp.candidates, model, st, merged)
+    return resp
+
+
 class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
     """RPC handlers over the watcher's loaded models."""
 
@@ -124,6 +198,9 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
         self.watcher = watcher
 
     # ------------------------------------------------------------------ helpers
+
+    def _merge(self, model: RetrievalModel) -> MergeConfig:
+        return merge_config(model, self.settings.two_tower_weight, self.settings.item2item_weight)
 
     def _model(self, alias: str) -> LoadedModel[RetrievalModel]:
         alias = alias or self.settings.default_alias
@@ -161,44 +238,6 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
             name=i.name, version=i.version, alias=i.alias, run_id=i.run_id
         )
 
-    def _row_filter(
-        self,
-        model: RetrievalModel,
-        st: IndexState,
-        f: retrieval_pb2.Filters,
-        profile: common_pb2.Profile,
-        context: common_pb2.Context | None,
-        extra_exclude: Sequence[int] = (),
-    ) -> RowFilter:
-        _check_ids(f.exclude_item_ids, "exclude_item_ids", MAX_FILTER_IDS)
-        require(
-            len(f.categories) <= MAX_CATEGORIES,
-            f"at most {MAX_CATEGORIES} categories, got {len(f.categories)}",
-        )
-        excl: set[int] = set(extra_exclude)
-        ids: list[str] = list(f.exclude_item_ids)
-        if f.exclude_purchased:
-            ids += [p.item_id for p in profile.purchases]
-        if f.exclude_in_cart:
-            ids += [line.item_id for line in profile.cart.lines]
-            if context is not None:
-                ids += list(context.cart_item_ids)
-        for i in ids:
-            r = model.row_of(st, i)
-            if r is not None:
-                excl.add(r)
-        cats = None
-        if f.categories:
-            cats = np.array(
-                sorted({st.category_code[c] for c in f.categories if c in st.category_code}),
-                dtype=np.int64,
-            )
-        return RowFilter(
-            exclude=np.fromiter(excl, dtype=np.int64, count=len(excl)),
-            categories=cats,
-            in_stock_only=f.in_stock_only,
-        )
-
     def _candidates(
         self,
         model: RetrievalModel,
@@ -221,17 +260,10 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
         loaded = self._model(request.model_alias)
         model = loaded.model
         st = model.state  # one snapshot for the whole call
-        ctx = request.context
-        _check_ids(list(ctx.cart_item_ids), "context.cart_item_ids", MAX_FILTER_IDS)
-        flt = self._row_filter(model, st, request.filters, request.profile, ctx)
-        ensure_time_left(context, "user tower")
-        q = model.encode_user(user_query(request.profile, ctx))
-        ensure_time_left(context, "search")
-        res = model.search(st, q, request.k, flt)
-        if len(res.rows) < request.k:
-            SHORT_RESULTS.labels("Retrieve").inc()
-        resp = retrieval_pb2.RetrieveResponse(model=self._version(loaded))
-        fill(resp.candidates, self._candidates(model, st, res.rows, res.scores, REASON_MODEL))
+        resp = retrieve_response(
+            model, st, request, self._merge(model), lambda stage: ensure_time_left(context, stage)
+        )
+        resp.model.CopyFrom(self._version(loaded))
         return resp
 
     async def RetrieveRelated(
@@ -270,9 +302,7 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
                 f"{loaded.info.version}: {', '.join(unknown[:10])} (new catalog items are "
                 "added by IndexItems)"
             )
-        flt = self._row_filter(
-            model, st, request.filters, request.profile, None, extra_exclude=anchors
-        )
+        flt = row_filter(model, st, request.filters, request.profile, None, extra_exclude=anchors)
         k = request.k
         ensure_time_left(context, "search")
         if kind == common_pb2.RELATION_KIND_UPSELL:
@@ -299,7 +329,22 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
         source: int,
     ) -> list[Cand]:
         res = model.search(st, model.item_query(st, anchors), k, flt)
-        return self._candidates(model, st, res.rows, res.scores, source)
+        i2i = model.item2item
+        merge = self._merge(model)
+        if i2i is None or merge.item2item_weight <= 0:
+            return self._candidates(model, st, res.rows, res.scores, source)
+        # The anchors' item-to-item neighbours, fused by rank with the embedding search.
+        hist = np.asarray(anchors, dtype=np.int64)
+        rows, _ = i2i.top(hist, max(2 * k, k + len(flt.exclude)), exclude=flt.exclude)
+        rows = rows[flt.mask(st, rows)][:k]
+        if len(rows) == 0:
+            return self._candidates(model, st, res.rows, res.scores, source)
+        lists = {
+            SOURCE_TWO_TOWER: (res.rows, max(merge.two_tower_weight, 1e-6)),
+            SOURCE_ITEM2ITEM: (rows, merge.item2item_weight),
+        }
+        rows, fused, _ = fuse(lists, k)
+        return self._candidates(model, st, rows, fused, source)
 
     def _upsell(
         self, model: RetrievalModel, st: IndexState, anchors: list[int], k: int, flt: RowFilter

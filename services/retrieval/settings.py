@@ -22,6 +22,22 @@ class RetrievalSettings(ServiceSettings):
         description="Comma-separated registry aliases kept loaded from the start.",
     )
     default_alias: str = Field("champion", description="Alias of requests that name none.")
+    two_tower_weight: float | None = Field(
+        None,
+        ge=0.0,
+        description=(
+            "Weight of the two-tower's ranks in Retrieve's fused score; unset = the weight "
+            "the training run chose on validation (shipped in the bundle), else 1."
+        ),
+    )
+    item2item_weight: float | None = Field(
+        None,
+        ge=0.0,
+        description=(
+            "Weight of the item-to-item neighbours' ranks in Retrieve's fused score "
+            "(0 = two-tower candidates only); unset = the bundle's, else 1."
+        ),
+    )
     max_aliases: int = Field(
         8, ge=1, le=64, description="Most aliases loaded at once (per-request aliases included)."
     )

@@ -32,6 +32,7 @@ def pipeline() -> RankPipeline:
 
 def test_rules_only_ranks_by_retrieval_score(pipeline: RankPipeline) -> None:
     req = _request(5)
+    req.profile.known = True
     req.candidates[3].score = 100.0  # i3 is now the best
     resp = pipeline.rank(req)
     assert _ids(resp)[0] == "i3"
@@ -75,6 +76,88 @@ def test_duplicates_keep_the_best_score_and_its_source() -> None:
     assert merged.ids == ["a", "b"]
     assert merged.scores.tolist() == pytest.approx([0.9, 0.5])
     assert merged.sources == [common_pb2.REASON_COMPLEMENT, 0]
+
+
+def test_merge_keeps_every_source_and_its_scores() -> None:
+    model, sim = common_pb2.REASON_MODEL, common_pb2.REASON_SIMILAR
+    cands = [
+        common_pb2.Candidate(
+            item_id="a",
+            score=0.03,
+            source=sim,
+            sources=[model, sim],
+            source_scores=[0.4, 2.5],
+            source_anchor_ids=["", "x"],
+        ),
+        common_pb2.Candidate(
+            item_id="b", score=0.02, source=model, sources=[model], source_scores=[0.9]
+        ),
+        # The same item again from another call: per source, the best score (and anchor) stays.
+        common_pb2.Candidate(
+            item_id="a",
+            score=0.01,
+            source=sim,
+            sources=[sim],
+            source_scores=[3.0],
+            source_anchor_ids=["y"],
+        ),
+        common_pb2.Candidate(item_id="c", score=0.5),  # a caller that does not merge
+    ]
+    merged = merge_candidates(cands)
+    assert merged.ids == ["a", "b", "c"]
+    assert merged.sources == [sim, model, 0]
+    np.testing.assert_allclose(merged.source_score(model), [0.4, 0.9, np.nan], rtol=1e-6)
+    np.testing.assert_array_equal(merged.source_score(sim), [3.0, np.nan, np.nan])
+    assert merged.source_anchors[sim] == ["y", "", ""]
+    assert np.isnan(merged.source_score(common_pb2.REASON_COMPLEMENT)).all()
+    bad = common_pb2.Candidate(item_id="d", score=1.0, sources=[model], source_scores=[])
+    with pytest.raises(InvalidArgument, match="parallel"):
+        merge_candidates([bad])
+    bad = common_pb2.Candidate(
+        item_id="d", score=1.0, sources=[model], source_scores=[float("inf")]
+    )
+    with pytest.raises(InvalidArgument, match="finite"):
+        merge_candidates([bad])
+
+
+def test_reasons_say_why(pipeline: RankPipeline) -> None:
+    sim, comp, model = (
+        common_pb2.REASON_SIMILAR,
+        common_pb2.REASON_COMPLEMENT,
+        common_pb2.REASON_MODEL,
+    )
+    req = ranking_pb2.RankRequest(
+        k=10,
+        profile=common_pb2.Profile(customer_id="c", known=True),
+        context=common_pb2.Context(surface=common_pb2.SURFACE_HOME, cart_item_ids=["cart-1"]),
+    )
+    for item_id, score, source, seen in (("a", 0.9, sim, "seen-7"), ("b", 0.8, model, "seen-3")):
+        # Both sources scored it; item-to-item names the customer's item behind it.
+        req.candidates.add(
+            item_id=item_id,
+            score=score,
+            source=source,
+            sources=[model, sim],
+            source_scores=[score / 2, score * 2],
+            source_anchor_ids=["", seen],
+        )
+    req.candidates.add(item_id="c", score=0.7, source=model, sources=[model], source_scores=[0.4])
+    req.candidates.add(item_id="d", score=0.6, source=comp)
+    req.candidates.add(item_id="e", score=0.5, source=common_pb2.REASON_TRENDING)
+    req.items.add(item_id="e", category="mugs", stock=3)
+    got = {it.item_id: (list(it.reasons), list(it.reason_texts)) for it in pipeline.rank(req).items}
+    assert got == {
+        "a": ([sim], ["similar to your recent seen-7"]),
+        "b": ([model], ["similar to your recent seen-3"]),
+        "c": ([model], ["picked for you from your history"]),
+        "d": ([comp], ["bought with cart-1"]),
+        "e": ([common_pb2.REASON_TRENDING], ["popular in mugs"]),
+    }
+    # The same candidates for an unknown customer: nothing says "model".
+    req.profile.known = False
+    unknown = pipeline.rank(req).items
+    assert all(model not in it.reasons for it in unknown)
+    assert {it.item_id: it.reason_texts[0] for it in unknown}["c"] == "trending"
 
 
 def test_duplicate_candidates_returned_once(pipeline: RankPipeline) -> None:
@@ -167,3 +250,21 @@ def test_a_failing_scorer_degrades_to_rules_only(scorer: Scorer) -> None:
     resp = pipe.rank(_request(4))
     assert _ids(resp) == ["i0", "i1", "i2", "i3"]
     assert resp.model.name == ""
+
+
+def test_ranker_features_read_the_two_tower_score_of_merged_candidates() -> None:
+    from services.ranking.ranker import retrieval_scores
+
+    model, sim = common_pb2.REASON_MODEL, common_pb2.REASON_SIMILAR
+    merged = merge_candidates(
+        [
+            # Fused score 0.03; the two-tower gave it 0.7 (what the ranker was trained on).
+            common_pb2.Candidate(
+                item_id="a", score=0.03, source=sim, sources=[model, sim], source_scores=[0.7, 2.0]
+            ),
+            common_pb2.Candidate(item_id="b", score=0.5),  # not merged: its own score
+        ]
+    )
+    np.testing.assert_allclose(retrieval_scores(merged), [0.7, 0.5], rtol=1e-6)
+    plain = merge_candidates([common_pb2.Candidate(item_id="c", score=1.5)])
+    np.testing.assert_allclose(retrieval_scores(plain), [1.5])

@@ -70,7 +70,14 @@ def test_rank_answers_in_rules_only_mode(
     assert resp.dropped["out_of_stock"] == 5
     assert all(int(i.split("-")[1]) % 4 != 0 for i in ids)  # no out-of-stock item
     assert ids[0] == "sku-1"  # best in-stock retrieval score
+    # No profile: an unknown customer, whose items say popularity, never "model".
+    assert resp.items[0].reasons[0] == common_pb2.REASON_TRENDING
+    assert resp.items[0].reason_texts[0] == "popular in cat1"
+    known = _rank_request()
+    known.profile.known = True
+    resp = stub.Rank(known, timeout=10)
     assert resp.items[0].reasons[0] == common_pb2.REASON_MODEL
+    assert resp.items[0].reason_texts[0] == "picked for you from your history"
 
 
 def test_bad_input_gets_clear_statuses_and_the_service_keeps_running(

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from mercato.v1 import common_pb2, retrieval_pb2, retrieval_pb2_grpc
+from services.models.item2item import ItemNeighbours
 from services.models.two_tower import TwoTowerBundle
 from tests.procs import ServiceProc, start_service
 from tests.retrieval.conftest import Store
@@ -83,7 +84,16 @@ def test_swap_under_load_refuses_broken_versions(store: Store, tmp_path: Path) -
     def with_complements(d: Path) -> None:
         (d / "complements.json").write_text(json.dumps({anchor: [[comp[0], 5.0], [comp[1], 3.0]]}))
 
+    def broken_item2item(d: Path) -> None:
+        # Row 0 lists itself as its best neighbour; the item2item manifest is rewritten to
+        # match, so only the content check can refuse it.
+        m = ItemNeighbours.load(d / "item2item", b.item_ids)
+        idx = m.indices.copy()
+        idx[0] = 0
+        ItemNeighbours(m.item_ids, m.indptr, idx, m.scores, m.config).save(d / "item2item")
+
     bad_dim = store.variant("wrong-dim", wrong_dim)
+    bad_i2i = store.variant("broken-item2item", broken_item2item)
     bad_file = store.variant("missing-file", missing_file)
     good = store.variant("complements", with_complements)
 
@@ -143,8 +153,12 @@ def test_swap_under_load_refuses_broken_versions(store: Store, tmp_path: Path) -
         # A version with a missing file: refused too.
         v_file = store.register(bad_file, model=SWAP_MODEL, alias="champion")
         wait_for(lambda: refused(svc, v_file).get("invalid") == 1.0)
+        # A version whose item-to-item neighbours are broken: refused as a whole.
+        v_i2i = store.register(bad_i2i, model=SWAP_MODEL, alias="champion")
+        wait_for(lambda: refused(svc, v_i2i).get("invalid") == 1.0)
         done = polls(svc)
         wait_for(lambda: polls(svc) >= done + 3)  # three more look-ups: not retried, still v1
+        assert refused(svc, v_i2i) == {"invalid": 1.0}
         assert refused(svc, v_dim) == {"invalid": 1.0}
         assert refused(svc, v_file) == {"invalid": 1.0}  # the alias's target: not retried
         assert loaded_version_metric(svc) == float(v1)
@@ -170,6 +184,7 @@ def test_swap_under_load_refuses_broken_versions(store: Store, tmp_path: Path) -
         log = svc.log()
         assert "model version refused" in log and f'"version": "{v_dim}"' in log
         assert "towers.npz is missing" in log
+        assert "item2item: an item lists itself as a neighbour" in log
         assert re.search(rf"index has \d+ x {dim + 3}, want \d+ x {dim}", log)
 
         with svc.channel() as ch:

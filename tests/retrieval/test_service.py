@@ -27,6 +27,9 @@ def svc(store: Store, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Serv
         env={
             "MERCATO_RETRIEVAL_TRACKING_URI": store.uri,
             "MERCATO_RETRIEVAL_POLL_INTERVAL_S": "0.3",
+            # The two-tower alone, checked against brute force over its embeddings here;
+            # the merge with item-to-item has its own service in test_merge.py.
+            "MERCATO_RETRIEVAL_ITEM2ITEM_WEIGHT": "0",
         },
         timeout=90,
     )
@@ -74,6 +77,19 @@ def query_of(
     return b.encode_users([q])[0]
 
 
+def home_query(
+    b: TwoTowerBundle, recent: list[int], bought: list[int], cart: list[int], k: int
+) -> tuple[retrieval_pb2.RetrieveRequest, np.ndarray]:
+    """A home-page Retrieve request for this history and the user vector it must give."""
+    req = retrieval_pb2.RetrieveRequest(
+        profile=profile_of(b, recent, bought, cart),
+        context=common_pb2.Context(surface=common_pb2.SURFACE_HOME),
+        k=k,
+    )
+    attrs = {"surface": "home", "country": "GB", "segment": "active", "price_band": "mid"}
+    return req, query_of(b, recent, bought, cart, **attrs)
+
+
 def assert_same_ranking(
     got: list[str], got_scores: list[float], want: list[int], scores: np.ndarray, b: TwoTowerBundle
 ) -> None:
@@ -94,24 +110,8 @@ def test_retrieve_equals_brute_force_over_exported_embeddings(
     for _ in range(4):
         recent = rng.choice(len(emb), 5, replace=False).tolist()
         bought, cart = recent[:2], recent[2:3]
-        resp = stub.Retrieve(
-            retrieval_pb2.RetrieveRequest(
-                profile=profile_of(bundle, recent, bought, cart),
-                context=common_pb2.Context(surface=common_pb2.SURFACE_HOME),
-                k=25,
-            ),
-            timeout=5,
-        )
-        q = query_of(
-            bundle,
-            recent,
-            bought,
-            cart,
-            surface="home",
-            country="GB",
-            segment="active",
-            price_band="mid",
-        )
+        req, q = home_query(bundle, recent, bought, cart, 25)
+        resp = stub.Retrieve(req, timeout=5)
         want, scores = brute_force(emb, q, 25)
         assert_same_ranking(
             [c.item_id for c in resp.candidates],

@@ -16,6 +16,7 @@ import pytest
 import scipy.sparse as sp
 
 from services.models import BundleError, ItemFeatures, TwoTowerBundle, UserQuery, download_bundle
+from services.models.item2item import ItemNeighbours
 from services.models.two_tower import PRICE_BANDS
 from training.data import time_split, user_random_split
 from training.evaluate import PopularityScorer, evaluate, metrics_from_ranking, top_k
@@ -294,7 +295,14 @@ def test_run_has_baselines_table_curve_and_complements(trained) -> None:
 
     client = MlflowClient(cfg.tracking_uri)
     for part in ("valid", "test"):
-        assert set(res.metrics[part]) == {"two_tower", "popularity", "als", "ease"}
+        assert set(res.metrics[part]) == {
+            "two_tower",
+            "popularity",
+            "als",
+            "ease",
+            "item2item",
+            "served",
+        }
         for m in res.metrics[part].values():
             assert 0.0 <= m["recall@10"] <= m["recall@20"] <= m["recall@100"] <= 1.0
     # The synthetic data has item-item structure that EASE finds even at this tiny size.
@@ -312,9 +320,16 @@ def test_run_has_baselines_table_curve_and_complements(trained) -> None:
     assert local.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = Path(client.download_artifacts(res.run_id, "eval/table.md")).read_text()
     assert "| ease |" in table and "| als |" in table and "train s" in table
+    assert "| item2item |" in table and "| served |" in table
+    assert run.data.metrics["test_served_ndcg_10"] == pytest.approx(
+        res.metrics["test"]["served"]["ndcg@10"]
+    )
     # Complements were mined from baskets and are served by the bundle.
     bundle = TwoTowerBundle.load(res.bundle_dir)
     pairs = json.loads((res.bundle_dir / "complements.json").read_text())
+    # The item-to-item model ships in the bundle with the fusion weights chosen on valid.
+    i2i = ItemNeighbours.load(res.bundle_dir / "item2item", bundle.item_ids)
+    assert i2i.nnz > 0 and set(i2i.config["merge"]) == {"two_tower_weight", "item2item_weight"}
     assert pairs, "no complement pairs from the synthetic baskets"
     item = next(iter(pairs))
     got = bundle.complements(item, 3)
@@ -403,7 +418,7 @@ def test_test_part_is_read_with_every_model_refit_on_train_plus_validation(train
 
     report = TwoTowerBundle.load(res.bundle_dir).eval_report
     assert report["refit"]["train_plus_valid"] is True
-    assert set(report["refit"]["seconds"]) == {"two_tower", "als", "ease"}
+    assert set(report["refit"]["seconds"]) == {"two_tower", "als", "ease", "item2item"}
     data = load_data(cfg)
     split = make_split(data, cfg)
     vocab = build_vocab(data, cfg.features)
@@ -415,6 +430,19 @@ def test_test_part_is_read_with_every_model_refit_on_train_plus_validation(train
     assert res.metrics["test"]["ease"]["recall@20"] == pytest.approx(on_both["recall@20"], abs=1e-9)
     on_train = evaluate(EASE(lam).fit(interactions(split.train, vocab)).scorer(h), test, cfg.ks)
     assert on_train["ndcg@100"] != pytest.approx(on_both["ndcg@100"], abs=1e-9)
+    # The served item-to-item neighbours are the validated configuration fit again on
+    # train + validation, like every other model.
+    from services.models.item2item import ItemNeighbours
+    from training.item2item import refit_item2item
+
+    shipped = ItemNeighbours.load(res.bundle_dir / "item2item", vocab.item_ids)
+    chosen = report["baselines"]["item2item"]["chosen"]
+    for part, x in (("train + validation", history_test), ("train", split.train)):
+        again = refit_item2item(interactions(x, vocab), vocab.item_ids, chosen)
+        same = np.array_equal(again.indptr, shipped.indptr) and np.allclose(
+            again.scores, shipped.scores, atol=1e-6
+        )
+        assert same == (part == "train + validation"), part
     # Validation numbers come from the models fit on train only: the served (refit) model
     # has seen the validation truth, so it scores higher there.
     served = TwoTowerBundle.load(res.bundle_dir)

@@ -1,0 +1,250 @@
+"""The item-to-item model: a sparse top-N neighbour list per item (NumPy/SciPy only).
+
+Training (:mod:`training.item2item`) fits it from EASE (small catalogues) or shrunk
+co-occurrence (any size) and keeps each item's ``top_n`` best neighbours; serving never
+holds a dense item x item matrix: the neighbours are a CSR matrix ``W`` of
+``n_items x n_items`` with at most ``top_n`` entries per row, row ``j`` listing the
+items that ``j`` points to (``W[j, i]``: how much having ``j`` in the history speaks for
+``i``). A customer's score for item ``i`` is ``sum_j W[j, i]`` over their distinct
+history items ``j`` (the EASE score ``x_u B`` with ``B`` truncated to ``top_n`` per row).
+
+It ships inside the two-tower bundle, as the sub-directory ``item2item/`` (same item
+rows as the bundle, so the two sources share one vocabulary and one registry version)::
+
+    item2item/config.json       format_version, model_type, method, top_n, n_items, ...
+    item2item/item_ids.json     item ids in row order (must equal the bundle's)
+    item2item/neighbours.npz    indptr int64 [n+1], indices int32 [nnz], scores float32 [nnz]
+    item2item/manifest.json     sha256 and size of every file above
+
+Loading checks the manifest, the CSR structure (monotone ``indptr``, in-range
+``indices``, no self-neighbour, finite scores, rows best first) and the item rows; any
+failure raises :class:`Item2ItemError`, which the retrieval service turns into a refused
+version (the previous one keeps serving).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+
+from services.models.manifest import verify_manifest, write_manifest
+
+FORMAT_VERSION = 1
+MODEL_TYPE = "item2item"
+DIRNAME = "item2item"
+FILES = ("config.json", "item_ids.json", "neighbours.npz")
+
+
+class Item2ItemError(Exception):
+    """A broken or inconsistent item-to-item artifact."""
+
+
+@dataclass
+class ItemNeighbours:
+    """Top-N neighbours per item row as CSR arrays, each row best first."""
+
+    item_ids: list[str]
+    indptr: np.ndarray  # int64 [n + 1]
+    indices: np.ndarray  # int32 [nnz]
+    scores: np.ndarray  # float32 [nnz]
+    config: dict[str, Any] = field(default_factory=dict)
+    _csr: sp.csr_matrix | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def n_items(self) -> int:
+        return len(self.item_ids)
+
+    @property
+    def nnz(self) -> int:
+        return len(self.indices)
+
+    @property
+    def matrix(self) -> sp.csr_matrix:
+        """``W`` as a SciPy CSR matrix (built once, shares the arrays)."""
+        if self._csr is None:
+            n = self.n_items
+            self._csr = sp.csr_matrix((self.scores, self.indices, self.indptr), shape=(n, n))
+        return self._csr
+
+    def neighbours(self, row: int, n: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Rows and scores of ``row``'s neighbours, best first (at most ``n``)."""
+        a, b = int(self.indptr[row]), int(self.indptr[row + 1])
+        if n is not None:
+            b = min(b, a + n)
+        return self.indices[a:b].astype(np.int64), self.scores[a:b]
+
+    def score_rows(self, history: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Items reached from the distinct ``history`` rows and their summed scores
+        (``sum_j W[j, i]``), unordered; the history rows themselves are included when
+        another history item points to them (callers filter them)."""
+        hist = np.unique(np.asarray(history, dtype=np.int64))
+        hist = hist[(hist >= 0) & (hist < self.n_items)]
+        if len(hist) == 0:
+            return np.zeros(0, np.int64), np.zeros(0, np.float32)
+        starts, ends = self.indptr[hist], self.indptr[hist + 1]
+        lens = ends - starts
+        if lens.sum() == 0:
+            return np.zeros(0, np.int64), np.zeros(0, np.float32)
+        pos = np.repeat(ends - lens.cumsum(), lens) + np.arange(lens.sum())
+        rows, inv = np.unique(self.indices[pos], return_inverse=True)
+        sums = np.bincount(inv, weights=self.scores[pos].astype(np.float64), minlength=len(rows))
+        return rows.astype(np.int64), sums.astype(np.float32)
+
+    def score_of(self, history: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """``sum_j W[j, i]`` for each of ``rows`` (0 where no history item points to it)."""
+        reached, sums = self.score_rows(history)
+        out = np.zeros(len(rows), dtype=np.float32)
+        if len(reached):
+            pos = np.searchsorted(reached, rows)
+            pos = np.minimum(pos, len(reached) - 1)
+            hit = reached[pos] == rows
+            out[hit] = sums[pos[hit]]
+        return out
+
+    def best_anchor(self, history: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """For each of ``rows``: the history row ``j`` with the largest ``W[j, i]``
+        (ties: the lower row), or -1 when no history item points to it."""
+        hist = np.unique(np.asarray(history, dtype=np.int64))
+        hist = hist[(hist >= 0) & (hist < self.n_items)]
+        out = np.full(len(rows), -1, dtype=np.int64)
+        if len(hist) == 0 or len(rows) == 0:
+            return out
+        lens = self.indptr[hist + 1] - self.indptr[hist]
+        pos = np.repeat(self.indptr[hist + 1] - lens.cumsum(), lens) + np.arange(lens.sum())
+        src = np.repeat(hist, lens)
+        dst = self.indices[pos].astype(np.int64)
+        w = self.scores[pos]
+        want = np.isin(dst, rows)
+        src, dst, w = src[want], dst[want], w[want]
+        if len(dst) == 0:
+            return out
+        order = np.lexsort((src, -w, dst))  # per target: best weight, then lower row
+        src, dst = src[order], dst[order]
+        first = np.r_[True, dst[1:] != dst[:-1]]
+        best = dict(zip(dst[first].tolist(), src[first].tolist(), strict=True))
+        for n, r in enumerate(np.asarray(rows).tolist()):
+            out[n] = best.get(r, -1)
+        return out
+
+    def top(
+        self, history: np.ndarray, k: int, exclude: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The ``k`` best rows for a history (history rows and ``exclude`` left out),
+        by descending score, ties by row; only rows with a positive score."""
+        rows, sums = self.score_rows(history)
+        drop = np.isin(rows, np.asarray(history, dtype=np.int64))
+        if exclude is not None and len(exclude):
+            drop |= np.isin(rows, exclude)
+        keep = ~drop & (sums > 0)
+        rows, sums = rows[keep], sums[keep]
+        order = np.lexsort((rows, -sums))[:k]
+        return rows[order], sums[order]
+
+    # ------------------------------------------------------------------ files
+
+    def save(self, d: str | Path) -> None:
+        """Write ``d`` (created if needed) with a checksum manifest."""
+        d = Path(d)
+        d.mkdir(parents=True, exist_ok=True)
+        cfg = {
+            **self.config,
+            "format_version": FORMAT_VERSION,
+            "model_type": MODEL_TYPE,
+            "n_items": self.n_items,
+            "nnz": self.nnz,
+        }
+        (d / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
+        (d / "item_ids.json").write_text(json.dumps(list(self.item_ids)))
+        with (d / "neighbours.npz").open("wb") as fh:
+            np.savez(
+                fh,
+                indptr=np.asarray(self.indptr, dtype=np.int64),
+                indices=np.asarray(self.indices, dtype=np.int32),
+                scores=np.asarray(self.scores, dtype=np.float32),
+            )
+        write_manifest(d, FILES, FORMAT_VERSION)
+
+    @classmethod
+    def load(cls, d: str | Path, item_ids: list[str] | None = None) -> ItemNeighbours:
+        """Read and validate ``d``; ``item_ids``, when given, must equal its rows."""
+        d = Path(d)
+        verify_manifest(d, FILES, Item2ItemError)
+        try:
+            config = json.loads((d / "config.json").read_text())
+            ids = json.loads((d / "item_ids.json").read_text())
+            with np.load(d / "neighbours.npz", allow_pickle=False) as z:
+                indptr, indices, scores = z["indptr"], z["indices"], z["scores"]
+        except (OSError, ValueError, KeyError) as e:
+            raise Item2ItemError(f"{d}: unreadable item-to-item files: {e}") from e
+        if config.get("model_type") != MODEL_TYPE or config.get("format_version") != FORMAT_VERSION:
+            raise Item2ItemError(
+                f"{d}: model_type/format_version {config.get('model_type')!r}/"
+                f"{config.get('format_version')!r}, want {MODEL_TYPE!r}/{FORMAT_VERSION}"
+            )
+        if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+            raise Item2ItemError(f"{d}: item_ids.json is not a list of strings")
+        if item_ids is not None and ids != list(item_ids):
+            raise Item2ItemError(f"{d}: its {len(ids)} item rows differ from the bundle's")
+        model = cls(ids, indptr.astype(np.int64), indices.astype(np.int32), scores, config)
+        model.check()
+        return model
+
+    def check(self) -> None:
+        """Structural checks; raises Item2ItemError."""
+        n, ip, ix, sc = self.n_items, self.indptr, self.indices, self.scores
+        if ip.ndim != 1 or len(ip) != n + 1 or ip[0] != 0 or np.any(np.diff(ip) < 0):
+            raise Item2ItemError(f"indptr is not a valid CSR index for {n} items")
+        if ip[-1] != len(ix) or len(ix) != len(sc):
+            raise Item2ItemError(
+                f"indptr ends at {ip[-1]} but there are {len(ix)} indices and {len(sc)} scores"
+            )
+        if len(ix) and (ix.min() < 0 or ix.max() >= n):
+            raise Item2ItemError(f"neighbour rows out of range [0, {n})")
+        if not np.isfinite(sc).all():
+            raise Item2ItemError("neighbour scores are not all finite")
+        row_of = np.repeat(np.arange(n), np.diff(ip))
+        if np.any(row_of == ix):
+            raise Item2ItemError("an item lists itself as a neighbour")
+        same_row = row_of[1:] == row_of[:-1]
+        if np.any(same_row & (np.diff(sc) > 1e-6)):
+            raise Item2ItemError("neighbour rows are not sorted best first")
+
+
+def from_rows(
+    item_ids: list[str],
+    rows: np.ndarray,
+    cols: np.ndarray,
+    vals: np.ndarray,
+    top_n: int,
+    config: dict[str, Any] | None = None,
+    signed: bool = False,
+) -> ItemNeighbours:
+    """Keep each row's ``top_n`` highest positive entries (``signed``: the ``top_n``
+    largest in absolute value, negative weights included, as EASE's matter), without
+    self pairs; rows best first, ties by column."""
+    n = len(item_ids)
+    rows, cols = np.asarray(rows, np.int64), np.asarray(cols, np.int64)
+    vals = np.asarray(vals, np.float64)
+    ok = (rows != cols) & np.isfinite(vals) & ((vals != 0) if signed else (vals > 0))
+    rows, cols, vals = rows[ok], cols[ok], vals[ok]
+    order = np.lexsort((cols, -np.abs(vals), rows))
+    rows, cols, vals = rows[order], cols[order], vals[order]
+    counts = np.bincount(rows, minlength=n)
+    starts = np.r_[0, np.cumsum(counts)[:-1]]
+    rank = np.arange(len(rows)) - np.repeat(starts, counts)
+    keep = rank < top_n
+    rows, cols, vals = rows[keep], cols[keep], vals[keep]
+    order = np.lexsort((cols, -vals, rows))  # best first within each row
+    rows, cols, vals = rows[order], cols[order], vals[order]
+    indptr = np.r_[0, np.cumsum(np.bincount(rows, minlength=n))].astype(np.int64)
+    cfg = dict(config or {}, top_n=top_n)
+    if signed:
+        cfg["signed"] = True
+    return ItemNeighbours(
+        list(item_ids), indptr, cols.astype(np.int32), vals.astype(np.float32), cfg
+    )

@@ -1,0 +1,189 @@
+"""Merging candidate sources: the two-tower and item-to-item neighbours.
+
+:func:`retrieve_merged` is the whole of ``Retrieve`` after validation, as a pure
+function of a loaded model, one index snapshot and a query, so the service and the
+offline replay (:mod:`training.replay`) run the same code.
+
+Each source ranks its own top ``k`` after the hard filters; the lists are fused by
+weighted reciprocal rank (``sum_s w_s / (RRF_C + rank_s)``, rank from 1), which needs no
+common scale, and the best ``k`` fused items are returned. When one source alone
+proposed candidates (no known history item, item-to-item switched off or absent from
+the bundle) the candidates keep that source's own score, as before merging existed.
+Every returned candidate carries every source's score for it (the two-tower scores
+every item; item-to-item those its history reaches) and, for item-to-item, the history
+item pointing to it most.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from mercato.v1 import common_pb2
+from services.models.two_tower import UserQuery
+from services.retrieval.model import IndexState, RetrievalModel, RowFilter
+
+SOURCE_TWO_TOWER = int(common_pb2.REASON_MODEL)
+SOURCE_ITEM2ITEM = int(common_pb2.REASON_SIMILAR)
+RRF_C = 60.0
+
+
+@dataclass(frozen=True)
+class MergeConfig:
+    """Weights of the sources in the fused score (0 switches a source off)."""
+
+    two_tower_weight: float = 1.0
+    item2item_weight: float = 1.0
+
+
+def merge_config(
+    model: RetrievalModel,
+    two_tower_weight: float | None = None,
+    item2item_weight: float | None = None,
+) -> MergeConfig:
+    """The weights to fuse with: the given ones, else those the training run chose on
+    validation (``merge`` in the bundle's ``item2item/config.json``), else 1 and 1."""
+    shipped = model.item2item.config.get("merge", {}) if model.item2item is not None else {}
+    return MergeConfig(
+        float(
+            two_tower_weight
+            if two_tower_weight is not None
+            else shipped.get("two_tower_weight", 1.0)
+        ),
+        float(
+            item2item_weight
+            if item2item_weight is not None
+            else shipped.get("item2item_weight", 1.0)
+        ),
+    )
+
+
+@dataclass
+class Merged:
+    """Merged candidates in fused order, with every source's score."""
+
+    rows: np.ndarray  # int64 [n]
+    fused: np.ndarray  # float32 [n], descending
+    source: np.ndarray  # int [n]: the proposing source (best weighted rank)
+    scores: dict[int, np.ndarray] = field(default_factory=dict)  # source -> [n], NaN = none
+    anchors: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # i2i, -1
+    fetched: int = 0
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+def fuse(
+    lists: dict[int, tuple[np.ndarray, float]], k: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Weighted reciprocal-rank fusion of ranked row lists ``{source: (rows, weight)}``:
+    (rows, fused score, proposing source), best ``k``, ties by row."""
+    fused: dict[int, float] = {}
+    best: dict[int, tuple[float, int]] = {}
+    for source, (rows, weight) in lists.items():
+        if weight <= 0:
+            continue
+        for rank, r in enumerate(np.asarray(rows).tolist(), start=1):
+            part = weight / (RRF_C + rank)
+            fused[r] = fused.get(r, 0.0) + part
+            if part > best.get(r, (-1.0, 0))[0]:
+                best[r] = (part, source)
+    order = sorted(fused, key=lambda r: (-fused[r], r))[:k]
+    return (
+        np.array(order, dtype=np.int64),
+        np.array([fused[r] for r in order], dtype=np.float32),
+        np.array([best[r][1] for r in order], dtype=np.int64),
+    )
+
+
+def history_rows(model: RetrievalModel, st: IndexState, query: UserQuery) -> np.ndarray:
+    """Rows of the customer's recent items, purchases and cart the model knows."""
+    rows = []
+    for item_id in (*query.recent_item_ids, *query.purchased_item_ids, *query.cart_item_ids):
+        r = model.bundle.row_of(item_id)  # item-to-item knows the trained rows only
+        if r is not None:
+            rows.append(r)
+    return np.unique(np.asarray(rows, dtype=np.int64))
+
+
+def retrieve_merged(
+    model: RetrievalModel,
+    st: IndexState,
+    query: UserQuery,
+    k: int,
+    flt: RowFilter,
+    cfg: MergeConfig | None = None,
+    user_vector: np.ndarray | None = None,
+) -> Merged:
+    """The two-tower's and item-to-item's top ``k`` (both after ``flt``), fused.
+
+    The two-tower is always searched: when item-to-item proposes nothing (a customer
+    without known items) its list alone answers, with its own scores, whatever the
+    weights; when the fused list is short of ``k`` (two-tower weight 0 and few
+    neighbours), the two-tower's next items fill it, below every fused score."""
+    cfg = cfg or MergeConfig()
+    q = user_vector if user_vector is not None else model.encode_user(query)
+    lists: dict[int, tuple[np.ndarray, float]] = {}
+    res = model.search(st, q, k, flt)
+    i2i = model.item2item
+    hist = history_rows(model, st, query) if i2i is not None else np.zeros(0, np.int64)
+    if i2i is not None and len(hist) and cfg.item2item_weight > 0:
+        rows, _ = i2i.top(hist, max(k * 2, k + len(flt.exclude)), exclude=flt.exclude)
+        rows = rows[flt.mask(st, rows)][:k]
+        if len(rows):
+            lists[SOURCE_ITEM2ITEM] = (rows, cfg.item2item_weight)
+    if cfg.two_tower_weight > 0 or not lists:
+        lists[SOURCE_TWO_TOWER] = (res.rows, cfg.two_tower_weight or 1.0)
+    rows, fused, source = fuse(lists, k)
+    filled = 0
+    if len(rows) < k:
+        more = res.rows[~np.isin(res.rows, rows)][: k - len(rows)]
+        filled = len(more)
+        low = float(fused.min()) if len(fused) else 1.0
+        rows = np.concatenate([rows, more])
+        fused = np.concatenate([fused, low * 1e-3 / np.arange(1, filled + 1)]).astype(np.float32)
+        source = np.concatenate([source, np.full(filled, SOURCE_TWO_TOWER, dtype=np.int64)])
+    scores = {SOURCE_TWO_TOWER: (model.embeddings(st, rows) @ q).astype(np.float32)}
+    anchors = np.full(len(rows), -1, dtype=np.int64)
+    if i2i is not None and len(hist):
+        base = rows < i2i.n_items
+        s = np.full(len(rows), np.nan, dtype=np.float32)
+        s[base] = i2i.score_of(hist, rows[base])
+        s[s == 0] = np.nan
+        scores[SOURCE_ITEM2ITEM] = s
+        anchors[base] = i2i.best_anchor(hist, rows[base])
+    used = [src for src, (r, _) in lists.items() if len(r)]
+    if len(used) == 1 and used[0] in scores and not filled:
+        # One source alone: its own scores (same order), as before merging existed.
+        fused = scores[used[0]].copy()
+    return Merged(
+        rows=rows,
+        fused=fused,
+        source=source,
+        scores=scores,
+        anchors=anchors,
+        fetched=res.fetched,
+    )
+
+
+def fill_merged(repeated: object, model: RetrievalModel, st: IndexState, m: Merged) -> None:
+    """Append merged candidates to a repeated Candidate field (parallel source fields)."""
+    add = repeated.add  # type: ignore[attr-defined]
+    for n, r in enumerate(m.rows.tolist()):
+        sources, vals, anchors = [], [], []
+        for s, arr in m.scores.items():
+            v = float(arr[n])
+            if v == v:  # not NaN: this source scored it
+                sources.append(s)
+                vals.append(v)
+                a = int(m.anchors[n]) if s == SOURCE_ITEM2ITEM else -1
+                anchors.append(model.item_id(st, a) if a >= 0 else "")
+        add(
+            item_id=model.item_id(st, r),
+            score=float(m.fused[n]),
+            source=int(m.source[n]),
+            sources=sources,
+            source_scores=vals,
+            source_anchor_ids=anchors,
+        )
