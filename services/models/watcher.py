@@ -35,6 +35,7 @@ from typing import Any, Generic, TypeVar
 from prometheus_client import Counter, Gauge, Histogram
 
 from services.common.memory import trim
+from services.common.tasks import cancel_tasks
 from services.models.registry import (
     ModelVersionInfo,
     download_bundle,
@@ -194,13 +195,8 @@ class ModelWatcher(Generic[T]):
     async def stop(self) -> None:
         """Stop polling; loaded models stay readable."""
         self._stopped = True
-        tasks = [t for t in [self._task, *self._pending] if t is not None]
-        self._task = None
-        for t in tasks:
-            t.cancel()
-        for t in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
+        task, self._task = self._task, None
+        await cancel_tasks(task, *self._pending)
 
     def get(self, alias: str) -> LoadedModel[T] | None:
         """The model serving ``alias`` now, or None. Lock-free; the result never changes."""

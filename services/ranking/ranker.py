@@ -14,7 +14,6 @@ and the :class:`~services.ranking.scoring.ScorerProvider` that follows the regis
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import re
 import time
@@ -23,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from mercato.v1 import common_pb2
+from services.common.tasks import cancel_tasks
 from services.models.ranker import CandidateDetails, RankerBundle, RankerBundleError, RankerQuery
 from services.models.registry import ModelVersionInfo
 from services.models.watcher import ModelRejected, ModelWatcher
@@ -185,8 +185,5 @@ class RegistryScorers:
 
     async def stop(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await cancel_tasks(task)
         await self.watcher.stop()

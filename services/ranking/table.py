@@ -19,7 +19,6 @@ rules, the features and the ranker all read them from one table.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import time
@@ -32,6 +31,7 @@ import numpy as np
 from mercato.v1 import common_pb2, profile_pb2
 from services.common.errors import InvalidArgument
 from services.common.memory import trim
+from services.common.tasks import cancel_tasks
 
 if TYPE_CHECKING:
     from services.ranking.rules import ItemInfo
@@ -362,7 +362,4 @@ class CatalogFollower:
 
     async def stop(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await cancel_tasks(task)
