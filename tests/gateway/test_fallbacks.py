@@ -620,6 +620,30 @@ async def test_ranking_drops_add_to_the_shortfall(stack: Stack) -> None:
     assert dict(resp.shortfall.dropped) == {"brand_cap": 2, "out_of_stock": 3}
 
 
+async def test_ranking_reasons_in_words_reach_the_caller_parallel_to_the_codes(
+    stack: Stack,
+) -> None:
+    """gateway.proto RecommendedItem.reason_texts: parallel to `reasons`, as ranking
+    gave them."""
+
+    def worded(req: ranking_pb2.RankRequest) -> ranking_pb2.RankResponse:
+        resp = rank(req)
+        for i, it in enumerate(resp.items):
+            it.reasons[:] = [MODEL, SIMILAR]
+            it.reason_texts[:] = [f"picked {i}", f"similar to your recent x{i}"]
+        return resp
+
+    stack.ranking.answers["Rank"] = worded
+    resp = await recommend(stack, customer_id="alice", k=3)
+    assert len(resp.items) == 3
+    for r in resp.items:
+        assert list(r.reasons) == [MODEL, SIMILAR]
+        assert len(r.reason_texts) == len(r.reasons)
+    assert [list(r.reason_texts) for r in resp.items] == [
+        [f"picked {i}", f"similar to your recent x{i}"] for i in range(3)
+    ]
+
+
 async def test_already_a_fallback_reason_is_not_repeated(stack: Stack) -> None:
     cands = [common_pb2.Candidate(item_id="p5", score=1.0, source=FALLBACK)]
     cands.append(common_pb2.Candidate(item_id="p6", score=0.5))  # no source: the model's
