@@ -583,6 +583,9 @@ def train_models(tmp: Path, items: int, args: argparse.Namespace) -> dict[str, A
             TwoTowerConfig(),
             epochs=args.train_epochs,
             progress=False,
+            # the EASE warm start is items x items too; a load bench needs the model's
+            # shape (dims, index, item-to-item), not its quality
+            init="random",
             # the full softmax is refused above its item limit (300k): sampled there
             loss="full" if items <= TwoTowerConfig().full_softmax_max_items else "sampled",
         ),
