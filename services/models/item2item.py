@@ -126,9 +126,11 @@ class ItemNeighbours:
         order = np.lexsort((src, -w, dst))  # per target: best weight, then lower row
         src, dst = src[order], dst[order]
         first = np.r_[True, dst[1:] != dst[:-1]]
-        best = dict(zip(dst[first].tolist(), src[first].tolist(), strict=True))
-        for n, r in enumerate(np.asarray(rows).tolist()):
-            out[n] = best.get(r, -1)
+        targets, best = dst[first], src[first]  # targets ascending
+        rows = np.asarray(rows, dtype=np.int64)
+        pos = np.minimum(np.searchsorted(targets, rows), len(targets) - 1)
+        hit = targets[pos] == rows
+        out[hit] = best[pos[hit]]
         return out
 
     def top(

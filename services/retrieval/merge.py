@@ -78,23 +78,35 @@ def fuse(
     lists: dict[int, tuple[np.ndarray, float]], k: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Weighted reciprocal-rank fusion of ranked row lists ``{source: (rows, weight)}``:
-    (rows, fused score, proposing source), best ``k``, ties by row."""
-    fused: dict[int, float] = {}
-    best: dict[int, tuple[float, int]] = {}
+    (rows, fused score, proposing source), best ``k``, ties by row.
+
+    Vectorised; the same numbers as summing ``weight / (RRF_C + rank)`` per row in the
+    lists' order in float64 (``bincount`` adds in input order), the proposing source the
+    first with the largest part (tests/retrieval/test_merge_fast.py checks it against
+    that loop)."""
+    rows_in, parts_in, src_in = [], [], []
     for source, (rows, weight) in lists.items():
         if weight <= 0:
             continue
-        for rank, r in enumerate(np.asarray(rows).tolist(), start=1):
-            part = weight / (RRF_C + rank)
-            fused[r] = fused.get(r, 0.0) + part
-            if part > best.get(r, (-1.0, 0))[0]:
-                best[r] = (part, source)
-    order = sorted(fused, key=lambda r: (-fused[r], r))[:k]
-    return (
-        np.array(order, dtype=np.int64),
-        np.array([fused[r] for r in order], dtype=np.float32),
-        np.array([best[r][1] for r in order], dtype=np.int64),
+        r = np.asarray(rows, dtype=np.int64).ravel()
+        rows_in.append(r)
+        parts_in.append(weight / (RRF_C + np.arange(1, len(r) + 1, dtype=np.float64)))
+        src_in.append(np.full(len(r), source, dtype=np.int64))
+    if not rows_in:
+        return np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros(0, np.int64)
+    rows_all, parts, srcs = (
+        np.concatenate(rows_in),
+        np.concatenate(parts_in),
+        np.concatenate(src_in),
     )
+    uniq, inv = np.unique(rows_all, return_inverse=True)
+    fused = np.bincount(inv, weights=parts, minlength=len(uniq))
+    # per row: the occurrence with the largest part, the first one on ties
+    by = np.lexsort((np.arange(len(parts)), -parts, inv))
+    first = by[np.r_[True, inv[by][1:] != inv[by][:-1]]]
+    best_src = srcs[first]  # in uniq order (inv sorted ascending)
+    order = np.lexsort((uniq, -fused))[:k]
+    return uniq[order], fused[order].astype(np.float32), best_src[order]
 
 
 def history_rows(model: RetrievalModel, st: IndexState, query: UserQuery) -> np.ndarray:
