@@ -163,14 +163,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     profiles = profiles_from_events(args.items, args.users, args.seed)
     home = common_pb2.Context(surface=common_pb2.SURFACE_HOME)
     filters = retrieval_pb2.Filters(exclude_purchased=True, in_stock_only=True)
+    columns = args.form == "columns"
     retrieve_blobs = [
         retrieval_pb2.RetrieveRequest(
-            profile=p, context=home, k=args.candidates_k, filters=filters
+            profile=p, context=home, k=args.candidates_k, filters=filters, columns=columns
         ).SerializeToString()
         for p in profiles
     ]
     ret: dict[str, list[float]] = {}
-    rank: dict[str, list[float]] = {}
+    ranks: dict[str, list[float]] = {}
 
     def retrieve(blob: bytes, st: dict[str, list[float]]) -> retrieval_pb2.RetrieveResponse:
         t0 = time.perf_counter()
@@ -188,7 +189,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             lambda: rm.retrieve_merged(model, s, query, req.k, flt, merge_cfg, q),
         )
         resp = retrieval_pb2.RetrieveResponse()
-        timed(st, "response", lambda: rm.fill_merged(resp.candidates, model, s, merged))
+        if req.columns:
+            timed(st, "response", lambda: rm.fill_columns(resp.columns, model, s, merged))
+        else:
+            timed(st, "response", lambda: rm.fill_merged(resp.candidates, model, s, merged))
         timed(st, "serialise", resp.SerializeToString)
         # the two-tower search is timed twice (alone and inside the merge): the total
         # counts it once
@@ -198,7 +202,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     def rank_call(blob: bytes, st: dict[str, list[float]]) -> ranking_pb2.RankResponse:
         t0 = time.perf_counter()
         req = timed(st, "parse", lambda: ranking_pb2.RankRequest.FromString(blob))
-        cands = timed(st, "merge candidates", lambda: rp.merge_candidates(req.candidates))
+        cands = timed(
+            st,
+            "merge candidates",
+            lambda: (
+                rp.merge_candidates(req.candidates)
+                if req.candidates
+                else rp.merge_columns(req.columns)
+            ),
+        )
         items = timed(st, "item table", lambda: table.lookup(cands.ids))
         ctx = rp.rank_context(req.profile, req.context)
         rules = pipe.rules.for_surface(ctx.surface)
@@ -216,12 +228,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     ncands = []
     for p, blob in zip(profiles, retrieve_blobs, strict=True):  # warm-up and Rank inputs
         resp = retrieve(blob, {})
-        ncands.append(len(resp.candidates))
-        rank_blobs.append(
-            ranking_pb2.RankRequest(
-                profile=p, context=home, candidates=resp.candidates, k=args.k
-            ).SerializeToString()
-        )
+        ncands.append(len(resp.candidates) or len(resp.columns.item_ids))
+        rank = ranking_pb2.RankRequest(profile=p, context=home, k=args.k)
+        if columns:
+            rank.columns.CopyFrom(resp.columns)
+        else:
+            rank.candidates.extend(resp.candidates)
+        rank_blobs.append(rank.SerializeToString())
         rank_call(rank_blobs[-1], {})
     n = len(profiles)
     prof = cProfile.Profile() if args.cprofile else None
@@ -229,20 +242,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if prof:
             prof.enable()
         retrieve(retrieve_blobs[i % n], ret)
-        rank_call(rank_blobs[i % n], rank)
+        rank_call(rank_blobs[i % n], ranks)
         if prof:
             prof.disable()
     if prof:
         pstats.Stats(prof).sort_stats("tottime").print_stats(35)
     med = {
         "retrieve": {k: round(statistics.median(v) * 1000, 4) for k, v in ret.items()},
-        "rank": {k: round(statistics.median(v) * 1000, 4) for k, v in rank.items()},
+        "rank": {k: round(statistics.median(v) * 1000, 4) for k, v in ranks.items()},
     }
     return {
         "items": args.items,
         "customers": n,
         "calls": args.calls,
         "candidates": args.candidates_k,
+        "form": args.form,
         "train_seconds": round(trained_s, 1),
         "median_ms": med,
         "rank_candidates_mean": round(float(np.mean(ncands)), 1),
@@ -252,7 +266,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def markdown(report: dict[str, Any]) -> str:
     r = report["result"]
     lines = [
-        f"# Hot path stages, in process ({r['items']} items, {r['candidates']} candidates)",
+        f"# Hot path stages, in process ({r['items']} items, {r['candidates']} candidates "
+        f"as {r['form']})",
         "",
         f"`{report['command']}` on {report['machine']}, {report['date']}, load average "
         f"{report['loadavg_1m_before_after']}. Median ms per call over {r['calls']} calls.",
@@ -274,6 +289,12 @@ def main() -> None:
     ap.add_argument("--candidates-k", type=int, default=200)
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--form",
+        choices=("columns", "messages"),
+        default="columns",
+        help="Candidates as CandidateColumns (the gateway's way) or a Candidate message each.",
+    )
     ap.add_argument("--cprofile", action="store_true", help="Print the top functions.")
     ap.add_argument("--tag", default="hotpath")
     ap.add_argument(

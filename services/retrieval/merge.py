@@ -199,3 +199,28 @@ def fill_merged(repeated: object, model: RetrievalModel, st: IndexState, m: Merg
             source_scores=vals,
             source_anchor_ids=anchors,
         )
+
+
+def fill_columns(
+    cols: common_pb2.CandidateColumns, model: RetrievalModel, st: IndexState, m: Merged
+) -> None:
+    """Write merged candidates into ``cols``: the same information as :func:`fill_merged`
+    (a source's column left out when it scored none of them, NaN and "" where it gave no
+    score), a few repeated fields instead of a message per candidate."""
+    rows = m.rows.tolist()
+    if len(rows) and int(m.rows.max()) < st.n_base:
+        ids = model.bundle.item_ids
+        cols.item_ids.extend([ids[r] for r in rows])
+    else:
+        cols.item_ids.extend([model.item_id(st, r) for r in rows])
+    cols.scores.extend(m.fused.tolist())
+    cols.sources.extend(m.source.tolist())
+    for s, arr in m.scores.items():
+        scored = ~np.isnan(arr)
+        if not scored.any():
+            continue
+        col = cols.by_source.add(source=s)  # type: ignore[arg-type]
+        col.scores.extend(arr.tolist())
+        if s == SOURCE_ITEM2ITEM:
+            anchors = np.where(scored, m.anchors, -1).tolist()
+            col.anchor_ids.extend([model.item_id(st, a) if a >= 0 else "" for a in anchors])
