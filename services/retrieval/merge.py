@@ -140,8 +140,12 @@ def retrieve_merged(
     res = model.search(st, q, k, flt)
     i2i = model.item2item
     hist = history_rows(model, st, query) if i2i is not None else np.zeros(0, np.int64)
+    # what the history reaches, computed once for the neighbour list and the scores
+    reached = i2i.score_rows(hist) if i2i is not None and len(hist) else None
     if i2i is not None and len(hist) and cfg.item2item_weight > 0:
-        rows, _ = i2i.top(hist, max(k * 2, k + len(flt.exclude)), exclude=flt.exclude)
+        rows, _ = i2i.top(
+            hist, max(k * 2, k + len(flt.exclude)), exclude=flt.exclude, reached=reached
+        )
         rows = rows[flt.mask(st, rows)][:k]
         if len(rows):
             lists[SOURCE_ITEM2ITEM] = (rows, cfg.item2item_weight)
@@ -161,7 +165,7 @@ def retrieve_merged(
     if i2i is not None and len(hist):
         base = rows < i2i.n_items
         s = np.full(len(rows), np.nan, dtype=np.float32)
-        s[base] = i2i.score_of(hist, rows[base])
+        s[base] = i2i.score_of(hist, rows[base], reached)
         s[s == 0] = np.nan
         scores[SOURCE_ITEM2ITEM] = s
         anchors[base] = i2i.best_anchor(hist, rows[base])

@@ -93,3 +93,17 @@ def test_best_anchor_equals_the_loop() -> None:
         np.testing.assert_array_equal(
             w.best_anchor(hist, targets), best_anchor_loop(w, hist, targets)
         )
+
+
+def test_what_the_history_reaches_is_computed_once_with_the_same_answers() -> None:
+    rng = np.random.default_rng(4)
+    n = 80
+    w = from_rows([f"i{i}" for i in range(n)], *rng.integers(0, n, (2, 1500)), rng.random(1500), 10)
+    for _ in range(20):
+        hist = rng.integers(0, n, int(rng.integers(1, 15)))
+        rows = rng.integers(0, n, 50)
+        excl = rng.integers(0, n, 5)
+        reached = w.score_rows(hist)
+        for got, want in zip(w.top(hist, 12, excl, reached), w.top(hist, 12, excl), strict=True):
+            np.testing.assert_array_equal(got, want)
+        np.testing.assert_array_equal(w.score_of(hist, rows, reached), w.score_of(hist, rows))
