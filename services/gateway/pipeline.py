@@ -708,11 +708,13 @@ class Pipeline:
             )
             # a retrieval that predates columns answers in candidates
             cols = columns_of(resp.candidates) if resp.candidates else resp.columns
-            if resp.model.name:
-                trace.models.append(resp.model)
-            trace.stage("retrieval", started, len(cols.item_ids))
-            trace.candidates = len(cols.item_ids)
-            return cols
+            if len(cols.item_ids) == len(cols.scores) == len(cols.sources):
+                if resp.model.name:
+                    trace.models.append(resp.model)
+                trace.stage("retrieval", started, len(cols.item_ids))
+                trace.candidates = len(cols.item_ids)
+                return cols
+            reason = "retrieval answered candidate columns of unequal length"
         except HopError as err:
             reason = err.reason
         excluded = exclude | {p.item_id for p in profile.purchases}

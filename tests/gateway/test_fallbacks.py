@@ -744,6 +744,17 @@ async def test_retrieval_columns_go_on_to_ranking_as_they_came(stack: Stack) -> 
     assert candidates_of(rreq.columns) == [c for c in cands if c.item_id != "gone"]
 
 
+async def test_columns_of_unequal_length_from_retrieval_degrade_to_popular_items(
+    stack: Stack,
+) -> None:
+    bad = common_pb2.CandidateColumns(item_ids=["p5", "p6"], scores=[1.0], sources=[MODEL])
+    stack.retrieval.answers["Retrieve"] = retrieval_pb2.RetrieveResponse(columns=bad)
+    resp = await recommend(stack, customer_id="alice", k=4)
+    assert len(resp.items) == 4
+    assert [(d.stage, d.fallback) for d in resp.degraded] == [("retrieval", "popular_items")]
+    assert "unequal length" in resp.degraded[0].reason
+
+
 async def test_no_candidates_no_details_call(stack: Stack) -> None:
     stack.retrieval.answers["Retrieve"] = retrieval_pb2.RetrieveResponse()
     resp = await recommend(stack, customer_id="alice", k=2)
