@@ -8,7 +8,7 @@ export OPENBLAS_NUM_THREADS ?= 1
 export OMP_NUM_THREADS ?= 1
 BUF := node_modules/.bin/buf
 
-.PHONY: help setup demo up down test test-fast mutation protos protos-check lint bench bench-profile bench-ranking bench-retrieval bench-load bench-quality clean k8s-validate image
+.PHONY: help setup demo up down test test-fast mutation protos protos-check lint bench bench-profile bench-ranking bench-retrieval bench-load bench-hotpath bench-quality clean k8s-validate image
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-16s %s\n", $$1, $$2}'
@@ -83,6 +83,9 @@ bench-index: setup ## Index choice by catalogue size: chosen index, Recall@100, 
 
 bench-load: setup ## Gateway load with all four services, 100k and 1M items (ARGS="--quick" for a smoke run)
 	$(PY) bench/load.py $(ARGS)
+
+bench-hotpath: setup ## In-process stage timings of Retrieve and Rank on trained models (bench/results/hotpath.*)
+	$(PY) bench/hotpath.py $(ARGS)
 
 bench-quality: setup ## Two-tower vs popularity/ALS/EASE on ML-1M, Online Retail and synthetic (bench/results/quality.*)
 	$(PY) bench/quality.py $(ARGS)

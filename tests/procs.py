@@ -116,8 +116,12 @@ def start_service(
     tmp_path.mkdir(parents=True, exist_ok=True)
     log_path = tmp_path / f"{name}-{port}.log"
     with open(log_path, "ab") as log:
+        # MERCATO_BENCH_CPROFILE_DIR (benchmarks only): each service runs under cProfile
+        # and writes <dir>/<name>-<port>.prof when it exits (graceful stop).
+        prof_dir = full_env.get("MERCATO_BENCH_CPROFILE_DIR")
+        prof = ["-m", "cProfile", "-o", f"{prof_dir}/{name}-{port}.prof"] if prof_dir else []
         proc = subprocess.Popen(
-            [sys.executable, "-m", f"services.{name}"],
+            [sys.executable, *prof, "-m", f"services.{name}"],
             env=full_env,
             cwd=REPO,
             stdout=log,

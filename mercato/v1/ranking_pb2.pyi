@@ -62,6 +62,7 @@ class RankRequest(_message.Message):
     K_FIELD_NUMBER: _builtins.int
     ITEMS_FIELD_NUMBER: _builtins.int
     MODEL_ALIAS_FIELD_NUMBER: _builtins.int
+    COLUMNS_FIELD_NUMBER: _builtins.int
     k: _builtins.int
     """Number of items to return, 1 to 1000."""
     model_alias: _builtins.str
@@ -80,6 +81,7 @@ class RankRequest(_message.Message):
     def candidates(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Candidate]:
         """Candidates from retrieval (or any other source), 1 to 2000 (more, or none, give
         INVALID_ARGUMENT). Duplicate ids are merged keeping the best score (and its source).
+        Or in `columns`.
         """
 
     @_builtins.property
@@ -92,6 +94,14 @@ class RankRequest(_message.Message):
         and no boost. Items with stock 0 are never returned.
         """
 
+    @_builtins.property
+    def columns(self) -> _common_pb2.CandidateColumns:
+        """The candidates as columns (what retrieval answers with RetrieveRequest.columns),
+        instead of `candidates`: one of the two, not both; same bounds and same merging of
+        duplicate ids. Columns of unequal length, non-finite scores or infinite source
+        scores give INVALID_ARGUMENT.
+        """
+
     def __init__(
         self,
         *,
@@ -101,10 +111,11 @@ class RankRequest(_message.Message):
         k: _builtins.int = ...,
         items: _abc.Iterable[_common_pb2.Item] | None = ...,
         model_alias: _builtins.str = ...,
+        columns: _common_pb2.CandidateColumns | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "profile", b"profile"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["columns", b"columns", "context", b"context", "profile", b"profile"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["candidates", b"candidates", "context", b"context", "items", b"items", "k", b"k", "model_alias", b"model_alias", "profile", b"profile"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["candidates", b"candidates", "columns", b"columns", "context", b"context", "items", b"items", "k", b"k", "model_alias", b"model_alias", "profile", b"profile"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from mercato.v1 import common_pb2 as mercato_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1amercato/v1/retrieval.proto\x12\nmercato.v1\x1a\x17mercato/v1/common.proto\"\x82\x01\n\x07\x46ilters\x12\x18\n\x10\x65xclude_item_ids\x18\x01 \x03(\t\x12\x19\n\x11\x65xclude_purchased\x18\x02 \x01(\x08\x12\x17\n\x0f\x65xclude_in_cart\x18\x03 \x01(\x08\x12\x12\n\ncategories\x18\x04 \x03(\t\x12\x15\n\rin_stock_only\x18\x05 \x01(\x08\"\xa3\x01\n\x0fRetrieveRequest\x12$\n\x07profile\x18\x01 \x01(\x0b\x32\x13.mercato.v1.Profile\x12$\n\x07\x63ontext\x18\x02 \x01(\x0b\x32\x13.mercato.v1.Context\x12\t\n\x01k\x18\x03 \x01(\x05\x12$\n\x07\x66ilters\x18\x04 \x01(\x0b\x32\x13.mercato.v1.Filters\x12\x13\n\x0bmodel_alias\x18\x05 \x01(\t\"f\n\x10RetrieveResponse\x12)\n\ncandidates\x18\x01 \x03(\x0b\x32\x15.mercato.v1.Candidate\x12\'\n\x05model\x18\x02 \x01(\x0b\x32\x18.mercato.v1.ModelVersion\"\xbe\x01\n\x16RetrieveRelatedRequest\x12\x10\n\x08item_ids\x18\x01 \x03(\t\x12&\n\x04kind\x18\x02 \x01(\x0e\x32\x18.mercato.v1.RelationKind\x12\t\n\x01k\x18\x03 \x01(\x05\x12$\n\x07\x66ilters\x18\x04 \x01(\x0b\x32\x13.mercato.v1.Filters\x12$\n\x07profile\x18\x05 \x01(\x0b\x32\x13.mercato.v1.Profile\x12\x13\n\x0bmodel_alias\x18\x06 \x01(\t\"\x87\x01\n\x17RetrieveRelatedResponse\x12)\n\ncandidates\x18\x01 \x03(\x0b\x32\x15.mercato.v1.Candidate\x12\'\n\x05model\x18\x02 \x01(\x0b\x32\x18.mercato.v1.ModelVersion\x12\x18\n\x10unknown_item_ids\x18\x03 \x03(\t\"I\n\x11IndexItemsRequest\x12\x1f\n\x05items\x18\x01 \x03(\x0b\x32\x10.mercato.v1.Item\x12\x13\n\x0bmodel_alias\x18\x02 \x01(\t\"^\n\x12IndexItemsResponse\x12\r\n\x05\x61\x64\x64\x65\x64\x18\x01 \x01(\x05\x12\x0f\n\x07updated\x18\x02 \x01(\x05\x12(\n\x06models\x18\x03 \x03(\x0b\x32\x18.mercato.v1.ModelVersion\"\x19\n\x17ListLoadedModelsRequest\"q\n\x0bLoadedModel\x12\'\n\x05model\x18\x01 \x01(\x0b\x32\x18.mercato.v1.ModelVersion\x12\x12\n\nitem_count\x18\x02 \x01(\x03\x12\x11\n\tdimension\x18\x03 \x01(\x05\x12\x12\n\nindex_type\x18\x04 \x01(\t\"C\n\x18ListLoadedModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.mercato.v1.LoadedModel2\xe1\x02\n\x10RetrievalService\x12\x45\n\x08Retrieve\x12\x1b.mercato.v1.RetrieveRequest\x1a\x1c.mercato.v1.RetrieveResponse\x12Z\n\x0fRetrieveRelated\x12\".mercato.v1.RetrieveRelatedRequest\x1a#.mercato.v1.RetrieveRelatedResponse\x12K\n\nIndexItems\x12\x1d.mercato.v1.IndexItemsRequest\x1a\x1e.mercato.v1.IndexItemsResponse\x12]\n\x10ListLoadedModels\x12#.mercato.v1.ListLoadedModelsRequest\x1a$.mercato.v1.ListLoadedModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1amercato/v1/retrieval.proto\x12\nmercato.v1\x1a\x17mercato/v1/common.proto\"\x82\x01\n\x07\x46ilters\x12\x18\n\x10\x65xclude_item_ids\x18\x01 \x03(\t\x12\x19\n\x11\x65xclude_purchased\x18\x02 \x01(\x08\x12\x17\n\x0f\x65xclude_in_cart\x18\x03 \x01(\x08\x12\x12\n\ncategories\x18\x04 \x03(\t\x12\x15\n\rin_stock_only\x18\x05 \x01(\x08\"\xb4\x01\n\x0fRetrieveRequest\x12$\n\x07profile\x18\x01 \x01(\x0b\x32\x13.mercato.v1.Profile\x12$\n\x07\x63ontext\x18\x02 \x01(\x0b\x32\x13.mercato.v1.Context\x12\t\n\x01k\x18\x03 \x01(\x05\x12$\n\x07\x66ilters\x18\x04 \x01(\x0b\x32\x13.mercato.v1.Filters\x12\x13\n\x0bmodel_alias\x18\x05 \x01(\t\x12\x0f\n\x07\x63olumns\x18\x06 \x01(\x08\"\x95\x01\n\x10RetrieveResponse\x12)\n\ncandidates\x18\x01 \x03(\x0b\x32\x15.mercato.v1.Candidate\x12\'\n\x05model\x18\x02 \x01(\x0b\x32\x18.mercato.v1.ModelVersion\x12-\n\x07\x63olumns\x18\x03 \x01(\x0b\x32\x1c.mercato.v1.CandidateColumns\"\xbe\x01\n\x16RetrieveRelatedRequest\x12\x10\n\x08item_ids\x18\x01 \x03(\t\x12&\n\x04kind\x18\x02 \x01(\x0e\x32\x18.mercato.v1.RelationKind\x12\t\n\x01k\x18\x03 \x01(\x05\x12$\n\x07\x66ilters\x18\x04 \x01(\x0b\x32\x13.mercato.v1.Filters\x12$\n\x07profile\x18\x05 \x01(\x0b\x32\x13.mercato.v1.Profile\x12\x13\n\x0bmodel_alias\x18\x06 \x01(\t\"\x87\x01\n\x17RetrieveRelatedResponse\x12)\n\ncandidates\x18\x01 \x03(\x0b\x32\x15.mercato.v1.Candidate\x12\'\n\x05model\x18\x02 \x01(\x0b\x32\x18.mercato.v1.ModelVersion\x12\x18\n\x10unknown_item_ids\x18\x03 \x03(\t\"I\n\x11IndexItemsRequest\x12\x1f\n\x05items\x18\x01 \x03(\x0b\x32\x10.mercato.v1.Item\x12\x13\n\x0bmodel_alias\x18\x02 \x01(\t\"^\n\x12IndexItemsResponse\x12\r\n\x05\x61\x64\x64\x65\x64\x18\x01 \x01(\x05\x12\x0f\n\x07updated\x18\x02 \x01(\x05\x12(\n\x06models\x18\x03 \x03(\x0b\x32\x18.mercato.v1.ModelVersion\"\x19\n\x17ListLoadedModelsRequest\"q\n\x0bLoadedModel\x12\'\n\x05model\x18\x01 \x01(\x0b\x32\x18.mercato.v1.ModelVersion\x12\x12\n\nitem_count\x18\x02 \x01(\x03\x12\x11\n\tdimension\x18\x03 \x01(\x05\x12\x12\n\nindex_type\x18\x04 \x01(\t\"C\n\x18ListLoadedModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.mercato.v1.LoadedModel2\xe1\x02\n\x10RetrievalService\x12\x45\n\x08Retrieve\x12\x1b.mercato.v1.RetrieveRequest\x1a\x1c.mercato.v1.RetrieveResponse\x12Z\n\x0fRetrieveRelated\x12\".mercato.v1.RetrieveRelatedRequest\x1a#.mercato.v1.RetrieveRelatedResponse\x12K\n\nIndexItems\x12\x1d.mercato.v1.IndexItemsRequest\x1a\x1e.mercato.v1.IndexItemsResponse\x12]\n\x10ListLoadedModels\x12#.mercato.v1.ListLoadedModelsRequest\x1a$.mercato.v1.ListLoadedModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,23 +35,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_FILTERS']._serialized_start=68
   _globals['_FILTERS']._serialized_end=198
   _globals['_RETRIEVEREQUEST']._serialized_start=201
-  _globals['_RETRIEVEREQUEST']._serialized_end=364
-  _globals['_RETRIEVERESPONSE']._serialized_start=366
-  _globals['_RETRIEVERESPONSE']._serialized_end=468
-  _globals['_RETRIEVERELATEDREQUEST']._serialized_start=471
-  _globals['_RETRIEVERELATEDREQUEST']._serialized_end=661
-  _globals['_RETRIEVERELATEDRESPONSE']._serialized_start=664
-  _globals['_RETRIEVERELATEDRESPONSE']._serialized_end=799
-  _globals['_INDEXITEMSREQUEST']._serialized_start=801
-  _globals['_INDEXITEMSREQUEST']._serialized_end=874
-  _globals['_INDEXITEMSRESPONSE']._serialized_start=876
-  _globals['_INDEXITEMSRESPONSE']._serialized_end=970
-  _globals['_LISTLOADEDMODELSREQUEST']._serialized_start=972
-  _globals['_LISTLOADEDMODELSREQUEST']._serialized_end=997
-  _globals['_LOADEDMODEL']._serialized_start=999
-  _globals['_LOADEDMODEL']._serialized_end=1112
-  _globals['_LISTLOADEDMODELSRESPONSE']._serialized_start=1114
-  _globals['_LISTLOADEDMODELSRESPONSE']._serialized_end=1181
-  _globals['_RETRIEVALSERVICE']._serialized_start=1184
-  _globals['_RETRIEVALSERVICE']._serialized_end=1537
+  _globals['_RETRIEVEREQUEST']._serialized_end=381
+  _globals['_RETRIEVERESPONSE']._serialized_start=384
+  _globals['_RETRIEVERESPONSE']._serialized_end=533
+  _globals['_RETRIEVERELATEDREQUEST']._serialized_start=536
+  _globals['_RETRIEVERELATEDREQUEST']._serialized_end=726
+  _globals['_RETRIEVERELATEDRESPONSE']._serialized_start=729
+  _globals['_RETRIEVERELATEDRESPONSE']._serialized_end=864
+  _globals['_INDEXITEMSREQUEST']._serialized_start=866
+  _globals['_INDEXITEMSREQUEST']._serialized_end=939
+  _globals['_INDEXITEMSRESPONSE']._serialized_start=941
+  _globals['_INDEXITEMSRESPONSE']._serialized_end=1035
+  _globals['_LISTLOADEDMODELSREQUEST']._serialized_start=1037
+  _globals['_LISTLOADEDMODELSREQUEST']._serialized_end=1062
+  _globals['_LOADEDMODEL']._serialized_start=1064
+  _globals['_LOADEDMODEL']._serialized_end=1177
+  _globals['_LISTLOADEDMODELSRESPONSE']._serialized_start=1179
+  _globals['_LISTLOADEDMODELSRESPONSE']._serialized_end=1246
+  _globals['_RETRIEVALSERVICE']._serialized_start=1249
+  _globals['_RETRIEVALSERVICE']._serialized_end=1602
 # @@protoc_insertion_point(module_scope)

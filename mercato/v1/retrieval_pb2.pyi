@@ -74,10 +74,15 @@ class RetrieveRequest(_message.Message):
     K_FIELD_NUMBER: _builtins.int
     FILTERS_FIELD_NUMBER: _builtins.int
     MODEL_ALIAS_FIELD_NUMBER: _builtins.int
+    COLUMNS_FIELD_NUMBER: _builtins.int
     k: _builtins.int
     """Number of candidates, 1 to 1000."""
     model_alias: _builtins.str
     """Registry alias of the model to use; empty = the service's default alias ("champion")."""
+    columns: _builtins.bool
+    """Answer in RetrieveResponse.columns instead of RetrieveResponse.candidates (the same
+    candidates; the gateway asks for it: cheaper to build and to pass on to ranking).
+    """
     @_builtins.property
     def profile(self) -> _common_pb2.Profile:
         """The customer's profile, as the profile service returned it (an unknown customer is
@@ -100,10 +105,11 @@ class RetrieveRequest(_message.Message):
         k: _builtins.int = ...,
         filters: Global___Filters | None = ...,
         model_alias: _builtins.str = ...,
+        columns: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "filters", b"filters", "profile", b"profile"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "filters", b"filters", "k", b"k", "model_alias", b"model_alias", "profile", b"profile"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["columns", b"columns", "context", b"context", "filters", b"filters", "k", b"k", "model_alias", b"model_alias", "profile", b"profile"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -117,23 +123,29 @@ class RetrieveResponse(_message.Message):
 
     CANDIDATES_FIELD_NUMBER: _builtins.int
     MODEL_FIELD_NUMBER: _builtins.int
+    COLUMNS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def candidates(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Candidate]:
-        """Candidates by descending score; at most k."""
+        """Candidates by descending score; at most k (empty when the request set `columns`)."""
 
     @_builtins.property
     def model(self) -> _common_pb2.ModelVersion:
         """The model version that produced them."""
+
+    @_builtins.property
+    def columns(self) -> _common_pb2.CandidateColumns:
+        """The candidates as columns, when the request set `columns`."""
 
     def __init__(
         self,
         *,
         candidates: _abc.Iterable[_common_pb2.Candidate] | None = ...,
         model: _common_pb2.ModelVersion | None = ...,
+        columns: _common_pb2.CandidateColumns | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["columns", b"columns", "model", b"model"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["candidates", b"candidates", "model", b"model"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["candidates", b"candidates", "columns", b"columns", "model", b"model"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

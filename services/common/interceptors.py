@@ -20,7 +20,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from typing import Any
 
 import grpc
@@ -86,8 +86,9 @@ def _clean_request_id(raw: str) -> str:
     return raw
 
 
-class RuntimeInterceptor(grpc.aio.ServerInterceptor):
-    """Request id, authentication, metrics, access log and error mapping."""
+class _Runtime:
+    """What the asyncio and the synchronous interceptors share: request ids, auth, the
+    request check, metrics and the access log."""
 
     def __init__(self, service: str, authenticator: Authenticator | None = None) -> None:
         self.service = service
@@ -101,18 +102,12 @@ class RuntimeInterceptor(grpc.aio.ServerInterceptor):
         # than the increment.
         self._children: dict[tuple[str, str], tuple[Any, Any]] = {}
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        method: str = handler_call_details.method  # type: ignore[attr-defined]
-        cached = self._handlers.get(method)
-        if cached is not None:
-            return cached
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return handler
+    # The call wrappers of each server kind (asyncio or synchronous).
+    _wrap_unary: Callable[..., Any]
+    _wrap_stream: Callable[..., Any]
+
+    def _wrapped(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        """``handler`` inside the runtime, built once per method and kept."""
         infra = method.startswith(INFRA_PREFIXES)
         if handler.unary_unary is not None:
             wrapped = grpc.unary_unary_rpc_method_handler(
@@ -131,9 +126,7 @@ class RuntimeInterceptor(grpc.aio.ServerInterceptor):
         self._handlers[method] = wrapped
         return wrapped
 
-    def _request_id(
-        self, metadata: Sequence[tuple[str, Any]], context: grpc.aio.ServicerContext
-    ) -> str:
+    def _request_id(self, metadata: Sequence[tuple[str, Any]], context: Any) -> str:
         """The call's request id, set for logs and outgoing calls and put in the trailing
         metadata, which reaches the caller on success and on error alike."""
         rid = _clean_request_id(_metadata_value(metadata, REQUEST_ID_KEY))
@@ -155,33 +148,24 @@ class RuntimeInterceptor(grpc.aio.ServerInterceptor):
             )
         return principal
 
-    async def _fail(
-        self, context: grpc.aio.ServicerContext, exc: BaseException, rid: str, method: str
-    ) -> None:
-        trailer = ((REQUEST_ID_KEY, rid),)
+    def _failure(self, exc: BaseException, rid: str, method: str) -> tuple[grpc.StatusCode, str]:
+        """The status an exception from a handler is answered with (unexpected ones are
+        logged with their traceback)."""
         if isinstance(exc, ServiceError):
-            await context.abort(exc.code, exc.message, trailing_metadata=trailer)
+            return exc.code, exc.message
         if isinstance(exc, NotImplementedError):
-            await context.abort(
-                grpc.StatusCode.UNIMPLEMENTED,
-                f"{method} is not implemented yet",
-                trailing_metadata=trailer,
-            )
+            return grpc.StatusCode.UNIMPLEMENTED, f"{method} is not implemented yet"
         log.error(
             "unhandled error",
             exc_info=(type(exc), exc, exc.__traceback__),
             extra={"method": method},
         )
-        await context.abort(
-            grpc.StatusCode.INTERNAL,
-            f"internal error (request id {rid})",
-            trailing_metadata=trailer,
-        )
+        return grpc.StatusCode.INTERNAL, f"internal error (request id {rid})"
 
     def _finish(
         self,
         method: str,
-        context: grpc.aio.ServicerContext,
+        context: Any,
         start: float,
         infra: bool,
         code: grpc.StatusCode | None,
@@ -189,7 +173,7 @@ class RuntimeInterceptor(grpc.aio.ServerInterceptor):
     ) -> None:
         elapsed = time.perf_counter() - start
         if code is None:
-            code = context.code() or grpc.StatusCode.OK  # type: ignore[assignment]
+            code = context.code() or grpc.StatusCode.OK
         name = code.name if isinstance(code, grpc.StatusCode) else str(code)
         children = self._children.get((method, name))
         if children is None:
@@ -212,6 +196,28 @@ class RuntimeInterceptor(grpc.aio.ServerInterceptor):
             if principal:
                 extra["principal"] = principal
             log.log(level, "rpc", extra=extra)
+
+
+class RuntimeInterceptor(_Runtime, grpc.aio.ServerInterceptor):
+    """Request id, authentication, metrics, access log and error mapping (asyncio)."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        method: str = handler_call_details.method  # type: ignore[attr-defined]
+        cached = self._handlers.get(method)
+        if cached is not None:
+            return cached
+        handler = await continuation(handler_call_details)
+        return self._wrapped(handler, method) if handler is not None else None
+
+    async def _fail(
+        self, context: grpc.aio.ServicerContext, exc: BaseException, rid: str, method: str
+    ) -> None:
+        code, message = self._failure(exc, rid, method)
+        await context.abort(code, message, trailing_metadata=((REQUEST_ID_KEY, rid),))
 
     def _wrap_unary(
         self,
@@ -270,3 +276,79 @@ class RuntimeInterceptor(grpc.aio.ServerInterceptor):
                 self._finish(method, context, start, infra, code, principal)
 
         return wrapper
+
+
+class SyncRuntimeInterceptor(_Runtime, grpc.ServerInterceptor):
+    """The same runtime for a synchronous ``grpc.server`` (a thread pool): request id in
+    the initial and trailing metadata, authentication, the request check, metrics, the
+    access log and the same status for every exception."""
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        method: str = handler_call_details.method  # type: ignore[attr-defined]
+        cached = self._handlers.get(method)
+        if cached is not None:
+            return cached
+        handler = continuation(handler_call_details)
+        return self._wrapped(handler, method) if handler is not None else None
+
+    def _fail(
+        self, context: grpc.ServicerContext, exc: BaseException, rid: str, method: str
+    ) -> None:
+        code, message = self._failure(exc, rid, method)
+        context.abort(code, message)  # the trailing metadata is already set
+
+    def _wrap_unary(
+        self, behavior: Callable[[Any, grpc.ServicerContext], Any], method: str, infra: bool
+    ) -> Callable[[Any, grpc.ServicerContext], Any]:
+        def wrapper(request: Any, context: grpc.ServicerContext) -> Any:
+            start = time.perf_counter()
+            metadata = context.invocation_metadata() or ()
+            rid = self._request_id(metadata, context)
+            self.in_flight.inc()
+            principal: str | None = None
+            try:
+                context.send_initial_metadata(((REQUEST_ID_KEY, rid),))
+                principal = self._begin(method, metadata, infra, request)
+                return behavior(request, context)
+            except Exception as exc:
+                if _is_abort(exc):
+                    raise
+                self._fail(context, exc, rid, method)
+            finally:
+                self.in_flight.dec()
+                self._finish(method, context, start, infra, None, principal)
+
+        return wrapper
+
+    def _wrap_stream(
+        self,
+        behavior: Callable[[Any, grpc.ServicerContext], Iterator[Any]],
+        method: str,
+        infra: bool,
+    ) -> Callable[[Any, grpc.ServicerContext], Iterator[Any]]:
+        def wrapper(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+            start = time.perf_counter()
+            metadata = context.invocation_metadata() or ()
+            principal: str | None = None
+            rid = self._request_id(metadata, context)
+            try:
+                principal = self._begin(method, metadata, infra, request)
+                yield from behavior(request, context)
+            except Exception as exc:
+                if _is_abort(exc):
+                    raise
+                self._fail(context, exc, rid, method)
+            finally:
+                self._finish(method, context, start, infra, None, principal)
+
+        return wrapper
+
+
+def _is_abort(exc: BaseException) -> bool:
+    """The exception a synchronous ``context.abort`` raises (a bare ``Exception``, with
+    the status already set on the context)."""
+    return type(exc) is Exception and not exc.args

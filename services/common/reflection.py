@@ -55,11 +55,16 @@ def add_v1_descriptor(pool: descriptor_pool.DescriptorPool | None = None) -> Non
     pool.Add(fdp)
 
 
-def enable_reflection(service_names: Iterable[str], server: grpc.aio.Server) -> None:
-    """Serve reflection for ``service_names`` (plus both reflection services) on ``server``."""
+def enable_reflection(
+    service_names: Iterable[str], server: grpc.aio.Server | grpc.Server, sync: bool = False
+) -> None:
+    """Serve reflection for ``service_names`` (plus both reflection services) on ``server``
+    (``sync``: a synchronous ``grpc.server``)."""
     add_v1_descriptor()
     names = [*service_names, V1_SERVICE_NAME, V1ALPHA_SERVICE_NAME]
-    servicer = reflection.aio.ReflectionServicer(names)
+    servicer = (
+        reflection.ReflectionServicer(names) if sync else reflection.aio.ReflectionServicer(names)
+    )
     for service in (V1ALPHA_SERVICE_NAME, V1_SERVICE_NAME):
         handlers = {
             "ServerReflectionInfo": grpc.stream_stream_rpc_method_handler(

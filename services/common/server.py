@@ -1,4 +1,5 @@
-"""Asyncio gRPC server bootstrap shared by the four services.
+"""gRPC server bootstrap shared by the four services (asyncio, or synchronous with a
+thread pool: ``server_mode``).
 
 A service is a :class:`BaseService` subclass that registers its servicers and may load
 state in :meth:`BaseService.start`. :func:`run_service` does the rest: logging, thread
@@ -6,16 +7,28 @@ limits, message-size limits, the runtime interceptor, health checking (NOT_SERVI
 the service says it is ready), reflection (v1 and v1alpha), the diagnostics echo,
 Prometheus metrics, TLS when configured, and graceful shutdown on SIGTERM/SIGINT that
 drains in-flight calls.
+
+``server_mode=sync`` serves the same servicers from a ``grpc.server`` with a thread
+pool and :class:`~services.common.interceptors.SyncRuntimeInterceptor` (the same request
+ids, auth, metrics, logs and status mapping; sync health and reflection). A servicer
+method ``X`` with a synchronous twin ``X_sync`` runs it on the pool thread (no event
+loop per call: the cheaper path, see ``bench/server_mode.py``); any other method runs
+on the service's event loop, which keeps running the background tasks (model watchers,
+catalogue follower) as in asyncio mode.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import signal
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -23,7 +36,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from mercato import __version__
 from mercato.v1 import diagnostics_pb2, diagnostics_pb2_grpc
 from services.common.errors import InvalidArgument
-from services.common.interceptors import Authenticator, RuntimeInterceptor
+from services.common.interceptors import (
+    Authenticator,
+    RuntimeInterceptor,
+    SyncRuntimeInterceptor,
+)
 from services.common.logs import request_id_var, setup_logging
 from services.common.metrics import SERVICE_INFO, start_metrics_server
 from services.common.reflection import enable_reflection
@@ -53,7 +70,11 @@ class BaseService:
 
     def __init__(self, settings: ServiceSettings) -> None:
         self.settings = settings
-        self.health = health.aio.HealthServicer()
+        self.health: Any = (
+            health.HealthServicer()
+            if settings.server_mode == "sync"
+            else health.aio.HealthServicer()
+        )
         self.service_names: list[str] = []
         self.authenticator: Authenticator | None = None
 
@@ -76,7 +97,11 @@ class BaseService:
             else health_pb2.HealthCheckResponse.NOT_SERVING
         )
         for name in [*self.service_names, ""]:
-            await self.health.set(name, status)
+            await _maybe_await(self.health.set(name, status))
+
+
+async def _maybe_await(value: Any) -> Any:
+    return await value if inspect.isawaitable(value) else value
 
 
 class DiagnosticsServicer(diagnostics_pb2_grpc.DiagnosticsServiceServicer):
@@ -85,18 +110,105 @@ class DiagnosticsServicer(diagnostics_pb2_grpc.DiagnosticsServiceServicer):
     def __init__(self, service: str) -> None:
         self.service = service
 
-    async def Echo(
-        self, request: diagnostics_pb2.EchoRequest, context: grpc.aio.ServicerContext
-    ) -> diagnostics_pb2.EchoResponse:
+    def _check(self, request: diagnostics_pb2.EchoRequest) -> None:
         if not 0 <= request.delay_ms <= MAX_ECHO_DELAY_MS:
             raise InvalidArgument(
                 f"delay_ms must be between 0 and {MAX_ECHO_DELAY_MS}, got {request.delay_ms}"
             )
-        if request.delay_ms:
-            await asyncio.sleep(request.delay_ms / 1000)
+
+    def _answer(self, request: diagnostics_pb2.EchoRequest) -> diagnostics_pb2.EchoResponse:
         return diagnostics_pb2.EchoResponse(
             payload=request.payload, service=self.service, request_id=request_id_var.get()
         )
+
+    async def Echo(
+        self, request: diagnostics_pb2.EchoRequest, context: grpc.aio.ServicerContext
+    ) -> diagnostics_pb2.EchoResponse:
+        self._check(request)
+        if request.delay_ms:
+            await asyncio.sleep(request.delay_ms / 1000)
+        return self._answer(request)
+
+    def Echo_sync(
+        self, request: diagnostics_pb2.EchoRequest, context: grpc.ServicerContext
+    ) -> diagnostics_pb2.EchoResponse:
+        self._check(request)
+        if request.delay_ms:
+            time.sleep(request.delay_ms / 1000)
+        return self._answer(request)
+
+
+class _SyncRegistrar:
+    """What ``add_XServicer_to_server`` sees in sync mode: it registers on the
+    synchronous server, each method replaced by its ``_sync`` twin when the servicer has
+    one, else by a call that runs the coroutine on the service's event loop."""
+
+    def __init__(self, server: grpc.Server, loop: asyncio.AbstractEventLoop) -> None:
+        self.server = server
+        self.loop = loop
+
+    def _behavior(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        if not inspect.iscoroutinefunction(fn):
+            return fn
+        twin = getattr(getattr(fn, "__self__", None), f"{fn.__name__}_sync", None)
+        if twin is not None:
+            return twin  # type: ignore[no-any-return]
+        loop = self.loop
+
+        def on_loop(request: Any, context: grpc.ServicerContext) -> Any:
+            rid = request_id_var.get()
+            return asyncio.run_coroutine_threadsafe(
+                _with_request_id(rid, fn, request, context), loop
+            ).result()
+
+        return on_loop
+
+    def _handler(self, h: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        if h.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                self._behavior(h.unary_unary),
+                request_deserializer=h.request_deserializer,
+                response_serializer=h.response_serializer,
+            )
+        return h  # streaming methods: health and reflection, registered natively
+
+    def add_generic_rpc_handlers(self, handlers: Sequence[grpc.GenericRpcHandler]) -> None:
+        self.server.add_generic_rpc_handlers([_Converting(h, self._handler) for h in handlers])
+
+    def add_registered_method_handlers(
+        self, service: str, handlers: dict[str, grpc.RpcMethodHandler]
+    ) -> None:
+        """The generated code registers each service twice (generic, then registered):
+        the generic registration is enough."""
+
+
+class _Converting(grpc.GenericRpcHandler):
+    """A generic handler whose method handlers are converted once per method."""
+
+    def __init__(
+        self,
+        inner: grpc.GenericRpcHandler,
+        convert: Callable[[grpc.RpcMethodHandler], grpc.RpcMethodHandler],
+    ) -> None:
+        self.inner = inner
+        self.convert = convert
+        self.cache: dict[str, grpc.RpcMethodHandler | None] = {}
+
+    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        method = details.method  # type: ignore[attr-defined]
+        if method not in self.cache:
+            found = self.inner.service(details)
+            self.cache[method] = self.convert(found) if found is not None else None
+        return self.cache[method]
+
+
+async def _with_request_id(
+    rid: str, fn: Callable[..., Any], request: Any, context: grpc.ServicerContext
+) -> Any:
+    """Run an async handler on the loop with the call's request id (logs, outgoing
+    calls); it gets the synchronous context (``time_remaining`` and the like)."""
+    request_id_var.set(rid)
+    return await fn(request, context)
 
 
 def server_options(settings: ServiceSettings) -> list[tuple[str, int]]:
@@ -136,23 +248,36 @@ def server_credentials(settings: ServiceSettings) -> grpc.ServerCredentials | No
 async def serve(service: BaseService, stop_event: asyncio.Event | None = None) -> None:
     """Run ``service`` until SIGTERM/SIGINT (or ``stop_event``), then drain and stop."""
     settings = service.settings
-    interceptor = RuntimeInterceptor(service.name, service.authenticator)
-    server = grpc.aio.server(
-        interceptors=[interceptor],
-        options=server_options(settings),
-        maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
-    )
-    names = list(service.register(server))
+    sync = settings.server_mode == "sync"
+    loop = asyncio.get_running_loop()
+    server: Any
+    if sync:
+        server = grpc.server(
+            ThreadPoolExecutor(
+                max_workers=settings.server_threads, thread_name_prefix=f"{service.name}-grpc"
+            ),
+            interceptors=[SyncRuntimeInterceptor(service.name, service.authenticator)],
+            options=server_options(settings),
+            maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
+        )
+        registrar: Any = _SyncRegistrar(server, loop)
+    else:
+        server = registrar = grpc.aio.server(
+            interceptors=[RuntimeInterceptor(service.name, service.authenticator)],
+            options=server_options(settings),
+            maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
+        )
+    names = list(service.register(registrar))
     service.service_names = names
     diagnostics_pb2_grpc.add_DiagnosticsServiceServicer_to_server(
-        DiagnosticsServicer(service.name), server
+        DiagnosticsServicer(service.name), registrar
     )
     health_pb2_grpc.add_HealthServicer_to_server(service.health, server)
     all_names = [*names, DIAGNOSTICS_SERVICE]
-    enable_reflection([*all_names, health.SERVICE_NAME], server)
+    enable_reflection([*all_names, health.SERVICE_NAME], server, sync=sync)
     service.service_names = all_names
     await service.set_serving(False)
-    await service.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
+    await _maybe_await(service.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING))
 
     address = f"{settings.host}:{settings.resolved_port(service.name)}"
     credentials = server_credentials(settings)
@@ -166,23 +291,30 @@ async def serve(service: BaseService, stop_event: asyncio.Event | None = None) -
     SERVICE_INFO.labels(service.name, __version__).set(1)
 
     stop = stop_event or asyncio.Event()
-    loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
 
-    await server.start()
+    await _maybe_await(server.start())
     log.info(
         "listening",
-        extra={"address": f"{settings.host}:{bound}", "tls": credentials is not None},
+        extra={
+            "address": f"{settings.host}:{bound}",
+            "tls": credentials is not None,
+            "server_mode": settings.server_mode,
+        },
     )
     try:
         await service.start()
         await stop.wait()
     finally:
         log.info("shutting down", extra={"grace_seconds": settings.grace_seconds})
-        await service.health.enter_graceful_shutdown()
-        await server.stop(settings.grace_seconds)
+        await _maybe_await(service.health.enter_graceful_shutdown())
+        if sync:  # the loop keeps running while the pool drains: handlers may need it
+            drained = server.stop(settings.grace_seconds)
+            await loop.run_in_executor(None, drained.wait)
+        else:
+            await server.stop(settings.grace_seconds)
         await service.stop()
         log.info("stopped")
 

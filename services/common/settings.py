@@ -63,6 +63,16 @@ class ServiceSettings(BaseSettings):
     max_concurrent_rpcs: int = Field(
         1000, ge=1, description="In-flight calls before new ones get RESOURCE_EXHAUSTED."
     )
+    server_mode: str = Field(
+        "asyncio",
+        pattern="^(asyncio|sync)$",
+        description="gRPC server: 'asyncio' (grpc.aio) or 'sync' (grpc.server with a thread "
+        "pool of server_threads; handlers with a synchronous twin run on the pool threads, "
+        "the others on the service's event loop).",
+    )
+    server_threads: int = Field(
+        8, ge=1, le=256, description="Threads of the synchronous server (server_mode=sync)."
+    )
     grace_seconds: float = Field(
         10.0, ge=0, description="On SIGTERM, how long in-flight calls may take to finish."
     )

@@ -40,6 +40,7 @@ from mercato.v1 import (
     retrieval_pb2,
     retrieval_pb2_grpc,
 )
+from services.common.candidates import columns_of, take
 from services.common.errors import InvalidArgument, NotFound, ServiceError, Unavailable
 from services.common.logs import request_id_var
 from services.common.wire import WireError, field_payload, field_tag, length_delimited, varint
@@ -455,7 +456,7 @@ class Pipeline:
         self,
         profile: common_pb2.Profile,
         context: common_pb2.Context,
-        candidates: list[common_pb2.Candidate],
+        candidates: common_pb2.CandidateColumns,
         details: dict[str, common_pb2.Item],
         k: int,
         alias: str,
@@ -467,18 +468,21 @@ class Pipeline:
         started = time.perf_counter()
         # Sold out by the gateway's details (fresher than ranking's periodically
         # reloaded table): left out before ranking, so ranking fills k from the rest.
-        in_stock = []
-        for c in candidates:
-            item = details.get(c.item_id)
+        ids = list(candidates.item_ids)
+        keep = []
+        for i, item_id in enumerate(ids):
+            item = details.get(item_id)
             if item is not None and item.stock <= 0:
                 trace.drop("out_of_stock")
             else:
-                in_stock.append(c)
-        candidates = in_stock
-        if candidates:
+                keep.append(i)
+        if len(keep) < len(ids):
+            candidates = take(candidates, keep)
+            ids = [ids[i] for i in keep]
+        if ids:
             try:
                 head = ranking_pb2.RankRequest(
-                    context=context, candidates=candidates, k=k, model_alias=alias
+                    context=context, columns=candidates, k=k, model_alias=alias
                 )
                 payload = self._with_profile(head, profile, trace)
                 if self.s.rank_sends_items:
@@ -486,9 +490,7 @@ class Pipeline:
                     # may come in any number of pieces). Ranking normally reads items from
                     # its own table of the catalogue, so this is off by default.
                     payload += b"".join(
-                        self._item_field(details[c.item_id])
-                        for c in candidates
-                        if c.item_id in details
+                        self._item_field(details[item_id]) for item_id in ids if item_id in details
                     )
                 resp = await self.ranking.call(
                     "ranking",
@@ -512,14 +514,15 @@ class Pipeline:
         purchased = {p.item_id for p in profile.purchases}
         keep_purchased = context.surface == common_pb2.SURFACE_BUY_AGAIN
         out: list[Ranked] = []
-        for c in candidates:  # sold-out candidates were left out above
-            if c.item_id in purchased and not keep_purchased:
+        # sold-out candidates were left out above
+        for item_id, score, source in zip(ids, candidates.scores, candidates.sources, strict=True):
+            if item_id in purchased and not keep_purchased:
                 trace.drop("purchased")
                 continue
-            reasons = [c.source or common_pb2.REASON_MODEL]
+            reasons = [source or common_pb2.REASON_MODEL]
             if common_pb2.REASON_FALLBACK not in reasons:
                 reasons.append(common_pb2.REASON_FALLBACK)
-            out.append((c.item_id, c.score, [int(r) for r in reasons], []))
+            out.append((item_id, score, [int(r) for r in reasons], []))
             if len(out) >= k:
                 break
         return out
@@ -592,7 +595,7 @@ class Pipeline:
             deadline,
             trace,
         )
-        details = await self.item_details([c.item_id for c in candidates], deadline, trace)
+        details = await self.item_details(list(candidates.item_ids), deadline, trace)
         ranked = await self.rank(
             profile, ctx, candidates, details, k, aliases.get("ranking", ""), deadline, trace
         )
@@ -667,20 +670,19 @@ class Pipeline:
         alias: str,
         deadline: Deadline,
         trace: Trace,
-    ) -> list[common_pb2.Candidate]:
-        """Candidates from retrieval, or trending items when retrieval is unavailable."""
+    ) -> common_pb2.CandidateColumns:
+        """Candidates from retrieval (as columns: what ranking takes), or trending items
+        when retrieval is unavailable."""
         started = time.perf_counter()
         if ctx.surface == common_pb2.SURFACE_BUY_AGAIN:
-            cands = [
-                common_pb2.Candidate(
-                    item_id=p.item_id, score=float(p.count), source=common_pb2.REASON_BUY_AGAIN
-                )
-                for p in profile.purchases
-                if p.item_id not in exclude
-            ]
-            trace.stage("retrieval", started, len(cands), detail="purchases")
-            trace.candidates = len(cands)
-            return cands
+            bought = [p for p in profile.purchases if p.item_id not in exclude]
+            trace.stage("retrieval", started, len(bought), detail="purchases")
+            trace.candidates = len(bought)
+            return common_pb2.CandidateColumns(
+                item_ids=[p.item_id for p in bought],
+                scores=[float(p.count) for p in bought],
+                sources=[common_pb2.REASON_BUY_AGAIN] * len(bought),
+            )
         filters = retrieval_pb2.Filters(
             exclude_item_ids=sorted(exclude),
             exclude_purchased=True,
@@ -695,7 +697,7 @@ class Pipeline:
                 self.retrieve_raw,
                 self._with_profile(
                     retrieval_pb2.RetrieveRequest(
-                        context=ctx, k=want, filters=filters, model_alias=alias
+                        context=ctx, k=want, filters=filters, model_alias=alias, columns=True
                     ),
                     profile,
                     trace,
@@ -704,12 +706,15 @@ class Pipeline:
                 self.s.retrieval_timeout_ms / 1000,
                 self.s.read_retries,
             )
-            cands = list(resp.candidates)
-            if resp.model.name:
-                trace.models.append(resp.model)
-            trace.stage("retrieval", started, len(cands))
-            trace.candidates = len(cands)
-            return cands
+            # a retrieval that predates columns answers in candidates
+            cols = columns_of(resp.candidates) if resp.candidates else resp.columns
+            if len(cols.item_ids) == len(cols.scores) == len(cols.sources):
+                if resp.model.name:
+                    trace.models.append(resp.model)
+                trace.stage("retrieval", started, len(cols.item_ids))
+                trace.candidates = len(cols.item_ids)
+                return cols
+            reason = "retrieval answered candidate columns of unequal length"
         except HopError as err:
             reason = err.reason
         excluded = exclude | {p.item_id for p in profile.purchases}
@@ -718,11 +723,11 @@ class Pipeline:
             trace.degrade("retrieval", "popular_items", reason)
             trace.stage("retrieval", started, len(cands), True, reason)
             trace.candidates = len(cands)
-            return cands
+            return columns_of(cands)
         except HopError as err2:
             trace.degrade("retrieval", "none", f"{reason}; trending: {err2.reason}")
             trace.stage("retrieval", started, 0, True, reason)
-            return []
+            return common_pb2.CandidateColumns()
 
     @staticmethod
     def _items(
@@ -852,7 +857,7 @@ class Pipeline:
         if req.include_offer:
             offer_task = asyncio.create_task(self.select_offer(profile, ctx, deadline, trace))
         started = time.perf_counter()
-        cands: list[common_pb2.Candidate] = []
+        cands = common_pb2.CandidateColumns()
         sources: dict[str, int] = {}  # candidate sources, when complements were asked for
         if cart_ids:
             try:
@@ -876,17 +881,17 @@ class Pipeline:
                     self.s.retrieval_timeout_ms / 1000,
                     self.s.read_retries,
                 )
-                cands = list(resp.candidates)
-                sources = {c.item_id: int(c.source) for c in cands}
+                cands = columns_of(resp.candidates)
+                sources = {c.item_id: int(c.source) for c in resp.candidates}
                 if resp.model.name:
                     trace.models.append(resp.model)
-                trace.stage("retrieval", started, len(cands), detail="complements")
+                trace.stage("retrieval", started, len(resp.candidates), detail="complements")
             except HopError as err:
                 trace.stage("retrieval", started, 0, True, err.reason)
-                cands = await self._fallback_trending(
-                    profile, k, set(cart_ids), deadline, trace, err
+                cands = columns_of(
+                    await self._fallback_trending(profile, k, set(cart_ids), deadline, trace, err)
                 )
-            trace.candidates = len(cands)
+            trace.candidates = len(cands.item_ids)
         else:
             trace.degrade(
                 "retrieval",
@@ -896,7 +901,7 @@ class Pipeline:
             cands = await self.candidates(
                 profile, ctx, k, [], set(), aliases.get("retrieval", ""), deadline, trace
             )
-        details = await self.item_details([c.item_id for c in cands], deadline, trace)
+        details = await self.item_details(list(cands.item_ids), deadline, trace)
         ranked = await self.rank(
             profile, ctx, cands, details, k, aliases.get("ranking", ""), deadline, trace
         )

@@ -95,14 +95,20 @@ class ItemNeighbours:
         sums = np.bincount(inv, weights=self.scores[pos].astype(np.float64), minlength=len(rows))
         return rows.astype(np.int64), sums.astype(np.float32)
 
-    def score_of(self, history: np.ndarray, rows: np.ndarray) -> np.ndarray:
-        """``sum_j W[j, i]`` for each of ``rows`` (0 where no history item points to it)."""
-        reached, sums = self.score_rows(history)
+    def score_of(
+        self,
+        history: np.ndarray,
+        rows: np.ndarray,
+        reached: tuple[np.ndarray, np.ndarray] | None = None,
+    ) -> np.ndarray:
+        """``sum_j W[j, i]`` for each of ``rows`` (0 where no history item points to it);
+        ``reached``: ``score_rows(history)`` when the caller has it already."""
+        targets, sums = reached if reached is not None else self.score_rows(history)
         out = np.zeros(len(rows), dtype=np.float32)
-        if len(reached):
-            pos = np.searchsorted(reached, rows)
-            pos = np.minimum(pos, len(reached) - 1)
-            hit = reached[pos] == rows
+        if len(targets):
+            pos = np.searchsorted(targets, rows)
+            pos = np.minimum(pos, len(targets) - 1)
+            hit = targets[pos] == rows
             out[hit] = sums[pos[hit]]
         return out
 
@@ -126,17 +132,24 @@ class ItemNeighbours:
         order = np.lexsort((src, -w, dst))  # per target: best weight, then lower row
         src, dst = src[order], dst[order]
         first = np.r_[True, dst[1:] != dst[:-1]]
-        best = dict(zip(dst[first].tolist(), src[first].tolist(), strict=True))
-        for n, r in enumerate(np.asarray(rows).tolist()):
-            out[n] = best.get(r, -1)
+        targets, best = dst[first], src[first]  # targets ascending
+        rows = np.asarray(rows, dtype=np.int64)
+        pos = np.minimum(np.searchsorted(targets, rows), len(targets) - 1)
+        hit = targets[pos] == rows
+        out[hit] = best[pos[hit]]
         return out
 
     def top(
-        self, history: np.ndarray, k: int, exclude: np.ndarray | None = None
+        self,
+        history: np.ndarray,
+        k: int,
+        exclude: np.ndarray | None = None,
+        reached: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """The ``k`` best rows for a history (history rows and ``exclude`` left out),
-        by descending score, ties by row; only rows with a positive score."""
-        rows, sums = self.score_rows(history)
+        by descending score, ties by row; only rows with a positive score (``reached``:
+        ``score_rows(history)`` when the caller has it already)."""
+        rows, sums = reached if reached is not None else self.score_rows(history)
         drop = np.isin(rows, np.asarray(history, dtype=np.int64))
         if exclude is not None and len(exclude):
             drop |= np.isin(rows, exclude)

@@ -186,6 +186,7 @@ class ModelWatcher(Generic[T]):
     async def start(self) -> None:
         """Poll every alias once (waiting for the loads), then keep polling in the background."""
         self._stopped = False
+        self._loop = asyncio.get_running_loop()
         await self.poll()
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(
@@ -215,9 +216,19 @@ class ModelWatcher(Generic[T]):
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
+            # A pool thread of the synchronous server: poll on the watcher's own loop.
+            started = getattr(self, "_loop", None)
+            if started is not None and not self._stopped and not started.is_closed():
+                started.call_soon_threadsafe(self._poll_soon, alias)
             return
         if self._stopped:
             return
+        self._poll_soon(alias, loop)
+
+    def _poll_soon(self, alias: str, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        if self._stopped:
+            return
+        loop = loop or asyncio.get_running_loop()
         task = loop.create_task(self._poll_locked([alias]), name=f"watch-{alias}")
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)

@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 
 from mercato.v1 import common_pb2, ranking_pb2
+from services.common.candidates import candidates_of
 from services.common.deadline import check_time_left
 from services.common.errors import InvalidArgument
 from services.ranking.reasons import explain
@@ -25,7 +26,13 @@ from services.ranking.rules import (
     apply_rules,
 )
 from services.ranking.scoring import RetrievalScorer, Scorer, ScorerProvider, no_ranker
-from services.ranking.table import CandidateArrays, CatalogTable, bad_id, validate_items
+from services.ranking.table import (
+    MAX_ID_BYTES,
+    CandidateArrays,
+    CatalogTable,
+    bad_id,
+    validate_items,
+)
 
 log = logging.getLogger("mercato.ranking")
 
@@ -96,6 +103,61 @@ def _merge_sources(
             got[at] = (v, anchor)
 
 
+def merge_columns(cols: common_pb2.CandidateColumns) -> CandidateSet:
+    """:func:`merge_candidates` for candidates sent as columns (``RankRequest.columns``):
+    the same set for the same candidates, read a column at a time. Duplicate ids (rare:
+    retrieval sends none) take the per-candidate path. Columns must be parallel, scores
+    finite, source scores finite or NaN (not scored), a source at most once."""
+    ids = list(cols.item_ids)
+    n = len(ids)
+    scores = np.asarray(cols.scores, dtype=np.float64)
+    sources = [int(s) for s in cols.sources]
+    if len(scores) != n or len(sources) != n:
+        raise InvalidArgument(
+            f"columns: item_ids, scores and sources must be parallel "
+            f"(got {n}, {len(scores)}, {len(sources)})"
+        )
+    if not all(ids) or max(map(len, ids), default=0) * 4 > MAX_ID_BYTES:
+        for n_, item_id in enumerate(ids):
+            bad = bad_id(item_id)
+            if bad:
+                raise InvalidArgument(f"columns.item_ids[{n_}] {bad}")
+    finite = np.isfinite(scores)
+    if not finite.all():
+        at = int(np.flatnonzero(~finite)[0])
+        raise InvalidArgument(f"columns.scores[{at}] must be finite, got {scores[at]}")
+    by: list[tuple[int, np.ndarray, list[str]]] = []
+    for j, col in enumerate(cols.by_source):
+        src = int(col.source)
+        vals = np.asarray(col.scores, dtype=np.float64)
+        anchors = list(col.anchor_ids)
+        if len(vals) != n or len(anchors) not in (0, n):
+            raise InvalidArgument(
+                f"columns.by_source[{j}]: scores and anchor_ids must be parallel to item_ids "
+                f"(got {len(vals)} and {len(anchors)} for {n} items)"
+            )
+        if np.isinf(vals).any():
+            raise InvalidArgument(f"columns.by_source[{j}].scores must be finite or NaN")
+        if any(src == b[0] for b in by):
+            raise InvalidArgument(f"columns.by_source: source {src} is given twice")
+        by.append((src, vals, anchors))
+    if len(set(ids)) != n:  # duplicates: merged one candidate at a time
+        return merge_candidates(candidates_of(cols))
+    source_scores: dict[int, np.ndarray] = {}
+    source_anchors: dict[int, list[str]] = {}
+    for src, vals, anchors in by:
+        scored = ~np.isnan(vals)
+        if not scored.any():  # as if no candidate listed it
+            continue
+        source_scores[src] = vals
+        source_anchors[src] = (
+            [a if ok else "" for a, ok in zip(anchors, scored.tolist(), strict=True)]
+            if anchors
+            else [""] * n
+        )
+    return CandidateSet(ids, scores, sources, source_scores, source_anchors)
+
+
 def rank_context(profile: common_pb2.Profile, context: common_pb2.Context) -> RankContext:
     """What the rules need from the profile and the context."""
     if context.surface not in SURFACE_NAMES:
@@ -134,6 +196,9 @@ class RankPipeline:
 
     def validate(self, request: ranking_pb2.RankRequest) -> None:
         n = len(request.candidates)
+        if n and request.HasField("columns"):
+            raise InvalidArgument("candidates and columns: send one of the two, not both")
+        n = n or len(request.columns.item_ids)
         if n == 0:
             raise InvalidArgument("candidates must not be empty")
         if n > self.max_candidates:
@@ -175,7 +240,10 @@ class RankPipeline:
         DEADLINE_EXCEEDED. ``newer`` are catalogue items the table does not hold yet;
         items sent in the request win over both."""
         self.validate(request)
-        candidates = merge_candidates(request.candidates)
+        if request.candidates:
+            candidates = merge_candidates(request.candidates)
+        else:
+            candidates = merge_columns(request.columns)
         items = self.table().lookup(candidates.ids)
         if newer:
             items = items.overlay(candidates.ids, newer)

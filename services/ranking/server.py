@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 from prometheus_client import Counter
 
-from mercato.v1 import profile_pb2_grpc, ranking_pb2, ranking_pb2_grpc
+from mercato.v1 import common_pb2, profile_pb2_grpc, ranking_pb2, ranking_pb2_grpc
 from services.common.channels import aio_channel
 from services.common.deadline import ensure_time_left
 from services.common.errors import Unavailable
@@ -62,11 +62,20 @@ OFFER_OUTCOMES = Counter(
 )
 
 
+def _ids(request: ranking_pb2.RankRequest) -> list[str]:
+    return [c.item_id for c in request.candidates] or list(request.columns.item_ids)
+
+
 class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
     """RPC handlers of the ranking service."""
 
     def __init__(self, service: RankingService) -> None:
         self.service = service
+
+    def _fetch_budget(self, context: Any) -> float:
+        left = context.time_remaining()
+        budget = self.service.settings.catalog_fetch_timeout_ms / 1000
+        return float(budget if left is None else min(budget, left / 2))
 
     async def Rank(
         self, request: ranking_pb2.RankRequest, context: grpc.aio.ServicerContext
@@ -75,12 +84,31 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
         newer = None
         follower = self.service.follower
         if follower is not None and follower.loaded.is_set():
-            left = context.time_remaining()
-            budget = self.service.settings.catalog_fetch_timeout_ms / 1000
-            newer = await follower.newer_items(
-                [c.item_id for c in request.candidates],
-                budget if left is None else min(budget, left / 2),
-            )
+            newer = await follower.newer_items(_ids(request), self._fetch_budget(context))
+        return self._rank(request, context, newer)
+
+    def Rank_sync(self, request: ranking_pb2.RankRequest, context: Any) -> ranking_pb2.RankResponse:
+        """Rank on a pool thread (server_mode=sync): only candidates the item table does
+        not know yet make it wait for the event loop (their GetItems call)."""
+        ensure_time_left(context, "rank")
+        newer = None
+        follower = self.service.follower
+        if follower is not None and follower.loaded.is_set():
+            ids = _ids(request)
+            if follower.unknown(ids) and self.service.loop is not None:
+                newer = asyncio.run_coroutine_threadsafe(
+                    follower.newer_items(ids, self._fetch_budget(context)), self.service.loop
+                ).result()
+            else:
+                newer = follower.known_newer(ids)
+        return self._rank(request, context, newer)
+
+    def _rank(
+        self,
+        request: ranking_pb2.RankRequest,
+        context: Any,
+        newer: Mapping[str, common_pb2.Item] | None,
+    ) -> ranking_pb2.RankResponse:
         response = self.service.pipeline.rank(request, context.time_remaining, newer)
         RANK_MODE.labels("model" if response.model.name else "rules_only").inc()
         for rule, count in response.dropped.items():
@@ -184,6 +212,12 @@ class RankingService(BaseService):
         )
         self.policy: OfferPolicy | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="offers")
+        # The event loop (built inside it by the runtime): Rank_sync hands it the rare
+        # GetItems call for candidates created since the last catalogue reload.
+        try:
+            self.loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            self.loop = None
 
     def register(self, server: grpc.aio.Server) -> Sequence[str]:
         ranking_pb2_grpc.add_RankingServiceServicer_to_server(RankingServicer(self), server)

@@ -311,8 +311,8 @@ class CatalogFollower:
     async def newer_items(self, ids: Sequence[str], timeout_s: float) -> dict[str, common_pb2.Item]:
         """Catalogue items among ``ids`` that the table does not hold (fetched once per
         reload period); a failed fetch leaves them unknown for this call."""
-        row, extra = self.table.row, self.extra
-        unknown = [i for i in dict.fromkeys(ids) if i not in row and i not in extra]
+        unknown = self.unknown(ids)
+        extra = self.extra
         if unknown and self.get_items is not None and timeout_s > 0:
             try:
                 resp = await self.get_items(
@@ -325,6 +325,16 @@ class CatalogFollower:
                     extra[item.item_id] = item
                 for item_id in resp.missing_item_ids:
                     extra[item_id] = None
+        return self.known_newer(ids)
+
+    def unknown(self, ids: Sequence[str]) -> list[str]:
+        """Ids neither in the table nor fetched since the last reload (distinct)."""
+        row, extra = self.table.row, self.extra
+        return [i for i in dict.fromkeys(ids) if i not in row and i not in extra]
+
+    def known_newer(self, ids: Sequence[str]) -> dict[str, common_pb2.Item]:
+        """The items among ``ids`` fetched since the last reload."""
+        extra = self.extra
         if not extra:
             return {}
         out: dict[str, common_pb2.Item] = {}

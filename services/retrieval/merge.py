@@ -78,23 +78,35 @@ def fuse(
     lists: dict[int, tuple[np.ndarray, float]], k: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Weighted reciprocal-rank fusion of ranked row lists ``{source: (rows, weight)}``:
-    (rows, fused score, proposing source), best ``k``, ties by row."""
-    fused: dict[int, float] = {}
-    best: dict[int, tuple[float, int]] = {}
+    (rows, fused score, proposing source), best ``k``, ties by row.
+
+    Vectorised; the same numbers as summing ``weight / (RRF_C + rank)`` per row in the
+    lists' order in float64 (``bincount`` adds in input order), the proposing source the
+    first with the largest part (tests/retrieval/test_merge_fast.py checks it against
+    that loop)."""
+    rows_in, parts_in, src_in = [], [], []
     for source, (rows, weight) in lists.items():
         if weight <= 0:
             continue
-        for rank, r in enumerate(np.asarray(rows).tolist(), start=1):
-            part = weight / (RRF_C + rank)
-            fused[r] = fused.get(r, 0.0) + part
-            if part > best.get(r, (-1.0, 0))[0]:
-                best[r] = (part, source)
-    order = sorted(fused, key=lambda r: (-fused[r], r))[:k]
-    return (
-        np.array(order, dtype=np.int64),
-        np.array([fused[r] for r in order], dtype=np.float32),
-        np.array([best[r][1] for r in order], dtype=np.int64),
+        r = np.asarray(rows, dtype=np.int64).ravel()
+        rows_in.append(r)
+        parts_in.append(weight / (RRF_C + np.arange(1, len(r) + 1, dtype=np.float64)))
+        src_in.append(np.full(len(r), source, dtype=np.int64))
+    if not rows_in:
+        return np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros(0, np.int64)
+    rows_all, parts, srcs = (
+        np.concatenate(rows_in),
+        np.concatenate(parts_in),
+        np.concatenate(src_in),
     )
+    uniq, inv = np.unique(rows_all, return_inverse=True)
+    fused = np.bincount(inv, weights=parts, minlength=len(uniq))
+    # per row: the occurrence with the largest part, the first one on ties
+    by = np.lexsort((np.arange(len(parts)), -parts, inv))
+    first = by[np.r_[True, inv[by][1:] != inv[by][:-1]]]
+    best_src = srcs[first]  # in uniq order (inv sorted ascending)
+    order = np.lexsort((uniq, -fused))[:k]
+    return uniq[order], fused[order].astype(np.float32), best_src[order]
 
 
 def history_rows(model: RetrievalModel, st: IndexState, query: UserQuery) -> np.ndarray:
@@ -128,8 +140,12 @@ def retrieve_merged(
     res = model.search(st, q, k, flt)
     i2i = model.item2item
     hist = history_rows(model, st, query) if i2i is not None else np.zeros(0, np.int64)
+    # what the history reaches, computed once for the neighbour list and the scores
+    reached = i2i.score_rows(hist) if i2i is not None and len(hist) else None
     if i2i is not None and len(hist) and cfg.item2item_weight > 0:
-        rows, _ = i2i.top(hist, max(k * 2, k + len(flt.exclude)), exclude=flt.exclude)
+        rows, _ = i2i.top(
+            hist, max(k * 2, k + len(flt.exclude)), exclude=flt.exclude, reached=reached
+        )
         rows = rows[flt.mask(st, rows)][:k]
         if len(rows):
             lists[SOURCE_ITEM2ITEM] = (rows, cfg.item2item_weight)
@@ -149,7 +165,7 @@ def retrieve_merged(
     if i2i is not None and len(hist):
         base = rows < i2i.n_items
         s = np.full(len(rows), np.nan, dtype=np.float32)
-        s[base] = i2i.score_of(hist, rows[base])
+        s[base] = i2i.score_of(hist, rows[base], reached)
         s[s == 0] = np.nan
         scores[SOURCE_ITEM2ITEM] = s
         anchors[base] = i2i.best_anchor(hist, rows[base])
@@ -187,3 +203,28 @@ def fill_merged(repeated: object, model: RetrievalModel, st: IndexState, m: Merg
             source_scores=vals,
             source_anchor_ids=anchors,
         )
+
+
+def fill_columns(
+    cols: common_pb2.CandidateColumns, model: RetrievalModel, st: IndexState, m: Merged
+) -> None:
+    """Write merged candidates into ``cols``: the same information as :func:`fill_merged`
+    (a source's column left out when it scored none of them, NaN and "" where it gave no
+    score), a few repeated fields instead of a message per candidate."""
+    rows = m.rows.tolist()
+    if len(rows) and int(m.rows.max()) < st.n_base:
+        ids = model.bundle.item_ids
+        cols.item_ids.extend([ids[r] for r in rows])
+    else:
+        cols.item_ids.extend([model.item_id(st, r) for r in rows])
+    cols.scores.extend(m.fused.tolist())
+    cols.sources.extend(m.source.tolist())
+    for s, arr in m.scores.items():
+        scored = ~np.isnan(arr)
+        if not scored.any():
+            continue
+        col = cols.by_source.add(source=s)  # type: ignore[arg-type]
+        col.scores.extend(arr.tolist())
+        if s == SOURCE_ITEM2ITEM:
+            anchors = np.where(scored, m.anchors, -1).tolist()
+            col.anchor_ids.extend([model.item_id(st, a) if a >= 0 else "" for a in anchors])

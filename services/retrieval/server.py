@@ -31,6 +31,7 @@ from services.retrieval.merge import (
     SOURCE_ITEM2ITEM,
     SOURCE_TWO_TOWER,
     MergeConfig,
+    fill_columns,
     fill_merged,
     fuse,
     merge_config,
@@ -186,7 +187,10 @@ def retrieve_response(
     if len(merged) < request.k:
         SHORT_RESULTS.labels("Retrieve").inc()
     resp = retrieval_pb2.RetrieveResponse()
-    fill_merged(resp.candidates, model, st, merged)
+    if request.columns:
+        fill_columns(resp.columns, model, st, merged)
+    else:
+        fill_merged(resp.candidates, model, st, merged)
     return resp
 
 
@@ -253,8 +257,16 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
 
     # ------------------------------------------------------------------ RPCs
 
+    # Retrieve, RetrieveRelated and ListLoadedModels never wait: their synchronous twins
+    # (``X_sync``) are the whole work, run on the pool threads with server_mode=sync.
+
     async def Retrieve(
         self, request: retrieval_pb2.RetrieveRequest, context: grpc.aio.ServicerContext
+    ) -> retrieval_pb2.RetrieveResponse:
+        return self.Retrieve_sync(request, context)
+
+    def Retrieve_sync(
+        self, request: retrieval_pb2.RetrieveRequest, context: Any
     ) -> retrieval_pb2.RetrieveResponse:
         _check_k(request.k, self.settings.max_k)
         loaded = self._model(request.model_alias)
@@ -268,6 +280,11 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
 
     async def RetrieveRelated(
         self, request: retrieval_pb2.RetrieveRelatedRequest, context: grpc.aio.ServicerContext
+    ) -> retrieval_pb2.RetrieveRelatedResponse:
+        return self.RetrieveRelated_sync(request, context)
+
+    def RetrieveRelated_sync(
+        self, request: retrieval_pb2.RetrieveRelatedRequest, context: Any
     ) -> retrieval_pb2.RetrieveRelatedResponse:
         _check_k(request.k, self.settings.max_k)
         require(
@@ -460,6 +477,11 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
 
     async def ListLoadedModels(
         self, request: retrieval_pb2.ListLoadedModelsRequest, context: grpc.aio.ServicerContext
+    ) -> retrieval_pb2.ListLoadedModelsResponse:
+        return self.ListLoadedModels_sync(request, context)
+
+    def ListLoadedModels_sync(
+        self, request: retrieval_pb2.ListLoadedModelsRequest, context: Any
     ) -> retrieval_pb2.ListLoadedModelsResponse:
         out = []
         for _alias, loaded in sorted(self.watcher.loaded().items()):

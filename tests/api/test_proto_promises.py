@@ -35,6 +35,10 @@ PROMISES: dict[str, list[str]] = {
         "tests/gateway/test_gateway_degraded.py::test_track_events_forwarded_and_validated",
         NODE,
     ],
+    "common.proto:CandidateColumns.by_source": [
+        "tests/ranking/test_columns.py::test_bad_columns_say_what_is_wrong",
+        "tests/retrieval/test_merge.py::test_columns_carry_the_same_candidates",
+    ],
     "common.proto:Item.item_id": [PROFILE_PROMISES + "test_catalog_items_are_checked"],
     "common.proto:Item.price": [
         PROFILE_PROMISES + "test_catalog_items_are_checked",
@@ -159,6 +163,12 @@ PROMISES: dict[str, list[str]] = {
         RANK_PIPE + "test_bad_requests_say_what_is_wrong",
         RANK_PIPE + "test_duplicates_keep_the_best_score_and_its_source",
         RANK_PIPE + "test_duplicate_candidates_returned_once",
+    ],
+    "ranking.proto:RankRequest.columns": [
+        "tests/ranking/test_columns.py::test_bad_columns_say_what_is_wrong",
+        "tests/ranking/test_columns.py::test_candidates_and_columns_together_are_refused",
+        "tests/ranking/test_columns.py::test_columns_merge_to_the_same_candidate_set",
+        "tests/ranking/test_columns.py::test_rank_answers_the_same_from_columns",
     ],
     "ranking.proto:RankRequest.items": [
         RANK_PIPE + "test_missing_item_details_mean_unknown_stock",

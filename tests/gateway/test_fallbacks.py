@@ -31,6 +31,7 @@ from mercato.v1 import (
     ranking_pb2,
     retrieval_pb2,
 )
+from services.common.candidates import candidates_of, columns_of
 from services.common.interceptors import RuntimeInterceptor
 from services.gateway.experiments import Experiment, Variant
 from services.gateway.pipeline import Pipeline
@@ -95,11 +96,16 @@ def trending(req: profile_pb2.GetTrendingRequest, popular: list[str]) -> Any:
     return profile_pb2.GetTrendingResponse(items=out[: req.k])
 
 
+def sent(req: ranking_pb2.RankRequest) -> list[common_pb2.Candidate]:
+    """The candidates of a Rank request, whichever form they came in."""
+    return list(req.candidates) or candidates_of(req.columns)
+
+
 def rank(req: ranking_pb2.RankRequest) -> ranking_pb2.RankResponse:
     """Ranking's stand-in: the candidates in reverse order, scored 10, 9, ..."""
     items = [
         ranking_pb2.RankedItem(item_id=c.item_id, score=10.0 - i, reasons=[MODEL])
-        for i, c in enumerate(reversed(req.candidates))
+        for i, c in enumerate(reversed(sent(req)))
     ]
     return ranking_pb2.RankResponse(items=items[: req.k], model=RANKER)
 
@@ -342,13 +348,15 @@ async def test_healthy_answer_is_ranked_full_and_names_no_fallback(stack: Stack)
         "ranking": (4, False, ""),
     }
     (rank_req,) = stack.ranking.seen["Rank"]
-    assert [c.item_id for c in rank_req.candidates] == in_stock
+    assert [c.item_id for c in sent(rank_req)] == in_stock
+    assert not rank_req.candidates  # the gateway sends columns
     assert rank_req.k == 4 and rank_req.profile == PROFILES["alice"]
     assert not rank_req.items  # ranking reads its own item table unless told otherwise
     (ret_req,) = stack.retrieval.seen["Retrieve"]
     assert ret_req.k == 20 and ret_req.profile == PROFILES["alice"]  # max(k, candidates_k)
     assert ret_req.filters.exclude_purchased and ret_req.filters.in_stock_only
     assert not ret_req.filters.exclude_in_cart
+    assert ret_req.columns  # asks for the candidates as columns
     assert hop_delta(before) == {
         ("profile", "OK"): 1,
         ("retrieval", "OK"): 1,
@@ -405,8 +413,8 @@ async def test_ranking_sends_item_details_when_configured(
         resp = await recommend(stack, customer_id="alice", k=3)
         assert len(resp.items) == 3
     for req, raw in zip(stack.ranking.seen["Rank"], stack.ranking.raw["Rank"], strict=True):
-        assert [c.item_id for c in req.candidates] == [i for i in RETRIEVED if i != "gone"]
-        assert list(req.items) == [ITEMS[c.item_id] for c in req.candidates]
+        assert [c.item_id for c in sent(req)] == [i for i in RETRIEVED if i != "gone"]
+        assert list(req.items) == [ITEMS[c.item_id] for c in sent(req)]
         known = ranking_pb2.RankRequest()
         known.CopyFrom(req)
         known.DiscardUnknownFields()
@@ -450,9 +458,9 @@ async def test_retrieval_down_serves_popular_items_without_purchases(stack: Stac
     assert list(treq.exclude_item_ids) == ["p0", "p1", "p3"]
     popular = [i for i in POPULAR if i not in ("gone", "p0", "p1", "p3")]
     (rreq,) = stack.ranking.seen["Rank"]
-    assert [c.item_id for c in rreq.candidates] == popular
-    assert {c.source for c in rreq.candidates} == {TRENDING}
-    assert [c.score for c in rreq.candidates] == [100.0 - POPULAR.index(i) for i in popular]
+    assert [c.item_id for c in sent(rreq)] == popular
+    assert {c.source for c in sent(rreq)} == {TRENDING}
+    assert [c.score for c in sent(rreq)] == [100.0 - POPULAR.index(i) for i in popular]
     assert ids(resp) == popular[::-1][:4]  # then ranked as usual
     assert degraded(resp) == [("retrieval", "popular_items", DOWN)]
     assert stages(resp)["retrieval"] == (len(popular), True, DOWN)
@@ -665,7 +673,7 @@ async def test_nothing_in_stock_is_not_sent_to_ranking(stack: Stack) -> None:
     stack.retrieval.answers["Retrieve"] = retrieval_pb2.RetrieveResponse(candidates=gone)
     resp = await recommend(stack, customer_id="alice", k=2)
     assert ids(resp) == ["last"]
-    assert [c.item_id for c in stack.ranking.seen["Rank"][0].candidates] == ["last"]
+    assert [c.item_id for c in sent(stack.ranking.seen["Rank"][0])] == ["last"]
 
 
 # ---------------------------------------------------------------------- details, offer
@@ -679,7 +687,7 @@ async def test_details_down_serves_ids_only(stack: Stack) -> None:
     assert stages(resp)["details"] == (0, True, DOWN)
     assert [r.item for r in resp.items] == [common_pb2.Item(item_id=i) for i in ids(resp)]
     # Without details the sold-out item is not known to be sold out: ranking decides.
-    assert [c.item_id for c in stack.ranking.seen["Rank"][0].candidates] == RETRIEVED
+    assert [c.item_id for c in sent(stack.ranking.seen["Rank"][0])] == RETRIEVED
     assert hop_delta(before)[("details", "UNAVAILABLE")] == 1
 
 
@@ -710,6 +718,41 @@ async def test_details_cache_fills_in_while_the_lookup_is_down(
     ]
     assert stages(resp)["details"] == (len(RETRIEVED) - 1, True, DOWN)
     assert [r.item.title for r in resp.items] == ["P5", "P6", ""]  # p7 from nowhere
+
+
+async def test_retrieval_columns_go_on_to_ranking_as_they_came(stack: Stack) -> None:
+    """Columns from retrieval (every source's scores and anchors) reach ranking
+    unchanged but for the sold-out item left out, in columns again."""
+    cands = [
+        common_pb2.Candidate(
+            item_id=i,
+            score=1.0 - n / 10,
+            source=SIMILAR if n % 2 else MODEL,
+            sources=[MODEL, SIMILAR] if n % 2 else [MODEL],
+            source_scores=[0.5 - n / 100, 2.0 + n] if n % 2 else [0.5 - n / 100],
+            source_anchor_ids=["", "p1"] if n % 2 else [""],
+        )
+        for n, i in enumerate(RETRIEVED)
+    ]
+    stack.retrieval.answers["Retrieve"] = retrieval_pb2.RetrieveResponse(
+        columns=columns_of(cands), model=TWO_TOWER
+    )
+    resp = await recommend(stack, customer_id="alice", k=4)
+    assert ids(resp) == [i for i in RETRIEVED if i != "gone"][::-1][:4]
+    (rreq,) = stack.ranking.seen["Rank"]
+    assert not rreq.candidates and rreq.HasField("columns")
+    assert candidates_of(rreq.columns) == [c for c in cands if c.item_id != "gone"]
+
+
+async def test_columns_of_unequal_length_from_retrieval_degrade_to_popular_items(
+    stack: Stack,
+) -> None:
+    bad = common_pb2.CandidateColumns(item_ids=["p5", "p6"], scores=[1.0], sources=[MODEL])
+    stack.retrieval.answers["Retrieve"] = retrieval_pb2.RetrieveResponse(columns=bad)
+    resp = await recommend(stack, customer_id="alice", k=4)
+    assert len(resp.items) == 4
+    assert [(d.stage, d.fallback) for d in resp.degraded] == [("retrieval", "popular_items")]
+    assert "unequal length" in resp.degraded[0].reason
 
 
 async def test_no_candidates_no_details_call(stack: Stack) -> None:

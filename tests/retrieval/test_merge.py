@@ -12,6 +12,7 @@ import pytest
 import scipy.sparse as sp
 
 from mercato.v1 import common_pb2, retrieval_pb2, retrieval_pb2_grpc
+from services.common.candidates import candidates_of, columns_of
 from services.models.item2item import ItemNeighbours
 from services.models.two_tower import TwoTowerBundle, UserQuery
 from services.retrieval.merge import MergeConfig, fuse, retrieve_merged
@@ -121,6 +122,29 @@ def test_retrieve_merges_both_sources_with_their_scores(svc: ServiceProc, store:
                 (c.score for c in resp.candidates), reverse=True
             )
     assert both > 0  # the merge was exercised with both sources present
+
+
+def test_columns_carry_the_same_candidates(svc: ServiceProc, store: Store) -> None:
+    """Retrieve with ``columns`` answers the same candidates, scores, sources and anchors
+    as the per-candidate messages (the gateway's form against the straightforward one)."""
+    b = TwoTowerBundle.load(store.bundle_dir)
+    rng = np.random.default_rng(5)
+    anchored = 0
+    with svc.channel() as ch:
+        stub = retrieval_pb2_grpc.RetrievalServiceStub(ch)
+        for _ in range(8):
+            recent = rng.choice(len(b.item_ids), 6, replace=False).tolist()
+            req, _ = home_query(b, recent, recent[:2], recent[2:3], 40)
+            req.filters.exclude_purchased = True
+            req.filters.in_stock_only = True
+            messages = stub.Retrieve(req, timeout=5)
+            req.columns = True
+            cols = stub.Retrieve(req, timeout=5)
+            assert not cols.candidates and len(cols.columns.item_ids) == len(messages.candidates)
+            assert candidates_of(cols.columns) == list(messages.candidates)
+            assert candidates_of(columns_of(messages.candidates)) == list(messages.candidates)
+            anchored += sum(any(c.source_anchor_ids) for c in messages.candidates)
+    assert anchored > 0  # item-to-item anchors were compared too
 
 
 def test_related_similar_uses_item_to_item_too(svc: ServiceProc, store: Store) -> None:

@@ -63,8 +63,14 @@ async def _run_with(service: BaseService, check: Any) -> None:
         await task
 
 
-async def test_unexpected_error_is_internal_without_stack_trace() -> None:
-    settings = ServiceSettings(port=free_port(), metrics_port=0, log_json=True)
+# Both server modes (#14): the asyncio server and the synchronous one with a thread pool
+# must behave the same through the runtime.
+MODES = pytest.mark.parametrize("mode", ["asyncio", "sync"])
+
+
+@MODES
+async def test_unexpected_error_is_internal_without_stack_trace(mode: str) -> None:
+    settings = ServiceSettings(port=free_port(), metrics_port=0, log_json=True, server_mode=mode)
     service = _BoomService(settings)
 
     async def check(ch: grpc.aio.Channel) -> None:
@@ -85,8 +91,9 @@ async def test_unexpected_error_is_internal_without_stack_trace() -> None:
     await _run_with(service, check)
 
 
-async def test_authenticator_guards_api_but_not_health() -> None:
-    settings = ServiceSettings(port=free_port(), metrics_port=0)
+@MODES
+async def test_authenticator_guards_api_but_not_health(mode: str) -> None:
+    settings = ServiceSettings(port=free_port(), metrics_port=0, server_mode=mode)
     service = _BoomService(settings)
     service.authenticator = _auth
 
@@ -107,10 +114,11 @@ async def test_authenticator_guards_api_but_not_health() -> None:
     await _run_with(service, check)
 
 
-async def test_one_wrapper_per_method_reads_each_calls_metadata() -> None:
+@MODES
+async def test_one_wrapper_per_method_reads_each_calls_metadata(mode: str) -> None:
     """The wrapped handler is built once per method (#14) and reused, yet every call
     gets its own request id and its own authentication."""
-    settings = ServiceSettings(port=free_port(), metrics_port=0)
+    settings = ServiceSettings(port=free_port(), metrics_port=0, server_mode=mode)
     service = _BoomService(settings)
     service.authenticator = _auth
 
@@ -130,17 +138,20 @@ async def test_one_wrapper_per_method_reads_each_calls_metadata() -> None:
     from services.common import interceptors
 
     built: list[str] = []
-    original = interceptors.RuntimeInterceptor._wrap_unary
+    cls: Any = (
+        interceptors.SyncRuntimeInterceptor if mode == "sync" else interceptors.RuntimeInterceptor
+    )
+    original = cls._wrap_unary
 
     def counting(self, behavior, method, infra):  # type: ignore[no-untyped-def]
         built.append(method)
         return original(self, behavior, method, infra)
 
-    interceptors.RuntimeInterceptor._wrap_unary = counting  # type: ignore[method-assign]
+    cls._wrap_unary = counting
     try:
         await _run_with(service, check)
     finally:
-        interceptors.RuntimeInterceptor._wrap_unary = original  # type: ignore[method-assign]
+        cls._wrap_unary = original
     assert built.count("/mercato.v1.DiagnosticsService/Echo") == 1
 
 

@@ -50,11 +50,14 @@ def _echo(proc: ServiceProc, **kwargs: object) -> diagnostics_pb2.EchoResponse:
         return stub.Echo(diagnostics_pb2.EchoRequest(**kwargs), timeout=10)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("mode", ["asyncio", "sync"])
 @pytest.mark.parametrize("name", sorted(SERVICES))
-def test_service_process_lifecycle(name: str, tmp_path: Path) -> None:
+def test_service_process_lifecycle(name: str, mode: str, tmp_path: Path) -> None:
     # Retrieval and ranking need no model to start; model-dependent health is tested
-    # with those services.
-    proc = start_service(name, tmp_path, wait=None)
+    # with those services. server_mode=sync (#14): the same health, reflection, request
+    # ids, errors, metrics and drain from the synchronous server.
+    env = {f"MERCATO_{name.upper()}_SERVER_MODE": mode}
+    proc = start_service(name, tmp_path, env, wait=None)
     try:
         # Liveness: retrieval is NOT_SERVING (readiness) until a model is promoted.
         proc.wait_status("SERVING", timeout=60, service="liveness")
@@ -127,6 +130,7 @@ def test_service_process_lifecycle(name: str, tmp_path: Path) -> None:
         assert "error" not in result, result.get("error")
         assert isinstance(result.get("resp"), diagnostics_pb2.EchoResponse)
         assert '"msg": "stopped"' in proc.log()
+        assert f'"server_mode": "{mode}"' in proc.log()
     finally:
         proc.kill()
 
