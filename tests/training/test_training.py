@@ -194,9 +194,7 @@ def test_hnsw_index_above_threshold_and_ann_recall() -> None:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[TrainConfig, object]:
     tmp = tmp_path_factory.mktemp("mlflow")
-    # The plain best epoch (no one-standard-error rule): on this tiny shop the rule keeps
-    # the warm start, whose biases are zero, and these tests check trained ones.
-    cfg = tiny_cfg(tmp, fine_tune_min_se=0.0)
+    cfg = tiny_cfg(tmp)
     return cfg, train_and_register(cfg)
 
 

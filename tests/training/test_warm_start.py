@@ -174,11 +174,11 @@ def test_a_fine_tuned_epoch_replaces_the_warm_start_only_beyond_one_standard_err
     gain, se = one_se_gain(valid_per_user(net0, items, valid, 20), ws.valid_per_user)
     assert gain == pytest.approx(h0.best_metric - ws.valid_metric)
     assert h0.fine_tune == {"epoch": h0.best_epoch, "gain": gain, "se": se, "kept": 1.0}
-    # Its lead is real but small: kept at half a standard error, not at one (the default).
+    # Its lead is small: kept at half a standard error, not at one.
     assert 0.5 * se < gain < se
     _, _, h_half = train_two_tower(vocab, rows, valid, replace(c, fine_tune_min_se=0.5), warm=ws)
     assert h_half.best_epoch == h0.best_epoch and h_half.fine_tune["kept"] == 1.0
-    net1, _, h1 = train_two_tower(vocab, rows, valid, c, warm=ws)
+    net1, _, h1 = train_two_tower(vocab, rows, valid, replace(c, fine_tune_min_se=1.0), warm=ws)
     assert h1.best_epoch == 0 and h1.best_metric == ws.valid_metric
     assert h1.fine_tune["epoch"] == h0.best_epoch and h1.fine_tune["kept"] == 0.0
     assert len(h1.epochs) == len(h0.epochs)  # the same epochs ran; only the choice differs
