@@ -8,7 +8,7 @@ export OPENBLAS_NUM_THREADS ?= 1
 export OMP_NUM_THREADS ?= 1
 BUF := node_modules/.bin/buf
 
-.PHONY: help setup demo up down test test-fast mutation protos protos-check lint bench bench-profile bench-ranking bench-retrieval bench-load bench-hotpath bench-quality clean k8s-validate image
+.PHONY: help setup demo up down test test-fast mutation protos protos-check lint bench bench-profile bench-ranking bench-retrieval bench-load bench-hotpath bench-quality bench-demo-seeds clean k8s-validate image
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-16s %s\n", $$1, $$2}'
@@ -89,6 +89,9 @@ bench-hotpath: setup ## In-process stage timings of Retrieve and Rank on trained
 
 bench-quality: setup ## Two-tower vs popularity/ALS/EASE on ML-1M, Online Retail and synthetic (bench/results/quality.*)
 	$(PY) bench/quality.py $(ARGS)
+
+bench-demo-seeds: setup ## The demo's shop on dev data seeds 1-6: two-tower vs ALS/EASE (bench/results/demo_seeds.*)
+	$(PY) bench/demo_seeds.py $(ARGS)
 
 clean: ## Remove local state (.mercato) and caches
 	rm -rf .mercato .pytest_cache .mypy_cache .ruff_cache

@@ -159,6 +159,7 @@ def main() -> None:
             "valid": res.metrics["valid"],
             "test": res.metrics["test"],
             "best_epoch": res.best_epoch,
+            "fine_tune": res.fine_tune,
             "refit": cfg.refit and cfg.protocol == "default",
             "fit_seconds": res.fit_seconds,
             "wall_seconds": time.perf_counter() - t0,

@@ -26,13 +26,16 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.table import Table
 
 from services.common.settings import default_tracking_uri, mercato_home
 from services.common.supervisor import Supervisor, health_status
+
+if TYPE_CHECKING:
+    from training.synthetic import SyntheticConfig
 
 #: The demo data set: big enough that the models clearly beat popularity, small enough
 #: to train both models in a few minutes on 2 cores.
@@ -69,22 +72,24 @@ def data_dir(opts: DemoOptions) -> Path:
     return opts.home / "data" / f"demo-u{opts.users}-i{opts.items}-s{opts.seed}"
 
 
+def demo_synthetic(seed: int, users: int = DEMO_USERS, items: int = DEMO_ITEMS) -> SyntheticConfig:
+    """The demo shop's data generator config."""
+    from training.synthetic import SyntheticConfig
+
+    return SyntheticConfig(
+        n_users=users, n_items=items, n_categories=DEMO_CATEGORIES, days=DEMO_DAYS, seed=seed
+    )
+
+
 def ensure_data(opts: DemoOptions, console: Console) -> Path:
     """Write the synthetic data set unless it is already there."""
-    from training.synthetic import SyntheticConfig, write_synthetic
+    from training.synthetic import write_synthetic
 
     out = data_dir(opts)
     if (out / "generator.json").exists():
         console.print(f"data already at {out}")
         return out
-    cfg = SyntheticConfig(
-        n_users=opts.users,
-        n_items=opts.items,
-        n_categories=DEMO_CATEGORIES,
-        days=DEMO_DAYS,
-        seed=opts.seed,
-    )
-    counts = write_synthetic(cfg, out)
+    counts = write_synthetic(demo_synthetic(opts.seed, opts.users, opts.items), out)
     console.print(f"wrote {counts} to {out}")
     return out
 

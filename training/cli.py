@@ -84,6 +84,12 @@ def train_retrieval(
     ease_lambdas: str = typer.Option(
         "250,500", help="Comma-separated EASE λ of the warm start (chosen on validation)."
     ),
+    fine_tune_min_se: float = typer.Option(
+        0.0,
+        help="A fine-tuned epoch replaces the warm start only when it leads on validation "
+        "by more than this many standard errors of the paired per-customer difference "
+        "(0 = the best epoch, however small its lead).",
+    ),
     refit: bool = typer.Option(
         True,
         help="Default protocol: fit the chosen configurations again on train + validation "
@@ -132,6 +138,7 @@ def train_retrieval(
             patience=patience,
             init=init,
             ease_lambdas=tuple(float(x) for x in ease_lambdas.split(",") if x.strip()),
+            fine_tune_min_se=fine_tune_min_se,
             seed=seed,
             progress=progress,
         ),

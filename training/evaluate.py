@@ -15,7 +15,7 @@ User metrics are averaged over users with a non-empty truth.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
 import numpy as np
@@ -66,6 +66,36 @@ def metrics_from_ranking(
     return out
 
 
+def _ranked_batches(
+    scorer: Scorer | Callable[[np.ndarray], np.ndarray],
+    es: EvalSet,
+    ks: tuple[int, ...],
+    batch: int = 0,
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(evaluation rows, their top-max(ks) items) batch by batch."""
+    n_items = es.truth.shape[1]
+    kmax = min(max(ks), n_items)
+    batch = batch or max(1, min(2048, 20_000_000 // max(n_items, 1)))
+    for a in range(0, len(es), batch):
+        rows = np.arange(a, min(a + batch, len(es)))
+        yield rows, top_k(scorer(rows), es.exclude[rows], kmax)
+
+
+def per_user(
+    scorer: Scorer | Callable[[np.ndarray], np.ndarray],
+    es: EvalSet,
+    ks: tuple[int, ...] = DEFAULT_KS,
+    batch: int = 0,
+) -> dict[str, np.ndarray]:
+    """Every user's metrics (arrays in the evaluation set's order): what
+    :func:`evaluate` averages, for paired comparisons of two models on the same users."""
+    parts: dict[str, list[np.ndarray]] = {}
+    for rows, ranked in _ranked_batches(scorer, es, ks, batch):
+        for name, v in metrics_from_ranking(ranked, es.truth[rows], ks).items():
+            parts.setdefault(name, []).append(v)
+    return {name: np.concatenate(v) for name, v in parts.items()}
+
+
 def evaluate(
     scorer: Scorer | Callable[[np.ndarray], np.ndarray],
     es: EvalSet,
@@ -76,13 +106,9 @@ def evaluate(
     n_items = es.truth.shape[1]
     if len(es) == 0:
         return {"users": 0.0}
-    kmax = min(max(ks), n_items)
-    batch = batch or max(1, min(2048, 20_000_000 // max(n_items, 1)))
     sums: dict[str, float] = {}
     seen = {k: np.zeros(n_items, dtype=bool) for k in ks}
-    for a in range(0, len(es), batch):
-        rows = np.arange(a, min(a + batch, len(es)))
-        ranked = top_k(scorer(rows), es.exclude[rows], kmax)
+    for rows, ranked in _ranked_batches(scorer, es, ks, batch):
         for name, v in metrics_from_ranking(ranked, es.truth[rows], ks).items():
             sums[name] = sums.get(name, 0.0) + float(v.sum())
         for k in ks:

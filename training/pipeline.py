@@ -147,6 +147,8 @@ class RegisteredResult:
     train_seconds: float
     table: str
     fit_seconds: dict[str, float] = field(default_factory=dict)  # model -> fit time
+    # The best fine-tuned epoch against the warm start (TrainHistory.fine_tune).
+    fine_tune: dict[str, float] = field(default_factory=dict)
 
     def metric(
         self, split: str = "valid", model: str = "two_tower", name: str = "recall@20"
@@ -564,6 +566,7 @@ def train_and_register(cfg: TrainConfig) -> RegisteredResult:
                 },
                 "tried": hist.tried,
                 "warm_start": hist.warm_start,
+                "fine_tune": hist.fine_tune,
             },
             "fit_seconds": fit_seconds,
             "refit": {"train_plus_valid": refit, "seconds": refit_seconds},
@@ -708,4 +711,5 @@ def train_and_register(cfg: TrainConfig) -> RegisteredResult:
         train_seconds=hist.seconds,
         table=table,
         fit_seconds=fit_seconds,
+        fine_tune=hist.fine_tune,
     )

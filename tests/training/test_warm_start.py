@@ -27,9 +27,11 @@ from training.two_tower import (
     encode_eval_users,
     history_matrix,
     new_net,
+    one_se_gain,
     refit_two_tower,
     select_two_tower,
     train_two_tower,
+    valid_per_user,
     warm_start,
 )
 
@@ -147,6 +149,44 @@ def test_the_warm_start_is_epoch_zero_and_kept_when_training_does_worse() -> Non
     np.testing.assert_allclose(
         net.history.weight[1:].detach().numpy()[known], ws.history[known], atol=1e-6
     )
+
+
+def test_one_se_gain_is_the_paired_mean_and_standard_error() -> None:
+    best = np.array([1.0, 0.5, 0.0, 1.0])
+    base = np.array([0.5, 0.5, 0.5, 0.0])
+    d = best - base  # 0.5, 0, -0.5, 1
+    gain, se = one_se_gain(best, base)
+    assert gain == pytest.approx(0.25)
+    assert se == pytest.approx(np.sqrt(((d - 0.25) ** 2).sum() / 3) / 2)
+    assert one_se_gain(best[:1], base[:1])[1] == np.inf
+
+
+@pytest.mark.slow
+def test_a_fine_tuned_epoch_replaces_the_warm_start_only_beyond_one_standard_error() -> None:
+    vocab, rows, valid, cfg = _tiny()
+    ws = warm_start(vocab, rows, valid, cfg)
+    assert ws is not None and ws.valid_per_user is not None
+    assert ws.valid_metric == pytest.approx(ws.valid_per_user.mean())
+    c = replace(cfg, epochs=3)
+    # The plain best epoch (no rule): on this data an epoch leads the warm start.
+    net0, items, h0 = train_two_tower(vocab, rows, valid, replace(c, fine_tune_min_se=0.0), warm=ws)
+    assert h0.best_epoch > 0 and h0.best_metric > ws.valid_metric
+    gain, se = one_se_gain(valid_per_user(net0, items, valid, 20), ws.valid_per_user)
+    assert gain == pytest.approx(h0.best_metric - ws.valid_metric)
+    assert h0.fine_tune == {"epoch": h0.best_epoch, "gain": gain, "se": se, "kept": 1.0}
+    # Its lead is small: kept at half a standard error, not at one.
+    assert 0.5 * se < gain < se
+    _, _, h_half = train_two_tower(vocab, rows, valid, replace(c, fine_tune_min_se=0.5), warm=ws)
+    assert h_half.best_epoch == h0.best_epoch and h_half.fine_tune["kept"] == 1.0
+    net1, _, h1 = train_two_tower(vocab, rows, valid, replace(c, fine_tune_min_se=1.0), warm=ws)
+    assert h1.best_epoch == 0 and h1.best_metric == ws.valid_metric
+    assert h1.fine_tune["epoch"] == h0.best_epoch and h1.fine_tune["kept"] == 0.0
+    assert len(h1.epochs) == len(h0.epochs)  # the same epochs ran; only the choice differs
+    known = np.flatnonzero(np.abs(ws.history).sum(1) > 0)
+    np.testing.assert_allclose(
+        net1.history.weight[1:].detach().numpy()[known], ws.history[known], atol=1e-6
+    )
+    assert valid_per_user(net1, items, valid, 20).mean() == pytest.approx(ws.valid_metric)
 
 
 @pytest.mark.slow
