@@ -218,6 +218,10 @@ def item_table_at(
             np.float64
         )
         short_c = np.bincount(rows[ts >= now - trend_days * 86_400], minlength=n).astype(np.float64)
+    first_seen = np.zeros(n)  # first interaction before now (0 = none, or no timestamps)
+    if len(rows) and not (ts == 0).all():
+        first = pd.Series(ts).groupby(rows).min()
+        first_seen[first.index.to_numpy(np.int64)] = first.to_numpy()
     short_rate = short_c / trend_days
     long_rate = long_c / popularity_days
     return ItemTable(
@@ -227,6 +231,7 @@ def item_table_at(
         popularity=np.log1p(long_c),
         trend=np.log((short_rate + 1.0) / (long_rate + 1.0)),
         transitions=category_transitions(history, vocab),
+        first_seen=first_seen,
     )
 
 
