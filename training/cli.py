@@ -175,14 +175,20 @@ def train_ranker_cmd(
     days: int = typer.Option(120, help="Synthetic: days of history."),
     two_tower: str = typer.Option(
         "train",
-        help="train (a two-tower on the train window, in this run) | registry (load "
-        "--two-tower-alias of mercato-two-tower; must be trained on the same data/split).",
+        help="train (the retrieval pipeline in this run: two-tower and item-to-item on the "
+        "train window) | registry (load --two-tower-alias of mercato-two-tower, item-to-item "
+        "included; must be trained on the same data/split).",
     ),
     two_tower_alias: str = typer.Option("champion"),
     tt_dim: int = typer.Option(64, help="Two-tower (when trained here): embedding size."),
     tt_epochs: int = typer.Option(15, help="Two-tower (when trained here): epochs."),
     tt_batch_size: int = typer.Option(512),
-    candidates: int = typer.Option(50, help="Retrieval candidates per customer to rerank."),
+    candidates: int = typer.Option(
+        100, help="List length: the first merged candidates (fused order) per customer."
+    ),
+    windows: int = typer.Option(
+        3, help="Cut-offs of the fit lists (rolling windows in the validation window)."
+    ),
     hidden: str = typer.Option("64,32", help="MLP hidden sizes."),
     loss: str = typer.Option("listwise", help="listwise (softmax CE) | pointwise (BCE)"),
     epochs: int = typer.Option(30),
@@ -194,7 +200,7 @@ def train_ranker_cmd(
     ),
     lr: float = typer.Option(1e-3),
     batch_lists: int = typer.Option(128, help="Customer lists per batch."),
-    max_users: int = typer.Option(0, help="Cap on customers per window (0 = all)."),
+    max_users: int = typer.Option(4000, help="Cap on customers per window (0 = all)."),
     max_eval_users: int = typer.Option(0, help="Two-tower validation users cap (0 = all)."),
     seed: int = typer.Option(0),
     threads: int = typer.Option(1, help="torch / BLAS threads."),
@@ -204,8 +210,9 @@ def train_ranker_cmd(
     register: bool = typer.Option(True, help="Register the bundle as a model version."),
     progress: bool = typer.Option(True, help="Progress per epoch."),
 ) -> None:
-    """Train the ranker on two-tower candidates, evaluate it against the retrieval order
-    on the held-out window, log everything to MLflow and register the serving bundle."""
+    """Train the ranker on the served (merged) candidates over several cut-offs, evaluate
+    it against the fused order and replay the served list with it, log everything to
+    MLflow and register the serving bundle."""
     from training.pipeline import TrainConfig
     from training.ranker import RankerConfig, train_and_register_ranker
     from training.synthetic import SyntheticConfig
@@ -240,6 +247,7 @@ def train_ranker_cmd(
         two_tower=two_tower,
         two_tower_alias=two_tower_alias,
         candidates=candidates,
+        windows=windows,
         hidden=hidden_sizes,
         loss=loss,
         epochs=epochs,
@@ -300,7 +308,7 @@ def generate_data(
 
 PROMOTE_DEFAULTS = {
     "retrieval": ("mercato-two-tower", "valid_recall_20"),
-    "ranker": ("mercato-ranker", "valid_ndcg_10"),
+    "ranker": ("mercato-ranker", "valid_served_ndcg_10"),
 }
 
 
@@ -317,18 +325,26 @@ def promote_command(
     metric: str = typer.Option(
         "",
         help="Run metric compared; higher is better (default: valid_recall_20 for "
-        "retrieval, valid_ndcg_10 for ranker).",
+        "retrieval; for ranker the replay gate: the served list replayed with the "
+        "candidate on held-out validation customers, valid_served_ndcg_10, against the "
+        "champion its run replayed, else the rules-only list).",
     ),
     force: bool = typer.Option(False, "--force", help="Promote even if the gate refuses."),
     tracking_uri: str = typer.Option("", help="MLflow tracking URI (default: local SQLite)."),
 ) -> None:
     """Move ``champion`` to the challenger when its validation metric is not worse than
-    the champion's on the same split (or with --force)."""
+    the champion's on the same split (ranker: its replayed served list, not worse than
+    the champion's on the same customers), or with --force."""
     from training.registry import PromotionRefused, promote
 
     if model not in PROMOTE_DEFAULTS:
         raise typer.BadParameter(f"--model must be one of {sorted(PROMOTE_DEFAULTS)}")
     default_name, default_metric = PROMOTE_DEFAULTS[model]
+    gate = None
+    if model == "ranker" and not metric:
+        from training.ranker import replay_gate
+
+        gate = replay_gate
     try:
         r = promote(
             model_name or default_name,
@@ -338,6 +354,7 @@ def promote_command(
             metric or default_metric,
             version or None,
             force,
+            gate,
         )
     except PromotionRefused as e:
         console.print(f"[red]refused[/red]: {e}")

@@ -149,6 +149,9 @@ class RegisteredResult:
     fit_seconds: dict[str, float] = field(default_factory=dict)  # model -> fit time
     # The best fine-tuned epoch against the warm start (TrainHistory.fine_tune).
     fine_tune: dict[str, float] = field(default_factory=dict)
+    # Bundles the served-list replays loaded: "valid" (fit on train only, where the merge
+    # weights were chosen) and "test" (the served bundle); empty without the replay.
+    replay_dirs: dict[str, Path] = field(default_factory=dict)
 
     def metric(
         self, split: str = "valid", model: str = "two_tower", name: str = "recall@20"
@@ -616,13 +619,14 @@ def train_and_register(cfg: TrainConfig) -> RegisteredResult:
         bundle_dir = out / BUNDLE_ARTIFACT_PATH
         bundle.save(bundle_dir)
         i2i_models["test"].save(bundle_dir / ITEM2ITEM_DIR)
+        replay_dirs: dict[str, Path] = {}
         if cfg.replay_served:
             # The served list: a bundle loaded as the retrieval service loads it, each
             # query through Retrieve (both sources, merge) and Rank (rules), scored alike.
             # Validation replays what was fit on train only (the merge weights are chosen
             # there); the test part replays the bundle that is served (refit on train +
             # validation when refitting), with the weights chosen on validation.
-            replay_dirs = {"test": bundle_dir}
+            replay_dirs.update(test=bundle_dir)
             if refit:
                 valid_net, valid_items = nets["valid"]
                 valid_emb = valid_items.all_embeddings(valid_net)
@@ -712,4 +716,5 @@ def train_and_register(cfg: TrainConfig) -> RegisteredResult:
         table=table,
         fit_seconds=fit_seconds,
         fine_tune=hist.fine_tune,
+        replay_dirs=replay_dirs,
     )

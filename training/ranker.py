@@ -44,7 +44,7 @@ import platform
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+import mercato.features as shared
+from mercato.v1 import common_pb2
 from services.common.threads import configure_threads
 from services.models.ranker import (
     FEATURES,
@@ -61,17 +63,18 @@ from services.models.ranker import (
     MODEL_NAME,
     MODEL_TYPE,
     N_FEATURES,
-    CandidateDetails,
     ItemTable,
     RankerBundle,
+    RankerBundleError,
     RankerNet,
-    RankerQuery,
-    build_features,
 )
 from services.models.registry import BUNDLE_ARTIFACT_PATH
+from services.ranking.scoring import no_ranker
+from services.retrieval.model import RetrievalModel
 from training.data import RetailData, Split
-from training.evaluate import metrics_from_ranking, top_k
+from training.evaluate import metrics_from_ranking
 from training.features import (
+    EvalSet,
     Vocab,
     build_eval_set,
     build_vocab,
@@ -79,11 +82,17 @@ from training.features import (
     encode_events,
     walk_history,
 )
-from training.pipeline import TrainConfig, load_data, make_split
+from training.pipeline import TrainConfig, load_data, make_split, query_times
+from training.replay import ReplayConfig, load_for_replay, replay
 
 DEFAULT_LABEL_WEIGHTS = {"view": 1.0, "cart": 2.0, "purchase": 4.0, "rating": 1.0}
 RECENT_LIMIT = 50
 GATE_METRIC = "valid_ndcg_10"
+#: The promotion gate (:func:`replay_gate`): the served list replayed with the candidate
+#: on the held-out validation customers, against the baseline its run replayed.
+GATE_METRIC_SERVED = "valid_served_ndcg_10"
+GATE_BASELINE_METRIC = "gate_baseline_ndcg_10"
+GATE_CHAMPION_TAG = "gate_champion_version"
 
 
 @dataclass
@@ -95,7 +104,10 @@ class RankerConfig:
     two_tower: str = "train"  # "train" | "registry"
     two_tower_model: str = "mercato-two-tower"
     two_tower_alias: str = "champion"
-    candidates: int = 50
+    candidates: int = 100  # list length: the first in the served (fused) order
+    windows: int = 3  # cut-offs (rolling windows) of the fit lists, in the validation window
+    start_from: str = "-fused_log_rank"  # the untrained net's order: the fused order
+    replay: ReplayConfig = field(default_factory=ReplayConfig)
     hidden: tuple[int, ...] = (64, 32)
     loss: str = "listwise"  # "listwise" | "pointwise"
     lr: float = 1e-3
@@ -108,7 +120,7 @@ class RankerConfig:
     ks: tuple[int, ...] = (10, 20)
     label_weights: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_LABEL_WEIGHTS))
     valid_user_frac: float = 0.2
-    max_users: int = 0  # cap on customers per window (0 = all)
+    max_users: int = 4000  # cap on customers per fit window and on test lists (0 = all)
     popularity_days: float = 28.0
     trend_days: float = 7.0
     smoke_rows: int = 32
@@ -206,6 +218,10 @@ def item_table_at(
             np.float64
         )
         short_c = np.bincount(rows[ts >= now - trend_days * 86_400], minlength=n).astype(np.float64)
+    first_seen = np.zeros(n)  # first interaction before now (0 = none, or no timestamps)
+    if len(rows) and not (ts == 0).all():
+        first = pd.Series(ts).groupby(rows).min()
+        first_seen[first.index.to_numpy(np.int64)] = first.to_numpy()
     short_rate = short_c / trend_days
     long_rate = long_c / popularity_days
     return ItemTable(
@@ -215,14 +231,24 @@ def item_table_at(
         popularity=np.log1p(long_c),
         trend=np.log((short_rate + 1.0) / (long_rate + 1.0)),
         transitions=category_transitions(history, vocab),
+        first_seen=first_seen,
     )
 
 
-def user_queries(
-    history: pd.DataFrame, users: list[str], vocab: Vocab, now: float, cart_rows: np.ndarray
-) -> list[RankerQuery]:
-    """Profile-like view of each customer at ``now`` (what a Rank request carries)."""
-    h = history[history["user_id"].isin(set(users))]
+def customer_profiles(
+    history: pd.DataFrame, users: list[str], vocab: Vocab, now: float
+) -> list[common_pb2.Profile]:
+    """Each customer's profile at ``now`` as the profile service would send it, from the
+    events before it: recent items (distinct, newest first, with times), purchases,
+    cart, category affinity, RFM, segment, price band, country, first and last seen.
+    RFM, segment, band and affinity are :mod:`mercato.features`' definitions (the
+    profile service's); amounts use the catalogue price of each purchase event, as the
+    two-tower's context features do (:func:`training.features.walk_history`)."""
+    want = set(users)
+    h = history[history["user_id"].isin(want)]
+    h = h.iloc[np.argsort(h["ts"].to_numpy(), kind="stable")]
+    rows = h["item_id"].map(vocab.item_row).to_numpy(np.int64)
+    h = h.assign(_row=rows, _price=vocab.item_price.astype(np.float64)[rows])
     last = (
         h.groupby(["user_id", "item_id"], sort=False)["ts"]
         .max()
@@ -232,122 +258,192 @@ def user_queries(
     last = last.groupby("user_id", sort=False).head(RECENT_LIMIT)
     recent: dict[str, list[tuple[str, float]]] = {}
     for u, i, t in zip(last["user_id"], last["item_id"], last["ts"], strict=True):
-        recent.setdefault(u, []).append((i, float(t)))
-    # The profile service's definition (mercato.features), not a copy of it.
+        recent.setdefault(str(u), []).append((str(i), float(t)))
     affinity = category_affinities(h, vocab)
     buys = h[h["event"] == "purchase"]
-    price = buys["item_id"].map(vocab.item_row).map(lambda r: float(vocab.item_price[r]))
-    price = price[price > 0]
-    mean_price = price.groupby(buys.loc[price.index, "user_id"]).mean().to_dict()
+    per_item = (
+        buys.groupby(["user_id", "item_id"], sort=False)["ts"].agg(["size", "max"]).reset_index()
+    )
+    bought: dict[str, list[tuple[str, int, float]]] = {}
+    for u, i, n, t in zip(
+        per_item["user_id"], per_item["item_id"], per_item["size"], per_item["max"], strict=True
+    ):
+        bought.setdefault(str(u), []).append((str(i), int(n), float(t)))
+    agg = buys.groupby("user_id", sort=False).agg(
+        orders=("session_id", "nunique"),
+        monetary=("_price", "sum"),
+        units=("_price", "size"),
+        last=("ts", "max"),
+    )
+    seen = h.groupby("user_id", sort=False)["ts"].agg(["min", "max"])
+    enc = encode_events(h, vocab)
+    codes, feats = walk_history(enc, vocab, now=now)
+    code_of = vocab.user_codes.get_indexer(users)
+    cart_at = {int(c): k for k, c in enumerate(codes.tolist())}
     out = []
-    for k, u in enumerate(users):
-        cart = [vocab.item_ids[r - 1] for r in cart_rows[k] if r > 0]
-        out.append(
-            RankerQuery(
-                now=float(now),
-                surface="home",
-                recent=recent.get(u, []),
-                cart=cart,
-                category_affinity=affinity.get(u, {}),
-                mean_unit_price=float(mean_price.get(u, 0.0)),
-            )
-        )
+    for u, code in zip(users, code_of.tolist(), strict=True):
+        p = common_pb2.Profile(customer_id=u, known=True)
+        for item_id, ts in recent.get(u, []):
+            r = p.recent_items.add(item_id=item_id)
+            r.timestamp.FromSeconds(int(ts))
+        for item_id, n, ts in sorted(bought.get(u, []), key=lambda b: (-b[2], b[0])):
+            b = p.purchases.add(item_id=item_id, count=n, quantity=n)
+            b.last_purchased_at.FromSeconds(int(ts))
+        k = cart_at.get(code)
+        if k is not None:
+            for r in feats.cart[k].tolist():
+                if r > 0:
+                    p.cart.lines.add(item_id=vocab.item_ids[r - 1], quantity=1)
+        p.category_affinity.update(affinity.get(u, {}))
+        orders, monetary, units, last_buy = 0, 0.0, 0, None
+        if u in agg.index:
+            a = agg.loc[u]
+            orders, monetary, units = int(a["orders"]), float(a["monetary"]), int(a["units"])
+            last_buy = (now - float(a["last"])) / shared.SECONDS_PER_DAY
+        rfm = shared.rfm(orders, monetary, last_buy)
+        p.rfm.recency_days = rfm.recency_days
+        p.rfm.frequency = rfm.frequency
+        p.rfm.monetary = rfm.monetary
+        p.rfm.recency_score = rfm.recency_score
+        p.rfm.frequency_score = rfm.frequency_score
+        p.rfm.monetary_score = rfm.monetary_score
+        p.segment = shared.segment(orders, rfm.recency_days if orders else 0.0)
+        p.price_band = shared.price_band(monetary, units)
+        if code >= 0:
+            c = int(vocab.user_country[code])
+            p.country = vocab.countries[c] if 0 < c < len(vocab.countries) else ""
+        if u in seen.index:
+            p.first_seen.FromSeconds(int(seen.loc[u, "min"]))
+            p.last_seen.FromSeconds(int(seen.loc[u, "max"]))
+        out.append(p)
     return out
 
 
-def build_lists(
+def cutoffs(split: Split, windows: int) -> list[float]:
+    """The ranker's list cut-offs: ``windows`` evenly spaced times in the validation
+    window of a time split, ``[t1, t1 + w, ...]`` with ``w = (t2 - t1) / windows``
+    (each labelled by what customers did from it to ``t2``); one (the validation query
+    time) for other splits."""
+    t1, t2 = query_times(split)
+    if split.kind != "time" or windows <= 1 or t2 <= t1:
+        return [t1]
+    return [t1 + j * (t2 - t1) / windows for j in range(windows)]
+
+
+@dataclass
+class Window:
+    """The customers of one cut-off: their queries (as the replay asks them), profiles,
+    graded labels and purchase truth from what came after."""
+
+    now: float
+    es: EvalSet
+    profiles: list[common_pb2.Profile]
+    labels: sp.csr_matrix  # [U, n_items] strongest event weight on items new to them
+    truth: sp.csr_matrix  # [U, n_items] target events on items new to them
+
+
+def window_at(
     history: pd.DataFrame,
     future: pd.DataFrame,
     vocab: Vocab,
     data: RetailData,
-    encode: Callable[[Any], np.ndarray],
-    item_emb: np.ndarray,
     now: float,
     cfg: RankerConfig,
     require: str,
-) -> RankLists:
-    """Lists of the customers with history before ``now`` and activity after it.
-
-    ``require`` "labels" keeps customers with any next-window event on a new item (fit),
-    "truth" those with target events on new items (evaluation, as the retrieval
-    evaluation counts users)."""
-    enc_h = encode_events(history, vocab)
-    codes, feats = walk_history(enc_h, vocab, now=now)
-    code_ix = pd.Index(codes)
-    n_items = vocab.n_items
-
-    def pairs(u: np.ndarray, i: np.ndarray, v: np.ndarray) -> sp.csr_matrix:
-        r = code_ix.get_indexer(u)
-        keep = r >= 0
-        m = sp.coo_matrix((v[keep], (r[keep], i[keep])), shape=(len(codes), n_items)).tocsr()
-        return m
-
-    exclude = pairs(enc_h["u"].to_numpy(), enc_h["i"].to_numpy(), np.ones(len(enc_h)))
-    exclude.data[:] = 1.0
+    users: np.ndarray | None = None,
+    max_users: int = 0,
+) -> Window:
+    """Customers with history before ``now`` and, after it, any labelled event on a new
+    item (``require="labels"``) or a target event on one (``"truth"``); ``users`` (codes)
+    restricts them."""
+    weights = {**DEFAULT_LABEL_WEIGHTS, **cfg.label_weights}
+    events = tuple(sorted(e for e, w in weights.items() if w > 0))
+    kinds = events if require == "labels" else tuple(data.target_events)
+    es = build_eval_set("window", history, future, vocab, kinds, 0, cfg.seed, now=now)
+    keep = np.arange(len(es))
+    if users is not None:
+        keep = np.flatnonzero(np.isin(es.users, users))
+    if max_users and len(keep) > max_users:
+        keep = np.sort(np.random.default_rng(cfg.seed).choice(keep, max_users, replace=False))
+    es = es.take(keep)
+    idx = pd.Index(es.users)
     fu = vocab.user_codes.get_indexer(future["user_id"]).astype(np.int64)
     fi = future["item_id"].map(vocab.item_row).to_numpy(np.int64)
-    weights = {**DEFAULT_LABEL_WEIGHTS, **cfg.label_weights}
     fw = future["event"].map(weights).fillna(0.0).to_numpy(np.float64)
-    # Strongest event per (user, item): sum of one-hot maxima via a groupby.
+    at = idx.get_indexer(fu)
+    ok = (at >= 0) & (fw > 0)
     g = (
-        pd.DataFrame({"u": fu, "i": fi, "w": fw})
-        .query("u >= 0 and w > 0")
+        pd.DataFrame({"u": at[ok], "i": fi[ok], "w": fw[ok]})
         .groupby(["u", "i"], sort=False)["w"]
         .max()
         .reset_index()
     )
-    labels = pairs(g["u"].to_numpy(), g["i"].to_numpy(), g["w"].to_numpy())
-    labels = (labels - labels.multiply(exclude)).tocsr()
+    shape = (len(es), vocab.n_items)
+    labels = sp.csr_matrix((g["w"].to_numpy(), (g["u"].to_numpy(), g["i"].to_numpy())), shape)
+    labels = (labels - labels.multiply(es.exclude)).tocsr()
     labels.eliminate_zeros()
-    tgt = future["event"].isin(data.target_events).to_numpy()
-    truth = pairs(fu[tgt], fi[tgt], np.ones(int(tgt.sum())))
+    tgt = ok & future["event"].isin(data.target_events).to_numpy()
+    truth = sp.csr_matrix((np.ones(int(tgt.sum())), (at[tgt], fi[tgt])), shape)
+    truth.sum_duplicates()
     truth.data[:] = 1.0
-    truth = (truth - truth.multiply(exclude)).tocsr()
+    truth = (truth - truth.multiply(es.exclude)).tocsr()
     truth.eliminate_zeros()
-    base = truth if require == "truth" else labels
-    keep = np.flatnonzero(np.diff(base.indptr) > 0)
-    if cfg.max_users and len(keep) > cfg.max_users:
-        rng = np.random.default_rng(cfg.seed)
-        keep = np.sort(rng.choice(keep, size=cfg.max_users, replace=False))
-    feats = feats.take(keep)
-    users = [str(x) for x in vocab.user_codes[codes[keep]]]
-    n = min(cfg.candidates, n_items)
-    if len(keep):
-        scores = encode(feats) @ item_emb.T
-        rows = top_k(scores, exclude[keep], n)
-        retr = np.take_along_axis(scores, rows, axis=1).astype(np.float64)
-    else:
-        rows = np.zeros((0, n), dtype=np.int64)
-        retr = np.zeros((0, n))
-    # Rows excluded (history) come out with -inf scores when history covers the catalog.
-    mask = np.isfinite(retr)
-    rows = np.where(mask, rows, -1)
-    retr = np.where(mask, retr, 0.0)
-    lab = labels[keep]
-    lab_dense = np.zeros(rows.shape, dtype=np.float32)
-    for u in range(len(keep)):
-        a, b = lab.indptr[u], lab.indptr[u + 1]
+    users_s = [str(x) for x in vocab.user_codes[es.users]]
+    return Window(now, es, customer_profiles(history, users_s, vocab, now), labels, truth)
+
+
+def build_lists(
+    win: Window,
+    model: RetrievalModel,
+    vocab: Vocab,
+    table: ItemTable,
+    cfg: RankerConfig,
+    replay_cfg: ReplayConfig,
+) -> RankLists:
+    """Each customer's candidate list as served: the replay's Retrieve request
+    (:func:`training.replay.request_of`: both sources, the merge with the bundle's
+    weights) and the Rank request's features computed by the ranking service's own
+    function (:func:`services.ranking.ranker.request_features`) over all the
+    candidates; the list keeps the first ``cfg.candidates`` in the fused order."""
+    from services.ranking.pipeline import merge_candidates
+    from services.ranking.ranker import request_features
+    from services.ranking.table import CandidateArrays
+    from services.retrieval.merge import merge_config
+    from services.retrieval.server import retrieve_response
+    from training.replay import request_of
+
+    merge = replay_cfg.merge or merge_config(model)
+    n_users, n = len(win.es), cfg.candidates
+    rows = np.full((n_users, n), -1, dtype=np.int64)
+    fused = np.zeros((n_users, n))
+    x = np.zeros((n_users, n, N_FEATURES), dtype=np.float32)
+    context = common_pb2.Context(surface=common_pb2.SURFACE_HOME)
+    context.timestamp.FromSeconds(int(win.now))
+    for u in range(n_users):
+        req, _, _ = request_of(win.es, vocab, u, replay_cfg)
+        cands = retrieve_response(model, model.state, req, merge).candidates
+        if not cands:
+            continue
+        cset = merge_candidates(cands)
+        feats = request_features(
+            table, win.profiles[u], context, cset, CandidateArrays.empty(len(cset))
+        )
+        m = min(n, len(cset))
+        rows[u, :m] = [vocab.item_row.get(i, -1) for i in cset.ids[:m]]
+        fused[u, :m] = cset.scores[:m]
+        x[u, :m] = feats[:m]
+    mask = rows >= 0
+    labels = np.zeros(rows.shape, dtype=np.float32)
+    for u in range(n_users):
+        a, b = win.labels.indptr[u], win.labels.indptr[u + 1]
         if a == b:
             continue
-        got = dict(zip(lab.indices[a:b].tolist(), lab.data[a:b].tolist(), strict=True))
-        lab_dense[u] = [got.get(r, 0.0) for r in rows[u].tolist()]
-    queries = user_queries(history, users, vocab, now, feats.cart)
-    table = item_table_at(history, vocab, now, cfg.popularity_days, cfg.trend_days)
-    x = np.zeros((len(keep), n, N_FEATURES), dtype=np.float32)
-    cat_names = [vocab.categories[c] for c in vocab.item_category]
-    for u in range(len(keep)):
-        m = mask[u]
-        r = rows[u][m]
-        cands = CandidateDetails(
-            ids=[vocab.item_ids[i] for i in r.tolist()],
-            scores=retr[u][m],
-            price=vocab.item_price[r].astype(np.float64),
-            stock=np.full(len(r), -1.0),
-            margin=np.zeros(len(r)),
-            category=[cat_names[i] for i in r.tolist()],
+        got = dict(
+            zip(win.labels.indices[a:b].tolist(), win.labels.data[a:b].tolist(), strict=True)
         )
-        x[u, : len(r)] = build_features(queries[u], cands, table)
-    return RankLists(users, rows, retr, x, lab_dense, truth[keep], mask)
+        labels[u] = [got.get(r, 0.0) for r in rows[u].tolist()]
+    users = [str(v) for v in vocab.user_codes[win.es.users]]
+    return RankLists(users, rows, np.where(mask, fused, 0.0), x, labels, win.truth, mask)
 
 
 # --------------------------------------------------------------------------- metrics
@@ -398,7 +494,7 @@ def format_comparison(results: dict[str, dict[str, dict[str, float]]], ks: tuple
     ]
     for window, res in results.items():
         r, m = res["retrieval"], res["ranker"]
-        for name, row in (("retrieval (two-tower)", r), ("ranker", m)):
+        for name, row in (("fused order (rules only)", r), ("ranker", m)):
             lines.append(
                 f"| {window} | {name} | {int(row.get('users', 0))} | "
                 + " | ".join(f"{row.get(c, float('nan')):.4f}" for c in cols)
@@ -465,7 +561,7 @@ def train_ranker(
 
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    net = RankerNet(N_FEATURES, cfg.hidden, start_from="score_z")
+    net = RankerNet(N_FEATURES, cfg.hidden, start_from=cfg.start_from)
     flat = fit.x[fit.mask]
     if len(flat):
         mean = flat.mean(0)
@@ -588,37 +684,29 @@ class RankerResult:
     table: str
     two_tower: dict[str, str]
     smoke: dict[str, Any]
+    # The replayed served list (training/replay.py) per part: "rules" (no ranker),
+    # "ranker" (this one), "champion" (the champion ranker, validation only, when one
+    # could be replayed); validation = the held-out customers.
+    served: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
+    gate: dict[str, Any] = field(default_factory=dict)
+    retrieval: Any = None  # training.pipeline.RegisteredResult when trained in this run
 
 
-def _two_tower(
-    cfg: RankerConfig, data: RetailData, split: Split, vocab: Vocab
-) -> tuple[Callable[[Any], np.ndarray], np.ndarray, dict[str, str]]:
-    """User encoder and item embeddings of the two-tower the candidates come from."""
-    from training.pipeline import query_times, train_rows
-    from training.two_tower import encode_users, select_two_tower
-
-    rc = cfg.retrieval
+def _retrieval_models(
+    cfg: RankerConfig, data: RetailData, split: Split, vocab: Vocab, uri: str
+) -> tuple[dict[str, RetrievalModel], dict[str, str], Any]:
+    """The retrieval versions the lists come from, loaded as the retrieval service loads
+    them: "valid" (fit on train: the fit and validation lists) and "test" (served)."""
     if cfg.two_tower == "train":
-        rows = train_rows(split, vocab, rc)
-        if rows.n_rows == 0:
-            raise ValueError("no training rows: the train split is empty")
-        valid = build_eval_set(
-            "valid",
-            split.train,
-            split.valid,
-            vocab,
-            data.target_events,
-            rc.max_eval_users,
-            rc.seed,
-            now=query_times(split)[0],
-        )
-        net, items, _, _ = select_two_tower(vocab, rows, valid, rc.model)
-        emb = items.all_embeddings(net)
-        return (lambda f: encode_users(net, f)), emb, {"source": "trained in this run"}
+        from training.pipeline import train_and_register
+
+        rc = replace(cfg.retrieval, register=False, replay_served=True, tracking_uri=uri)
+        rr = train_and_register(rc)
+        models = {name: load_for_replay(d, rr.run_id) for name, d in rr.replay_dirs.items()}
+        return models, {"source": "trained in this run", "run_id": rr.run_id}, rr
     if cfg.two_tower == "registry":
         from services.models import TwoTowerBundle, download_bundle
 
-        _, uri = _client(cfg)
         info, local = download_bundle(
             cfg.two_tower_model,
             cfg.two_tower_alias,
@@ -634,22 +722,15 @@ def _two_tower(
                 "label windows would overlap its training data (use --two-tower train, or "
                 "the same data and split options)"
             )
-        if (
-            bundle.item_ids != vocab.item_ids
-            or bundle.vocab != vocab.as_json()
-            or bundle.config.get("features") != vocab.feature_dict()
-        ):
+        if bundle.item_ids != vocab.item_ids or bundle.vocab != vocab.as_json():
             raise ValueError("the registered two-tower's vocabularies differ from this data's")
-        tt_net = bundle.net
-        return (
-            (lambda f: encode_users(tt_net, f)),
-            bundle.item_embeddings,
-            {
-                "source": f"{cfg.two_tower_model}@{cfg.two_tower_alias}",
-                "version": info.version,
-                "run_id": info.run_id,
-            },
-        )
+        model = load_for_replay(local, info.run_id)
+        tt = {
+            "source": f"{cfg.two_tower_model}@{cfg.two_tower_alias}",
+            "version": info.version,
+            "run_id": info.run_id,
+        }
+        return {"valid": model, "test": model}, tt, None
     raise ValueError(f"two_tower must be 'train' or 'registry', not {cfg.two_tower!r}")
 
 
@@ -657,6 +738,41 @@ def _client(cfg: RankerConfig) -> tuple[Any, str]:
     from training import registry
 
     return registry.client_for(cfg.tracking_uri or cfg.retrieval.tracking_uri or None)
+
+
+def _concat(parts: list[RankLists]) -> RankLists:
+    return RankLists(
+        users=[u for p in parts for u in p.users],
+        rows=np.concatenate([p.rows for p in parts]),
+        retrieval=np.concatenate([p.retrieval for p in parts]),
+        x=np.concatenate([p.x for p in parts]),
+        labels=np.concatenate([p.labels for p in parts]),
+        truth=sp.vstack([p.truth for p in parts]).tocsr(),
+        mask=np.concatenate([p.mask for p in parts]),
+    )
+
+
+def _champion_scorer(cfg: RankerConfig, uri: str, signature: str) -> tuple[str, Any, str]:
+    """(version, scorer or None, why not) of the current champion ranker."""
+    from services.models.registry import download_bundle
+    from services.ranking.ranker import RankerScorer
+    from training import registry
+
+    client, _ = registry.client_for(uri)
+    try:
+        mv = client.get_model_version_by_alias(cfg.model_name, "champion")
+    except Exception:  # no registered model or no champion yet
+        return "", None, "no champion"
+    version = str(mv.version)
+    if mv.tags.get("split_signature", "") != signature:
+        return version, None, "the champion was trained on another split"
+    try:
+        info, local = download_bundle(
+            cfg.model_name, "champion", uri, Path(tempfile.mkdtemp(prefix="mercato-rk-"))
+        )
+        return version, RankerScorer(RankerBundle.load(local), info), ""
+    except RankerBundleError as e:  # other features: the service cannot serve it either
+        return version, None, f"the champion cannot be loaded by this code: {e}"
 
 
 def train_and_register_ranker(cfg: RankerConfig) -> RankerResult:
@@ -667,39 +783,64 @@ def train_and_register_ranker(cfg: RankerConfig) -> RankerResult:
     torch.manual_seed(cfg.seed)
     from mlflow.entities import Metric, Param
 
+    from services.models.registry import ModelVersionInfo
+    from services.ranking.ranker import RankerScorer
     from training import registry
+    from training.pipeline import _eval_sets
 
     if cfg.early_stop_k > cfg.candidates or max(cfg.ks) > cfg.candidates:
         raise ValueError("candidates must be at least the largest K evaluated")
     rc = cfg.retrieval
+    client, tracking_uri = _client(cfg)
     data = load_data(rc)
     split = make_split(data, rc)
     if split.kind != "time":
-        print(f"note: {split.kind} split: windows are per-customer sessions, not time")
+        print(f"note: {split.kind} split: one cut-off, windows are per-customer, not time")
     vocab = build_vocab(data, rc.features)
-    encode, item_emb, tt_info = _two_tower(cfg, data, split, vocab)
-
-    def cutoff(frame: pd.DataFrame) -> float:
-        return float(frame["ts"].max()) if len(frame) else 0.0
-
-    t1 = float(split.params.get("t1", cutoff(split.train)))
-    t2 = float(split.params.get("t2", cutoff(pd.concat([split.train, split.valid]))))
-    hist_test = pd.concat([split.train, split.valid], ignore_index=True)
-    lists = build_lists(
-        split.train, split.valid, vocab, data, encode, item_emb, t1, cfg, require="labels"
+    models, tt_info, retrieval_result = _retrieval_models(cfg, data, split, vocab, tracking_uri)
+    valid_es, test_es, _, hist_test = _eval_sets(
+        replace(rc, evaluate_test=True), data, split, vocab
     )
-    test = build_lists(
-        hist_test, split.test, vocab, data, encode, item_emb, t2, cfg, require="truth"
-    )
+    t_valid, t_test = query_times(split)
+    # Held-out customers: a seeded share of the validation customers, in no fit list of
+    # any window; early stopping and the promotion gate's replay use them only.
     rng = np.random.default_rng(cfg.seed)
-    perm = rng.permutation(len(lists))
-    n_valid = round(len(lists) * cfg.valid_user_frac)
-    valid = lists.take(np.sort(perm[:n_valid]))
-    fit = lists.take(np.sort(perm[n_valid:]))
+    n_held = max(1, round(len(valid_es) * cfg.valid_user_frac))
+    held = np.sort(rng.choice(valid_es.users, size=min(n_held, len(valid_es)), replace=False))
+    rcfg = cfg.replay
+    log = print if cfg.progress else None
+
+    def history_before(c: float) -> tuple[pd.DataFrame, pd.DataFrame]:
+        if split.kind != "time" or c <= t_valid:
+            return split.train, split.valid
+        v = split.valid
+        early = v["ts"].to_numpy() < c
+        return pd.concat([split.train, v[early]], ignore_index=True), v[~early]
+
+    t_lists = time.perf_counter()
+    fit_parts = []
+    not_held = np.setdiff1d(np.arange(len(vocab.user_codes)), held)
+    for c in cutoffs(split, cfg.windows):
+        h, f = history_before(c)
+        win = window_at(h, f, vocab, data, c, cfg, "labels", not_held, cfg.max_users)
+        items_c = item_table_at(h, vocab, c, cfg.popularity_days, cfg.trend_days)
+        fit_parts.append(build_lists(win, models["valid"], vocab, items_c, cfg, rcfg))
+        if log:
+            log(
+                f"ranker lists at cut-off {time.strftime('%Y-%m-%d %H:%M', time.gmtime(c))}: "
+                f"{len(win.es)} customers"
+            )
+    fit = _concat(fit_parts)
+    held_win = window_at(split.train, split.valid, vocab, data, t_valid, cfg, "truth", held)
+    table_valid = item_table_at(split.train, vocab, t_valid, cfg.popularity_days, cfg.trend_days)
+    valid = build_lists(held_win, models["valid"], vocab, table_valid, cfg, rcfg)
+    table_test = item_table_at(hist_test, vocab, t_test, cfg.popularity_days, cfg.trend_days)
+    if test_es is None:
+        raise ValueError("no test part")
+    list_seconds = time.perf_counter() - t_lists
     if len(fit) == 0 or not (np.diff(valid.truth.indptr) > 0).any():
         raise ValueError("too little data: no fit lists or no validation customers with truth")
 
-    client, tracking_uri = _client(cfg)
     exp_id = registry.ensure_experiment(
         client, cfg.experiment, tracking_uri, cfg.artifact_root or None
     )
@@ -725,7 +866,8 @@ def train_and_register_ranker(cfg: RankerConfig) -> RankerResult:
             {
                 "fit_lists": len(fit),
                 "valid_lists": len(valid),
-                "test_lists": len(test),
+                "test_customers": len(test_es),
+                "cutoffs": json.dumps(cutoffs(split, cfg.windows)),
                 "features": ",".join(FEATURES),
             }
         )
@@ -741,41 +883,17 @@ def train_and_register_ranker(cfg: RankerConfig) -> RankerResult:
 
         net, hist = train_ranker(fit, valid, cfg, on_epoch=on_epoch)
         ks = tuple(sorted({cfg.early_stop_k, *cfg.ks}))
-        results: dict[str, dict[str, dict[str, float]]] = {}
-        for name, ls in (("valid", valid), ("test", test)):
-            results[name] = {
-                "retrieval": rerank_metrics(ls.rows, ls.retrieval, ls.truth, ks),
-                "ranker": rerank_metrics(ls.rows, _net_scores(net, ls.x), ls.truth, ks),
+        # Validation: the held-out customers' lists, fused order vs ranker; test: the
+        # served list replayed (below), rules-only vs with the ranker.
+        results: dict[str, dict[str, dict[str, float]]] = {
+            "valid": {
+                "retrieval": rerank_metrics(valid.rows, valid.retrieval, valid.truth, ks),
+                "ranker": rerank_metrics(valid.rows, _net_scores(net, valid.x), valid.truth, ks),
             }
-        table = format_comparison(results, ks)
-        final: list[Metric] = []
-        ts = int(time.time() * 1000)
-        for window, res in results.items():
-            for order, m in res.items():
-                prefix = window if order == "ranker" else f"{window}_{order}"
-                final += [Metric(f"{prefix}_{k.replace('@', '_')}", v, ts, 0) for k, v in m.items()]
-        for window, res in results.items():
-            base_ndcg = res["retrieval"].get("ndcg@10", 0.0)
-            if base_ndcg > 0:
-                gain = res["ranker"].get("ndcg@10", 0.0) / base_ndcg - 1.0
-                final.append(Metric(f"{window}_ndcg_10_relative_gain", gain, ts, 0))
-        final += [
-            Metric("best_epoch", float(hist.best_epoch), ts, 0),
-            Metric("train_seconds", hist.seconds, ts, 0),
-        ]
-        client.log_batch(run_id, metrics=final)
-
-        report = {
-            "metrics": results,
-            "history": hist.epochs,
-            "best_epoch": hist.best_epoch,
-            "lists": {"fit": len(fit), "valid": len(valid), "test": len(test)},
-            "split": {"kind": split.kind, "signature": split.signature(), **split.params},
-            "two_tower": tt_info,
         }
-        now = cutoff(data.events)
+        now = float(data.events["ts"].max()) if len(data.events) else 0.0
         table_now = item_table_at(data.events, vocab, now, cfg.popularity_days, cfg.trend_days)
-        smoke_x = test.x[test.mask][: cfg.smoke_rows]
+        smoke_x = valid.x[valid.mask][: cfg.smoke_rows]
         if len(smoke_x) == 0:
             smoke_x = fit.x[fit.mask][: cfg.smoke_rows]
         smoke = {
@@ -789,6 +907,7 @@ def train_and_register_ranker(cfg: RankerConfig) -> RankerResult:
             "hidden": list(cfg.hidden),
             "loss": cfg.loss,
             "candidates": cfg.candidates,
+            "windows": cfg.windows,
             "label_weights": cfg.label_weights,
             "popularity_days": cfg.popularity_days,
             "trend_days": cfg.trend_days,
@@ -798,6 +917,108 @@ def train_and_register_ranker(cfg: RankerConfig) -> RankerResult:
             "two_tower": tt_info,
             "run_id": run_id,
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        # The served list with this ranker, replayed through the serving code. The
+        # validation replay ranks with the bundle's network over the item table as of
+        # the validation cut-off (what its lists were fit on); test with the bundle as
+        # shipped. The gate's baseline: the champion ranker on the same customers, else
+        # the rules-only served list ("retrieval order").
+        t_replay = time.perf_counter()
+        served: dict[str, dict[str, dict[str, float]]] = {"valid": {}, "test": {}}
+        held_es = held_win.es
+        champion_version, champion, why = _champion_scorer(cfg, tracking_uri, split.signature())
+        info = ModelVersionInfo(name=cfg.model_name, version="candidate", alias="", run_id=run_id)
+        valid_ranker = RankerScorer(RankerBundle(config, net, table_valid), info)
+        test_ranker = RankerScorer(RankerBundle(config, net, table_test), info)
+        orders: dict[str, dict[str, Any]] = {
+            "valid": {"rules": None, "ranker": valid_ranker, "champion": champion},
+            "test": {"rules": None, "ranker": test_ranker},
+        }
+        rules_test = retrieval_result.metrics["test"].get("served") if retrieval_result else None
+        if rules_test is not None:
+            # The retrieval run replayed the same bundle and customers rules-only already
+            # (the full profile changes no rule outcome: its purchases and cart are in the
+            # history, excluded anyway).
+            served["test"]["rules"] = {k: v for k, v in rules_test.items() if k != "train_seconds"}
+            del orders["test"]["rules"]
+        wins: dict[str, tuple[EvalSet, Window | None, float]] = {
+            "valid": (held_es, held_win, t_valid),
+            "test": (test_es, None, t_test),
+        }
+        for part, scorers in orders.items():
+            es, part_win, t = wins[part]
+            profiles = part_win.profiles if part_win is not None else None
+            if profiles is None:
+                users_s = [str(x) for x in vocab.user_codes[es.users]]
+                profiles = customer_profiles(hist_test, users_s, vocab, t)
+            for order, scorer in scorers.items():
+                if order == "champion" and scorer is None:
+                    continue
+                served[part][order] = replay(
+                    models[part],
+                    es,
+                    vocab,
+                    rcfg,
+                    rc.ks,
+                    (lambda _a, s=scorer: s) if scorer is not None else no_ranker,
+                    profiles=profiles,
+                    now=t,
+                ).metrics
+        replay_seconds = time.perf_counter() - t_replay
+        results["test"] = {"retrieval": served["test"]["rules"], "ranker": served["test"]["ranker"]}
+        table = format_comparison(results, ks)
+        key = f"ndcg@{cfg.early_stop_k}"
+        base_order = "champion" if "champion" in served["valid"] else "rules"
+        gate: dict[str, Any] = {
+            "metric": f"valid_served_ndcg_{cfg.early_stop_k}",
+            "value": served["valid"]["ranker"].get(key, 0.0),
+            "baseline": base_order,
+            "baseline_value": served["valid"][base_order].get(key, 0.0),
+            "champion_version": champion_version,
+            "champion_note": why,
+            "customers": len(held_es),
+        }
+        final: list[Metric] = []
+        ts = int(time.time() * 1000)
+        for window, res in results.items():
+            for order, m in res.items():
+                prefix = window if order == "ranker" else f"{window}_{order}"
+                final += [Metric(f"{prefix}_{k.replace('@', '_')}", v, ts, 0) for k, v in m.items()]
+        for part, per in served.items():
+            for order, m in per.items():
+                suffix = "" if order == "ranker" else f"_{order}"
+                final += [
+                    Metric(f"{part}_served{suffix}_{k.replace('@', '_')}", float(v), ts, 0)
+                    for k, v in m.items()
+                ]
+        for window, res in results.items():
+            base_ndcg = res["retrieval"].get("ndcg@10", 0.0)
+            if base_ndcg > 0:
+                gain = res["ranker"].get("ndcg@10", 0.0) / base_ndcg - 1.0
+                final.append(Metric(f"{window}_ndcg_10_relative_gain", gain, ts, 0))
+        final += [
+            Metric(GATE_BASELINE_METRIC, float(gate["baseline_value"]), ts, 0),
+            Metric("best_epoch", float(hist.best_epoch), ts, 0),
+            Metric("train_seconds", hist.seconds, ts, 0),
+            Metric("list_seconds", list_seconds, ts, 0),
+            Metric("replay_seconds", replay_seconds, ts, 0),
+        ]
+        client.log_batch(run_id, metrics=final)
+        client.set_tag(run_id, GATE_CHAMPION_TAG, champion_version)
+        client.set_tag(run_id, "gate_baseline", base_order)
+        table += "\n\n" + format_served(served, rc.ks)
+
+        report = {
+            "metrics": results,
+            "served": served,
+            "gate": gate,
+            "history": hist.epochs,
+            "best_epoch": hist.best_epoch,
+            "lists": {"fit": len(fit), "valid": len(valid), "test_customers": len(test_es)},
+            "cutoffs": cutoffs(split, cfg.windows),
+            "split": {"kind": split.kind, "signature": split.signature(), **split.params},
+            "two_tower": tt_info,
+            "seconds": {"lists": list_seconds, "train": hist.seconds, "replay": replay_seconds},
         }
         bundle = RankerBundle(config, net, table_now, smoke=smoke, eval_report=report)
         out = Path(tempfile.mkdtemp(prefix="mercato-ranker-"))
@@ -811,7 +1032,6 @@ def train_and_register_ranker(cfg: RankerConfig) -> RankerResult:
         curve_plot(hist, f"ndcg_{cfg.early_stop_k}", eval_dir / "curve.png")
         client.log_artifacts(run_id, str(eval_dir), "eval")
         if cfg.register:
-            gate = results["valid"]["ranker"].get(f"ndcg@{cfg.early_stop_k}", 0.0)
             mv = registry.register_bundle(
                 client,
                 run_id,
@@ -820,7 +1040,7 @@ def train_and_register_ranker(cfg: RankerConfig) -> RankerResult:
                 tags={
                     "split_signature": split.signature(),
                     "dataset": data.name,
-                    GATE_METRIC: f"{gate:.6f}",
+                    GATE_METRIC: f"{gate['value']:.6f}",
                 },
                 description="Mercato ranker: MLP over request features (bundle: network, "
                 "normalisation, item table, smoke scores).",
@@ -843,4 +1063,71 @@ def train_and_register_ranker(cfg: RankerConfig) -> RankerResult:
         table=table,
         two_tower=tt_info,
         smoke=smoke,
+        served=served,
+        gate=gate,
+        retrieval=retrieval_result,
     )
+
+
+def format_served(served: dict[str, dict[str, dict[str, float]]], ks: tuple[int, ...]) -> str:
+    """Markdown: the replayed served list per part and order, and the ranker's change
+    over the rules-only list."""
+    cols = [f"{m}@{k}" for k in ks if k <= 20 for m in ("ndcg", "recall")]
+    lines = [
+        "| part | served list | users | " + " | ".join(cols) + " |",
+        "|---" * (len(cols) + 3) + "|",
+    ]
+    names = {"rules": "rules only (fused order)", "ranker": "ranker", "champion": "champion"}
+    for part, per in served.items():
+        for order, m in per.items():
+            lines.append(
+                f"| {part} | {names.get(order, order)} | {int(m.get('users', 0))} | "
+                + " | ".join(f"{m.get(c, float('nan')):.4f}" for c in cols)
+                + " |"
+            )
+        r, m = per.get("rules", {}), per.get("ranker", {})
+        change = [
+            f"{(m.get(c, 0.0) / r[c] - 1) * 100:+.1f} %" if r.get(c, 0.0) > 0 else "n/a"
+            for c in cols
+        ]
+        lines.append(f"| {part} | ranker vs rules | | " + " | ".join(change) + " |")
+    return "\n".join(lines)
+
+
+def replay_gate(
+    client: Any, cand: Any, current: Any
+) -> tuple[bool, str, float | None, float | None]:
+    """The ranker's promotion gate (``mercato promote --model ranker``): the candidate's
+    replayed served list on the held-out validation customers
+    (``valid_served_ndcg_10``) must not be below the baseline its training run replayed
+    on the same customers: the champion ranker it names (``gate_champion_version``),
+    else the rules-only list. A champion that moved since then is not the one compared:
+    refused (train again, or --force). Returns (ok, reason, candidate, baseline)."""
+    run = client.get_run(cand.run_id or "")
+    m, tags = run.data.metrics, run.data.tags
+    c_val = m.get(GATE_METRIC_SERVED)
+    if c_val is None:
+        return (
+            False,
+            f"candidate run has no {GATE_METRIC_SERVED} (no served-list replay)",
+            None,
+            None,
+        )
+    compared = tags.get(GATE_CHAMPION_TAG, "")
+    cur = str(current.version) if current is not None else ""
+    if compared != cur:
+        return (
+            False,
+            f"its replay was compared with champion {compared or '(none)'}, the champion is "
+            f"now {cur or '(none)'}: train it again to compare (or --force)",
+            c_val,
+            None,
+        )
+    base = m.get(GATE_BASELINE_METRIC)
+    what = tags.get("gate_baseline", "rules")
+    if base is None:
+        return False, f"candidate run has no {GATE_BASELINE_METRIC}", c_val, None
+    label = f"champion v{cur}" if what == "champion" else "the rules-only served list"
+    if c_val < base:
+        return False, f"replayed {GATE_METRIC_SERVED} {c_val:.5f} < {label} {base:.5f}", c_val, base
+    return True, f"replayed {GATE_METRIC_SERVED} {c_val:.5f} >= {label} {base:.5f}", c_val, base

@@ -8,6 +8,7 @@ as its run id, so ``services.models.download_bundle`` can fetch it by alias.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -101,6 +102,14 @@ def register_bundle(
     return mv
 
 
+#: A promotion gate: (client, candidate version, current holder or None) -> (ok, reason,
+#: candidate value, baseline value).
+Gate = Callable[
+    [MlflowClient, ModelVersion, ModelVersion | None],
+    tuple[bool, str, float | None, float | None],
+]
+
+
 @dataclass
 class PromotionResult:
     promoted: bool
@@ -142,10 +151,13 @@ def promote(
     metric: str = DEFAULT_GATE_METRIC,
     version: str | None = None,
     force: bool = False,
+    gate: Gate | None = None,
 ) -> PromotionResult:
     """Point ``to_alias`` at the candidate (``version`` or ``from_alias``) when its
     ``metric`` (a validation metric of its run, higher is better) is not worse than the
-    current holder's on the same split. Raises PromotionRefused otherwise, unless
+    current holder's on the same split, or, with ``gate``, when ``gate(client,
+    candidate, current holder or None)`` says so (the ranker's replay gate,
+    :func:`training.ranker.replay_gate`). Raises PromotionRefused otherwise, unless
     ``force``. Raises LookupError when there is no candidate."""
     client, _ = client_for(tracking_uri)
     if version is not None:
@@ -169,6 +181,8 @@ def promote(
     ok, reason = True, f"no {to_alias} yet"
     if current is not None and str(current.version) == str(cand.version):
         ok, reason = True, f"version {cand.version} already holds {to_alias}"
+    elif gate is not None:
+        ok, reason, base["candidate_value"], base["champion_value"] = gate(client, cand, current)
     elif current is not None:
         h_val, h_split = _run_facts(client, current.run_id or "", metric)
         base["champion_value"] = h_val

@@ -21,7 +21,7 @@ replay equals the answers of the running retrieval and ranking services.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -95,14 +95,27 @@ def served_list(
     req: retrieval_pb2.RetrieveRequest,
     k: int,
     merge: MergeConfig | None = None,
+    rank_profile: common_pb2.Profile | None = None,
+    now: float | None = None,
 ) -> list[str]:
-    """What the services answer for one request: Retrieve, then Rank its candidates."""
+    """What the services answer for one request: Retrieve, then Rank its candidates
+    (with ``rank_profile``, the customer's whole profile, and the request time ``now``
+    when given: what the ranker's customer features read)."""
     merge = merge or merge_config(model)
     cands = retrieve_response(model, model.state, req, merge).candidates
     if not cands:
         return []
+    context = common_pb2.Context()
+    context.CopyFrom(req.context)
+    if now is not None:
+        context.timestamp.FromSeconds(int(now))
     ranked = pipeline.rank(
-        ranking_pb2.RankRequest(profile=req.profile, context=req.context, candidates=cands, k=k)
+        ranking_pb2.RankRequest(
+            profile=rank_profile if rank_profile is not None else req.profile,
+            context=context,
+            candidates=cands,
+            k=k,
+        )
     )
     return [it.item_id for it in ranked.items]
 
@@ -138,15 +151,23 @@ def replay(
     ks: tuple[int, ...],
     scorers: ScorerProvider = no_ranker,
     progress: Callable[[str], None] | None = None,
+    profiles: Sequence[common_pb2.Profile] | None = None,
+    now: float | None = None,
 ) -> ReplayResult:
-    """Replay every query of ``es`` through the serving code; metrics of the lists."""
+    """Replay every query of ``es`` through the serving code; metrics of the lists.
+
+    ``profiles`` (one per query) are the customers' whole profiles as the profile service
+    would send them (``training.ranker.customer_profiles``) and ``now`` the query time:
+    Rank gets them, so a ranker sees the customer features it was trained on; without
+    them Rank gets the retrieval request's profile (history, segment, band, country)."""
     pipeline = RankPipeline(RulesConfig.load(cfg.rules_file or None), scorers=scorers)
     t0 = time.perf_counter()
     lists: list[list[str]] = []
     rows: list[np.ndarray] = []
     for i in range(len(es)):
         req, _, _ = request_of(es, vocab, i, cfg)
-        got = served_list(model, pipeline, req, cfg.k, cfg.merge)
+        rank_profile = profiles[i] if profiles is not None else None
+        got = served_list(model, pipeline, req, cfg.k, cfg.merge, rank_profile, now)
         lists.append(got)
         rows.append(np.array([vocab.item_row[x] for x in got if x in vocab.item_row], np.int64))
         if progress and (i + 1) % 1000 == 0:

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +50,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
+from mercato.features import PRICE_BANDS, SEGMENTS
 from services.models.manifest import verify_manifest, write_manifest
 
 if TYPE_CHECKING:  # torch is imported only when training code asks for the network
@@ -58,6 +60,9 @@ FORMAT_VERSION = 1
 MODEL_TYPE = "ranker"
 MODEL_NAME = "mercato-ranker"
 SURFACE_FEATURES = ("home", "product", "cart", "checkout", "buy_again", "email")
+#: mercato.features.SEGMENTS / PRICE_BANDS without the unknown "" (all zeros then).
+CUSTOMER_SEGMENTS = tuple(s for s in SEGMENTS if s)
+CUSTOMER_PRICE_BANDS = tuple(b for b in PRICE_BANDS if b)
 FEATURES: tuple[str, ...] = (
     "retrieval_score",
     "score_gap",
@@ -85,6 +90,31 @@ FEATURES: tuple[str, ...] = (
     "margin_rate",
     "margin_known",
     *(f"surface_{s}" for s in SURFACE_FEATURES),
+    # The customer (#13): segment and price band (mercato.features' names), RFM, tenure,
+    # history length.
+    *(f"segment_{s}" for s in CUSTOMER_SEGMENTS),
+    *(f"price_band_{b}" for b in CUSTOMER_PRICE_BANDS),
+    "log_recency_days",
+    "bought_before",
+    "log_frequency",
+    "log_monetary",
+    "log_tenure_days",
+    "tenure_known",
+    "log_history_len",
+    # Collaboration: the item-to-item source's score against the customer's history and
+    # cart (Candidate.source_scores), its rank among the candidates it scored, and the
+    # rank of the fused (merged) score retrieval sent.
+    "item2item_score",
+    "item2item_known",
+    "item2item_log_rank",
+    "fused_log_rank",
+    # The item's age (since its first interaction in the training data) and the time.
+    "log_item_age_days",
+    "item_age_known",
+    "hour_sin",
+    "hour_cos",
+    "weekday_sin",
+    "weekday_cos",
 )
 N_FEATURES = len(FEATURES)
 _F = {name: i for i, name in enumerate(FEATURES)}
@@ -119,6 +149,13 @@ class RankerQuery:
     anchor: str = ""
     category_affinity: dict[str, float] = field(default_factory=dict)
     mean_unit_price: float = 0.0  # 0 = unknown (never bought)
+    segment: str = ""  # mercato.features.SEGMENTS ("" = unknown)
+    price_band: str = ""  # mercato.features.PRICE_BANDS ("" = unknown)
+    recency_days: float = -1.0  # days since the last purchase, -1 = never bought
+    frequency: int = 0  # distinct orders
+    monetary: float = 0.0  # total paid
+    first_seen: float = 0.0  # the customer's first event, epoch seconds (0 = unknown)
+    history_len: int = 0  # items in the customer's recent history (bounded, as served)
 
 
 @dataclass
@@ -131,6 +168,10 @@ class CandidateDetails:
     stock: np.ndarray  # -1 = unknown
     margin: np.ndarray  # 0 = unknown
     category: list[str]  # "" = unknown
+    # The candidates' fused (merged) retrieval scores, and item-to-item's score of each
+    # (NaN where it gave none). None: not sent (the retrieval score ranks, no item-to-item).
+    fused: np.ndarray | None = None
+    item2item: np.ndarray | None = None
 
 
 @dataclass
@@ -144,9 +185,13 @@ class ItemTable:
     trend: np.ndarray  # log((recent rate + 1) / (longer-window rate + 1))
     # P(next category b | category a) within sessions, a != b: {a: {b: p}}
     transitions: dict[str, dict[str, float]] = field(default_factory=dict)
+    # First interaction of each item before the cutoff, epoch seconds (0 = none / unknown).
+    first_seen: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.row = {iid: i for i, iid in enumerate(self.item_ids)}
+        if self.first_seen is None:
+            self.first_seen = np.zeros(len(self.item_ids))
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -155,6 +200,7 @@ class ItemTable:
             "price": [float(x) for x in self.price],
             "popularity": [round(float(x), 6) for x in self.popularity],
             "trend": [round(float(x), 6) for x in self.trend],
+            "first_seen": [float(x) for x in self.first_seen],  # type: ignore[union-attr]
             "transitions": {
                 a: {b: round(float(p), 6) for b, p in row.items()}
                 for a, row in self.transitions.items()
@@ -164,8 +210,8 @@ class ItemTable:
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> ItemTable:
         n = len(d["item_ids"])
-        for key in ("category", "price", "popularity", "trend"):
-            if len(d[key]) != n:
+        for key in ("category", "price", "popularity", "trend", "first_seen"):
+            if key in d and len(d[key]) != n:
                 raise RankerBundleError(f"items.json: {key!r} has {len(d[key])} rows, not {n}")
         return cls(
             item_ids=[str(x) for x in d["item_ids"]],
@@ -173,6 +219,7 @@ class ItemTable:
             price=np.asarray(d["price"], dtype=np.float64),
             popularity=np.asarray(d["popularity"], dtype=np.float64),
             trend=np.asarray(d["trend"], dtype=np.float64),
+            first_seen=np.asarray(d.get("first_seen", np.zeros(n)), dtype=np.float64),
             transitions={
                 str(a): {str(b): float(p) for b, p in row.items()}
                 for a, row in d.get("transitions", {}).items()
@@ -298,7 +345,81 @@ def build_features(query: RankerQuery, cands: CandidateDetails, table: ItemTable
     x[:, _F["margin_known"]] = has_margin
     if query.surface in SURFACE_FEATURES:
         x[:, _F[f"surface_{query.surface}"]] = 1.0
+    _customer_features(x, query)
+    _collaboration_features(x, cands, rows, known, table, query.now)
     return x.astype(np.float32)
+
+
+def _log_rank(values: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """log1p of each valid value's rank (0 = highest, ties in list order) among the valid
+    ones; invalid ones get log1p(number of candidates)."""
+    n = len(values)
+    out = np.full(n, math.log1p(n))
+    idx = np.flatnonzero(valid)
+    if len(idx):
+        order = idx[np.argsort(-values[idx], kind="stable")]
+        out[order] = np.log1p(np.arange(len(order)))
+    return out
+
+
+def _customer_features(x: np.ndarray, q: RankerQuery) -> None:
+    """Segment, price band, RFM, tenure, history length and time of the request: one
+    value per request, the same on every row."""
+    if q.segment in CUSTOMER_SEGMENTS:
+        x[:, _F[f"segment_{q.segment}"]] = 1.0
+    if q.price_band in CUSTOMER_PRICE_BANDS:
+        x[:, _F[f"price_band_{q.price_band}"]] = 1.0
+    bought = q.frequency > 0 and q.recency_days >= 0
+    x[:, _F["bought_before"]] = bought
+    x[:, _F["log_recency_days"]] = math.log1p(
+        min(q.recency_days, NEVER_HOURS / 24) if bought else NEVER_HOURS / 24
+    )
+    x[:, _F["log_frequency"]] = math.log1p(max(q.frequency, 0))
+    x[:, _F["log_monetary"]] = (
+        math.log1p(max(q.monetary, 0.0)) if math.isfinite(q.monetary) else 0.0
+    )
+    if q.first_seen > 0:
+        tenure = max(0.0, (q.now - q.first_seen) / 86_400.0)
+        x[:, _F["log_tenure_days"]] = math.log1p(min(tenure, NEVER_HOURS / 24))
+        x[:, _F["tenure_known"]] = 1.0
+    x[:, _F["log_history_len"]] = math.log1p(max(q.history_len, 0))
+    t = time.gmtime(q.now) if math.isfinite(q.now) and q.now > 0 else None
+    if t is not None:
+        hour = (t.tm_hour + t.tm_min / 60.0) / 24.0 * 2 * math.pi
+        day = t.tm_wday / 7.0 * 2 * math.pi
+        x[:, _F["hour_sin"]], x[:, _F["hour_cos"]] = math.sin(hour), math.cos(hour)
+        x[:, _F["weekday_sin"]], x[:, _F["weekday_cos"]] = math.sin(day), math.cos(day)
+
+
+def _collaboration_features(
+    x: np.ndarray,
+    cands: CandidateDetails,
+    rows: np.ndarray,
+    known: np.ndarray,
+    table: ItemTable,
+    now: float,
+) -> None:
+    """Item-to-item's score and rank, the fused score's rank, the item's age."""
+    n = len(cands.ids)
+    if cands.item2item is not None:
+        s = np.asarray(cands.item2item, dtype=np.float64)
+        has = np.isfinite(s)
+        x[has, _F["item2item_score"]] = s[has]
+        x[:, _F["item2item_known"]] = has
+        x[:, _F["item2item_log_rank"]] = _log_rank(s, has)
+    else:
+        x[:, _F["item2item_log_rank"]] = math.log1p(n)
+    fused = cands.fused if cands.fused is not None else cands.scores
+    f = np.asarray(fused, dtype=np.float64)
+    x[:, _F["fused_log_rank"]] = _log_rank(f, np.isfinite(f))
+    first = table.first_seen
+    if first is not None:
+        seen = np.zeros(n)
+        seen[known] = first[rows[known]]
+        has_age = seen > 0
+        age = np.maximum(0.0, (now - seen[has_age]) / 86_400.0)
+        x[has_age, _F["log_item_age_days"]] = np.log1p(np.minimum(age, NEVER_HOURS / 24))
+        x[:, _F["item_age_known"]] = has_age
 
 
 # --------------------------------------------------------------------------- network

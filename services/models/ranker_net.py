@@ -21,9 +21,10 @@ from services.models.ranker import FEATURES
 class RankerNet(nn.Module):
     """Wide & deep scorer over standardised features: ``wide(z) + mlp(z)``.
 
-    With ``start_from`` (a feature name) the wide part starts as that feature alone and
-    the MLP's output layer starts at zero, so the untrained model ranks exactly by that
-    feature (training starts from the retrieval order, not from noise)."""
+    With ``start_from`` (a feature name, "-name" for its negative) the wide part starts
+    as that feature alone and the MLP's output layer starts at zero, so the untrained
+    model ranks exactly by that feature (training starts from the retrieval order, not
+    from noise)."""
 
     mean: torch.Tensor
     std: torch.Tensor
@@ -55,7 +56,8 @@ class RankerNet(nn.Module):
                 nn.init.zeros_(out.bias)
                 nn.init.zeros_(self.wide.weight)
                 nn.init.zeros_(self.wide.bias)
-                self.wide.weight[0, FEATURES.index(start_from)] = 1.0
+                sign = -1.0 if start_from.startswith("-") else 1.0
+                self.wide.weight[0, FEATURES.index(start_from.lstrip("-"))] = sign
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` [..., F] raw features -> scores [...]."""

@@ -23,7 +23,14 @@ import numpy as np
 
 from mercato.v1 import common_pb2
 from services.common.tasks import cancel_tasks
-from services.models.ranker import CandidateDetails, RankerBundle, RankerBundleError, RankerQuery
+from services.models.ranker import (
+    CandidateDetails,
+    ItemTable,
+    RankerBundle,
+    RankerBundleError,
+    RankerQuery,
+    build_features,
+)
 from services.models.registry import ModelVersionInfo
 from services.models.watcher import ModelRejected, ModelWatcher
 from services.ranking.rules import SURFACE_NAMES, CandidateSet
@@ -49,6 +56,8 @@ def ranker_query(profile: common_pb2.Profile, context: common_pb2.Context) -> Ra
     units = sum(max(p.quantity, 0) for p in profile.purchases)
     monetary = profile.rfm.monetary
     mean_price = monetary / units if units > 0 and monetary > 0 else 0.0
+    rfm = profile.rfm
+    bought = rfm.frequency > 0 and rfm.recency_days >= 0
     return RankerQuery(
         now=now,
         surface=SURFACE_NAMES.get(context.surface, ""),
@@ -57,6 +66,13 @@ def ranker_query(profile: common_pb2.Profile, context: common_pb2.Context) -> Ra
         anchor=context.anchor_item_id,
         category_affinity=dict(profile.category_affinity),
         mean_unit_price=mean_price,
+        segment=profile.segment,
+        price_band=profile.price_band,
+        recency_days=float(rfm.recency_days) if bought else -1.0,
+        frequency=int(rfm.frequency),
+        monetary=float(rfm.monetary),
+        first_seen=_ts(profile.first_seen) if profile.HasField("first_seen") else 0.0,
+        history_len=len(profile.recent_items),
     )
 
 
@@ -75,6 +91,7 @@ def retrieval_scores(candidates: CandidateSet) -> np.ndarray:
 def candidate_details(candidates: CandidateSet, items: CandidateArrays) -> CandidateDetails:
     """Candidate arrays from the item table's rows; a candidate without details has
     unknown price, stock, margin."""
+    i2i = candidates.source_scores.get(int(common_pb2.REASON_SIMILAR))
     return CandidateDetails(
         ids=list(candidates.ids),
         scores=retrieval_scores(candidates),
@@ -82,7 +99,22 @@ def candidate_details(candidates: CandidateSet, items: CandidateArrays) -> Candi
         stock=np.where(items.known, items.stock, -1).astype(np.float64),
         margin=np.asarray(items.margin, dtype=np.float64),
         category=items.category_strings(),
+        fused=np.asarray(candidates.scores, dtype=np.float64),
+        item2item=None if i2i is None else np.asarray(i2i, dtype=np.float64),
     )
+
+
+def request_features(
+    table: ItemTable,
+    profile: common_pb2.Profile,
+    context: common_pb2.Context,
+    candidates: CandidateSet,
+    items: CandidateArrays,
+) -> np.ndarray:
+    """The ranker's feature rows of one Rank request: what :class:`RankerScorer` scores
+    and what training (``training.ranker.build_lists``) fits on, one code path."""
+    query = ranker_query(profile, context)
+    return build_features(query, candidate_details(candidates, items), table)
 
 
 class RankerScorer:
@@ -106,9 +138,8 @@ class RankerScorer:
         candidates: CandidateSet,
         items: CandidateArrays,
     ) -> np.ndarray:
-        query = ranker_query(profile, context)
-        scores = self.bundle.score(query, candidate_details(candidates, items))
-        return scores.astype(np.float64)
+        x = request_features(self.bundle.items, profile, context, candidates, items)
+        return self.bundle.score_features(x).astype(np.float64)
 
 
 def load_ranker(bundle_dir: Path, info: ModelVersionInfo) -> RankerBundle:

@@ -26,9 +26,11 @@ import scipy.sparse as sp
 import torch
 from typer.testing import CliRunner
 
+import training.ranker
 from mercato.cli import app
 from mercato.v1 import common_pb2, ranking_pb2, ranking_pb2_grpc
 from services.models.ranker import (
+    FEATURES,
     N_FEATURES,
     CandidateDetails,
     NumpyRanker,
@@ -39,18 +41,21 @@ from services.models.ranker import (
 )
 from tests.procs import ServiceProc, start_service
 from training import registry
+from training.baselines import BaselineConfig
+from training.data import time_split, user_random_split
 from training.evaluate import metrics_from_ranking
 from training.pipeline import TrainConfig
 from training.ranker import (
     RankerConfig,
     RankerResult,
     RankLists,
+    cutoffs,
     graded_ndcg,
     rerank_metrics,
     train_and_register_ranker,
     train_ranker,
 )
-from training.synthetic import SyntheticConfig
+from training.synthetic import SyntheticConfig, generate
 from training.two_tower import TwoTowerConfig
 
 # Big enough that the trained ranker beats the retrieval order on validation (at 600
@@ -194,6 +199,17 @@ def test_graded_ndcg_short_lists_single_gain_and_ties_in_long_lists() -> None:
 
 
 @pytest.mark.slow
+def test_cutoffs_are_evenly_spaced_in_the_validation_window() -> None:
+    data = generate(replace(TINY, n_users=200, n_items=80))
+    split = time_split(data)
+    t1, t2 = float(split.params["t1"]), float(split.params["t2"])
+    got = cutoffs(split, 3)
+    assert got == pytest.approx([t1, t1 + (t2 - t1) / 3, t1 + 2 * (t2 - t1) / 3])
+    assert cutoffs(split, 1) == [t1]
+    other = user_random_split(data)
+    assert len(cutoffs(other, 3)) == 1  # no time windows in a per-customer split
+
+
 def test_training_is_deterministic_by_seed_and_learns_a_planted_signal() -> None:
     fit, valid = _random_lists(1), _random_lists(2)
     cfg = RankerConfig(epochs=15, patience=15, progress=False, candidates=12, ks=(10,))
@@ -220,6 +236,8 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[RankerResult, Ran
     # the EASE warm start the tiny ranker no longer beats the retrieval order here).
     retrieval = TrainConfig(
         synthetic=TINY,
+        # EASE only (item-to-item may reuse it); the ALS grid adds nothing here.
+        baselines=BaselineConfig(models=("ease",), ease_lambdas=(250.0,)),
         model=replace(
             TwoTowerConfig(), dim=16, epochs=2, batch_size=256, progress=False, init="random"
         ),
@@ -250,7 +268,26 @@ def test_training_logs_per_epoch_metrics_curve_and_registers_a_challenger(traine
     assert str(mv.version) == res.version == "1"
     assert mv.tags["split_signature"] == res.split_signature
     # The ranker's split is the one `mercato train retrieval` uses with the same options.
-    assert res.two_tower == {"source": "trained in this run"}
+    assert res.two_tower["source"] == "trained in this run"
+    # The lists come from the served merge over several cut-offs (rolling windows), and
+    # the served list is replayed with the ranker (validation: held-out customers).
+    report = json.loads((res.bundle_dir / "eval.json").read_text())
+    assert len(report["cutoffs"]) == cfg.windows == 3
+    assert report["cutoffs"] == sorted(set(report["cutoffs"]))
+    assert report["lists"]["fit"] > report["lists"]["valid"] > 0
+    for key in ("valid_served_ndcg_10", "valid_served_rules_ndcg_10", "test_served_ndcg_10"):
+        assert key in m and 0.0 <= m[key] <= 1.0
+    assert m["valid_served_ndcg_10"] == pytest.approx(res.served["valid"]["ranker"]["ndcg@10"])
+    assert m["gate_baseline_ndcg_10"] == m["valid_served_rules_ndcg_10"]  # no champion yet
+    assert run.data.tags["gate_champion_version"] == ""
+    assert "| test | ranker vs rules |" in res.table
+    # Merged candidates: rows item-to-item scored, and a fused order that is not the
+    # two-tower's (the smoke rows are the first test lists' rows).
+    smoke = np.asarray(res.smoke["features"])
+    assert smoke[:, FEATURES.index("item2item_known")].max() == 1.0
+    assert not np.array_equal(
+        smoke[:, FEATURES.index("fused_log_rank")], smoke[:, FEATURES.index("log_rank")]
+    )
 
 
 @pytest.mark.slow
@@ -427,6 +464,9 @@ def _expected_scores(bundle: RankerBundle, req: ranking_pb2.RankRequest) -> dict
         cart=[line.item_id for line in p.cart.lines],
         category_affinity=dict(p.category_affinity),
         mean_unit_price=80.0 / 2,
+        price_band="mid",
+        monetary=80.0,
+        history_len=6,
     )
     cands = CandidateDetails(
         ids=ids,
@@ -497,8 +537,9 @@ def test_rules_hold_with_the_ranker_on(trained, served: Served) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)  # trains a second ranker (with its retrieval pipeline) in the test
 def test_gate_and_a_broken_version_refused_while_the_old_one_keeps_serving(
-    trained, served: Served, tmp_path: Path
+    trained, served: Served, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     res, cfg, _ = trained
     client, _ = registry.client_for(served.uri)
@@ -509,13 +550,23 @@ def test_gate_and_a_broken_version_refused_while_the_old_one_keeps_serving(
     req = _request(bundle, seed=20)
     before = _wait_model(served.stub, req, res.version)
 
-    # A genuinely worse ranker: the same data and split, but untrained (lr ~ 0: the net
-    # keeps its initial weights, which rank by the retrieval score), registered without an
-    # alias. The trained one beats the retrieval order on validation; this one cannot.
-    worse = train_and_register_ranker(replace(cfg, lr=1e-9, epochs=1, patience=1, alias=""))
+    # A deliberately bad ranker: the same pipeline, data and split, but the trained
+    # network's scores negated (the served list upside down), registered without an
+    # alias. Its run replays the served list with it and with the champion (v1) on the
+    # same held-out validation customers; the replay gate refuses it.
+    def upside_down(*args: object, **kwargs: object) -> tuple[RankerNet, object]:
+        net, hist = train_ranker(*args, **kwargs)  # type: ignore[arg-type]
+        with torch.no_grad():
+            for p in (net.wide.weight, net.wide.bias, net.mlp[-1].weight, net.mlp[-1].bias):
+                p.neg_()
+        return net, hist
+
+    monkeypatch.setattr(training.ranker, "train_ranker", upside_down)
+    worse = train_and_register_ranker(replace(cfg, alias=""))
     assert worse.split_signature == res.split_signature
-    w, b = (r.metrics["valid"]["ranker"]["ndcg@10"] for r in (worse, res))
-    assert w < b, f"precondition: the untrained ranker should be worse ({w} vs {b})"
+    assert worse.gate["baseline"] == "champion" and worse.gate["champion_version"] == res.version
+    w, b = worse.gate["value"], worse.gate["baseline_value"]
+    assert w < b, f"precondition: the upside-down ranker should be worse ({w} vs {b})"
     cli = CliRunner().invoke(
         app,
         [
@@ -529,6 +580,7 @@ def test_gate_and_a_broken_version_refused_while_the_old_one_keeps_serving(
         ],
     )
     assert cli.exit_code == 1 and "refused" in cli.output, cli.output
+    assert f"< champion v{res.version}" in cli.output, cli.output
     # Refused means refused: the alias did not move, and the service still serves v1.
     champion = client.get_model_version_by_alias("mercato-ranker", "champion")
     assert str(champion.version) == res.version

@@ -13,9 +13,14 @@ import pytest
 import torch
 
 from mercato.features import SEGMENTS
+from mercato.v1 import common_pb2
+from services.models.ranker import FEATURES
 from services.models.two_tower import PRICE_BANDS
 from services.profile.ingest import normalize_event
 from services.profile.logic import LogEvent, ProfileConfig, build_profile, recompute_profile
+from services.ranking.ranker import request_features
+from services.ranking.rules import CandidateSet
+from services.ranking.table import CandidateArrays
 from training.data import RetailData, time_split
 from training.features import (
     build_eval_set,
@@ -27,6 +32,7 @@ from training.features import (
 )
 from training.pipeline import query_times, train_rows
 from training.profile_data import SyntheticProfileDataset
+from training.ranker import customer_profiles, item_table_at
 from training.synthetic import SyntheticConfig, generate
 from training.two_tower import (
     ItemTable,
@@ -159,6 +165,68 @@ def test_profile_service_and_training_compute_the_same_customer_features() -> No
         seen["band"].add(p.price_band)
     # The comparison covers several values of each, not one constant.
     assert len(seen["segment"]) >= 2 and len(seen["band"]) >= 2
+
+
+def test_ranker_features_at_serving_equal_those_in_training() -> None:
+    """The ranker's features of the same customer, candidates and time: from the profile
+    the profile service serves (ranking's ``request_features``, as RankerScorer scores)
+    and from the profile training builds from the events (``customer_profiles``, what the
+    fit lists and the replay use). Every column equal, with customer features (segment,
+    band, RFM, tenure, history length), item-to-item scores and the time varying."""
+    data = generate(TINY)
+    ds = SyntheticProfileDataset(data)
+    catalog = {it.item_id: it for it in ds.items()}
+    logs: dict[str, list[LogEvent]] = {}
+    for e in ds.events():
+        logs.setdefault(e.customer_id, []).append(normalize_event(e, catalog[e.item_id], 0))
+    now_s = int(data.events["ts"].max()) + 3 * DAY + 3600 * 7
+    cfg = ProfileConfig()
+    vocab = build_vocab(data)
+    users = sorted(logs)
+    # Two request times (odd customers 13 h later): the time features vary too.
+    times = [now_s + (k % 2) * 13 * 3600 for k in range(len(users))]
+    trained = {
+        t: dict(zip(users, customer_profiles(data.events, users, vocab, float(t)), strict=True))
+        for t in sorted(set(times))
+    }
+    table = item_table_at(data.events, vocab, float(now_s), 28.0, 7.0)
+    rng = np.random.default_rng(0)
+    varied: dict[str, set[float]] = {}
+    for u, t in zip(users, times, strict=True):
+        context = common_pb2.Context(surface=common_pb2.SURFACE_HOME)
+        context.timestamp.FromSeconds(t)
+        served = build_profile(u, recompute_profile(logs[u], cfg), None, t * 1_000_000, cfg)
+        ids = list(rng.choice(vocab.item_ids, size=20, replace=False))
+        i2i = np.where(rng.random(20) < 0.5, rng.random(20), np.nan)
+        cands = CandidateSet(
+            ids,
+            rng.random(20),
+            [0] * 20,
+            {
+                int(common_pb2.REASON_MODEL): rng.normal(size=20),
+                int(common_pb2.REASON_SIMILAR): i2i,
+            },
+        )
+        items = CandidateArrays.empty(20)
+        want = request_features(table, served, context, cands, items)
+        got = request_features(table, trained[t][u], context, cands, items)
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6, err_msg=u)
+        for name in (
+            "segment_loyal",
+            "price_band_high",
+            "log_frequency",
+            "log_monetary",
+            "log_tenure_days",
+            "log_history_len",
+            "log_recency_days",
+            "item2item_score",
+            "log_item_age_days",
+            "hour_sin",
+        ):
+            varied.setdefault(name, set()).update(want[:, FEATURES.index(name)].round(6).tolist())
+    # The comparison covers customers and items that differ, not constants.
+    for name, values in varied.items():
+        assert len(values) >= 2, name
 
 
 @pytest.mark.slow
