@@ -110,6 +110,11 @@ def _random_lists(seed: int, users: int = 40, n: int = 12) -> RankLists:
     rng = np.random.default_rng(seed)
     rows = np.stack([rng.permutation(60)[:n] for _ in range(users)])
     x = rng.normal(size=(users, n, N_FEATURES)).astype(np.float32)
+    # The fused rank agrees with the retrieval score (column 0), as in served lists: the
+    # untrained net ranks by it (RankerConfig.start_from), so its epoch 0 is the retrieval
+    # order the tests compare with, whatever the feature count.
+    order = np.argsort(np.argsort(-x[:, :, 0], axis=1, kind="stable"), axis=1)
+    x[:, :, FEATURES.index("fused_log_rank")] = np.log1p(order)
     labels = (x[:, :, 4] > 0.8).astype(np.float32) * 2  # "popularity" predicts the label
     truth = sp.lil_matrix((users, 60), dtype=np.float32)
     for u in range(users):
