@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,13 +107,11 @@ FEATURES: tuple[str, ...] = (
     "item2item_known",
     "item2item_log_rank",
     "fused_log_rank",
-    # The item's age (since its first interaction in the training data) and the time.
+    # The item's age (since its first interaction in the training data). No hour or
+    # weekday: the fit lists' cut-offs give them one value each (three per run), so a
+    # served request's time would be a value training never saw.
     "log_item_age_days",
     "item_age_known",
-    "hour_sin",
-    "hour_cos",
-    "weekday_sin",
-    "weekday_cos",
 )
 N_FEATURES = len(FEATURES)
 _F = {name: i for i, name in enumerate(FEATURES)}
@@ -363,7 +360,7 @@ def _log_rank(values: np.ndarray, valid: np.ndarray) -> np.ndarray:
 
 
 def _customer_features(x: np.ndarray, q: RankerQuery) -> None:
-    """Segment, price band, RFM, tenure, history length and time of the request: one
+    """Segment, price band, RFM, tenure and history length of the customer: one
     value per request, the same on every row."""
     if q.segment in CUSTOMER_SEGMENTS:
         x[:, _F[f"segment_{q.segment}"]] = 1.0
@@ -383,12 +380,6 @@ def _customer_features(x: np.ndarray, q: RankerQuery) -> None:
         x[:, _F["log_tenure_days"]] = math.log1p(min(tenure, NEVER_HOURS / 24))
         x[:, _F["tenure_known"]] = 1.0
     x[:, _F["log_history_len"]] = math.log1p(max(q.history_len, 0))
-    t = time.gmtime(q.now) if math.isfinite(q.now) and q.now > 0 else None
-    if t is not None:
-        hour = (t.tm_hour + t.tm_min / 60.0) / 24.0 * 2 * math.pi
-        day = t.tm_wday / 7.0 * 2 * math.pi
-        x[:, _F["hour_sin"]], x[:, _F["hour_cos"]] = math.sin(hour), math.cos(hour)
-        x[:, _F["weekday_sin"]], x[:, _F["weekday_cos"]] = math.sin(day), math.cos(day)
 
 
 def _collaboration_features(

@@ -183,7 +183,7 @@ def test_ranker_features_at_serving_equal_those_in_training() -> None:
     cfg = ProfileConfig()
     vocab = build_vocab(data)
     users = sorted(logs)
-    # Two request times (odd customers 13 h later): the time features vary too.
+    # Two request times (odd customers 13 h later): recency, tenure and item age vary too.
     times = [now_s + (k % 2) * 13 * 3600 for k in range(len(users))]
     trained = {
         t: dict(zip(users, customer_profiles(data.events, users, vocab, float(t)), strict=True))
@@ -221,7 +221,6 @@ def test_ranker_features_at_serving_equal_those_in_training() -> None:
             "log_recency_days",
             "item2item_score",
             "log_item_age_days",
-            "hour_sin",
         ):
             varied.setdefault(name, set()).update(want[:, FEATURES.index(name)].round(6).tolist())
     # The comparison covers customers and items that differ, not constants.
