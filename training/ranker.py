@@ -405,7 +405,7 @@ def build_lists(
     weights) and the Rank request's features computed by the ranking service's own
     function (:func:`services.ranking.ranker.request_features`) over all the
     candidates; the list keeps the first ``cfg.candidates`` in the fused order."""
-    from services.ranking.pipeline import merge_candidates
+    from services.ranking.pipeline import merge_columns
     from services.ranking.ranker import request_features
     from services.ranking.table import CandidateArrays
     from services.retrieval.merge import merge_config
@@ -421,10 +421,10 @@ def build_lists(
     context.timestamp.FromSeconds(int(win.now))
     for u in range(n_users):
         req, _, _ = request_of(win.es, vocab, u, replay_cfg)
-        cands = retrieve_response(model, model.state, req, merge).candidates
-        if not cands:
+        cols = retrieve_response(model, model.state, req, merge).columns
+        if not cols.item_ids:
             continue
-        cset = merge_candidates(cands)
+        cset = merge_columns(cols)
         feats = request_features(
             table, win.profiles[u], context, cset, CandidateArrays.empty(len(cset))
         )

@@ -85,6 +85,7 @@ def request_of(
         context=context,
         k=cfg.candidates,
         filters=retrieval_pb2.Filters(exclude_item_ids=ids),
+        columns=True,  # as the gateway asks: candidates as columns, passed on to Rank
     )
     return req, profile, context
 
@@ -102,18 +103,21 @@ def served_list(
     (with ``rank_profile``, the customer's whole profile, and the request time ``now``
     when given: what the ranker's customer features read)."""
     merge = merge or merge_config(model)
-    cands = retrieve_response(model, model.state, req, merge).candidates
-    if not cands:
+    resp = retrieve_response(model, model.state, req, merge)
+    if not (resp.candidates or resp.columns.item_ids):
         return []
     context = common_pb2.Context()
     context.CopyFrom(req.context)
     if now is not None:
         context.timestamp.FromSeconds(int(now))
+    # Rank gets the candidates in the form retrieval answered (columns when the request
+    # asked for them, as the gateway does).
     ranked = pipeline.rank(
         ranking_pb2.RankRequest(
             profile=rank_profile if rank_profile is not None else req.profile,
             context=context,
-            candidates=cands,
+            candidates=resp.candidates,
+            columns=resp.columns if req.columns else None,
             k=k,
         )
     )

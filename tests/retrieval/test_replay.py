@@ -8,7 +8,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from mercato.v1 import common_pb2, ranking_pb2, ranking_pb2_grpc, retrieval_pb2_grpc
+from mercato.v1 import common_pb2, ranking_pb2, ranking_pb2_grpc, retrieval_pb2, retrieval_pb2_grpc
 from services.models.two_tower import TwoTowerBundle
 from services.ranking.pipeline import RankPipeline
 from services.ranking.rules import RulesConfig
@@ -60,6 +60,11 @@ def test_replay_equals_the_running_services(
                 )
                 served = [it.item_id for it in ranked.items]
                 assert served_list(model, pipeline, req, 30) == served
+                # The same through columns (what request_of and the gateway ask for).
+                as_columns = retrieval_pb2.RetrieveRequest()
+                as_columns.CopyFrom(req)
+                as_columns.columns = True
+                assert served_list(model, pipeline, as_columns, 30) == served
                 assert len(served) == 30
                 compared += 1
     finally:
