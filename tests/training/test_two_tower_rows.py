@@ -140,13 +140,19 @@ def test_evaluation_queries_use_a_surface_the_model_was_trained_on() -> None:
         assert not torch.allclose(net.surface.weight[s], before[s])
 
 
-def test_profile_service_and_training_compute_the_same_customer_features() -> None:
-    data = generate(TINY)
+def served_logs(data: RetailData) -> dict[str, list[LogEvent]]:
+    """Each customer's events as the profile service stores them (normalised, by customer)."""
     ds = SyntheticProfileDataset(data)
     catalog = {it.item_id: it for it in ds.items()}
     logs: dict[str, list[LogEvent]] = {}
     for e in ds.events():
         logs.setdefault(e.customer_id, []).append(normalize_event(e, catalog[e.item_id], 0))
+    return logs
+
+
+def test_profile_service_and_training_compute_the_same_customer_features() -> None:
+    data = generate(TINY)
+    logs = served_logs(data)
     now_s = int(data.events["ts"].max()) + 3 * DAY
     cfg = ProfileConfig()
     vocab = build_vocab(data)
@@ -174,11 +180,7 @@ def test_ranker_features_at_serving_equal_those_in_training() -> None:
     fit lists and the replay use). Every column equal, with customer features (segment,
     band, RFM, tenure, history length), item-to-item scores and the time varying."""
     data = generate(TINY)
-    ds = SyntheticProfileDataset(data)
-    catalog = {it.item_id: it for it in ds.items()}
-    logs: dict[str, list[LogEvent]] = {}
-    for e in ds.events():
-        logs.setdefault(e.customer_id, []).append(normalize_event(e, catalog[e.item_id], 0))
+    logs = served_logs(data)
     now_s = int(data.events["ts"].max()) + 3 * DAY + 3600 * 7
     cfg = ProfileConfig()
     vocab = build_vocab(data)
