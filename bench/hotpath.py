@@ -280,6 +280,18 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def run_info(script: str, load_before: float) -> dict[str, Any]:
+    """The head of a bench report: the command, the machine, the date and the 1-minute
+    load average before and after the run (this bench's and bench/server_mode.py's)."""
+    return {
+        "command": f"python bench/{script} " + " ".join(sys.argv[1:]),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
+        f"Python {platform.python_version()}",
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "loadavg_1m_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--items", type=int, default=10_000)
@@ -306,14 +318,7 @@ def main() -> None:
     args = ap.parse_args()
     load_before = os.getloadavg()[0]
     result = run(args)
-    report = {
-        "command": "python bench/hotpath.py " + " ".join(sys.argv[1:]),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
-        f"Python {platform.python_version()}",
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "loadavg_1m_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],
-        "result": result,
-    }
+    report = {**run_info("hotpath.py", load_before), "result": result}
     out = REPO / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{args.tag}.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -25,7 +25,6 @@ import asyncio
 import json
 import multiprocessing as mp
 import os
-import platform
 import statistics
 import sys
 import time
@@ -251,15 +250,9 @@ def main() -> None:
             runs[config].append(measure(config, keep, blobs, args))
             print(config, {k: round(v, 3) for k, v in runs[config][-1].items()}, flush=True)
     med = {c: {k: statistics.median(x[k] for x in rs) for k in rs[0]} for c, rs in runs.items()}
-    report = {
-        "command": "python bench/server_mode.py " + " ".join(sys.argv[1:]),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
-        f"Python {platform.python_version()}",
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "loadavg_1m_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],
-        "median": med,
-        "runs": runs,
-    }
+    from hotpath import run_info
+
+    report = {**run_info("server_mode.py", load_before), "median": med, "runs": runs}
     out = REPO / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{args.tag}.json").write_text(json.dumps(report, indent=2) + "\n")
