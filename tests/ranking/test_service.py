@@ -93,6 +93,21 @@ def test_bad_input_gets_clear_statuses_and_the_service_keeps_running(
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "k must be between 1 and 1000" in msg
     code, msg = _code(lambda: stub.Rank(_rank_request(n=51), timeout=5))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "at most 50 candidates" in msg
+    # Candidates as columns (what the gateway sends): unequal columns, or both forms.
+    uneven = ranking_pb2.RankRequest(k=2)
+    uneven.columns.item_ids.extend(["sku-1", "sku-2"])
+    uneven.columns.scores.extend([1.0])
+    uneven.columns.sources.extend([common_pb2.REASON_MODEL] * 2)
+    code, msg = _code(lambda: stub.Rank(uneven, timeout=5))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "must be parallel" in msg
+    both = _rank_request(n=2, k=2)
+    both.columns.item_ids.append("sku-1")
+    both.columns.scores.append(1.0)
+    both.columns.sources.append(common_pb2.REASON_MODEL)
+    code, msg = _code(lambda: stub.Rank(both, timeout=5))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "not both" in msg
+    uneven.columns.scores.append(0.5)  # now parallel: answered
+    assert [it.item_id for it in stub.Rank(uneven, timeout=5).items] == ["sku-1", "sku-2"]
 
     dup = _rank_request(n=4, k=4)
     dup.candidates.add(item_id="sku-3", score=9.0)
