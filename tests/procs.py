@@ -8,12 +8,14 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -57,6 +59,20 @@ class ServiceProc:
                 return str(health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status))
         except grpc.RpcError as exc:
             return f"UNREACHABLE ({exc.code().name})"
+
+    def metric(self, name: str, **labels: str) -> float:
+        """The sum of the Prometheus samples ``name`` (with these labels) it exports now."""
+        text = urllib.request.urlopen(
+            f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5
+        ).read()
+        total = 0.0
+        for family in text_string_to_metric_families(text.decode()):
+            for sample in family.samples:
+                if sample.name == name and all(
+                    sample.labels.get(k) == v for k, v in labels.items()
+                ):
+                    total += sample.value
+        return total
 
     def wait_status(self, want: str = "SERVING", timeout: float = 60.0, service: str = "") -> None:
         deadline = time.monotonic() + timeout

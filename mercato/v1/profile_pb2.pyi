@@ -635,6 +635,66 @@ class ListItemsResponse(_message.Message):
 Global___ListItemsResponse: _TypeAlias = ListItemsResponse  # noqa: Y015
 
 @_typing.final
+class ListItemChangesRequest(_message.Message):
+    """Request of ProfileService.ListItemChanges."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CURSOR_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    cursor: _builtins.str
+    """`cursor` of a previous response; empty = from the start (every item)."""
+    page_size: _builtins.int
+    """Most items in the answer, 1 to 10000 (0 = 1000)."""
+    def __init__(
+        self,
+        *,
+        cursor: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cursor", b"cursor", "page_size", b"page_size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListItemChangesRequest: _TypeAlias = ListItemChangesRequest  # noqa: Y015
+
+@_typing.final
+class ListItemChangesResponse(_message.Message):
+    """Response of ProfileService.ListItemChanges."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ITEMS_FIELD_NUMBER: _builtins.int
+    CURSOR_FIELD_NUMBER: _builtins.int
+    MORE_FIELD_NUMBER: _builtins.int
+    cursor: _builtins.str
+    """Where the next call continues (the request's cursor when no item changed). Opaque."""
+    more: _builtins.bool
+    """More changes are waiting after `cursor`: call again at once."""
+    @_builtins.property
+    def items(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Item]:
+        """Items changed after the request's cursor, oldest change first, each at most once
+        with its attributes when read (an item changed again later comes again later).
+        """
+
+    def __init__(
+        self,
+        *,
+        items: _abc.Iterable[_common_pb2.Item] | None = ...,
+        cursor: _builtins.str = ...,
+        more: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cursor", b"cursor", "items", b"items", "more", b"more"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListItemChangesResponse: _TypeAlias = ListItemChangesResponse  # noqa: Y015
+
+@_typing.final
 class GetTrendingRequest(_message.Message):
     """Request of ProfileService.GetTrending."""
 

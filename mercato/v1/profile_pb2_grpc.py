@@ -86,6 +86,11 @@ class ProfileServiceStub:
                 request_serializer=mercato_dot_v1_dot_profile__pb2.ListItemsRequest.SerializeToString,
                 response_deserializer=mercato_dot_v1_dot_profile__pb2.ListItemsResponse.FromString,
                 _registered_method=True)
+        self.ListItemChanges = channel.unary_unary(
+                '/mercato.v1.ProfileService/ListItemChanges',
+                request_serializer=mercato_dot_v1_dot_profile__pb2.ListItemChangesRequest.SerializeToString,
+                response_deserializer=mercato_dot_v1_dot_profile__pb2.ListItemChangesResponse.FromString,
+                _registered_method=True)
         self.GetTrending = channel.unary_unary(
                 '/mercato.v1.ProfileService/GetTrending',
                 request_serializer=mercato_dot_v1_dot_profile__pb2.GetTrendingRequest.SerializeToString,
@@ -182,6 +187,19 @@ class ProfileServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListItemChanges(self, request, context):
+        """The catalog's change feed: the items created or changed (upsert, stock change) after
+        a cursor, each once with its current attributes, oldest change first, and the cursor
+        to continue from. An empty cursor lists every item, so a reader loads the catalog
+        and then follows it with the same call; while nothing changes an answer holds no
+        item. A malformed cursor is INVALID_ARGUMENT; a cursor of another catalog (the store
+        was replaced or emptied) or ahead of it (restored from an older copy) is
+        FAILED_PRECONDITION: list again from an empty cursor.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetTrending(self, request, context):
         """Returns items ranked by time-decayed popularity over recent events, overall or per category.
         """
@@ -250,6 +268,11 @@ def add_ProfileServiceServicer_to_server(servicer, server):
                     servicer.ListItems,
                     request_deserializer=mercato_dot_v1_dot_profile__pb2.ListItemsRequest.FromString,
                     response_serializer=mercato_dot_v1_dot_profile__pb2.ListItemsResponse.SerializeToString,
+            ),
+            'ListItemChanges': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListItemChanges,
+                    request_deserializer=mercato_dot_v1_dot_profile__pb2.ListItemChangesRequest.FromString,
+                    response_serializer=mercato_dot_v1_dot_profile__pb2.ListItemChangesResponse.SerializeToString,
             ),
             'GetTrending': grpc.unary_unary_rpc_method_handler(
                     servicer.GetTrending,
@@ -534,6 +557,33 @@ class ProfileService:
             '/mercato.v1.ProfileService/ListItems',
             mercato_dot_v1_dot_profile__pb2.ListItemsRequest.SerializeToString,
             mercato_dot_v1_dot_profile__pb2.ListItemsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListItemChanges(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mercato.v1.ProfileService/ListItemChanges',
+            mercato_dot_v1_dot_profile__pb2.ListItemChangesRequest.SerializeToString,
+            mercato_dot_v1_dot_profile__pb2.ListItemChangesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -68,6 +68,15 @@ class ProfileServiceStub:
     """Returns catalog items by id in one batch; unknown ids are listed in `missing_item_ids`."""
     ListItems: _grpc.UnaryUnaryMultiCallable[_profile_pb2.ListItemsRequest, _profile_pb2.ListItemsResponse]
     """Pages through the catalog (index builds, exports)."""
+    ListItemChanges: _grpc.UnaryUnaryMultiCallable[_profile_pb2.ListItemChangesRequest, _profile_pb2.ListItemChangesResponse]
+    """The catalog's change feed: the items created or changed (upsert, stock change) after
+    a cursor, each once with its current attributes, oldest change first, and the cursor
+    to continue from. An empty cursor lists every item, so a reader loads the catalog
+    and then follows it with the same call; while nothing changes an answer holds no
+    item. A malformed cursor is INVALID_ARGUMENT; a cursor of another catalog (the store
+    was replaced or emptied) or ahead of it (restored from an older copy) is
+    FAILED_PRECONDITION: list again from an empty cursor.
+    """
     GetTrending: _grpc.UnaryUnaryMultiCallable[_profile_pb2.GetTrendingRequest, _profile_pb2.GetTrendingResponse]
     """Returns items ranked by time-decayed popularity over recent events, overall or per category."""
     ListCustomers: _grpc.UnaryUnaryMultiCallable[_profile_pb2.ListCustomersRequest, _profile_pb2.ListCustomersResponse]
@@ -114,6 +123,15 @@ class ProfileServiceAsyncStub(ProfileServiceStub):
     """Returns catalog items by id in one batch; unknown ids are listed in `missing_item_ids`."""
     ListItems: _aio.UnaryUnaryMultiCallable[_profile_pb2.ListItemsRequest, _profile_pb2.ListItemsResponse]  # type: ignore[assignment]
     """Pages through the catalog (index builds, exports)."""
+    ListItemChanges: _aio.UnaryUnaryMultiCallable[_profile_pb2.ListItemChangesRequest, _profile_pb2.ListItemChangesResponse]  # type: ignore[assignment]
+    """The catalog's change feed: the items created or changed (upsert, stock change) after
+    a cursor, each once with its current attributes, oldest change first, and the cursor
+    to continue from. An empty cursor lists every item, so a reader loads the catalog
+    and then follows it with the same call; while nothing changes an answer holds no
+    item. A malformed cursor is INVALID_ARGUMENT; a cursor of another catalog (the store
+    was replaced or emptied) or ahead of it (restored from an older copy) is
+    FAILED_PRECONDITION: list again from an empty cursor.
+    """
     GetTrending: _aio.UnaryUnaryMultiCallable[_profile_pb2.GetTrendingRequest, _profile_pb2.GetTrendingResponse]  # type: ignore[assignment]
     """Returns items ranked by time-decayed popularity over recent events, overall or per category."""
     ListCustomers: _aio.UnaryUnaryMultiCallable[_profile_pb2.ListCustomersRequest, _profile_pb2.ListCustomersResponse]  # type: ignore[assignment]
@@ -217,6 +235,21 @@ class ProfileServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_profile_pb2.ListItemsResponse, _abc.Awaitable[_profile_pb2.ListItemsResponse]]:
         """Pages through the catalog (index builds, exports)."""
+
+    @_abc_1.abstractmethod
+    def ListItemChanges(
+        self,
+        request: _profile_pb2.ListItemChangesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_profile_pb2.ListItemChangesResponse, _abc.Awaitable[_profile_pb2.ListItemChangesResponse]]:
+        """The catalog's change feed: the items created or changed (upsert, stock change) after
+        a cursor, each once with its current attributes, oldest change first, and the cursor
+        to continue from. An empty cursor lists every item, so a reader loads the catalog
+        and then follows it with the same call; while nothing changes an answer holds no
+        item. A malformed cursor is INVALID_ARGUMENT; a cursor of another catalog (the store
+        was replaced or emptied) or ahead of it (restored from an older copy) is
+        FAILED_PRECONDITION: list again from an empty cursor.
+        """
 
     @_abc_1.abstractmethod
     def GetTrending(

@@ -24,7 +24,7 @@ from prometheus_client import Counter
 
 from mercato.v1 import common_pb2, profile_pb2, profile_pb2_grpc
 from services.common.deadline import ensure_time_left
-from services.common.errors import InvalidArgument, require
+from services.common.errors import FailedPrecondition, InvalidArgument, require
 from services.common.server import BaseService, run_service
 from services.profile.ingest import MAX_ID_BYTES, check_id, describe_errors, prepare_events
 from services.profile.logic import (
@@ -67,11 +67,11 @@ def _encode_token(value: Any) -> str:
     return base64.urlsafe_b64encode(json.dumps(value).encode()).decode()
 
 
-def _decode_token(token: str, what: str) -> Any:
+def _decode_token(token: str, what: str, field: str = "page_token") -> Any:
     try:
         return json.loads(base64.urlsafe_b64decode(token.encode()))
     except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidArgument(f"page_token is not a token of {what}") from exc
+        raise InvalidArgument(f"{field} is not a token of {what}") from exc
 
 
 def _require_id(value: str, what: str) -> None:
@@ -310,6 +310,39 @@ class ProfileServicer(profile_pb2_grpc.ProfileServiceServicer):
         if len(items) > size:
             resp.next_page_token = _encode_token(items[size - 1].item_id)
         return resp
+
+    async def ListItemChanges(
+        self, request: profile_pb2.ListItemChangesRequest, context: grpc.aio.ServicerContext
+    ) -> profile_pb2.ListItemChangesResponse:
+        require(0 <= request.page_size <= 10_000, "page_size must be between 0 and 10000")
+        epoch, after = "", 0
+        if request.cursor:
+            raw = _decode_token(request.cursor, "ListItemChanges", "cursor")
+            if not (
+                isinstance(raw, list)
+                and len(raw) == 2
+                and isinstance(raw[0], str)
+                and isinstance(raw[1], int)
+                and raw[1] >= 0
+            ):
+                raise InvalidArgument("cursor is not a cursor of ListItemChanges")
+            epoch, after = raw
+        changes = await self.store.item_changes(after, request.page_size or 1000)
+        if request.cursor and epoch != changes.epoch:
+            raise FailedPrecondition(
+                "cursor is from another catalog (the store was replaced or emptied); "
+                "list again from an empty cursor"
+            )
+        if after > changes.head:
+            raise FailedPrecondition(
+                f"cursor is ahead of the catalog (change {after} of {changes.head}: the store "
+                "was restored from an older copy?); list again from an empty cursor"
+            )
+        return profile_pb2.ListItemChangesResponse(
+            items=changes.items,
+            cursor=_encode_token([changes.epoch, changes.last_seq]),
+            more=changes.last_seq < changes.head,
+        )
 
     async def GetTrending(
         self, request: profile_pb2.GetTrendingRequest, context: grpc.aio.ServicerContext

@@ -201,6 +201,7 @@ class RankingService(BaseService):
                 settings.catalog_refresh_s,
                 settings.catalog_page_size,
                 get_items=stub.GetItems,
+                list_changes=stub.ListItemChanges if settings.catalog_changes else None,
             )
         follower = self.follower
         self.pipeline = RankPipeline(

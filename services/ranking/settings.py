@@ -34,7 +34,19 @@ class RankingSettings(ServiceSettings):
         ),
     )
     catalog_refresh_s: float = Field(
-        15.0, gt=0, description="Seconds between reloads of the item table from the catalogue."
+        15.0,
+        gt=0,
+        description=(
+            "Seconds between refreshes of the item table from the catalogue (the items "
+            "changed since the last one; the whole catalogue with catalog_changes off)."
+        ),
+    )
+    catalog_changes: bool = Field(
+        True,
+        description=(
+            "Follow the catalogue's change feed (ListItemChanges) after one full load; off = "
+            "load the whole catalogue (ListItems) at every refresh, as before the feed."
+        ),
     )
     catalog_fetch_timeout_ms: float = Field(
         50,

@@ -2,11 +2,13 @@
 
 Ranking keeps the catalogue attributes its rules and features need in memory, as
 arrays by row (``price[row]``, ``stock[row]``, ...), loaded from the profile service's
-catalogue (``ListItems``) and reloaded every ``catalog_refresh_s`` seconds, so a
-``RankRequest`` carries candidate ids and scores, not 200 ``Item`` messages.
+catalogue once and then kept fresh from its change feed (``ListItemChanges``: every
+``catalog_refresh_s`` seconds, the items created or changed since the last refresh),
+so a ``RankRequest`` carries candidate ids and scores, not 200 ``Item`` messages.
 
-- :class:`CatalogTable` is an immutable snapshot: a reload builds a new one and swaps
-  the reference, so a Rank call always sees one consistent table.
+- :class:`CatalogTable` is an immutable snapshot: a refresh builds a new one (the
+  changed rows written into copies of the arrays) and swaps the reference, so a Rank
+  call always sees one consistent table.
 - :class:`CandidateArrays` are the table's rows for one request's candidates (unknown
   ids: ``known`` False, stock -1, no category, no boost). Items sent in the request
   (``RankRequest.items``, kept for callers without a catalogue table) override the
@@ -19,6 +21,7 @@ rules, the features and the ranker all read them from one table.
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import math
 import time
@@ -26,7 +29,9 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
+import grpc
 import numpy as np
+from prometheus_client import Counter
 
 from mercato.v1 import common_pb2, profile_pb2
 from services.common.errors import InvalidArgument
@@ -40,6 +45,18 @@ log = logging.getLogger("mercato.ranking")
 # ProfileServiceStub.ListItems / GetItems of an asyncio channel: (request, timeout=...).
 ListItems = Callable[..., Awaitable[profile_pb2.ListItemsResponse]]
 GetItems = Callable[..., Awaitable[profile_pb2.GetItemsResponse]]
+ListItemChanges = Callable[..., Awaitable[profile_pb2.ListItemChangesResponse]]
+CATALOG_ITEMS = Counter(
+    "mercato_ranking_catalog_items_total",
+    "Catalogue items received for the item table: full loads, or the changes since the last "
+    "refresh.",
+    ["how"],
+)
+CATALOG_REFRESHES = Counter(
+    "mercato_ranking_catalog_refreshes_total",
+    "Refreshes of the item table: full loads, or asking for the changes since the last one.",
+    ["how"],
+)
 MAX_FETCH = 1000  # ids per GetItems call for candidates the table does not know yet
 
 MAX_ID_BYTES = 128
@@ -170,50 +187,64 @@ def validate_items(items: Sequence[common_pb2.Item], field_name: str = "items") 
 
 
 class CatalogTable:
-    """Catalogue attributes as arrays by row (immutable once built)."""
+    """Catalogue attributes as arrays by row (immutable once built: :meth:`updated`
+    builds a new table and leaves this one as readers see it)."""
 
     def __init__(self, items: Iterable[common_pb2.Item] = (), loaded_at: float = 0.0) -> None:
-        ids: list[str] = []
-        cat_codes: list[int] = []
-        names: list[str] = []
-        codes: dict[str, int] = {}
-        price: list[float] = []
-        stock: list[int] = []
-        margin: list[float] = []
-        repl: list[bool] = []
-        promo: list[bool] = []
-        row: dict[str, int] = {}
-        for item in items:
-            at = row.get(item.item_id)
-            values = (
-                _code(item.category, names, codes),
-                max(item.price, 0.0),
-                max(int(item.stock), 0),
-                item.margin,
-                item.replenishable,
-                item.promoted,
-            )
-            if at is None:
-                row[item.item_id] = len(ids)
-                ids.append(item.item_id)
-                cat_codes.append(values[0])
-                price.append(values[1])
-                stock.append(values[2])
-                margin.append(values[3])
-                repl.append(values[4])
-                promo.append(values[5])
-            else:  # a later entry for the same id wins
-                cat_codes[at], price[at], stock[at], margin[at], repl[at], promo[at] = values
-        self.ids = ids
-        self.row = row
-        self.category_names: list[str] = names
-        self.category = np.asarray(cat_codes, dtype=np.int32)
-        self.price = np.asarray(price, dtype=np.float64)
-        self.stock = np.asarray(stock, dtype=np.int64)
-        self.margin = np.asarray(margin, dtype=np.float64)
-        self.replenishable = np.asarray(repl, dtype=bool)
-        self.promoted = np.asarray(promo, dtype=bool)
+        self.ids: list[str] = []
+        self.row: dict[str, int] = {}
+        self.category_names: list[str] = []
+        self.category = np.zeros(0, dtype=np.int32)
+        self.price = np.zeros(0, dtype=np.float64)
+        self.stock = np.zeros(0, dtype=np.int64)
+        self.margin = np.zeros(0, dtype=np.float64)
+        self.replenishable = np.zeros(0, dtype=bool)
+        self.promoted = np.zeros(0, dtype=bool)
         self.loaded_at = loaded_at
+        self._write(items)
+
+    def updated(self, items: Iterable[common_pb2.Item], loaded_at: float) -> CatalogTable:
+        """A new table: this one with ``items`` (changed or new catalogue items) written
+        over their rows, new ids appended. This table is left as it was."""
+        out = copy.copy(self)
+        out.loaded_at = loaded_at
+        out._write(items)
+        return out
+
+    def _write(self, items: Iterable[common_pb2.Item]) -> None:
+        """Write ``items`` into this table (a later entry for the same id wins). Replaces
+        every array, list and dict it changes instead of changing them in place, so a
+        table it was copied from stays intact."""
+        latest = {item.item_id: item for item in items}
+        if not latest:
+            return
+        n, m = len(self.ids), len(latest)
+        ids = list(latest)
+        rows = self.rows(ids)
+        new = np.flatnonzero(rows < 0)
+        if len(new):
+            added = [ids[j] for j in new]
+            self.ids = self.ids + added
+            self.row = {**self.row, **{item_id: n + k for k, item_id in enumerate(added)}}
+            rows[new] = np.arange(n, n + len(new))
+        names = list(self.category_names)
+        codes = {c: k for k, c in enumerate(names)}
+        got = latest.values()
+        size = len(self.ids)
+
+        def column(old: np.ndarray, values: Iterable[object]) -> np.ndarray:
+            out = np.empty(size, dtype=old.dtype)
+            out[:n] = old
+            out[rows] = np.fromiter(values, dtype=old.dtype, count=m)
+            return out
+
+        self.category = column(self.category, (_code(i.category, names, codes) for i in got))
+        self.category_names = names
+        self.price = column(self.price, (max(i.price, 0.0) for i in got))
+        self.stock = column(self.stock, (max(int(i.stock), 0) for i in got))
+        self.margin = column(self.margin, (i.margin for i in got))
+        self.replenishable = column(self.replenishable, (i.replenishable for i in got))
+        self.promoted = column(self.promoted, (i.promoted for i in got))
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -271,11 +302,39 @@ async def load_catalog(
     return CatalogTable(items, loaded_at=time.time())
 
 
+async def load_changes(
+    list_changes: ListItemChanges,
+    cursor: str,
+    page_size: int = 10_000,
+    timeout_s: float = 30.0,
+) -> tuple[list[common_pb2.Item], str]:
+    """The catalogue items changed after ``cursor`` ("" = every item), oldest change
+    first, and the cursor to follow on from (``ListItemChanges``, page after page)."""
+    items: list[common_pb2.Item] = []
+    while True:
+        resp = await list_changes(
+            profile_pb2.ListItemChangesRequest(cursor=cursor, page_size=page_size),
+            timeout=timeout_s,
+        )
+        items.extend(resp.items)
+        cursor = resp.cursor
+        if not resp.more:
+            return items, cursor
+
+
 class CatalogFollower:
-    """Keeps a :class:`CatalogTable` fresh: loads it, then reloads it periodically.
-    Candidates the table does not know yet (items created since the last reload) are
-    fetched on demand with one ``GetItems`` call and kept until the next reload (ids the
-    catalogue does not know either are remembered too, so they are asked once)."""
+    """Keeps a :class:`CatalogTable` fresh. It loads the whole catalogue once through
+    the profile service's change feed (``ListItemChanges`` from an empty cursor), then
+    every ``refresh_s`` asks for the items changed since (none while the catalogue
+    does not change) and applies them to a new table. It loads everything again when
+    the profile service refuses the cursor (FAILED_PRECONDITION: its store was replaced
+    or emptied); a profile service without the change feed (UNIMPLEMENTED) is
+    reloaded in full with ``ListItems`` every period, as before the feed. A failed
+    refresh keeps the table and the cursor for the next try.
+
+    Candidates the table does not know yet (items created since the last refresh) are
+    fetched on demand with one ``GetItems`` call and kept until a refresh brings them
+    (ids the catalogue does not know either are remembered too, so they are asked once)."""
 
     def __init__(
         self,
@@ -284,21 +343,59 @@ class CatalogFollower:
         page_size: int = 10_000,
         on_first_load: Callable[[], object] | None = None,
         get_items: GetItems | None = None,
+        list_changes: ListItemChanges | None = None,
     ) -> None:
         self.list_items = list_items
+        self.list_changes = list_changes
         self.get_items = get_items
         self.extra: dict[str, common_pb2.Item | None] = {}
         self.refresh_s = refresh_s
         self.page_size = page_size
         self.table = CatalogTable()
+        self.cursor = ""  # of the change feed; "" = load everything on the next refresh
         self.loaded = asyncio.Event()
         self.on_first_load = on_first_load
         self._task: asyncio.Task[None] | None = None
 
     async def refresh(self) -> CatalogTable:
-        """Reload now and swap the table in."""
+        """Bring the table up to date now and swap it in."""
+        if self.list_changes is None:
+            return await self._reload()
+        started = time.perf_counter()
+        full = not self.cursor
+        try:
+            items, cursor = await load_changes(self.list_changes, self.cursor, self.page_size)
+        except grpc.aio.AioRpcError as e:
+            if e.code() == grpc.StatusCode.UNIMPLEMENTED:
+                log.warning("the catalogue has no change feed; reloading it in full instead")
+                self.list_changes = None
+                return await self._reload()
+            if e.code() != grpc.StatusCode.FAILED_PRECONDITION or full:
+                raise
+            log.warning("catalogue cursor refused; loading it again", extra={"error": e.details()})
+            full = True
+            items, cursor = await load_changes(self.list_changes, "", self.page_size)
+        how = "full" if full else "changes"
+        CATALOG_REFRESHES.labels(how).inc()
+        CATALOG_ITEMS.labels(how).inc(len(items))
+        if full:
+            self._swap(CatalogTable(items, loaded_at=time.time()), started)
+        elif items:
+            changed = {item.item_id for item in items}
+            self.extra = {k: v for k, v in self.extra.items() if k not in changed}
+            self.table = self.table.updated(items, loaded_at=time.time())
+        self.cursor = cursor
+        return self.table
+
+    async def _reload(self) -> CatalogTable:
         started = time.perf_counter()
         table = await load_catalog(self.list_items, self.page_size)
+        CATALOG_REFRESHES.labels("full").inc()
+        CATALOG_ITEMS.labels("full").inc(len(table))
+        self._swap(table, started)
+        return table
+
+    def _swap(self, table: CatalogTable, started: float) -> None:
         self.table = table
         self.extra = {}
         trim()  # the pages of items parsed for the table (and the previous table)
@@ -306,7 +403,6 @@ class CatalogFollower:
             "catalogue table loaded",
             extra={"items": len(table), "ms": round((time.perf_counter() - started) * 1000, 1)},
         )
-        return table
 
     async def newer_items(self, ids: Sequence[str], timeout_s: float) -> dict[str, common_pb2.Item]:
         """Catalogue items among ``ids`` that the table does not hold (fetched once per

@@ -150,6 +150,13 @@ PROMISES: dict[str, list[str]] = {
         PROFILE_SVC + "test_unknown_customer_gets_an_empty_profile",
         "tests/profile/test_faults.py::test_redis_outage_unavailable_then_recovery",
     ],
+    "profile.proto:ProfileService.ListItemChanges": [
+        "tests/ranking/test_item_table.py::test_ranking_follows_the_catalogue_change_feed",
+        "tests/profile/test_store.py::test_item_changes_follow_every_catalog_write",
+    ],
+    "profile.proto:ListItemChangesResponse.items": [
+        "tests/profile/test_store.py::test_item_changes_follow_every_catalog_write",
+    ],
     "profile.proto:GetProfileRequest.customer_id": [PROFILE_SVC + "test_other_bad_requests"],
     "profile.proto:Customer.customer_id": [PROFILE_PROMISES + "test_customer_ids_are_required"],
     "profile.proto:GetCartRequest.customer_id": [

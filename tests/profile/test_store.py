@@ -330,3 +330,81 @@ async def test_trending_stays_exact_when_the_anchor_moves(
         if isinstance(store, RedisStore):
             await store.flush_prefix()
         await store.close()
+
+
+async def test_item_changes_follow_every_catalog_write(store: ProfileStore) -> None:
+    """The change feed: from 0 every item once; after a cursor exactly the items written
+    since (upsert, stock change), each once with its latest attributes; nothing while
+    nothing changes."""
+    empty = await store.item_changes(0, 100)
+    assert (empty.items, empty.last_seq, empty.head) == ([], 0, 0)
+    await store.upsert_items(catalog(6), NOW_US)
+    first = await store.item_changes(0, 4)
+    assert len(first.items) == 4 and first.last_seq < first.head
+    rest = await store.item_changes(first.last_seq, 100)
+    assert sorted(i.item_id for i in first.items + rest.items) == sorted(
+        i.item_id for i in catalog(6)
+    )
+    cursor = rest.last_seq
+    assert cursor == rest.head and rest.epoch == first.epoch != ""
+    idle = await store.item_changes(cursor, 100)
+    assert (idle.items, idle.last_seq) == ([], cursor)
+
+    await store.update_stock([StockChange("i2", set_to=7), StockChange("i2", delta=-3)])
+    await store.upsert_items([item("i4", price=1.5), item("fresh")], NOW_US)
+    await store.update_stock([StockChange("i4", set_to=0)])
+    await store.upsert_items([item("i1", stock=3)], NOW_US, only_missing=True)  # no change
+    changed = await store.item_changes(cursor, 100)
+    assert [i.item_id for i in changed.items] == ["i2", "fresh", "i4"]  # latest change last
+    got = {i.item_id: i for i in changed.items}
+    assert got["i2"].stock == 4 and (got["i4"].price, got["i4"].stock) == (1.5, 0)
+    assert changed.last_seq == changed.head > cursor
+    assert (await store.item_changes(changed.last_seq, 100)).items == []
+
+
+def test_sqlite_migration_numbers_the_existing_catalog(tmp_path: Path, cfg: ProfileConfig) -> None:
+    path = tmp_path / "v2.db"
+    conn = connect(path)
+    assert migrate(conn, target=2) == 2
+    conn.executemany(
+        "INSERT INTO items (item_id, category, stock, data) VALUES (?, ?, ?, ?)",
+        [(i.item_id, i.category, i.stock, i.SerializeToString()) for i in catalog(5)],
+    )
+    conn.close()
+
+    async def run() -> None:
+        store = SqliteStore(path, cfg)
+        await store.open()
+        try:
+            everything = await store.item_changes(0, 100)
+            assert len(everything.items) == 5 and everything.last_seq == everything.head == 5
+            await store.update_stock([StockChange("i0", set_to=1)])
+            after = await store.item_changes(5, 100)
+            assert [i.item_id for i in after.items] == ["i0"] and after.head == 6
+        finally:
+            await store.close()
+
+    asyncio.run(run())
+
+
+async def test_redis_numbers_items_written_before_the_feed(redis_server: object) -> None:
+    """A Redis catalogue written by a version without the change feed: open() numbers its
+    items once; a flushed store starts a new epoch."""
+    cfg = ProfileConfig()
+    url = redis_server.url  # type: ignore[attr-defined]
+    store = RedisStore(url, cfg, prefix="feedless:")
+    await store.open()
+    try:
+        await store.upsert_items(catalog(4), NOW_US)
+        await store.r.delete(store.k_changes, store.k_item_seq)  # as an older version wrote it
+        await store.close()
+        await store.open()
+        before = await store.item_changes(0, 100)
+        assert len(before.items) == 4 and before.head == 4
+        await store.flush_prefix()
+        await store.upsert_items([item("x")], NOW_US)
+        after = await store.item_changes(0, 100)
+        assert [i.item_id for i in after.items] == ["x"] and after.epoch != before.epoch
+    finally:
+        await store.flush_prefix()
+        await store.close()

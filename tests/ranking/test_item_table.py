@@ -4,7 +4,11 @@ boosts; items sent in the request still override the table."""
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -12,8 +16,11 @@ import numpy as np
 import pytest
 
 from mercato.v1 import common_pb2, profile_pb2, profile_pb2_grpc, ranking_pb2, ranking_pb2_grpc
+from services.profile.logic import ProfileConfig
+from services.profile.store.redis import RedisStore
 from services.ranking.table import CatalogTable
 from tests.procs import start_service
+from tests.profile.redis_proc import RedisProc
 
 
 def _item(i: int, **kw: object) -> common_pb2.Item:
@@ -180,3 +187,174 @@ def test_items_created_after_the_last_reload_are_fetched_on_demand(tmp_path: Pat
         finally:
             ranking.terminate()
             profile.terminate()
+
+
+def test_updated_table_writes_changed_rows_into_a_new_table() -> None:
+    table = CatalogTable([_item(0), _item(1, promoted=True), _item(2)])
+    changed = table.updated(
+        [_item(1, stock=0, price=4.0), _item(7, category="new"), _item(1, stock=2)], loaded_at=5.0
+    )
+    assert changed.ids == ["t0", "t1", "t2", "t7"] and changed.loaded_at == 5.0
+    arr = changed.lookup(["t1", "t7", "t0"])
+    assert arr.stock.tolist() == [2, 5, 5]  # the later entry for t1 won, whole
+    assert arr.price.tolist() == [10.0, 10.0, 10.0]
+    assert arr.promoted.tolist() == [False, False, False]
+    assert arr.category_strings() == ["cat1", "new", "cat0"]
+    # The table it came from is what readers holding it saw.
+    old = table.lookup(["t1", "t7"])
+    assert old.known.tolist() == [True, False] and old.stock.tolist() == [5, -1]
+    assert old.promoted.tolist() == [True, False] and table.category_names == [
+        "cat0",
+        "cat1",
+        "cat2",
+    ]
+    assert changed.updated([], loaded_at=6.0).ids == changed.ids
+    # The same table as built from everything at once.
+    whole = CatalogTable([_item(0), _item(1, stock=2), _item(2), _item(7, category="new")])
+    for name in ("category", "price", "stock", "margin", "replenishable", "promoted"):
+        assert np.array_equal(getattr(whole, name), getattr(changed, name)), name
+    assert whole.row == changed.row and whole.category_names == changed.category_names
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    proc = RedisProc(tmp_path_factory.mktemp("redis")).start()
+    yield proc.url
+    proc.stop()
+
+
+def _cursor(epoch: str, seq: int) -> str:
+    return base64.urlsafe_b64encode(json.dumps([epoch, seq]).encode()).decode()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["sqlite", "redis"])
+def test_ranking_follows_the_catalogue_change_feed(
+    tmp_path: Path, backend: str, request: pytest.FixtureRequest
+) -> None:
+    """The real profile process on each store and ranking following its change feed: a
+    stock and a price change made through the API reach ranking's table after one
+    refresh, an unchanged catalogue sends no item, bad cursors get clear statuses, and
+    (Redis) a store emptied under ranking is loaded again in full."""
+    env: dict[str, str] = {}
+    prefix = f"feed{time.monotonic_ns()}:"
+    if backend == "redis":
+        env = {
+            "MERCATO_PROFILE_BACKEND": "redis",
+            "MERCATO_PROFILE_REDIS_URL": request.getfixturevalue("redis_url"),
+            "MERCATO_PROFILE_REDIS_PREFIX": prefix,
+        }
+    profile = start_service("profile", tmp_path / "p", env)
+    items = [_item(i) for i in range(12)] + [_item(12, stock=0), _item(13, margin=5.0)]
+    with grpc.insecure_channel(profile.target) as ch:
+        catalog = profile_pb2_grpc.ProfileServiceStub(ch)
+        catalog.UpsertItems(profile_pb2.UpsertItemsRequest(items=items), timeout=10)
+
+        # Bad cursors: a clear status each, and the service keeps answering.
+        def changes(cursor: str) -> profile_pb2.ListItemChangesResponse:
+            req = profile_pb2.ListItemChangesRequest(cursor=cursor, page_size=100)
+            return catalog.ListItemChanges(req, timeout=10)
+
+        everything = changes("")
+        assert len(everything.items) == len(items) and not everything.more
+        epoch, seq = json.loads(base64.urlsafe_b64decode(everything.cursor))
+        for bad, code in [
+            ("not a cursor", grpc.StatusCode.INVALID_ARGUMENT),
+            (_cursor(epoch, -1), grpc.StatusCode.INVALID_ARGUMENT),
+            (_cursor("another-store", seq), grpc.StatusCode.FAILED_PRECONDITION),
+            (_cursor(epoch, seq + 1), grpc.StatusCode.FAILED_PRECONDITION),
+        ]:
+            with pytest.raises(grpc.RpcError) as err:
+                changes(bad)
+            assert err.value.code() == code, err.value.details()
+            assert "cursor" in (err.value.details() or "")
+        assert changes(everything.cursor).items == []
+
+        ranking = start_service(
+            "ranking",
+            tmp_path / "r",
+            {
+                "MERCATO_RANKING_CATALOG_TARGET": profile.target,
+                "MERCATO_RANKING_CATALOG_REFRESH_S": "0.2",
+                "MERCATO_RANKING_CATALOG_PAGE_SIZE": "5",  # several pages
+                "MERCATO_RANKING_RANKER_ENABLED": "false",
+            },
+        )
+
+        def refreshes(how: str) -> float:
+            return ranking.metric("mercato_ranking_catalog_refreshes_total", how=how)
+
+        def received(how: str) -> float:
+            return ranking.metric("mercato_ranking_catalog_items_total", how=how)
+
+        def after_next_refresh() -> None:
+            seen = refreshes("changes")
+            deadline = time.monotonic() + 10
+            while refreshes("changes") < seen + 2:  # one may have started before the change
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+
+        try:
+            with grpc.insecure_channel(ranking.target) as rch:
+                stub = ranking_pb2_grpc.RankingServiceStub(rch)
+                ids = [f"t{i}" for i in (12, 13, *range(12))]
+                resp = _rank(stub, ids)
+                assert resp.dropped["out_of_stock"] == 1 and "t12" not in [
+                    r.item_id for r in resp.items
+                ]
+                boosted = {r.item_id: r.score for r in resp.items}["t13"]
+                assert (refreshes("full"), received("full")) == (1, len(items))
+
+                # Unchanged: refreshes go on and carry no item.
+                after_next_refresh()
+                after_next_refresh()
+                assert received("changes") == 0 and refreshes("full") == 1
+
+                # A restock and a price change through the API: one refresh later.
+                catalog.UpdateStock(
+                    profile_pb2.UpdateStockRequest(
+                        updates=[profile_pb2.StockUpdate(item_id="t12", set_to=7)]
+                    ),
+                    timeout=10,
+                )
+                catalog.UpsertItems(
+                    profile_pb2.UpsertItemsRequest(items=[_item(13, margin=5.0, price=100.0)]),
+                    timeout=10,
+                )
+                after_next_refresh()
+                resp = _rank(stub, ids)
+                got = {r.item_id: r.score for r in resp.items}
+                assert "t12" in got and "out_of_stock" not in resp.dropped
+                # 100 instead of 10: no longer high-margin, so no margin boost.
+                assert got["t13"] < boosted
+                assert received("changes") == 2 and refreshes("full") == 1
+
+                if backend == "redis":
+                    # The store emptied and written again: the cursor is refused and
+                    # ranking loads the new catalogue in full (t0..t9 are unknown now,
+                    # so the home category cap drops none of them).
+                    cat0 = ["t0", "t3", "t6", "t9"]
+                    assert _rank(stub, cat0).dropped["category_cap"] == 1
+                    asyncio.run(_flush(request.getfixturevalue("redis_url"), prefix))
+                    catalog.UpsertItems(
+                        profile_pb2.UpsertItemsRequest(items=[_item(50)]), timeout=10
+                    )
+                    deadline = time.monotonic() + 10
+                    while refreshes("full") < 2:
+                        assert time.monotonic() < deadline
+                        time.sleep(0.05)
+                    assert "category_cap" not in _rank(stub, cat0).dropped
+                    assert received("full") == len(items) + 1
+                assert ranking.health() == "SERVING"
+        finally:
+            ranking.terminate()
+            profile.terminate()
+
+
+async def _flush(url: str, prefix: str) -> None:
+    store = RedisStore(url, ProfileConfig(), prefix=prefix)
+    await store.open()
+    try:
+        await store.flush_prefix()
+    finally:
+        await store.close()

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 from services.profile.store.base import (
     AppendResult,
     CustomerRecord,
+    ItemChanges,
     ProfileStore,
     StockChange,
     StoreUnavailable,
@@ -19,6 +20,7 @@ if TYPE_CHECKING:
 __all__ = [
     "AppendResult",
     "CustomerRecord",
+    "ItemChanges",
     "ProfileStore",
     "StockChange",
     "StoreUnavailable",

@@ -67,6 +67,22 @@ class StockChange:
         return max(0, stock + (self.delta or 0))
 
 
+@dataclass(frozen=True)
+class ItemChanges:
+    """Catalogue items changed after a change sequence number, oldest change first.
+
+    Every item write (create, update, stock change) gives the item the store's next
+    change sequence number, so the items with a number above a reader's cursor are
+    exactly those written since it read up to that cursor. ``epoch`` names the store's
+    sequence: a cursor of another epoch (the store was replaced or emptied) is no
+    cursor of this one."""
+
+    items: list[common_pb2.Item]
+    last_seq: int  # the sequence number of the last item returned (``after`` when none)
+    head: int  # the store's latest sequence number when read
+    epoch: str
+
+
 @dataclass
 class BatchPlan:
     """The writes of one batch of events."""
@@ -193,6 +209,11 @@ class ProfileStore(abc.ABC):
     @abc.abstractmethod
     async def list_items(self, limit: int, after: str, category: str) -> list[common_pb2.Item]:
         """Items ordered by id, ids > ``after``, optionally of one category."""
+
+    @abc.abstractmethod
+    async def item_changes(self, after: int, limit: int) -> ItemChanges:
+        """Up to ``limit`` items whose latest change has a sequence number > ``after``,
+        in sequence order, each with its current attributes (0 = every item)."""
 
     @abc.abstractmethod
     async def trending(

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from typing import Any, ParamSpec, TypeVar
 from urllib.parse import urlsplit
@@ -50,6 +51,7 @@ from services.profile.logic import (
 from services.profile.store.base import (
     AppendResult,
     CustomerRecord,
+    ItemChanges,
     ProfileStore,
     StockChange,
     StoreUnavailable,
@@ -77,6 +79,23 @@ for _, scope in ipairs(scopes) do
   end
 end
 return #scopes
+"""
+
+# Gives every catalogue item without a change sequence number the next ones (stores
+# written before the change feed): KEYS = all items, changes, sequence.
+_NUMBER_ITEMS_LUA = """
+local ids = redis.call('ZRANGE', KEYS[1], 0, -1)
+local seq = tonumber(redis.call('GET', KEYS[3]) or '0')
+local added = 0
+for _, id in ipairs(ids) do
+  if not redis.call('ZSCORE', KEYS[2], id) then
+    seq = seq + 1
+    redis.call('ZADD', KEYS[2], seq, id)
+    added = added + 1
+  end
+end
+if added > 0 then redis.call('SET', KEYS[3], seq) end
+return added
 """
 
 
@@ -127,6 +146,11 @@ class RedisStore(ProfileStore):
         self.k_scopes = p + "tscopes"
         self.k_carts = p + "carts"
         self.k_items = p + "items"
+        # The catalogue's change feed: the last sequence number given, each item's latest
+        # number (sorted set), and the name of this sequence (a new one after a flush).
+        self.k_item_seq = p + "iseq"
+        self.k_changes = p + "ichanges"
+        self.k_epoch = p + "iepoch"
 
     def k_event(self, event_id: str) -> str:
         return f"{self.prefix}e:{event_id}"
@@ -167,6 +191,12 @@ class RedisStore(ProfileStore):
             )
         await self.r.ping()
         await self._check_durability()
+        await self.r.set(self.k_epoch, uuid.uuid4().hex, nx=True)
+        if await self.r.zcard(self.k_changes) < await self.r.zcard(self.k_items):
+            added = await self.r.eval(
+                _NUMBER_ITEMS_LUA, 3, self.k_items, self.k_changes, self.k_item_seq
+            )
+            log.info("numbered catalogue items for the change feed", extra={"items": added})
 
     async def _check_durability(self) -> None:
         try:
@@ -355,8 +385,9 @@ class RedisStore(ProfileStore):
         async with self.r.pipeline(transaction=True) as pipe:
             for _ in range(_MAX_ATTEMPTS):
                 try:
-                    await pipe.watch(*keys)
-                    values = await pipe.mget(*keys)
+                    await pipe.watch(*keys, self.k_item_seq)
+                    *values, seq = await pipe.mget(*keys, self.k_item_seq)
+                    seq = int(seq or 0)
                     existing = {
                         i: common_pb2.Item.FromString(v)
                         for i, v in zip(ids, values, strict=True)
@@ -380,9 +411,12 @@ class RedisStore(ProfileStore):
                             if old.category != item.category:
                                 pipe.zrem(self.k_category(old.category), item.item_id)
                         stored[item.item_id] = item
+                        seq += 1
                         pipe.set(self.k_item(item.item_id), item.SerializeToString())
                         pipe.zadd(self.k_items, {item.item_id: 0})
                         pipe.zadd(self.k_category(item.category), {item.item_id: 0})
+                        pipe.zadd(self.k_changes, {item.item_id: seq})
+                    self._end_changes(pipe, seq)
                     await pipe.execute()
                     return created, updated
                 except WatchError:
@@ -404,8 +438,9 @@ class RedisStore(ProfileStore):
         async with self.r.pipeline(transaction=True) as pipe:
             for _ in range(_MAX_ATTEMPTS):
                 try:
-                    await pipe.watch(*keys)
-                    values = await pipe.mget(*keys)
+                    await pipe.watch(*keys, self.k_item_seq)
+                    *values, seq = await pipe.mget(*keys, self.k_item_seq)
+                    seq = int(seq or 0)
                     items = {
                         i: common_pb2.Item.FromString(v)
                         for i, v in zip(ids, values, strict=True)
@@ -422,7 +457,10 @@ class RedisStore(ProfileStore):
                         out.append(common_pb2.Item.FromString(item.SerializeToString()))
                     pipe.multi()
                     for item in items.values():
+                        seq += 1
                         pipe.set(self.k_item(item.item_id), item.SerializeToString())
+                        pipe.zadd(self.k_changes, {item.item_id: seq})
+                    self._end_changes(pipe, seq)
                     await pipe.execute()
                     return out
                 except WatchError:
@@ -438,6 +476,31 @@ class RedisStore(ProfileStore):
             return []
         values = await self.r.mget([self.k_item(i.decode()) for i in ids])
         return [common_pb2.Item.FromString(v) for v in values if v]
+
+    def _end_changes(self, pipe: Any, seq: int) -> None:
+        """The end of a catalogue write (in its MULTI): the last sequence number given,
+        and a sequence name when there is none (the first write after a flush)."""
+        pipe.set(self.k_item_seq, str(seq))
+        pipe.set(self.k_epoch, uuid.uuid4().hex, nx=True)
+
+    @_unavailable
+    async def item_changes(self, after: int, limit: int) -> ItemChanges:
+        async with self.r.pipeline(transaction=True) as pipe:
+            pipe.get(self.k_item_seq)
+            pipe.get(self.k_epoch)
+            pipe.zrangebyscore(
+                self.k_changes, f"({after}", "+inf", start=0, num=limit, withscores=True
+            )
+            head, epoch, rows = await pipe.execute()
+        # An item written again after this read comes with its newer attributes here and
+        # once more in a later call (its number moved on): the same end state.
+        values = await self.r.mget([self.k_item(m.decode()) for m, _ in rows]) if rows else []
+        return ItemChanges(
+            items=[common_pb2.Item.FromString(v) for v in values if v],
+            last_seq=int(rows[-1][1]) if rows else after,
+            head=int(head or 0),
+            epoch=epoch.decode() if epoch else "",
+        )
 
     @_unavailable
     async def trending(

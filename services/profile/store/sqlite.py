@@ -21,6 +21,7 @@ import logging
 import queue
 import sqlite3
 import threading
+import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ from services.profile.logic import (
 from services.profile.store.base import (
     AppendResult,
     CustomerRecord,
+    ItemChanges,
     ProfileStore,
     StockChange,
     StoreUnavailable,
@@ -104,8 +106,37 @@ def _v2(conn: sqlite3.Connection) -> None:
     conn.executemany("UPDATE customers SET abandon_us = ? WHERE customer_id = ?", updates)
 
 
+def _v3(conn: sqlite3.Connection) -> None:
+    """The catalogue's change sequence: every item write gives the item the next number
+    (``meta.item_seq`` is the last one given), so readers follow the catalogue by
+    asking for the items changed after a number; ``meta.catalog_epoch`` names this
+    file's sequence. Existing items are numbered in id order."""
+    conn.execute("ALTER TABLE items ADD COLUMN change_seq INTEGER NOT NULL DEFAULT 0")
+    ids = [r[0] for r in conn.execute("SELECT item_id FROM items ORDER BY item_id")]
+    conn.executemany(
+        "UPDATE items SET change_seq = ? WHERE item_id = ?",
+        [(n, item_id) for n, item_id in enumerate(ids, start=1)],
+    )
+    conn.execute("CREATE INDEX items_changes ON items (change_seq)")
+    conn.executemany(
+        "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+        [("item_seq", str(len(ids))), ("catalog_epoch", uuid.uuid4().hex)],
+    )
+
+
+def _take_seqs(conn: sqlite3.Connection, n: int) -> int:
+    """Reserve ``n`` change sequence numbers (in the writer's transaction); returns the
+    first."""
+    row = conn.execute("SELECT value FROM meta WHERE key = 'item_seq'").fetchone()
+    last = int(row[0]) if row else 0
+    conn.execute(
+        "INSERT OR REPLACE INTO meta (key, value) VALUES ('item_seq', ?)", (str(last + n),)
+    )
+    return last + 1
+
+
 # Forward migrations: MIGRATIONS[i] brings a file from version i to i + 1.
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_v1, _v2]
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_v1, _v2, _v3]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -533,9 +564,11 @@ class SqliteStore(ProfileStore):
                     updated += 1
                 existing[item.item_id] = item
                 rows.append((item.item_id, item.category, item.stock, item.SerializeToString()))
+            first = _take_seqs(conn, len(rows))
             conn.executemany(
-                "INSERT OR REPLACE INTO items (item_id, category, stock, data) VALUES (?, ?, ?, ?)",
-                rows,
+                "INSERT OR REPLACE INTO items (item_id, category, stock, data, change_seq) "
+                "VALUES (?, ?, ?, ?, ?)",
+                [(*row, first + n) for n, row in enumerate(rows)],
             )
             return created, updated
 
@@ -573,9 +606,13 @@ class SqliteStore(ProfileStore):
                 item = items[change.item_id]
                 item.stock = change.apply(item.stock)
                 out.append(common_pb2.Item.FromString(item.SerializeToString()))
+            first = _take_seqs(conn, len(items))
             conn.executemany(
-                "UPDATE items SET stock = ?, data = ? WHERE item_id = ?",
-                [(i.stock, i.SerializeToString(), i.item_id) for i in items.values()],
+                "UPDATE items SET stock = ?, data = ?, change_seq = ? WHERE item_id = ?",
+                [
+                    (i.stock, i.SerializeToString(), first + n, i.item_id)
+                    for n, i in enumerate(items.values())
+                ],
             )
             return out
 
@@ -595,6 +632,29 @@ class SqliteStore(ProfileStore):
                 (after, limit),
             )
         return [_item_from_row(data) for (data,) in rows]
+
+    async def item_changes(self, after: int, limit: int) -> ItemChanges:
+        conn = self._read()
+        conn.execute("BEGIN")  # one snapshot for the head and the rows
+        try:
+            meta = dict(
+                conn.execute(
+                    "SELECT key, value FROM meta WHERE key IN ('item_seq', 'catalog_epoch')"
+                ).fetchall()
+            )
+            rows = conn.execute(
+                "SELECT change_seq, data FROM items WHERE change_seq > ? "
+                "ORDER BY change_seq LIMIT ?",
+                (after, limit),
+            ).fetchall()
+        finally:
+            conn.execute("COMMIT")
+        return ItemChanges(
+            items=[_item_from_row(data) for _, data in rows],
+            last_seq=int(rows[-1][0]) if rows else after,
+            head=int(meta.get("item_seq", 0)),
+            epoch=str(meta.get("catalog_epoch", "")),
+        )
 
     async def trending(
         self, category: str, limit: int, offset: int
