@@ -8,7 +8,7 @@ export OPENBLAS_NUM_THREADS ?= 1
 export OMP_NUM_THREADS ?= 1
 BUF := node_modules/.bin/buf
 
-.PHONY: help setup demo up down test test-fast mutation protos protos-check lint bench bench-profile bench-ranking bench-retrieval bench-load bench-hotpath bench-quality bench-demo-seeds clean k8s-validate image
+.PHONY: help setup demo up down test test-fast mutation protos protos-check lint bench bench-profile bench-ranking bench-retrieval bench-load bench-hotpath bench-catalog bench-quality bench-demo-seeds clean k8s-validate image
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-16s %s\n", $$1, $$2}'
@@ -86,6 +86,9 @@ bench-load: setup ## Gateway load with all four services, 100k and 1M items (ARG
 
 bench-hotpath: setup ## In-process stage timings of Retrieve and Rank on trained models (bench/results/hotpath.*)
 	$(PY) bench/hotpath.py $(ARGS)
+
+bench-catalog: setup ## Idle CPU of keeping ranking's item table fresh, change feed vs full reload, 100k items (bench/results/catalog_refresh.*)
+	$(PY) bench/catalog_refresh.py $(ARGS)
 
 bench-quality: setup ## Two-tower vs popularity/ALS/EASE on ML-1M, Online Retail and synthetic (bench/results/quality.*)
 	$(PY) bench/quality.py $(ARGS)

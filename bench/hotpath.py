@@ -292,6 +292,16 @@ def run_info(script: str, load_before: float) -> dict[str, Any]:
     }
 
 
+def write_report(tag: str, report: dict[str, Any], table: str) -> None:
+    """``bench/results/TAG.json`` (the report) and ``TAG.md`` (its table), and the table
+    on stdout (this bench's and bench/catalog_refresh.py's)."""
+    out = REPO / "bench" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{tag}.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / f"{tag}.md").write_text(table)
+    print(table)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--items", type=int, default=10_000)
@@ -319,11 +329,7 @@ def main() -> None:
     load_before = os.getloadavg()[0]
     result = run(args)
     report = {**run_info("hotpath.py", load_before), "result": result}
-    out = REPO / "bench" / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{args.tag}.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / f"{args.tag}.md").write_text(markdown(report))
-    print(markdown(report))
+    write_report(args.tag, report, markdown(report))
 
 
 if __name__ == "__main__":
