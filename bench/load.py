@@ -554,17 +554,101 @@ def models_status(procs: dict[str, ServiceProc]) -> dict[str, str]:
     return {name: procs[name].health("") for name in ("retrieval", "ranking")}
 
 
+def _peak_rss_mb() -> float:
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def _rss_guard(limit_mb: float) -> None:
+    """In a training child: end the process (exit code 3) as soon as it holds more than
+    ``limit_mb`` resident, instead of letting the kernel's OOM killer choose a victim
+    on a machine other sessions share."""
+    import threading
+
+    def watch() -> None:
+        while True:
+            rss = rss_mb(os.getpid())
+            if rss > limit_mb:
+                print(f"training stopped at {rss:.0f} MB resident (limit {limit_mb:.0f})")
+                os._exit(3)
+            time.sleep(0.25)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def _train_two_tower(cfg: Any, max_rss_mb: float) -> dict[str, Any]:
+    """Train, register and promote the two-tower (in a child process, see _in_child)."""
+    from training.pipeline import train_and_register
+    from training.registry import promote
+
+    _rss_guard(max_rss_mb)
+    started = time.perf_counter()
+    tt = train_and_register(cfg)
+    assert tt.version
+    promote("mercato-two-tower", cfg.tracking_uri, version=tt.version, force=True)
+    return {
+        "two_tower_version": tt.version,
+        "two_tower_valid_recall_20": round(tt.metric("valid", "two_tower", "recall@20"), 4),
+        "popularity_valid_recall_20": round(tt.metric("valid", "popularity", "recall@20"), 4),
+        "two_tower_train_seconds": round(time.perf_counter() - started, 1),
+        "two_tower_peak_rss_mb": _peak_rss_mb(),
+    }
+
+
+def _train_ranker(cfg: Any, max_rss_mb: float) -> dict[str, Any]:
+    """Train, register and promote the ranker (in a child process, see _in_child)."""
+    from training.ranker import RankerConfig, train_and_register_ranker
+    from training.registry import promote
+
+    _rss_guard(max_rss_mb)
+    started = time.perf_counter()
+    rk = train_and_register_ranker(
+        RankerConfig(
+            retrieval=cfg,
+            two_tower="registry",
+            progress=False,
+            tracking_uri=cfg.tracking_uri,
+            epochs=10,
+        )
+    )
+    assert rk.version
+    promote(
+        "mercato-ranker", cfg.tracking_uri, metric="valid_ndcg_10", version=rk.version, force=True
+    )
+    return {
+        "ranker_version": rk.version,
+        "ranker_train_seconds": round(time.perf_counter() - started, 1),
+        "ranker_peak_rss_mb": _peak_rss_mb(),
+    }
+
+
+def _in_child(fn: Any, *args: Any) -> dict[str, Any]:
+    """``fn(*args)`` in a fresh process (spawn, not fork: torch and FAISS are loaded
+    around). Each training's peak, and whatever its allocator keeps after it, ends with
+    its process, so neither stacks on the other or stays in the bench process while the
+    services run (the 1M-item run used to train both models in the bench process
+    itself; docs/gateway.md has what each one takes)."""
+    import concurrent.futures
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx) as pool:
+        result: dict[str, Any] = pool.submit(fn, *args).result()
+    return result
+
+
 def train_models(tmp: Path, items: int, args: argparse.Namespace) -> dict[str, Any]:
     """Train and promote a two-tower and a ranker on exactly the synthetic data the
     profile service is loaded with (same generator config), in an MLflow store under
-    ``tmp`` that the services then follow (``MERCATO_MLFLOW_TRACKING_URI``)."""
+    ``tmp`` that the services then follow (``MERCATO_MLFLOW_TRACKING_URI``). Each model
+    trains in its own child process (:func:`_in_child`); the report gives each one's
+    peak resident memory."""
     from dataclasses import replace
 
     from training.baselines import BaselineConfig
     from training.index import IndexConfig
-    from training.pipeline import TrainConfig, train_and_register
-    from training.ranker import RankerConfig, train_and_register_ranker
-    from training.registry import promote
+    from training.pipeline import TrainConfig
     from training.synthetic import SyntheticConfig
     from training.two_tower import TwoTowerConfig
 
@@ -594,26 +678,11 @@ def train_models(tmp: Path, items: int, args: argparse.Namespace) -> dict[str, A
         max_eval_users=500,
         tracking_uri=uri,
     )
-    tt = train_and_register(cfg)
-    assert tt.version
-    promote("mercato-two-tower", uri, version=tt.version, force=True)
-    tt_s = time.perf_counter() - started
-    rk = train_and_register_ranker(
-        RankerConfig(
-            retrieval=cfg, two_tower="registry", progress=False, tracking_uri=uri, epochs=10
-        )
-    )
-    assert rk.version
-    promote("mercato-ranker", uri, metric="valid_ndcg_10", version=rk.version, force=True)
-    return {
-        "two_tower_version": tt.version,
-        "two_tower_valid_recall_20": round(tt.metric("valid", "two_tower", "recall@20"), 4),
-        "popularity_valid_recall_20": round(tt.metric("valid", "popularity", "recall@20"), 4),
-        "ranker_version": rk.version,
-        "registry": "mlflow server over HTTP" if uri.startswith("http") else "SQLite store",
-        "train_seconds": round(time.perf_counter() - started, 1),
-        "two_tower_train_seconds": round(tt_s, 1),
-    }
+    out = _in_child(_train_two_tower, cfg, args.train_max_rss_mb)
+    out.update(_in_child(_train_ranker, cfg, args.train_max_rss_mb))
+    out["registry"] = "mlflow server over HTTP" if uri.startswith("http") else "SQLite store"
+    out["train_seconds"] = round(time.perf_counter() - started, 1)
+    return out
 
 
 def bench_catalog(items: int, args: argparse.Namespace) -> dict[str, Any]:
@@ -797,6 +866,12 @@ def main() -> None:
         "configuration); without it no model is registered and answers are degraded.",
     )
     ap.add_argument("--train-epochs", type=int, default=5, help="Two-tower epochs (--train).")
+    ap.add_argument(
+        "--train-max-rss-mb",
+        type=float,
+        default=12_000,
+        help="With --train: stop a training process past this resident memory (MB).",
+    )
     ap.add_argument("--tag", default="load", help="Result file name (bench/results/TAG.*).")
     ap.add_argument(
         "--mlflow-server",
