@@ -61,7 +61,10 @@ def _rank(
 
 
 @pytest.mark.slow
-def test_ranking_reads_the_catalogue_and_follows_stock_changes(tmp_path: Path) -> None:
+@pytest.mark.parametrize("changes", ["true", "false"])  # the change feed, full reloads
+def test_ranking_reads_the_catalogue_and_follows_stock_changes(
+    tmp_path: Path, changes: str
+) -> None:
     profile = start_service("profile", tmp_path / "p")
     items = [_item(i) for i in range(12)] + [_item(12, stock=0)]
     with grpc.insecure_channel(profile.target) as ch:
@@ -74,6 +77,7 @@ def test_ranking_reads_the_catalogue_and_follows_stock_changes(tmp_path: Path) -
                 "MERCATO_RANKING_CATALOG_TARGET": profile.target,
                 "MERCATO_RANKING_CATALOG_REFRESH_S": "0.3",
                 "MERCATO_RANKING_CATALOG_PAGE_SIZE": "5",  # several pages
+                "MERCATO_RANKING_CATALOG_CHANGES": changes,
                 "MERCATO_RANKING_RANKER_ENABLED": "false",
             },
         )
@@ -113,6 +117,8 @@ def test_ranking_reads_the_catalogue_and_follows_stock_changes(tmp_path: Path) -
                     assert time.monotonic() < deadline, (got, dict(resp.dropped))
                     time.sleep(0.1)
                 assert resp.dropped["out_of_stock"] == 1  # now t20
+                feed = ranking.metric("mercato_ranking_catalog_refreshes_total", how="changes")
+                assert (feed > 0) == (changes == "true")
         finally:
             ranking.terminate()
             profile.terminate()
@@ -358,3 +364,40 @@ async def _flush(url: str, prefix: str) -> None:
         await store.flush_prefix()
     finally:
         await store.close()
+
+
+class _FeedlessCatalog(profile_pb2_grpc.ProfileServiceServicer):
+    """A profile service from before the change feed: ListItems only (the generated base
+    class answers every other method UNIMPLEMENTED)."""
+
+    def __init__(self, items: list[common_pb2.Item]) -> None:
+        self.items = items
+        self.listed = 0
+
+    async def ListItems(
+        self, request: profile_pb2.ListItemsRequest, context: grpc.aio.ServicerContext
+    ) -> profile_pb2.ListItemsResponse:
+        self.listed += 1
+        return profile_pb2.ListItemsResponse(items=self.items)
+
+
+async def test_a_profile_service_without_the_feed_is_reloaded_in_full() -> None:
+    from services.ranking.table import CatalogFollower
+
+    catalog = _FeedlessCatalog([_item(0), _item(1, stock=0)])
+    server = grpc.aio.server()
+    profile_pb2_grpc.add_ProfileServiceServicer_to_server(catalog, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+            stub = profile_pb2_grpc.ProfileServiceStub(ch)
+            follower = CatalogFollower(stub.ListItems, 3600, list_changes=stub.ListItemChanges)
+            table = await follower.refresh()
+            assert table.lookup(["t1"]).stock.tolist() == [0] and catalog.listed == 1
+            assert follower.list_changes is None  # asked once, then ListItems only
+            catalog.items = [_item(0), _item(1, stock=4)]
+            table = await follower.refresh()
+            assert table.lookup(["t1"]).stock.tolist() == [4] and catalog.listed == 2
+    finally:
+        await server.stop(None)
