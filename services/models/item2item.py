@@ -38,6 +38,9 @@ FORMAT_VERSION = 1
 MODEL_TYPE = "item2item"
 DIRNAME = "item2item"
 FILES = ("config.json", "item_ids.json", "neighbours.npz")
+#: Scoring walks a dense array of the catalogue instead of sorting the history's
+#: neighbour entries when there are at least n_items / DENSE_RATIO of them.
+DENSE_RATIO = 16
 
 
 class Item2ItemError(Exception):
@@ -91,8 +94,17 @@ class ItemNeighbours:
         if lens.sum() == 0:
             return np.zeros(0, np.int64), np.zeros(0, np.float32)
         pos = np.repeat(ends - lens.cumsum(), lens) + np.arange(lens.sum())
-        rows, inv = np.unique(self.indices[pos], return_inverse=True)
-        sums = np.bincount(inv, weights=self.scores[pos].astype(np.float64), minlength=len(rows))
+        targets, weights = self.indices[pos], self.scores[pos].astype(np.float64)
+        if len(pos) * DENSE_RATIO >= self.n_items:
+            # Many entries for the catalogue: one dense pass instead of sorting them.
+            # bincount adds in input order either way: the same sums to the bit.
+            seen = np.zeros(self.n_items, dtype=bool)
+            seen[targets] = True
+            rows = np.flatnonzero(seen)
+            sums = np.bincount(targets, weights=weights, minlength=self.n_items)[rows]
+            return rows.astype(np.int64), sums.astype(np.float32)
+        rows, inv = np.unique(targets, return_inverse=True)
+        sums = np.bincount(inv, weights=weights, minlength=len(rows))
         return rows.astype(np.int64), sums.astype(np.float32)
 
     def score_of(
@@ -125,7 +137,14 @@ class ItemNeighbours:
         src = np.repeat(hist, lens)
         dst = self.indices[pos].astype(np.int64)
         w = self.scores[pos]
-        want = np.isin(dst, rows)
+        asked = np.asarray(rows, dtype=np.int64)
+        asked = asked[(asked >= 0) & (asked < self.n_items)]
+        if len(dst) * DENSE_RATIO >= self.n_items:
+            mark = np.zeros(self.n_items, dtype=bool)
+            mark[asked] = True
+            want = mark[dst]
+        else:
+            want = np.isin(dst, rows)
         src, dst, w = src[want], dst[want], w[want]
         if len(dst) == 0:
             return out
@@ -155,6 +174,11 @@ class ItemNeighbours:
             drop |= np.isin(rows, exclude)
         keep = ~drop & (sums > 0)
         rows, sums = rows[keep], sums[keep]
+        if 0 < k < len(rows) // 4:
+            # Only rows scoring at least the k-th best can be among the k (ties kept).
+            kth = np.partition(-sums, k - 1)[k - 1]
+            near = -sums <= kth
+            rows, sums = rows[near], sums[near]
         order = np.lexsort((rows, -sums))[:k]
         return rows[order], sums[order]
 
