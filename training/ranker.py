@@ -777,7 +777,7 @@ def _champion_scorer(cfg: RankerConfig, uri: str, signature: str) -> tuple[str, 
             cfg.model_name, "champion", uri, Path(tempfile.mkdtemp(prefix="mercato-rk-"))
         )
         return version, RankerScorer(RankerBundle.load(local), info), ""
-    except RankerBundleError as e:  # other features: the service cannot serve it either
+    except RankerBundleError as e:  # a feature no longer computed: the service refuses it too
         return version, None, f"the champion cannot be loaded by this code: {e}"
 
 
