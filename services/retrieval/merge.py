@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from mercato.v1 import common_pb2
+from services.models.item2item import HistoryEntries
 from services.models.two_tower import UserQuery
 from services.retrieval.model import IndexState, RetrievalModel, RowFilter, SearchResult
 
@@ -133,6 +134,7 @@ class Sources:
     k: int
     flt: RowFilter
     i2i_rows: np.ndarray | None = None
+    entries: HistoryEntries | None = None  # the history's neighbour entries
 
 
 def gather_sources(
@@ -148,9 +150,11 @@ def gather_sources(
     res = model.search(st, q, k, flt)
     i2i = model.item2item
     hist = history_rows(model, st, query) if i2i is not None else np.zeros(0, np.int64)
-    # what the history reaches, computed once for the neighbour list and the scores
-    reached = i2i.score_rows(hist) if i2i is not None and len(hist) else None
-    return Sources(q, res, hist, reached, k, flt)
+    # what the history reaches, computed once for the neighbour list, the scores and
+    # the anchors of each fusion
+    entries = i2i.entries(hist) if i2i is not None and len(hist) else None
+    reached = i2i.score_rows(hist, entries) if i2i is not None and entries is not None else None
+    return Sources(q, res, hist, reached, k, flt, entries=entries)
 
 
 def _i2i_rows(model: RetrievalModel, st: IndexState, src: Sources) -> np.ndarray:
@@ -196,7 +200,7 @@ def fuse_sources(
         s[base] = i2i.score_of(hist, rows[base], reached)
         s[s == 0] = np.nan
         scores[SOURCE_ITEM2ITEM] = s
-        anchors[base] = i2i.best_anchor(hist, rows[base])
+        anchors[base] = i2i.best_anchor(hist, rows[base], src.entries)
     used = [s_ for s_, (r, _) in lists.items() if len(r)]
     if len(used) == 1 and used[0] in scores and not filled:
         # One source alone: its own scores (same order), as before merging existed.

@@ -108,6 +108,11 @@ def test_what_the_history_reaches_is_computed_once_with_the_same_answers() -> No
         for got, want in zip(w.top(hist, 12, excl, reached), w.top(hist, 12, excl), strict=True):
             np.testing.assert_array_equal(got, want)
         np.testing.assert_array_equal(w.score_of(hist, rows, reached), w.score_of(hist, rows))
+        # the history's neighbour entries, gathered once for the scores and the anchors
+        entries = w.entries(hist)
+        for got, want in zip(w.score_rows(hist, entries), reached, strict=True):
+            np.testing.assert_array_equal(got, want)
+        np.testing.assert_array_equal(w.best_anchor(hist, rows, entries), w.best_anchor(hist, rows))
 
 
 def test_dense_and_sorted_scoring_give_the_same_answers(monkeypatch: pytest.MonkeyPatch) -> None:
