@@ -90,8 +90,10 @@ bench-hotpath: setup ## In-process stage timings of Retrieve and Rank on trained
 bench-catalog: setup ## Idle CPU of keeping ranking's item table fresh, change feed vs full reload, 100k items (bench/results/catalog_refresh.*)
 	$(PY) bench/catalog_refresh.py $(ARGS)
 
-bench-quality: setup ## Two-tower vs popularity/ALS/EASE on ML-1M, Online Retail and synthetic (bench/results/quality.*)
-	$(PY) bench/quality.py $(ARGS)
+# Data sets run as QUALITY_JOBS processes at once (1 thread each; ML-1M first), then combined.
+QUALITY_JOBS ?= 2
+bench-quality: setup ## Two-tower vs popularity/ALS/EASE and the served list on ML-1M, Online Retail and synthetic (bench/results/quality.*)
+	$(PY) bench/quality.py --jobs $(QUALITY_JOBS) $(ARGS)
 
 bench-demo-seeds: setup ## The demo's shop on dev data seeds 1-6: two-tower vs ALS/EASE (bench/results/demo_seeds.*)
 	$(PY) bench/demo_seeds.py $(ARGS)

@@ -31,6 +31,7 @@ import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 ROOT = Path(__file__).resolve().parents[1]
@@ -142,9 +143,19 @@ def main() -> None:
         help="Train the ranker on the served candidates and replay the served list with it.",
     )
     ap.add_argument("--ranker-max-users", type=int, default=3000, help="Customers per window.")
+    ap.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="Data sets run as this many processes at once (1 thread each), then combined.",
+    )
     args = ap.parse_args()
     if args.combine is not None:
         combine([Path(p) for p in args.combine], Path(args.out))
+        return
+    names = args.datasets.split(",")
+    if args.jobs > 1 and len(names) > 1:
+        run_parallel(names, args.jobs, Path(args.out))
         return
     data_dir = Path(args.data_dir)
     if not data_dir.is_dir():
@@ -227,19 +238,105 @@ def main() -> None:
     write(Path(args.out), [meta], results)
 
 
+#: The order data sets start in with --jobs: the longest first (CPU seconds measured).
+COST_ORDER = ("ml1m-recbole", "ml1m", "synthetic", "retail")
+
+
+def run_parallel(names: list[str], jobs: int, out: Path) -> None:
+    """Each data set as its own ``bench/quality.py --datasets <name>`` process (the same
+    arguments otherwise), at most ``jobs`` at once, the longest first; their lines are
+    printed prefixed with the data set's name; the JSON files are combined into ``out``
+    with the wall time of the whole and the processes' CPU seconds."""
+    import resource
+    import subprocess
+    import threading
+
+    parts = Path(tempfile.mkdtemp(prefix="mercato-bench-quality-parts-"))
+    order = sorted(names, key=lambda n: COST_ORDER.index(n) if n in COST_ORDER else -1)
+    argv = list(sys.argv[1:])
+    # the child's own arguments: everything but --datasets / --out / --jobs (and values)
+    keep: list[str] = []
+    skip = False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a in ("--datasets", "--out", "--jobs"):
+            skip = True
+            continue
+        if a.startswith(("--datasets=", "--out=", "--jobs=")):
+            continue
+        keep.append(a)
+    t0 = time.perf_counter()
+    running: list[tuple[str, subprocess.Popen[str], threading.Thread]] = []
+    failed: list[str] = []
+
+    def pump(name: str, proc: subprocess.Popen[str]) -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            print(f"[{name}] {line}", end="", flush=True)
+
+    def reap(block: bool) -> None:
+        for item in list(running):
+            name, proc, th = item
+            if block or proc.poll() is not None:
+                proc.wait()
+                th.join()
+                running.remove(item)
+                if proc.returncode != 0:
+                    failed.append(name)
+                print(f"== {name} finished (exit {proc.returncode})", flush=True)
+                if block:
+                    return
+
+    for name in order:
+        while len(running) >= jobs:
+            time.sleep(1.0)
+            reap(False)
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--datasets", name]
+        cmd += ["--out", str(parts / name), *keep]
+        print(f"== {name}: started ({' '.join(cmd[1:])})", flush=True)
+        proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+        )
+        th = threading.Thread(target=pump, args=(name, proc), daemon=True)
+        th.start()
+        running.append((name, proc, th))
+    while running:
+        reap(True)
+    if failed:
+        sys.exit(f"data sets failed: {', '.join(failed)}")
+    wall = time.perf_counter() - t0
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = usage.ru_utime + usage.ru_stime
+    print(f"== all {len(order)} data sets: {wall:.0f} s wall, {cpu:.0f} s CPU", flush=True)
+    combine([parts / f"{n}.json" for n in names], out, {"jobs": jobs, "wall": wall, "cpu": cpu})
+
+
+def run_line(m: dict[str, Any], results: dict[str, dict[str, Any]]) -> str:
+    """One run of the report: its command, data sets, settings, wall and CPU seconds."""
+    names = ", ".join(m["datasets"])
+    if "jobs" in m:  # the --jobs run that started the others
+        return (
+            f"- `{m['command']}`: {names} as {m['jobs']} processes at once; "
+            f"{float(m['total_seconds']):.0f} s wall, {float(m['cpu_seconds']):.0f} s CPU"
+        )
+    cpu = sum(float(results[d].get("cpu_seconds", 0.0)) for d in m["datasets"] if d in results)
+    return (
+        f"- `{m['command']}`: {names}; two-tower loss `{m['loss']}`, "
+        f"at most {m['epochs']} epochs (early stopping); "
+        f"{m['threads']} thread(s) on a {m['cpus']}-core machine shared with other jobs; "
+        f"{float(m['total_seconds']):.0f} s wall, {cpu:.0f} s CPU"
+    )
+
+
 def write(out: Path, metas: list[dict[str, object]], results: dict[str, dict[str, object]]) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(
         json.dumps({"runs": metas, "results": results}, indent=2, sort_keys=True)
     )
     table = markdown(results)
-    runs = "\n".join(
-        f"- `{m['command']}`: {', '.join(m['datasets'])}; two-tower loss `{m['loss']}`, "  # type: ignore[arg-type]
-        f"at most {m['epochs']} epochs (early stopping); "
-        f"{m['threads']} thread(s) on a {m['cpus']}-core machine shared with other jobs; "
-        f"{float(m['total_seconds']):.0f} s wall"  # type: ignore[arg-type]
-        for m in metas
-    )
+    runs = "\n".join(run_line(m, results) for m in metas)
     out.with_suffix(".md").write_text(
         "# Retrieval quality (test part, full ranking over all items)\n\n"
         f"{runs}\n\nTrain s = fit time of the chosen configuration (two-tower: all "
@@ -250,13 +347,25 @@ def write(out: Path, metas: list[dict[str, object]], results: dict[str, dict[str
     print(table)
 
 
-def combine(parts: list[Path], out: Path) -> None:
+def combine(parts: list[Path], out: Path, together: dict[str, float] | None = None) -> None:
+    """Merge partial runs' JSON into ``out``; ``together``: the --jobs run that made
+    them (processes at once, wall and CPU seconds of the whole)."""
     metas: list[dict[str, object]] = []
     results: dict[str, dict[str, object]] = {}
     for p in parts:
         doc = json.loads(p.read_text())
         metas += doc["runs"]
         results.update(doc["results"])
+    if together is not None:
+        metas.append(
+            {
+                "command": "python bench/quality.py " + " ".join(sys.argv[1:]),
+                "datasets": list(results),
+                "jobs": together["jobs"],
+                "total_seconds": together["wall"],
+                "cpu_seconds": together["cpu"],
+            }
+        )
     write(out, metas, results)
 
 

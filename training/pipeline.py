@@ -642,13 +642,14 @@ def train_and_register(cfg: TrainConfig) -> RegisteredResult:
             else:
                 replay_dirs["valid"] = bundle_dir
             i2i_models["valid"].save(replay_dirs["valid"] / ITEM2ITEM_DIR)
-            merge, merge_tried = choose_merge(
+            merge, merge_tried, chosen_replay = choose_merge(
                 load_for_replay(replay_dirs["valid"], run_id),
                 valid,
                 vocab,
                 cfg.replay,
                 f"recall@{cfg.model.early_stop_k}",
                 log,
+                cfg.ks,
             )
             report["served"] = {"chosen": asdict(merge), "tried": merge_tried}
             # The weights ship with the bundle: the service fuses as validated here.
@@ -657,16 +658,22 @@ def train_and_register(cfg: TrainConfig) -> RegisteredResult:
                 i2i_models[name].save(replay_dirs[name] / ITEM2ITEM_DIR)
             served: list[Metric] = []
             for name, es, _ in eval_sets:
-                served_model = load_for_replay(replay_dirs[name], run_id)
-                rr = replay(served_model, es, vocab, cfg.replay, cfg.ks, progress=log)
-                results[name]["served"] = {**rr.metrics, "train_seconds": 0.0}
-                fit_seconds[f"served_{name}_replay"] = rr.seconds
+                if name == "valid" and chosen_replay is not None and cfg.replay.merge is None:
+                    # The bundle now fuses with the chosen weights: its validation
+                    # replay is the grid's replay of those weights on the same bundle.
+                    played = chosen_replay
+                else:
+                    served_model = load_for_replay(replay_dirs[name], run_id)
+                    played = replay(served_model, es, vocab, cfg.replay, cfg.ks, progress=log)
+                results[name]["served"] = {**played.metrics, "train_seconds": 0.0}
+                fit_seconds[f"served_{name}_replay"] = played.seconds
                 if log:
-                    log(f"served list replayed on {name}: {len(es)} customers, {rr.seconds:.0f}s")
+                    secs = played.seconds
+                    log(f"served list replayed on {name}: {len(es)} customers, {secs:.0f}s")
                 ts = int(time.time() * 1000)
                 served += [
                     Metric(f"{name}_served_{_metric_key(k)}", float(v), ts, 0)
-                    for k, v in rr.metrics.items()
+                    for k, v in played.metrics.items()
                 ]
             client.log_batch(run_id, metrics=served)
             tables = {s: format_table(m, cfg.ks) for s, m in results.items()}

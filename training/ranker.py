@@ -83,7 +83,7 @@ from training.features import (
     walk_history,
 )
 from training.pipeline import TrainConfig, load_data, make_split, query_times
-from training.replay import ReplayConfig, load_for_replay, replay
+from training.replay import ReplayConfig, Variant, load_for_replay, replay_variants
 
 DEFAULT_LABEL_WEIGHTS = {"view": 1.0, "cart": 2.0, "purchase": 4.0, "rating": 1.0}
 RECENT_LIMIT = 50
@@ -399,12 +399,15 @@ def build_lists(
     table: ItemTable,
     cfg: RankerConfig,
     replay_cfg: ReplayConfig,
+    keep_responses: list[Any] | None = None,
 ) -> RankLists:
     """Each customer's candidate list as served: the replay's Retrieve request
     (:func:`training.replay.request_of`: both sources, the merge with the bundle's
     weights) and the Rank request's features computed by the ranking service's own
     function (:func:`services.ranking.ranker.request_features`) over all the
-    candidates; the list keeps the first ``cfg.candidates`` in the fused order."""
+    candidates; the list keeps the first ``cfg.candidates`` in the fused order.
+    Retrieve's answers are appended to ``keep_responses`` when given (the replay of the
+    same customers reuses them: :func:`training.replay.replay_variants`)."""
     from services.ranking.pipeline import merge_columns
     from services.ranking.ranker import request_features
     from services.ranking.table import CandidateArrays
@@ -421,7 +424,10 @@ def build_lists(
     context.timestamp.FromSeconds(int(win.now))
     for u in range(n_users):
         req, _, _ = request_of(win.es, vocab, u, replay_cfg)
-        cols = retrieve_response(model, model.state, req, merge).columns
+        resp = retrieve_response(model, model.state, req, merge)
+        if keep_responses is not None:
+            keep_responses.append(resp)
+        cols = resp.columns
         if not cols.item_ids:
             continue
         cset = merge_columns(cols)
@@ -771,7 +777,7 @@ def _champion_scorer(cfg: RankerConfig, uri: str, signature: str) -> tuple[str, 
             cfg.model_name, "champion", uri, Path(tempfile.mkdtemp(prefix="mercato-rk-"))
         )
         return version, RankerScorer(RankerBundle.load(local), info), ""
-    except RankerBundleError as e:  # other features: the service cannot serve it either
+    except RankerBundleError as e:  # a feature no longer computed: the service refuses it too
         return version, None, f"the champion cannot be loaded by this code: {e}"
 
 
@@ -833,7 +839,8 @@ def train_and_register_ranker(cfg: RankerConfig) -> RankerResult:
     fit = _concat(fit_parts)
     held_win = window_at(split.train, split.valid, vocab, data, t_valid, cfg, "truth", held)
     table_valid = item_table_at(split.train, vocab, t_valid, cfg.popularity_days, cfg.trend_days)
-    valid = build_lists(held_win, models["valid"], vocab, table_valid, cfg, rcfg)
+    held_responses: list[Any] = []
+    valid = build_lists(held_win, models["valid"], vocab, table_valid, cfg, rcfg, held_responses)
     table_test = item_table_at(hist_test, vocab, t_test, cfg.popularity_days, cfg.trend_days)
     if test_es is None:
         raise ValueError("no test part")
@@ -951,19 +958,28 @@ def train_and_register_ranker(cfg: RankerConfig) -> RankerResult:
             if profiles is None:
                 users_s = [str(x) for x in vocab.user_codes[es.users]]
                 profiles = customer_profiles(hist_test, users_s, vocab, t)
-            for order, scorer in scorers.items():
-                if order == "champion" and scorer is None:
-                    continue
-                served[part][order] = replay(
-                    models[part],
-                    es,
-                    vocab,
-                    rcfg,
-                    rc.ks,
-                    (lambda _a, s=scorer: s) if scorer is not None else no_ranker,
-                    profiles=profiles,
-                    now=t,
-                ).metrics
+            # One pass per part: each customer retrieved once (on validation, the
+            # answers its held-out list was built from), ranked once per order.
+            variants = {
+                order: Variant(
+                    rcfg.merge, (lambda _a, s=scorer: s) if scorer is not None else no_ranker
+                )
+                for order, scorer in scorers.items()
+                if not (order == "champion" and scorer is None)
+            }
+            got = replay_variants(
+                models[part],
+                es,
+                vocab,
+                rcfg,
+                rc.ks,
+                variants,
+                profiles=profiles,
+                now=t,
+                responses=held_responses if part == "valid" else None,
+            )
+            for order, rr in got.items():
+                served[part][order] = rr.metrics
         replay_seconds = time.perf_counter() - t_replay
         results["test"] = {"retrieval": served["test"]["rules"], "ranker": served["test"]["ranker"]}
         table = format_comparison(results, ks)

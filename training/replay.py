@@ -21,8 +21,8 @@ replay equals the answers of the running retrieval and ranking services.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -36,7 +36,7 @@ from services.ranking.rules import RulesConfig
 from services.ranking.scoring import ScorerProvider, no_ranker
 from services.retrieval.merge import MergeConfig, merge_config
 from services.retrieval.model import IndexConfig, RetrievalModel, load_retrieval_model
-from services.retrieval.server import retrieve_response
+from services.retrieval.server import request_sources, retrieve_response, sources_response
 from training.evaluate import evaluate
 from training.features import EvalSet, Vocab
 
@@ -102,8 +102,19 @@ def served_list(
     """What the services answer for one request: Retrieve, then Rank its candidates
     (with ``rank_profile``, the customer's whole profile, and the request time ``now``
     when given: what the ranker's customer features read)."""
-    merge = merge or merge_config(model)
-    resp = retrieve_response(model, model.state, req, merge)
+    resp = retrieve_response(model, model.state, req, merge or merge_config(model))
+    return ranked_ids(pipeline, req, resp, k, rank_profile, now)
+
+
+def ranked_ids(
+    pipeline: RankPipeline,
+    req: retrieval_pb2.RetrieveRequest,
+    resp: retrieval_pb2.RetrieveResponse,
+    k: int,
+    rank_profile: common_pb2.Profile | None = None,
+    now: float | None = None,
+) -> list[str]:
+    """Rank's answer (item ids) for Retrieve's answer ``resp`` to ``req``."""
     if not (resp.candidates or resp.columns.item_ids):
         return []
     context = common_pb2.Context()
@@ -147,6 +158,72 @@ class ReplayResult:
     seconds: float
 
 
+@dataclass(frozen=True)
+class Variant:
+    """One served list to replay: the fusion weights (None: the bundle's, as the
+    service) and the ranker (:data:`no_ranker`: rules only)."""
+
+    merge: MergeConfig | None = None
+    scorers: ScorerProvider = no_ranker
+
+
+def replay_variants(
+    model: RetrievalModel,
+    es: EvalSet,
+    vocab: Vocab,
+    cfg: ReplayConfig,
+    ks: tuple[int, ...],
+    variants: Mapping[str, Variant],
+    progress: Callable[[str], None] | None = None,
+    profiles: Sequence[common_pb2.Profile] | None = None,
+    now: float | None = None,
+    responses: Sequence[retrieval_pb2.RetrieveResponse] | None = None,
+) -> dict[str, ReplayResult]:
+    """:func:`replay` of several served lists of the same customers in one pass: each
+    query's Retrieve runs up to the fusion once (:func:`request_sources`: filters, user
+    tower, search, what the history reaches), is fused once per distinct weights
+    (:func:`sources_response`) and ranked once per variant; the lists are what
+    :func:`replay` gives each variant alone. ``responses`` (one per query, Retrieve's
+    answers with the bundle's weights, e.g. from :func:`training.ranker.build_lists`)
+    stand in for Retrieve when every variant uses the bundle's weights."""
+    st = model.state
+    default = merge_config(model)
+    merges = {name: v.merge or default for name, v in variants.items()}
+    distinct = list(dict.fromkeys(merges.values()))
+    if responses is not None and distinct not in ([], [cfg.merge or default]):
+        raise ValueError("precomputed responses are for cfg.merge (or the bundle's) only")
+    pipelines = {
+        name: RankPipeline(RulesConfig.load(cfg.rules_file or None), scorers=v.scorers)
+        for name, v in variants.items()
+    }
+    t0 = time.perf_counter()
+    lists: dict[str, list[list[str]]] = {name: [] for name in variants}
+    rows: dict[str, list[np.ndarray]] = {name: [] for name in variants}
+    for i in range(len(es)):
+        req, _, _ = request_of(es, vocab, i, cfg)
+        if responses is not None:
+            resps = {cfg.merge or default: responses[i]}
+        else:
+            src = request_sources(model, st, req)
+            resps = {m: sources_response(model, st, req, src, m) for m in distinct}
+        rank_profile = profiles[i] if profiles is not None else None
+        for name, pipeline in pipelines.items():
+            got = ranked_ids(pipeline, req, resps[merges[name]], cfg.k, rank_profile, now)
+            lists[name].append(got)
+            rows[name].append(
+                np.array([vocab.item_row[x] for x in got if x in vocab.item_row], np.int64)
+            )
+        if progress and (i + 1) % 1000 == 0:
+            progress(f"replay {es.name}: {i + 1}/{len(es)} customers")
+    seconds = time.perf_counter() - t0
+    return {
+        name: ReplayResult(
+            evaluate(ServedScorer(rows[name], vocab.n_items), es, ks), lists[name], seconds
+        )
+        for name in variants
+    }
+
+
 def replay(
     model: RetrievalModel,
     es: EvalSet,
@@ -164,20 +241,8 @@ def replay(
     would send them (``training.ranker.customer_profiles``) and ``now`` the query time:
     Rank gets them, so a ranker sees the customer features it was trained on; without
     them Rank gets the retrieval request's profile (history, segment, band, country)."""
-    pipeline = RankPipeline(RulesConfig.load(cfg.rules_file or None), scorers=scorers)
-    t0 = time.perf_counter()
-    lists: list[list[str]] = []
-    rows: list[np.ndarray] = []
-    for i in range(len(es)):
-        req, _, _ = request_of(es, vocab, i, cfg)
-        rank_profile = profiles[i] if profiles is not None else None
-        got = served_list(model, pipeline, req, cfg.k, cfg.merge, rank_profile, now)
-        lists.append(got)
-        rows.append(np.array([vocab.item_row[x] for x in got if x in vocab.item_row], np.int64))
-        if progress and (i + 1) % 1000 == 0:
-            progress(f"replay {es.name}: {i + 1}/{len(es)} customers")
-    metrics = evaluate(ServedScorer(rows, vocab.n_items), es, ks)
-    return ReplayResult(metrics, lists, time.perf_counter() - t0)
+    variants = {"served": Variant(cfg.merge, scorers)}
+    return replay_variants(model, es, vocab, cfg, ks, variants, progress, profiles, now)["served"]
 
 
 def choose_merge(
@@ -187,22 +252,26 @@ def choose_merge(
     cfg: ReplayConfig,
     metric: str = "recall@20",
     log: Callable[[str], None] | None = None,
-) -> tuple[MergeConfig, list[dict[str, float]]]:
+    ks: tuple[int, ...] = (),
+) -> tuple[MergeConfig, list[dict[str, float]], ReplayResult | None]:
     """The source weights (:data:`MERGE_GRID`) whose served list is best on validation
-    ``metric`` (a bundle without item-to-item: the default weights)."""
+    ``metric`` (a bundle without item-to-item: the default weights), the weights tried
+    and the chosen weights' replay (metrics at ``ks`` and ``metric``'s cut-off; None
+    without item-to-item). The grid is replayed in one pass (:func:`replay_variants`)."""
     if model.item2item is None:
-        return merge_config(model), []
+        return merge_config(model), [], None
     k = int(metric.split("@")[1])
-    best, best_m, tried = merge_config(model), -1.0, []
-    for tt, i2i in MERGE_GRID:
-        merge = MergeConfig(tt, i2i)
-        m = replay(model, valid, vocab, replace(cfg, merge=merge), (k,)).metrics[metric]
+    variants = {f"{tt} {i2i}": Variant(MergeConfig(tt, i2i)) for tt, i2i in MERGE_GRID}
+    got = replay_variants(model, valid, vocab, cfg, tuple(sorted({k, *ks})), variants)
+    best, best_m, best_r, tried = merge_config(model), -1.0, None, []
+    for (tt, i2i), name in zip(MERGE_GRID, variants, strict=True):
+        m = got[name].metrics[metric]
         tried.append({"two_tower_weight": tt, "item2item_weight": i2i, metric: m})
         if log:
             log(f"served merge two-tower {tt} item2item {i2i}: valid {metric} {m:.4f}")
         if m > best_m:
-            best, best_m = merge, m
-    return best, tried
+            best, best_m, best_r = MergeConfig(tt, i2i), m, got[name]
+    return best, tried, best_r
 
 
 def load_for_replay(bundle_dir: Path, run_id: str = "") -> RetrievalModel:

@@ -38,10 +38,22 @@ FORMAT_VERSION = 1
 MODEL_TYPE = "item2item"
 DIRNAME = "item2item"
 FILES = ("config.json", "item_ids.json", "neighbours.npz")
+#: Scoring walks a dense array of the catalogue instead of sorting the history's
+#: neighbour entries when there are at least n_items / DENSE_RATIO of them.
+DENSE_RATIO = 16
 
 
 class Item2ItemError(Exception):
     """A broken or inconsistent item-to-item artifact."""
+
+
+@dataclass(frozen=True)
+class HistoryEntries:
+    """The neighbour entries of a history: entry ``e`` is ``W[src[e], dst[e]] = w[e]``."""
+
+    src: np.ndarray  # int64: the history row
+    dst: np.ndarray  # int64: the item it points to
+    w: np.ndarray  # float32
 
 
 @dataclass
@@ -78,21 +90,40 @@ class ItemNeighbours:
             b = min(b, a + n)
         return self.indices[a:b].astype(np.int64), self.scores[a:b]
 
-    def score_rows(self, history: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Items reached from the distinct ``history`` rows and their summed scores
-        (``sum_j W[j, i]``), unordered; the history rows themselves are included when
-        another history item points to them (callers filter them)."""
+    def entries(self, history: np.ndarray) -> HistoryEntries:
+        """The neighbour entries of the distinct ``history`` rows, in row order: what
+        :meth:`score_rows` and :meth:`best_anchor` read (computed once per history when a
+        caller asks for both, or for several candidate lists)."""
         hist = np.unique(np.asarray(history, dtype=np.int64))
         hist = hist[(hist >= 0) & (hist < self.n_items)]
-        if len(hist) == 0:
-            return np.zeros(0, np.int64), np.zeros(0, np.float32)
         starts, ends = self.indptr[hist], self.indptr[hist + 1]
         lens = ends - starts
-        if lens.sum() == 0:
-            return np.zeros(0, np.int64), np.zeros(0, np.float32)
         pos = np.repeat(ends - lens.cumsum(), lens) + np.arange(lens.sum())
-        rows, inv = np.unique(self.indices[pos], return_inverse=True)
-        sums = np.bincount(inv, weights=self.scores[pos].astype(np.float64), minlength=len(rows))
+        return HistoryEntries(
+            np.repeat(hist, lens), self.indices[pos].astype(np.int64), self.scores[pos]
+        )
+
+    def score_rows(
+        self, history: np.ndarray, entries: HistoryEntries | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Items reached from the distinct ``history`` rows and their summed scores
+        (``sum_j W[j, i]``), unordered; the history rows themselves are included when
+        another history item points to them (callers filter them). ``entries``:
+        ``self.entries(history)`` when the caller has it already."""
+        e = entries if entries is not None else self.entries(history)
+        if len(e.dst) == 0:
+            return np.zeros(0, np.int64), np.zeros(0, np.float32)
+        targets, weights = e.dst, e.w.astype(np.float64)
+        if len(targets) * DENSE_RATIO >= self.n_items:
+            # Many entries for the catalogue: one dense pass instead of sorting them.
+            # bincount adds in input order either way: the same sums to the bit.
+            seen = np.zeros(self.n_items, dtype=bool)
+            seen[targets] = True
+            rows = np.flatnonzero(seen)
+            sums = np.bincount(targets, weights=weights, minlength=self.n_items)[rows]
+            return rows.astype(np.int64), sums.astype(np.float32)
+        rows, inv = np.unique(targets, return_inverse=True)
+        sums = np.bincount(inv, weights=weights, minlength=len(rows))
         return rows.astype(np.int64), sums.astype(np.float32)
 
     def score_of(
@@ -112,30 +143,43 @@ class ItemNeighbours:
             out[hit] = sums[pos[hit]]
         return out
 
-    def best_anchor(self, history: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    def best_anchor(
+        self, history: np.ndarray, rows: np.ndarray, entries: HistoryEntries | None = None
+    ) -> np.ndarray:
         """For each of ``rows``: the history row ``j`` with the largest ``W[j, i]``
-        (ties: the lower row), or -1 when no history item points to it."""
-        hist = np.unique(np.asarray(history, dtype=np.int64))
-        hist = hist[(hist >= 0) & (hist < self.n_items)]
+        (ties: the lower row), or -1 when no history item points to it (``entries``:
+        ``self.entries(history)`` when the caller has it already)."""
         out = np.full(len(rows), -1, dtype=np.int64)
-        if len(hist) == 0 or len(rows) == 0:
+        if len(rows) == 0:
             return out
-        lens = self.indptr[hist + 1] - self.indptr[hist]
-        pos = np.repeat(self.indptr[hist + 1] - lens.cumsum(), lens) + np.arange(lens.sum())
-        src = np.repeat(hist, lens)
-        dst = self.indices[pos].astype(np.int64)
-        w = self.scores[pos]
-        want = np.isin(dst, rows)
+        e = entries if entries is not None else self.entries(history)
+        if len(e.dst) == 0:
+            return out
+        src, dst, w = e.src, e.dst, e.w
+        asked = np.asarray(rows, dtype=np.int64)
+        asked = asked[(asked >= 0) & (asked < self.n_items)]
+        if len(dst) * DENSE_RATIO >= self.n_items:
+            mark = np.zeros(self.n_items, dtype=bool)
+            mark[asked] = True
+            want = mark[dst]
+        else:
+            want = np.isin(dst, rows)
         src, dst, w = src[want], dst[want], w[want]
         if len(dst) == 0:
             return out
-        order = np.lexsort((src, -w, dst))  # per target: best weight, then lower row
-        src, dst = src[order], dst[order]
-        first = np.r_[True, dst[1:] != dst[:-1]]
-        targets, best = dst[first], src[first]  # targets ascending
+        # Per asked target: the largest weight, then the lowest history row with it
+        # (no sort: a maximum and a minimum per target over the entries).
+        targets = np.unique(asked)
+        at = np.searchsorted(targets, dst)
+        best_w = np.full(len(targets), -np.inf, dtype=w.dtype)
+        np.maximum.at(best_w, at, w)
+        top = w == best_w[at]
+        none = np.iinfo(np.int64).max
+        best = np.full(len(targets), none, dtype=np.int64)
+        np.minimum.at(best, at[top], src[top])
         rows = np.asarray(rows, dtype=np.int64)
         pos = np.minimum(np.searchsorted(targets, rows), len(targets) - 1)
-        hit = targets[pos] == rows
+        hit = (targets[pos] == rows) & (best[pos] != none)
         out[hit] = best[pos[hit]]
         return out
 
@@ -155,6 +199,11 @@ class ItemNeighbours:
             drop |= np.isin(rows, exclude)
         keep = ~drop & (sums > 0)
         rows, sums = rows[keep], sums[keep]
+        if 0 < k < len(rows) // 4:
+            # Only rows scoring at least the k-th best can be among the k (ties kept).
+            kth = np.partition(-sums, k - 1)[k - 1]
+            near = -sums <= kth
+            rows, sums = rows[near], sums[near]
         order = np.lexsort((rows, -sums))[:k]
         return rows[order], sums[order]
 

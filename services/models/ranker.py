@@ -546,13 +546,24 @@ class RankerBundle:
                 f"not a {MODEL_TYPE} bundle of format {FORMAT_VERSION}: "
                 f"{c['model_type']} v{c['format_version']}"
             )
-        if list(c["features"]) != list(FEATURES):
+        names = [str(f) for f in c["features"]]
+        unknown = [f for f in names if f not in _F]
+        if unknown or len(set(names)) != len(names):
             raise RankerBundleError(
-                f"config.json lists {len(c['features'])} features that differ from the "
-                f"{N_FEATURES} this server computes"
+                f"config.json lists {len(names)} features, "
+                + (
+                    f"{len(unknown)} of them not computed by this server ({unknown[:5]})"
+                    if unknown
+                    else "some twice"
+                )
             )
+        # A bundle trained on an older feature list (every name still computed) scores
+        # the columns it names, in its order.
+        self.columns = np.array([_F[f] for f in names], dtype=np.int64)
+        self.all_features = names == list(FEATURES)
+        width = len(names)
         mean, std = self.forward.mean, self.forward.std
-        if tuple(mean.shape) != (N_FEATURES,) or tuple(std.shape) != (N_FEATURES,):
+        if tuple(mean.shape) != (width,) or tuple(std.shape) != (width,):
             raise RankerBundleError("normalisation does not have one entry per feature")
         if not (np.isfinite(mean).all() and (std > 0).all()):
             raise RankerBundleError("normalisation has non-finite means or non-positive stds")
@@ -563,7 +574,7 @@ class RankerBundle:
         if self.smoke:
             x = np.asarray(self.smoke["features"], dtype=np.float32)
             want = np.asarray(self.smoke["scores"], dtype=np.float32)
-            if x.ndim != 2 or x.shape[1] != N_FEATURES or want.shape != (x.shape[0],):
+            if x.ndim != 2 or x.shape[1] != width or want.shape != (x.shape[0],):
                 raise RankerBundleError(f"smoke.json has features {x.shape}, scores {want.shape}")
             got = self.score_features(x)
             if not np.isfinite(got).all():
@@ -577,8 +588,14 @@ class RankerBundle:
                 )
 
     def score_features(self, x: np.ndarray) -> np.ndarray:
-        """Scores float32 [n] of raw feature rows [n, F] (the NumPy forward pass)."""
+        """Scores float32 [n] of raw feature rows [n, F] in the bundle's feature order
+        (the NumPy forward pass)."""
         return self.forward(x)
+
+    def own_columns(self, x: np.ndarray) -> np.ndarray:
+        """The bundle's features (its order) of rows [n, N_FEATURES] that
+        :func:`build_features` computed."""
+        return x if self.all_features else x[:, self.columns]
 
     def torch_scores(self, x: np.ndarray) -> np.ndarray:
         """Scores of the torch network itself (what :meth:`score_features` must equal;
@@ -593,7 +610,7 @@ class RankerBundle:
 
     def score(self, query: RankerQuery, cands: CandidateDetails) -> np.ndarray:
         """One score per candidate (higher is better)."""
-        return self.score_features(build_features(query, cands, self.items))
+        return self.score_features(self.own_columns(build_features(query, cands, self.items)))
 
     # -- persistence
     def save(self, path: str | Path) -> None:
@@ -605,7 +622,7 @@ class RankerBundle:
         (d / "normalization.json").write_text(
             json.dumps(
                 {
-                    "features": list(FEATURES),
+                    "features": self.features,
                     "mean": [float(v) for v in self.weights["mean"]],
                     "std": [float(v) for v in self.weights["std"]],
                 },

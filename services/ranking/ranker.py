@@ -139,7 +139,7 @@ class RankerScorer:
         items: CandidateArrays,
     ) -> np.ndarray:
         x = request_features(self.bundle.items, profile, context, candidates, items)
-        return self.bundle.score_features(x).astype(np.float64)
+        return self.bundle.score_features(self.bundle.own_columns(x)).astype(np.float64)
 
 
 def load_ranker(bundle_dir: Path, info: ModelVersionInfo) -> RankerBundle:

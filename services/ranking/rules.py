@@ -25,6 +25,7 @@ The order of work in :func:`apply_rules`:
 
 from __future__ import annotations
 
+import heapq
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -472,6 +473,70 @@ def _select_mmr(
     return chosen, capped
 
 
+def _select_mmr_by_category(
+    value: np.ndarray, cat: np.ndarray, cap: int, k: int, w: float
+) -> tuple[list[tuple[int, float]], int]:
+    """:func:`_select_mmr` when the similarity is category equality (no item vectors):
+    the same picks, scores and capped count, without a pass over every candidate per
+    pick. An item's MMR is ``w * v`` until its category has a pick, ``w * v - (1 - w)``
+    after (uncategorised items: always the first), so within a category the order is
+    fixed in each of the two states: a heap of each category's best available item
+    gives the argmax (ties: the lower index). The picks' (MMR, -index) only decrease,
+    so an unpicked item of a capped category was passed over (counted) iff it beats the
+    last pick made after its category was capped, or the candidates ran out."""
+    m = len(value)
+    a = w * value - (1.0 - w) * np.zeros(m)  # as _select_mmr computes it, to the bit
+    b = w * value - (1.0 - w) * np.ones(m)
+    idx = np.arange(m)
+    groups: dict[int, tuple[list[int], list[int]]] = {}
+    oa, ob = np.lexsort((idx, -a, cat)), np.lexsort((idx, -b, cat))
+    bounds = np.flatnonzero(np.diff(cat[oa])) + 1
+    for ga, gb in zip(np.split(oa, bounds), np.split(ob, bounds), strict=True):
+        groups[int(cat[ga[0]])] = (ga.tolist(), gb.tolist())
+    a_l, b_l = a.tolist(), b.tolist()
+    picked = np.zeros(m, dtype=bool)
+    state: dict[int, tuple[int, int]] = {c: (0, 0) for c in groups}  # (order, position)
+    heap = [(-a_l[g[0][0]], g[0][0], c) for c, g in groups.items()]
+    heapq.heapify(heap)
+    counts: dict[int, int] = {}
+    capped_after: dict[int, int] = {}  # category -> picks made when it reached its cap
+    chosen: list[tuple[int, float]] = []
+    exhausted = False
+    while len(chosen) < k:
+        if not heap:
+            exhausted = True
+            break
+        neg, j, c = heapq.heappop(heap)
+        picked[j] = True
+        chosen.append((j, -neg))
+        if c >= 0 and cap > 0:
+            counts[c] = counts.get(c, 0) + 1
+            if counts[c] >= cap:
+                capped_after[c] = len(chosen)
+                continue
+        which, at = state[c]
+        if c >= 0 and which == 0:
+            which, at = 1, 0  # the category has a pick: every item of it drops
+        order = groups[c][which]
+        while at < len(order) and picked[order[at]]:
+            at += 1
+        state[c] = (which, at)
+        if at < len(order):
+            nxt = order[at]
+            heapq.heappush(heap, (-(b_l[nxt] if which else a_l[nxt]), nxt, c))
+    capped = 0
+    last_j, last_m = chosen[-1] if chosen else (0, 0.0)
+    for c, after in capped_after.items():
+        rest = np.asarray(groups[c][1], dtype=np.int64)
+        rest = rest[~picked[rest]]
+        if exhausted:
+            capped += len(rest)
+        elif after < len(chosen):
+            rb = b[rest]
+            capped += int(((rb > last_m) | ((rb == last_m) & (rest < last_j))).sum())
+    return chosen, capped
+
+
 def apply_rules(
     candidates: CandidateSet,
     model_scores: np.ndarray,
@@ -506,9 +571,13 @@ def apply_rules(
     if rules.diversity.method == DiversityMethod.NONE:
         chosen, capped = _select_by_value(value, cat, cap, k)
     else:
-        kept_ids = [ids[i] for i in kept] if vectors is not None else []
-        sim = _similarity_fn(kept_ids, cat, vectors)
-        chosen, capped = _select_mmr(value, cat, cap, k, rules.diversity.relevance_weight, sim)
+        w = rules.diversity.relevance_weight
+        if vectors is None and np.isfinite(value).all():
+            chosen, capped = _select_mmr_by_category(value, cat, cap, k, w)
+        else:
+            kept_ids = [ids[i] for i in kept] if vectors is not None else []
+            sim = _similarity_fn(kept_ids, cat, vectors)
+            chosen, capped = _select_mmr(value, cat, cap, k, w, sim)
     if capped:
         dropped["category_cap"] = capped
 

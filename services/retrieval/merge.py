@@ -21,8 +21,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from mercato.v1 import common_pb2
+from services.models.item2item import HistoryEntries
 from services.models.two_tower import UserQuery
-from services.retrieval.model import IndexState, RetrievalModel, RowFilter
+from services.retrieval.model import IndexState, RetrievalModel, RowFilter, SearchResult
 
 SOURCE_TWO_TOWER = int(common_pb2.REASON_MODEL)
 SOURCE_ITEM2ITEM = int(common_pb2.REASON_SIMILAR)
@@ -119,34 +120,65 @@ def history_rows(model: RetrievalModel, st: IndexState, query: UserQuery) -> np.
     return np.unique(np.asarray(rows, dtype=np.int64))
 
 
-def retrieve_merged(
+@dataclass
+class Sources:
+    """What each source proposes for one query before the weights fuse them: the
+    two-tower's search, the history rows and what they reach, item-to-item's top ``k``
+    (None until a fusion that weights it asks). One query's sources can be fused with
+    several weights (:func:`fuse_sources`), as the offline replay's weight choice does."""
+
+    query_vector: np.ndarray
+    search: SearchResult
+    hist: np.ndarray
+    reached: tuple[np.ndarray, np.ndarray] | None
+    k: int
+    flt: RowFilter
+    i2i_rows: np.ndarray | None = None
+    entries: HistoryEntries | None = None  # the history's neighbour entries
+
+
+def gather_sources(
     model: RetrievalModel,
     st: IndexState,
     query: UserQuery,
     k: int,
     flt: RowFilter,
-    cfg: MergeConfig | None = None,
     user_vector: np.ndarray | None = None,
-) -> Merged:
-    """The two-tower's and item-to-item's top ``k`` (both after ``flt``), fused.
-
-    The two-tower is always searched: when item-to-item proposes nothing (a customer
-    without known items) its list alone answers, with its own scores, whatever the
-    weights; when the fused list is short of ``k`` (two-tower weight 0 and few
-    neighbours), the two-tower's next items fill it, below every fused score."""
-    cfg = cfg or MergeConfig()
+) -> Sources:
+    """The two-tower's top ``k`` after ``flt`` and the history item-to-item reads."""
     q = user_vector if user_vector is not None else model.encode_user(query)
-    lists: dict[int, tuple[np.ndarray, float]] = {}
     res = model.search(st, q, k, flt)
     i2i = model.item2item
     hist = history_rows(model, st, query) if i2i is not None else np.zeros(0, np.int64)
-    # what the history reaches, computed once for the neighbour list and the scores
-    reached = i2i.score_rows(hist) if i2i is not None and len(hist) else None
-    if i2i is not None and len(hist) and cfg.item2item_weight > 0:
+    # what the history reaches, computed once for the neighbour list, the scores and
+    # the anchors of each fusion
+    entries = i2i.entries(hist) if i2i is not None and len(hist) else None
+    reached = i2i.score_rows(hist, entries) if i2i is not None and entries is not None else None
+    return Sources(q, res, hist, reached, k, flt, entries=entries)
+
+
+def _i2i_rows(model: RetrievalModel, st: IndexState, src: Sources) -> np.ndarray:
+    """Item-to-item's top ``k`` for the history, after the filters (computed once)."""
+    if src.i2i_rows is None:
+        i2i, k, flt = model.item2item, src.k, src.flt
+        assert i2i is not None
         rows, _ = i2i.top(
-            hist, max(k * 2, k + len(flt.exclude)), exclude=flt.exclude, reached=reached
+            src.hist, max(k * 2, k + len(flt.exclude)), exclude=flt.exclude, reached=src.reached
         )
-        rows = rows[flt.mask(st, rows)][:k]
+        src.i2i_rows = rows[flt.mask(st, rows)][:k]
+    return src.i2i_rows
+
+
+def fuse_sources(
+    model: RetrievalModel, st: IndexState, src: Sources, cfg: MergeConfig | None = None
+) -> Merged:
+    """One query's sources fused with ``cfg``'s weights (see :func:`retrieve_merged`)."""
+    cfg = cfg or MergeConfig()
+    k, q, res, hist, reached = src.k, src.query_vector, src.search, src.hist, src.reached
+    i2i = model.item2item
+    lists: dict[int, tuple[np.ndarray, float]] = {}
+    if i2i is not None and len(hist) and cfg.item2item_weight > 0:
+        rows = _i2i_rows(model, st, src)
         if len(rows):
             lists[SOURCE_ITEM2ITEM] = (rows, cfg.item2item_weight)
     if cfg.two_tower_weight > 0 or not lists:
@@ -168,8 +200,8 @@ def retrieve_merged(
         s[base] = i2i.score_of(hist, rows[base], reached)
         s[s == 0] = np.nan
         scores[SOURCE_ITEM2ITEM] = s
-        anchors[base] = i2i.best_anchor(hist, rows[base])
-    used = [src for src, (r, _) in lists.items() if len(r)]
+        anchors[base] = i2i.best_anchor(hist, rows[base], src.entries)
+    used = [s_ for s_, (r, _) in lists.items() if len(r)]
     if len(used) == 1 and used[0] in scores and not filled:
         # One source alone: its own scores (same order), as before merging existed.
         fused = scores[used[0]].copy()
@@ -181,6 +213,25 @@ def retrieve_merged(
         anchors=anchors,
         fetched=res.fetched,
     )
+
+
+def retrieve_merged(
+    model: RetrievalModel,
+    st: IndexState,
+    query: UserQuery,
+    k: int,
+    flt: RowFilter,
+    cfg: MergeConfig | None = None,
+    user_vector: np.ndarray | None = None,
+) -> Merged:
+    """The two-tower's and item-to-item's top ``k`` (both after ``flt``), fused.
+
+    The two-tower is always searched: when item-to-item proposes nothing (a customer
+    without known items) its list alone answers, with its own scores, whatever the
+    weights; when the fused list is short of ``k`` (two-tower weight 0 and few
+    neighbours), the two-tower's next items fill it, below every fused score."""
+    src = gather_sources(model, st, query, k, flt, user_vector)
+    return fuse_sources(model, st, src, cfg)
 
 
 def fill_merged(repeated: object, model: RetrievalModel, st: IndexState, m: Merged) -> None:

@@ -31,11 +31,13 @@ from services.retrieval.merge import (
     SOURCE_ITEM2ITEM,
     SOURCE_TWO_TOWER,
     MergeConfig,
+    Sources,
     fill_columns,
     fill_merged,
     fuse,
+    fuse_sources,
+    gather_sources,
     merge_config,
-    retrieve_merged,
 )
 from services.retrieval.model import (
     IndexConfig,
@@ -165,6 +167,44 @@ def row_filter(
     )
 
 
+def request_sources(
+    model: RetrievalModel,
+    st: IndexState,
+    request: retrieval_pb2.RetrieveRequest,
+    checkpoint: Callable[[str], None] = lambda stage: None,
+) -> Sources:
+    """``Retrieve`` up to the fusion: the request's filters, the user tower, the
+    two-tower's search and the history item-to-item reads (INVALID_ARGUMENT on bad ids).
+    ``checkpoint(stage)`` runs before each stage (the service checks its deadline there)."""
+    ctx = request.context
+    _check_ids(list(ctx.cart_item_ids), "context.cart_item_ids", MAX_FILTER_IDS)
+    flt = row_filter(model, st, request.filters, request.profile, ctx)
+    checkpoint("user tower")
+    query = user_query(request.profile, ctx)
+    q = model.encode_user(query)
+    checkpoint("search")
+    return gather_sources(model, st, query, request.k, flt, q)
+
+
+def sources_response(
+    model: RetrievalModel,
+    st: IndexState,
+    request: retrieval_pb2.RetrieveRequest,
+    sources: Sources,
+    merge: MergeConfig,
+) -> retrieval_pb2.RetrieveResponse:
+    """``Retrieve``'s answer from a request's sources fused with ``merge``'s weights."""
+    merged = fuse_sources(model, st, sources, merge)
+    if len(merged) < request.k:
+        SHORT_RESULTS.labels("Retrieve").inc()
+    resp = retrieval_pb2.RetrieveResponse()
+    if request.columns:
+        fill_columns(resp.columns, model, st, merged)
+    else:
+        fill_merged(resp.candidates, model, st, merged)
+    return resp
+
+
 def retrieve_response(
     model: RetrievalModel,
     st: IndexState,
@@ -174,24 +214,10 @@ def retrieve_response(
 ) -> retrieval_pb2.RetrieveResponse:
     """Everything ``Retrieve`` does after choosing the model (filters, user tower, both
     sources, the merge), without the model version: the offline replay
-    (:mod:`training.replay`) calls it too. ``checkpoint(stage)`` runs before each stage
-    (the service checks its deadline there)."""
-    ctx = request.context
-    _check_ids(list(ctx.cart_item_ids), "context.cart_item_ids", MAX_FILTER_IDS)
-    flt = row_filter(model, st, request.filters, request.profile, ctx)
-    checkpoint("user tower")
-    query = user_query(request.profile, ctx)
-    q = model.encode_user(query)
-    checkpoint("search")
-    merged = retrieve_merged(model, st, query, request.k, flt, merge, q)
-    if len(merged) < request.k:
-        SHORT_RESULTS.labels("Retrieve").inc()
-    resp = retrieval_pb2.RetrieveResponse()
-    if request.columns:
-        fill_columns(resp.columns, model, st, merged)
-    else:
-        fill_merged(resp.candidates, model, st, merged)
-    return resp
+    (:mod:`training.replay`) calls it too, or its two halves (:func:`request_sources`
+    once, then :func:`sources_response` per fusion weights)."""
+    sources = request_sources(model, st, request, checkpoint)
+    return sources_response(model, st, request, sources, merge)
 
 
 class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):

@@ -33,11 +33,13 @@ from services.models.ranker import (
     FEATURES,
     N_FEATURES,
     CandidateDetails,
+    ItemTable,
     NumpyRanker,
     RankerBundle,
     RankerBundleError,
     RankerNet,
     RankerQuery,
+    build_features,
 )
 from tests.procs import ServiceProc, start_service
 from training import registry
@@ -609,3 +611,45 @@ def test_gate_and_a_broken_version_refused_while_the_old_one_keeps_serving(
         (i.item_id, i.model_score) for i in before.items
     ]
     assert served.proc.health("mercato.v1.RankingService") == "SERVING"
+
+
+def _bundle_on(names: list[str], tmp_path: Path) -> RankerBundle:
+    """An untrained network over ``names`` (an older feature list), saved and loaded."""
+    torch.manual_seed(3)
+    net = RankerNet(len(names), hidden=(8,), dropout=0.0).eval()
+    with torch.no_grad():
+        net.mean.normal_()
+        net.std.uniform_(0.5, 2.0)
+    x = np.random.default_rng(3).normal(size=(5, len(names))).astype(np.float32)
+    items = ItemTable(["a", "b"], ["c1", "c2"], np.array([2.0, 3.0]), np.zeros(2), np.zeros(2))
+    config = {"format_version": 1, "model_type": "ranker", "features": names, "hidden": [8]}
+    smoke = {"features": x.tolist(), "scores": RankerBundle(config, net, items).torch_scores(x)}
+    RankerBundle(config, net, items, smoke={**smoke, "scores": smoke["scores"].tolist()}).save(
+        tmp_path / "b"
+    )
+    return RankerBundle.load(tmp_path / "b")
+
+
+def test_a_bundle_on_an_older_feature_list_scores_its_own_columns(tmp_path: Path) -> None:
+    """A champion trained before features were added (every feature it names is still
+    computed) loads and scores the columns it names, in its order, so the promotion gate
+    can replay it; a name this code does not compute is refused."""
+    names = [f for f in FEATURES if not f.startswith(("item2item", "segment_"))][::-1]
+    bundle = _bundle_on(names, tmp_path / "old")
+    assert not bundle.all_features
+    query = RankerQuery(now=1e9, recent=[("a", 1e9 - 3600)], segment="champions")
+    cands = CandidateDetails(
+        ids=["a", "b", "zz"],
+        scores=np.array([0.3, 0.2, 0.1]),
+        price=np.zeros(3),
+        stock=np.full(3, -1.0),
+        margin=np.zeros(3),
+        category=["", "", ""],
+        item2item=np.array([1.0, np.nan, 0.5]),
+    )
+    full = build_features(query, cands, bundle.items)
+    own = full[:, [FEATURES.index(f) for f in names]]
+    np.testing.assert_array_equal(bundle.score(query, cands), bundle.score_features(own))
+    np.testing.assert_allclose(bundle.score(query, cands), bundle.torch_scores(own), atol=1e-5)
+    with pytest.raises(RankerBundleError, match="not computed by this server"):
+        _bundle_on([*names, "hour_of_day"], tmp_path / "gone")

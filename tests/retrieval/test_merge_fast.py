@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from services.models import item2item
 from services.models.item2item import ItemNeighbours, from_rows
 from services.retrieval.merge import RRF_C, fuse
 
@@ -107,3 +108,49 @@ def test_what_the_history_reaches_is_computed_once_with_the_same_answers() -> No
         for got, want in zip(w.top(hist, 12, excl, reached), w.top(hist, 12, excl), strict=True):
             np.testing.assert_array_equal(got, want)
         np.testing.assert_array_equal(w.score_of(hist, rows, reached), w.score_of(hist, rows))
+        # the history's neighbour entries, gathered once for the scores and the anchors
+        entries = w.entries(hist)
+        for got, want in zip(w.score_rows(hist, entries), reached, strict=True):
+            np.testing.assert_array_equal(got, want)
+        np.testing.assert_array_equal(w.best_anchor(hist, rows, entries), w.best_anchor(hist, rows))
+
+
+def test_dense_and_sorted_scoring_give_the_same_answers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``score_rows`` and ``best_anchor`` walk a dense catalogue array when the history
+    reaches many entries, else sort them; ``top`` keeps only rows at least the k-th best
+    before sorting. Both paths give the same arrays to the bit, the anchors the loop's,
+    and ``top`` the brute-force order (many ties: few distinct weights)."""
+    rng = np.random.default_rng(5)
+    n = 300
+    pairs = np.unique(rng.integers(0, n, (6000, 2)), axis=0)
+    vals = rng.choice([0.25, 0.5, 1.0, 2.0], len(pairs))
+    w = from_rows([f"i{i}" for i in range(n)], pairs[:, 0], pairs[:, 1], vals, top_n=12)
+    dense_calls = 0
+    for _ in range(60):
+        hist = rng.integers(-2, n + 2, int(rng.integers(0, 30)))
+        targets = rng.integers(0, n, int(rng.integers(0, 80)))
+        excl = rng.integers(0, n, int(rng.integers(0, 6)))
+        k = int(rng.choice([1, 3, 10, 50, 400]))
+        answers = []
+        for ratio in (0, 10**9):  # never dense, always dense
+            monkeypatch.setattr(item2item, "DENSE_RATIO", ratio)
+            answers.append(
+                (*w.score_rows(hist), w.best_anchor(hist, targets), *w.top(hist, k, excl))
+            )
+        for a, b in zip(*answers, strict=True):
+            assert a.dtype == b.dtype
+            np.testing.assert_array_equal(a, b)
+        rows, sums, anchors, top_rows, _ = answers[0]
+        np.testing.assert_array_equal(anchors, best_anchor_loop(w, hist, targets))
+        drop = set(hist.tolist()) | set(excl.tolist())
+        ranked = sorted(
+            (
+                r
+                for r, s in zip(rows.tolist(), sums.tolist(), strict=True)
+                if s > 0 and r not in drop
+            ),
+            key=lambda r: (-sums[np.searchsorted(rows, r)], r),
+        )[:k]
+        assert top_rows.tolist() == ranked
+        dense_calls += len(rows) > 4 * k
+    assert dense_calls > 10  # the k-th-best shortcut ran

@@ -12,11 +12,24 @@ from mercato.v1 import common_pb2, ranking_pb2, ranking_pb2_grpc, retrieval_pb2,
 from services.models.two_tower import TwoTowerBundle
 from services.ranking.pipeline import RankPipeline
 from services.ranking.rules import RulesConfig
+from services.retrieval.merge import MergeConfig, merge_config
+from services.retrieval.server import retrieve_response
 from tests.procs import start_service
 from tests.retrieval.conftest import TINY, Store
 from tests.retrieval.test_service import home_query
-from training.pipeline import TrainConfig
-from training.replay import evaluate_served, load_for_replay, served_list
+from training.features import build_vocab
+from training.pipeline import TrainConfig, _eval_sets, load_data, make_split
+from training.replay import (
+    MERGE_GRID,
+    ReplayConfig,
+    Variant,
+    evaluate_served,
+    load_for_replay,
+    replay,
+    replay_variants,
+    request_of,
+    served_list,
+)
 
 pytestmark = pytest.mark.slow  # trains a two-tower; retrieval and ranking as processes
 
@@ -91,3 +104,35 @@ def test_evaluate_replays_a_registered_version_as_its_training_run(store: Store)
     # Another split is refused: its numbers would not be comparable.
     with pytest.raises(ValueError, match="not comparable"):
         evaluate_served(replace(cfg, valid_frac=0.2), alias="champion")
+
+
+def test_one_pass_over_several_served_lists_equals_one_replay_each(store: Store) -> None:
+    """``replay_variants`` (each customer retrieved once, fused per weights, ranked per
+    variant: the weight choice and the ranker's replays) gives every variant the lists
+    and metrics of its own ``replay``; Retrieve's answers kept from elsewhere too."""
+    cfg = TrainConfig(synthetic=TINY, tracking_uri=store.uri, evaluate_test=False)
+    data = load_data(cfg)
+    vocab = build_vocab(data, cfg.features)
+    valid, _, _, _ = _eval_sets(cfg, data, make_split(data, cfg), vocab)
+    model = load_for_replay(store.bundle_dir)
+    rcfg = ReplayConfig(k=30, candidates=60)
+    ks = (10, 20)
+    variants = {f"{tt} {i2i}": Variant(MergeConfig(tt, i2i)) for tt, i2i in MERGE_GRID}
+    got = replay_variants(model, valid, vocab, rcfg, ks, variants)
+    for (tt, i2i), name in zip(MERGE_GRID, variants, strict=True):
+        alone = replay(model, valid, vocab, replace(rcfg, merge=MergeConfig(tt, i2i)), ks)
+        assert got[name].lists == alone.lists
+        assert got[name].metrics == alone.metrics
+    # The weights change the lists: the comparison above compares different lists.
+    assert len({str(r.lists) for r in got.values()}) > 1
+    merge = merge_config(model)
+    kept = [
+        retrieve_response(model, model.state, request_of(valid, vocab, i, rcfg)[0], merge)
+        for i in range(len(valid))
+    ]
+    twice = {"rules": Variant(), "again": Variant(merge)}
+    from_kept = replay_variants(model, valid, vocab, rcfg, ks, twice, responses=kept)
+    alone = replay(model, valid, vocab, rcfg, ks)
+    assert from_kept["rules"].lists == from_kept["again"].lists == alone.lists
+    with pytest.raises(ValueError, match="precomputed"):
+        replay_variants(model, valid, vocab, rcfg, ks, variants, responses=kept)
