@@ -91,7 +91,7 @@ def train_retrieval(
         "(0 = the best epoch, however small its lead).",
     ),
     average: str = typer.Option(
-        "none",
+        "warm",
         help="warm: each fine-tuned epoch's weights are averaged with the warm start's "
         "(selected on validation and refit that way) | none: the epoch's own weights.",
     ),

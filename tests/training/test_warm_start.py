@@ -167,7 +167,7 @@ def test_a_fine_tuned_epoch_replaces_the_warm_start_only_beyond_one_standard_err
     ws = warm_start(vocab, rows, valid, cfg)
     assert ws is not None and ws.valid_per_user is not None
     assert ws.valid_metric == pytest.approx(ws.valid_per_user.mean())
-    c = replace(cfg, epochs=3)
+    c = replace(cfg, epochs=3, average="none")  # the rule on the epochs' own weights
     # The plain best epoch (no rule): on this data an epoch leads the warm start.
     net0, items, h0 = train_two_tower(vocab, rows, valid, replace(c, fine_tune_min_se=0.0), warm=ws)
     assert h0.best_epoch > 0 and h0.best_metric > ws.valid_metric
