@@ -38,10 +38,14 @@ MODELS = ("two_tower", "als", "ease")
 METRICS = ("recall@10", "recall@20")
 
 
-def run_seed(seed: int, store: Path, fine_tune_min_se: float | None) -> dict[str, object]:
+def run_seed(
+    seed: int, store: Path, fine_tune_min_se: float | None, average: str | None = None
+) -> dict[str, object]:
     model = replace(TwoTowerConfig(), progress=False)
     if fine_tune_min_se is not None:
         model = replace(model, fine_tune_min_se=fine_tune_min_se)
+    if average is not None:
+        model = replace(model, average=average)
     cfg = TrainConfig(
         data="synthetic",
         synthetic=demo_synthetic(seed),
@@ -102,13 +106,14 @@ def main() -> None:
         default=None,
         help="override TwoTowerConfig.fine_tune_min_se (0 = plain best epoch)",
     )
+    ap.add_argument("--average", default=None, help="override TwoTowerConfig.average (none | warm)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "demo_seeds"))
     args = ap.parse_args()
     store = Path(tempfile.mkdtemp(prefix="mercato-bench-demo-seeds-"))
     runs: list[dict[str, object]] = []
     for seed in (int(s) for s in args.seeds.split(",")):
         print(f"== seed {seed}", flush=True)
-        runs.append(run_seed(seed, store, args.fine_tune_min_se))
+        runs.append(run_seed(seed, store, args.fine_tune_min_se, args.average))
         print(f"== seed {seed} done in {runs[-1]['wall_seconds']:.0f}s", flush=True)
     doc: dict[str, object] = {
         "command": "python bench/demo_seeds.py " + " ".join(sys.argv[1:]),

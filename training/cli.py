@@ -90,6 +90,11 @@ def train_retrieval(
         "by more than this many standard errors of the paired per-customer difference "
         "(0 = the best epoch, however small its lead).",
     ),
+    average: str = typer.Option(
+        "warm",
+        help="warm: each fine-tuned epoch's weights are averaged with the warm start's "
+        "(selected on validation and refit that way) | none: the epoch's own weights.",
+    ),
     refit: bool = typer.Option(
         True,
         help="Default protocol: fit the chosen configurations again on train + validation "
@@ -139,6 +144,7 @@ def train_retrieval(
             init=init,
             ease_lambdas=tuple(float(x) for x in ease_lambdas.split(",") if x.strip()),
             fine_tune_min_se=fine_tune_min_se,
+            average=average,
             seed=seed,
             progress=progress,
         ),

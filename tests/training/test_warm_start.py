@@ -167,7 +167,7 @@ def test_a_fine_tuned_epoch_replaces_the_warm_start_only_beyond_one_standard_err
     ws = warm_start(vocab, rows, valid, cfg)
     assert ws is not None and ws.valid_per_user is not None
     assert ws.valid_metric == pytest.approx(ws.valid_per_user.mean())
-    c = replace(cfg, epochs=3)
+    c = replace(cfg, epochs=3, average="none")  # the rule on the epochs' own weights
     # The plain best epoch (no rule): on this data an epoch leads the warm start.
     net0, items, h0 = train_two_tower(vocab, rows, valid, replace(c, fine_tune_min_se=0.0), warm=ws)
     assert h0.best_epoch > 0 and h0.best_metric > ws.valid_metric
@@ -218,3 +218,38 @@ def test_refit_uses_train_plus_validation_and_the_chosen_epochs() -> None:
     net, items, h = refit_two_tower(vocab, rows_tv, chosen, replace(hist, best_epoch=2))
     assert [e["epoch"] for e in h.epochs] == [1.0, 2.0]
     assert np.abs(net.history.weight[1 + only_valid].detach().numpy()).sum() > 0
+
+
+@pytest.mark.slow
+def test_averaged_model_is_the_mean_of_the_warm_start_and_the_epoch_and_is_what_is_chosen() -> None:
+    vocab, rows, valid, cfg = _tiny()
+    ws = warm_start(vocab, rows, valid, cfg)
+    assert ws is not None
+    start = new_net(vocab, cfg)
+    apply_warm_start(start, ws)
+    # A refit (no validation): the same 2 epochs, then the mean with the start's weights.
+    c = replace(cfg, epochs=2)
+    plain, _, _ = train_two_tower(vocab, rows, None, replace(c, average="none"), warm=ws)
+    avg, items, _ = train_two_tower(vocab, rows, None, replace(c, average="warm"), warm=ws)
+    s0, s1, sa = start.state_dict(), plain.state_dict(), avg.state_dict()
+    moved = 0
+    for name, w in sa.items():
+        if w.is_floating_point():
+            np.testing.assert_allclose(w.numpy(), ((s0[name] + s1[name]) / 2).numpy(), atol=1e-6)
+            moved += int(not torch.allclose(s0[name], s1[name]))
+    assert moved >= 3  # training moved the weights: the mean is neither of them
+    # With validation: each epoch's candidate is the averaged model, and the net returned
+    # is the one whose validation metric was the best (not the raw epoch behind it).
+    net, items, hist = train_two_tower(
+        vocab, rows, valid, replace(c, average="warm", epochs=3), warm=ws
+    )
+    assert hist.best_epoch > 0
+    assert valid_per_user(net, items, valid, 20).mean() == pytest.approx(hist.best_metric)
+    raw, _, _ = train_two_tower(
+        vocab, rows, None, replace(c, average="none", epochs=hist.best_epoch), warm=ws
+    )
+    mean = {k: (s0[k] + v) / 2 if v.is_floating_point() else v for k, v in raw.state_dict().items()}
+    for name, w in net.state_dict().items():
+        np.testing.assert_allclose(w.numpy(), mean[name].numpy(), atol=1e-6)
+    with pytest.raises(ValueError, match="average"):
+        train_two_tower(vocab, rows, None, replace(c, average="ema"), warm=ws)
