@@ -205,10 +205,14 @@ def train_ranker(path: Path, opts: DemoOptions, console: Console, tracking_uri: 
         console.print(f"{name}@champion already trained on {path.name}")
         return
     retrieval = TrainConfig(data="synthetic", path=str(path), tracking_uri=tracking_uri)
+    # two_tower="train": the ranker's lists come from a two-tower fit on the train window
+    # only (its validation lists) and from the served refit (its test lists). The
+    # registered champion was refit on train + validation, so its scores have seen the
+    # labels of the ranker's validation lists: trained on it, the demo's ranker led the
+    # fused order by +88 % NDCG@10 on validation and trailed it by 29 % on test.
     cfg = RankerConfig(
         retrieval=retrieval,
-        two_tower="registry",
-        two_tower_alias="champion",
+        two_tower="train",
         progress=opts.progress,
         tracking_uri=tracking_uri,
     )
