@@ -47,15 +47,7 @@ def loaded_version_metric(svc: ServiceProc) -> float | None:
 
 def polls(svc: ServiceProc, alias: str = "champion", model: str = SWAP_MODEL) -> float:
     """How many registry look-ups of ``alias`` the service has done (its metric)."""
-    text = urllib.request.urlopen(f"http://127.0.0.1:{svc.metrics_port}/metrics").read().decode()
-    for line in text.splitlines():
-        if (
-            line.startswith("mercato_model_polls_total{")
-            and f'model="{model}"' in line
-            and f'alias="{alias}"' in line
-        ):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
+    return svc.metric("mercato_model_polls_total", model=model, alias=alias)
 
 
 def wait_for(cond: object, timeout: float = 30.0) -> None:
