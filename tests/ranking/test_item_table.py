@@ -274,6 +274,13 @@ def test_ranking_follows_the_catalogue_change_feed(
                 changes(bad)
             assert err.value.code() == code, err.value.details()
             assert "cursor" in (err.value.details() or "")
+        for size in (-1, 10_001):  # the proto's bound: 1 to 10000 (0 = 1000)
+            with pytest.raises(grpc.RpcError) as err:
+                catalog.ListItemChanges(
+                    profile_pb2.ListItemChangesRequest(page_size=size), timeout=10
+                )
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "page_size" in (err.value.details() or "")
         assert changes(everything.cursor).items == []
 
         ranking = start_service(
