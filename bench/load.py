@@ -236,6 +236,25 @@ def hop_latency(
     return out
 
 
+def histogram_quantiles(
+    before: dict[Any, float], after: dict[Any, float], metric: str, qs: tuple[float, ...]
+) -> dict[str, float]:
+    """Quantiles (bucket upper bounds, ms) of an unlabelled histogram between two scrapes."""
+    cum = sorted(
+        (
+            float("inf") if dict(labels)["le"] == "+Inf" else float(dict(labels)["le"]),
+            value - before.get((name, labels), 0.0),
+        )
+        for (name, labels), value in after.items()
+        if name == metric + "_bucket"
+    )
+    n = cum[-1][1] if cum else 0.0
+    out: dict[str, float] = {}
+    for q in qs:
+        out[f"p{q * 100:g}"] = next((le * 1000 for le, c in cum if n and c >= q * n), float("nan"))
+    return out
+
+
 # --- load -------------------------------------------------------------------------
 
 
@@ -247,6 +266,8 @@ class Recorder:
         self.degraded_by: Counter[str] = Counter()
         self.answers = 0
         self.empty = 0
+        # answers shed by the gateway (degraded stage "gateway") apart from the others
+        self.shed_latencies: list[float] = []
 
     def ok(self, latency: float, resp: Any) -> None:
         self.latencies.append(latency)
@@ -256,8 +277,15 @@ class Recorder:
             self.degraded += 1
             for d in degraded:
                 self.degraded_by[f"{d.stage}:{d.fallback}"] += 1
+            if any(d.stage == "gateway" for d in degraded):
+                self.shed_latencies.append(latency)
         if hasattr(resp, "items") and not resp.items:
             self.empty += 1
+
+    def error(self, exc: grpc.aio.AioRpcError, latency: float) -> None:
+        self.errors[exc.code().name] += 1
+        if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:  # shed: an answer too
+            self.shed_latencies.append(latency)
 
     def summary(self, seconds: float) -> dict[str, Any]:
         lat = self.latencies
@@ -274,6 +302,12 @@ class Recorder:
             "degraded_fraction": round(self.degraded / self.answers, 4) if self.answers else 0.0,
             "degraded_by": dict(self.degraded_by),
             "empty_answers": self.empty,
+            # goodput: answers with no fallback at all, per second
+            "goodput_per_s": round((self.answers - self.degraded) / seconds, 1)
+            if seconds > 0
+            else 0.0,
+            "shed_answers": len(self.shed_latencies),
+            "shed_p99_ms": round(pct(self.shed_latencies, 99) * 1000, 2),
         }
 
 
@@ -315,7 +349,7 @@ async def closed_loop(
                 resp = await target.call(timeout)
                 rec.ok(time.perf_counter() - t0, resp)
             except grpc.aio.AioRpcError as exc:
-                rec.errors[exc.code().name] += 1
+                rec.error(exc, time.perf_counter() - t0)
 
     started = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -332,13 +366,16 @@ async def open_loop(
     rec = Recorder()
     tasks: set[asyncio.Task[None]] = set()
     skipped = 0
+    # how late each call left the load generator (its own event loop's backlog)
+    send_lag: list[float] = []
 
     async def one(scheduled: float) -> None:
+        send_lag.append(time.perf_counter() - scheduled)
         try:
             resp = await target.call(timeout)
             rec.ok(time.perf_counter() - scheduled, resp)
         except grpc.aio.AioRpcError as exc:
-            rec.errors[exc.code().name] += 1
+            rec.error(exc, time.perf_counter() - scheduled)
 
     started = time.perf_counter()
     total = int(rate * seconds)
@@ -359,6 +396,10 @@ async def open_loop(
     elapsed = time.perf_counter() - started
     out = {"mode": "open", "rate": rate, **rec.summary(elapsed)}
     out["achieved_send_rate"] = round((total - skipped) / max(seconds, 1e-9), 1)
+    out["client_send_lag_p50_p99_ms"] = [
+        round(pct(send_lag, 50) * 1000, 2),
+        round(pct(send_lag, 99) * 1000, 2),
+    ]
     return out
 
 
@@ -414,6 +455,24 @@ async def measure(
         sum(v for k, v in r["cpu_ms_per_call"].items() if k != "client"), 3
     )
     r["hops"] = hop_latency(before, after, "mercato_gateway_hop_latency_seconds", "hop")
+    # The gateway's own time per call (its runtime histogram: from the handler's start,
+    # so the difference to the client's latency is queueing before the handler and the
+    # client), and the calls it shed past its admission limit.
+    r["gateway_side"] = {
+        m: h
+        for m, h in hop_latency(before, after, "mercato_rpc_latency_seconds", "method").items()
+        if m.rsplit("/", 1)[-1] in ("Recommend", "Echo")
+    }
+    # How much of the callers' deadline was left when the gateway's handler started:
+    # what the calls spent queued before it (in the gateway and on the way there).
+    r["gateway_deadline_left_ms_le"] = histogram_quantiles(
+        before, after, "mercato_gateway_deadline_left_seconds", (0.01, 0.5, 0.99)
+    )
+    r["gateway_shed"] = {
+        dict(labels).get("answer", "?"): int(v - before.get((name, labels), 0.0))
+        for (name, labels), v in after.items()
+        if name == "mercato_gateway_shed_total" and v - before.get((name, labels), 0.0) > 0
+    }
     # Time inside each downstream service (its own runtime histogram, per method): the
     # difference to the gateway's hop time is queueing, transport and (de)serialization.
     r["server_side"] = {
@@ -463,10 +522,44 @@ async def run_phase(
                     await asyncio.sleep(0.5)
                 key = f"{kind}_open" if rate == args.rate else f"{kind}_open_{rate:g}"
                 results[key] = median_run(per)
+            if kind == "recommend" and args.overload_factor > 0:
+                await asyncio.sleep(3)
+                results["recommend_overload"] = await overload_run(
+                    results["recommend_closed"], targets, gateway, pids, ports, args
+                )
     finally:
         for ch in channels:
             await ch.close()
     return results
+
+
+async def overload_run(
+    closed: dict[str, Any],
+    targets: list[Target],
+    gateway: ServiceProc,
+    pids: dict[str, int],
+    ports: dict[str, int],
+    args: argparse.Namespace,
+) -> dict[str, Any]:
+    """Open loop at ``--overload-factor`` times the closed-loop throughput of the same
+    run (the capacity), and the issue's overload target: answered calls' p99 within the
+    callers' deadline, goodput (answers without any fallback, per second) at least 90 %
+    of the capacity."""
+    capacity = closed.get("throughput_median", closed["throughput_per_s"])
+    rate = round(args.overload_factor * capacity)
+    r = await measure("recommend", "open", rate, targets, gateway, pids, ports, args)
+    r["overload"] = {
+        "factor": args.overload_factor,
+        "capacity_per_s": capacity,
+        "rate_per_s": rate,
+        "goodput_per_s": r["goodput_per_s"],
+        "goodput_vs_capacity": round(r["goodput_per_s"] / capacity, 3) if capacity else 0.0,
+        "answered_p99_ms": r["p99_ms"],
+        "deadline_ms": args.timeout * 1000,
+        "p99_within_deadline": r["p99_ms"] <= args.timeout * 1000 and r["ok"] > 0,
+        "goodput_target_met": capacity > 0 and r["goodput_per_s"] >= 0.9 * capacity,
+    }
+    return r
 
 
 async def warm_up(
@@ -797,6 +890,27 @@ def markdown(report: dict[str, Any]) -> str:
                     f"| {key} | {c['gateway']:.2f} | {c['profile']:.2f} | {c['retrieval']:.2f} "
                     f"| {c['ranking']:.2f} | {c['total']:.2f} | {c['client']:.2f} |"
                 )
+        ov = run["results"].get("recommend_overload")
+        if ov:
+            o = ov["overload"]
+            gw = ov.get("gateway_side", {}).get("Recommend", {})
+            lines += [
+                "",
+                f"Overload: open loop at {o['factor']:g}x the closed-loop throughput "
+                f"({o['capacity_per_s']:g}/s = capacity) = {o['rate_per_s']}/s. Goodput = "
+                "answers without any fallback per second.",
+                "",
+                "| answered/s | goodput/s | goodput / capacity | answered p50 / p99 ms | "
+                "shed answers (p99 ms) | errors | gateway handler p99 ms <= | "
+                "p99 within deadline | goodput >= 90 % |",
+                "| ---: | ---: | ---: | ---: | ---: | --- | ---: | --- | --- |",
+                f"| {ov['throughput_per_s']:g} | {o['goodput_per_s']:g} | "
+                f"{o['goodput_vs_capacity']:.0%} | {ov['p50_ms']:.1f} / {ov['p99_ms']:.1f} | "
+                f"{ov['shed_answers']} ({ov['shed_p99_ms']:.1f}) | {_errors(ov)} | "
+                f"{gw.get('p99_ms_le', float('nan')):g} | "
+                f"{'yes' if o['p99_within_deadline'] else 'no'} | "
+                f"{'yes' if o['goodput_target_met'] else 'no'} |",
+            ]
         for key in ("recommend_closed", "recommend_open"):
             r = run["results"].get(key, {})
             hops = r.get("hops", {})
@@ -853,6 +967,13 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="Runs per measurement (median).")
     ap.add_argument("--timeout", type=float, default=1.0, help="Deadline of each call (s).")
     ap.add_argument("--k", type=int, default=10, help="Items per Recommend.")
+    ap.add_argument(
+        "--overload-factor",
+        type=float,
+        default=2.0,
+        help="One more open-loop run at this multiple of the closed-loop throughput "
+        "(the overload target's row: goodput and answered p99); 0 = none.",
+    )
     ap.add_argument(
         "--candidates-k", type=int, default=200, help="Gateway CANDIDATES_K (ranked per call)."
     )

@@ -59,6 +59,9 @@ class Downstream:
         self.name = name
         self.channel = channel
         self.breaker = breaker
+        # Called when a hop ran out of time (its deadline passed, or none was left to
+        # start it): the gateway's admission bound counts it as a call past its target.
+        self.on_timeout: Callable[[], None] | None = None
 
     async def call(
         self,
@@ -79,6 +82,8 @@ class Downstream:
             timeout = deadline.for_hop(hop_timeout)
             if timeout <= 0.001:
                 HOP_LATENCY.labels(hop, "no_time").observe(0)
+                if self.on_timeout is not None:
+                    self.on_timeout()
                 raise HopError(hop, "no time left in the caller's deadline")
             probe = self.breaker.is_open
             if not self.breaker.allow():
@@ -90,6 +95,8 @@ class Downstream:
                 response = await method(request, timeout=timeout, metadata=metadata)
             except grpc.aio.AioRpcError as exc:
                 HOP_LATENCY.labels(hop, exc.code().name).observe(time.perf_counter() - started)
+                if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and self.on_timeout:
+                    self.on_timeout()
                 # Bad input is the caller's fault, not the downstream's health.
                 if exc.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND):
                     self.breaker.success()

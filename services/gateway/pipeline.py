@@ -248,6 +248,7 @@ class Pipeline:
             "trending", 256, settings.trending_cache_seconds
         )
         self.offer_surfaces = {s.strip() for s in settings.offer_surfaces.split(",") if s.strip()}
+        self._warming: dict[str, asyncio.Task[None]] = {}
 
     # -- helpers -----------------------------------------------------------------------
 
@@ -637,6 +638,8 @@ class Pipeline:
         k = self._k(req.k)
         category = req.categories[0] if len(req.categories) == 1 else ""
         cached = self.trending_cache.get_stale(category)
+        if cached is None or self.trending_cache.get(category) is None:
+            self._warm_popular(category)  # for the next ones: in the background
         if cached is None:
             return None
         exclude = set(req.exclude_item_ids)
@@ -659,6 +662,24 @@ class Pipeline:
         if short is not None:
             resp.shortfall.CopyFrom(short)
         return resp
+
+    def _warm_popular(self, category: str) -> None:
+        """Fetch the popular list of ``category`` and its items' details into the
+        caches in the background (one fetch per category at a time): what the answers
+        past the admission bound are made of, which never wait for a downstream."""
+        if category in self._warming or len(self._warming) >= 16:
+            return
+        task = asyncio.get_running_loop().create_task(self._warm(category))
+        self._warming[category] = task
+        task.add_done_callback(lambda _: self._warming.pop(category, None))
+
+    async def _warm(self, category: str) -> None:
+        deadline = Deadline(self.s.profile_timeout_ms / 1000 + self.s.details_timeout_ms / 1000)
+        try:
+            listed = await self._trending(category, self.s.max_k, set(), deadline)
+        except HopError:
+            return
+        await self.item_details([c.item_id for c in listed], deadline, Trace(False))
 
     async def candidates(
         self,

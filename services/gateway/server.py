@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
 import grpc
-from prometheus_client import Counter
+from prometheus_client import Counter, Gauge, Histogram
 
 from mercato.v1 import gateway_pb2, gateway_pb2_grpc
 from services.common.channels import aio_channel
 from services.common.errors import ResourceExhausted
 from services.common.server import BaseService, run_service
 from services.common.settings import ClientTlsSettings
+from services.gateway.admission import AdaptiveLimit
 from services.gateway.auth import ApiKeyAuthenticator
 from services.gateway.experiments import load_experiments
 from services.gateway.exposures import ExposureLog
@@ -26,15 +28,26 @@ T = TypeVar("T")
 
 SHED = Counter(
     "mercato_gateway_shed_total",
-    "Calls answered at once because MAX_IN_FLIGHT calls were in progress, by answer.",
+    "Calls answered at once because the admission bound was reached, by answer.",
     ["method", "answer"],
+)
+DEADLINE_LEFT = Histogram(
+    "mercato_gateway_deadline_left_seconds",
+    "Time left of the caller's deadline when the gateway starts on a Recommend (what "
+    "queueing before the handler took shows as a shorter budget).",
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 1.0, 2.0, 5.0),
+)
+ADMISSION_LIMIT = Gauge(
+    "mercato_gateway_admission_limit",
+    "The bound on recommendation calls in progress now (MAX_IN_FLIGHT when fixed).",
 )
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     """Public RPCs; composition lives in :class:`Pipeline`. Recommendation calls past
-    ``max_in_flight`` are shed at once (a fast degraded answer or RESOURCE_EXHAUSTED),
-    so under overload the answers given stay fast instead of every answer queueing."""
+    the admission bound (adaptive, at most ``max_in_flight``: :mod:`.admission`) are
+    shed at once (a fast degraded answer or RESOURCE_EXHAUSTED), so under overload the
+    answers given stay fast instead of every answer queueing."""
 
     def __init__(self, pipeline: Pipeline, settings: GatewaySettings | None = None) -> None:
         self.pipeline = pipeline
@@ -42,20 +55,40 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         self.max_in_flight = s.max_in_flight
         self.degrade_on_overload = s.overload_answer == "degraded"
         self.in_flight = 0
+        # None: the fixed bound (or none); else the adaptive one, at most max_in_flight
+        self.limiter = (
+            AdaptiveLimit(
+                s.max_in_flight,
+                s.admit_target_ms / 1000,
+                min_limit=min(s.admit_min_in_flight, s.max_in_flight),
+            )
+            if s.admission == "adaptive" and s.max_in_flight > 0
+            else None
+        )
+        if self.limiter is not None:
+            for hop in (pipeline.profile, pipeline.retrieval, pipeline.ranking):
+                hop.on_timeout = self.limiter.timed_out
+        self._limit_seen = s.max_in_flight
+        ADMISSION_LIMIT.set(s.max_in_flight)
         self._shed_exhausted = {
             m: SHED.labels(m, "resource_exhausted")
             for m in ("Recommend", "GetRelatedItems", "GetCartRecommendations")
         }
         self._shed_degraded = SHED.labels("Recommend", "degraded")
+        self._deadline_left = DEADLINE_LEFT
 
     def _full(self) -> bool:
+        if self.limiter is not None:
+            return not self.limiter.admit(self.in_flight)
         return 0 < self.max_in_flight <= self.in_flight
+
+    def _limit(self) -> int:
+        return self.limiter.limit if self.limiter is not None else self.max_in_flight
 
     def _refuse(self, method: str) -> None:
         self._shed_exhausted[method].inc()
         raise ResourceExhausted(
-            f"the gateway is at its limit of {self.max_in_flight} calls in progress; "
-            "retry with backoff"
+            f"the gateway is at its limit of {self._limit()} calls in progress; retry with backoff"
         )
 
     async def _admit(self, method: str, run: Callable[[], Awaitable[T]]) -> T:
@@ -63,14 +96,23 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         if self._full():
             self._refuse(method)
         self.in_flight += 1
+        started = time.monotonic()
         try:
             return await run()
         finally:
             self.in_flight -= 1
+            if self.limiter is not None:
+                self.limiter.done(time.monotonic() - started)
+                if self.limiter.limit != self._limit_seen:
+                    self._limit_seen = self.limiter.limit
+                    ADMISSION_LIMIT.set(self._limit_seen)
 
     async def Recommend(
         self, request: gateway_pb2.RecommendRequest, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.RecommendResponse:
+        remaining = context.time_remaining()
+        if remaining is not None:
+            self._deadline_left.observe(remaining)
         if self._full() and self.degrade_on_overload:
             resp = self.pipeline.overloaded_recommend(request)
             if resp is not None:

@@ -42,6 +42,23 @@ class GatewaySettings(ServiceSettings):
             "instead of queueing (0 = no bound)."
         ),
     )
+    admission: Literal["adaptive", "fixed"] = Field(
+        "adaptive",
+        description=(
+            "'adaptive': the bound on recommendation calls in progress moves between "
+            "ADMIT_MIN_IN_FLIGHT and MAX_IN_FLIGHT with the latency of the admitted calls "
+            "(AIMD: cut when more than a tenth of a window's calls take longer than "
+            "ADMIT_TARGET_MS); 'fixed': the bound is MAX_IN_FLIGHT."
+        ),
+    )
+    admit_target_ms: float = Field(
+        150,
+        gt=0,
+        description="Adaptive admission: the latency the admitted calls' p90 is kept under.",
+    )
+    admit_min_in_flight: int = Field(
+        4, ge=1, description="Adaptive admission: the bound never goes below this."
+    )
     overload_answer: Literal["degraded", "resource_exhausted"] = Field(
         "degraded",
         description=(

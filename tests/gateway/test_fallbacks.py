@@ -885,17 +885,24 @@ async def test_overloaded_answer_is_the_cached_popular_list(
     stack = await stacks(trending_cache_seconds=60, details_cache_seconds=60)
     pipe = stack.pipeline
     assert pipe.overloaded_recommend(gateway_pb2.RecommendRequest(k=3)) is None  # nothing cached
+    # ... and that call fetches the popular list and its details in the background
+    for _ in range(200):
+        if pipe.trending_cache.get_stale("") is not None and not pipe._warming:
+            break
+        await asyncio.sleep(0.01)
+    assert len(stack.profile.seen["GetTrending"]) == 1
+    assert len(stack.profile.seen["GetItems"]) == 1
     one = [common_pb2.Candidate(item_id="p0", source=MODEL)]
     stack.retrieval.once["Retrieve"].append(retrieval_pb2.RetrieveResponse(candidates=one))
     await recommend(stack, k=2)  # caches the details of p0
     stack.retrieval.down()
     stack.profile.down("GetItems")
-    await recommend(stack, k=2)  # caches the popular list (no details)
-    await recommend(stack, k=3, categories=["kitchen"])  # and that of kitchen
+    await recommend(stack, k=2)  # the popular list from the cache
+    await recommend(stack, k=3, categories=["kitchen"])  # and that of kitchen (no details)
     resp = pipe.overloaded_recommend(gateway_pb2.RecommendRequest(k=3, exclude_item_ids=["p1"]))
     assert resp is not None
     assert ids(resp) == ["p0", "p2", "p3"]
-    assert [r.item.title for r in resp.items] == ["P0", "", ""]  # details only from the cache
+    assert [r.item.title for r in resp.items] == ["P0", "P2", "P3"]  # details from the cache
     assert [list(r.reasons) for r in resp.items] == [[TRENDING, FALLBACK]] * 3
     assert [r.score for r in resp.items] == [99.0, 97.0, 96.0]
     assert degraded(resp) == [
@@ -904,6 +911,7 @@ async def test_overloaded_answer_is_the_cached_popular_list(
     assert not resp.HasField("shortfall")
     kitchen = pipe.overloaded_recommend(gateway_pb2.RecommendRequest(k=9, categories=["kitchen"]))
     assert kitchen is not None and ids(kitchen) == [f"p{i}" for i in (1, 3, 5, 7, 9, 11)]
+    assert [r.item.title for r in kitchen.items][:2] == ["P1", "P3"]  # from the warm-up
     assert kitchen.shortfall == common_pb2.Shortfall(
         requested=9, returned=6, reason="6 of 9 items: 6 candidates after retrieval's filters"
     )

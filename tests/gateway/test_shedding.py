@@ -16,11 +16,10 @@ from pathlib import Path
 import grpc
 import pytest
 
-from mercato.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, profile_pb2, profile_pb2_grpc
+from mercato.v1 import gateway_pb2, gateway_pb2_grpc
+from tests.gateway.popular_profile import start_popular_profile
 from tests.procs import ServiceProc, free_port, start_service
-from tests.profile.factory import NOW_US, event, item
 
-ET = common_pb2.EventType
 RETRIEVAL_TIMEOUT_S = 1.5
 BURST = 12
 LIMIT = 2
@@ -29,17 +28,7 @@ LIMIT = 2
 @pytest.fixture(scope="module")
 def profile(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProc]:
     tmp: Path = tmp_path_factory.mktemp("shed")
-    proc = start_service("profile", tmp)
-    with proc.channel() as ch:
-        stub = profile_pb2_grpc.ProfileServiceStub(ch)
-        items = [item(f"p{k}", "kitchen", 5.0 + k, stock=3) for k in range(8)]
-        stub.UpsertItems(profile_pb2.UpsertItemsRequest(items=items), timeout=10)
-        evs = [
-            event(f"v{k}-{j}", f"u{j}", ET.EVENT_TYPE_VIEW, f"p{k}", NOW_US - 10**6)
-            for k in range(8)
-            for j in range(8 - k)
-        ]
-        stub.TrackEvents(profile_pb2.ProfileServiceTrackEventsRequest(events=evs), timeout=30)
+    proc = start_popular_profile(tmp, [f"p{k}" for k in range(8)], 8)
     try:
         yield proc
     finally:
