@@ -80,3 +80,21 @@ def take(cols: common_pb2.CandidateColumns, keep: Sequence[int]) -> common_pb2.C
             anchor_ids=[anchors[i] for i in idx.tolist()] if anchors else [],
         )
     return out
+
+
+def without_rows(
+    cols: common_pb2.CandidateColumns, rows: Sequence[int]
+) -> common_pb2.CandidateColumns:
+    """A copy of ``cols`` without the rows ``rows`` (ascending), every column: for a few
+    rows out of many, cheaper than :func:`take` of the rest (no array round trips)."""
+    out = common_pb2.CandidateColumns()
+    out.CopyFrom(cols)
+    for i in reversed(rows):
+        del out.item_ids[i]
+        del out.scores[i]
+        del out.sources[i]
+        for c in out.by_source:
+            del c.scores[i]
+            if c.anchor_ids:
+                del c.anchor_ids[i]
+    return out

@@ -25,6 +25,7 @@ import asyncio
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from itertools import islice
 
 import grpc
 from google.protobuf.internal import encoder, wire_format
@@ -40,7 +41,7 @@ from mercato.v1 import (
     retrieval_pb2,
     retrieval_pb2_grpc,
 )
-from services.common.candidates import columns_of, take
+from services.common.candidates import columns_of, without_rows
 from services.common.errors import InvalidArgument, NotFound, ServiceError, Unavailable
 from services.common.logs import request_id_var
 from services.common.wire import WireError, field_payload, field_tag, length_delimited, varint
@@ -249,6 +250,7 @@ class Pipeline:
         )
         self.offer_surfaces = {s.strip() for s in settings.offer_surfaces.split(",") if s.strip()}
         self._warming: dict[str, asyncio.Task[None]] = {}
+        self.degrade_on_overload = settings.overload_answer == "degraded"
 
     # -- helpers -----------------------------------------------------------------------
 
@@ -469,17 +471,15 @@ class Pipeline:
         started = time.perf_counter()
         # Sold out by the gateway's details (fresher than ranking's periodically
         # reloaded table): left out before ranking, so ranking fills k from the rest.
+        sold = [
+            i
+            for i, item_id in enumerate(candidates.item_ids)
+            if (item := details.get(item_id)) is not None and item.stock <= 0
+        ]
+        if sold:
+            trace.drop("out_of_stock", len(sold))
+            candidates = without_rows(candidates, sold)
         ids = list(candidates.item_ids)
-        keep = []
-        for i, item_id in enumerate(ids):
-            item = details.get(item_id)
-            if item is not None and item.stock <= 0:
-                trace.drop("out_of_stock")
-            else:
-                keep.append(i)
-        if len(keep) < len(ids):
-            candidates = take(candidates, keep)
-            ids = [ids[i] for i in keep]
         if ids:
             try:
                 head = ranking_pb2.RankRequest(
@@ -644,11 +644,16 @@ class Pipeline:
             return None
         exclude = set(req.exclude_item_ids)
         trending = [int(common_pb2.REASON_TRENDING), int(common_pb2.REASON_FALLBACK)]
-        ranked: list[Ranked] = [
-            (c.item_id, c.score, trending, ["trending", "popular right now"])
-            for c in cached
-            if c.item_id not in exclude
-        ][:k]
+        ranked: list[Ranked] = list(
+            islice(
+                (
+                    (c.item_id, c.score, trending, ["trending", "popular right now"])
+                    for c in cached
+                    if c.item_id not in exclude
+                ),
+                k,
+            )
+        )
         details, _ = self.details_cache.get_many([r[0] for r in ranked])
         trace = Trace(False)
         trace.candidates = len(ranked)
@@ -662,6 +667,12 @@ class Pipeline:
         if short is not None:
             resp.shortfall.CopyFrom(short)
         return resp
+
+    def keep_popular_cached(self) -> None:
+        """Have the overall popular list cached before calls are shed (fetched in the
+        background; a no-op once there)."""
+        if self.degrade_on_overload and self.trending_cache.get_stale("") is None:
+            self._warm_popular("")
 
     def _warm_popular(self, category: str) -> None:
         """Fetch the popular list of ``category`` and its items' details into the

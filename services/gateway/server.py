@@ -118,6 +118,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             if resp is not None:
                 self._shed_degraded.inc()
                 return resp
+        if self.max_in_flight > 0 and 2 * self.in_flight >= self._limit():  # near the bound
+            self.pipeline.keep_popular_cached()
         return await self._admit("Recommend", lambda: self.pipeline.recommend(request, context))
 
     async def GetRelatedItems(

@@ -941,6 +941,27 @@ async def test_past_the_bound_a_call_gets_the_cached_list_at_once(
     assert len((await slow).items) == 3
 
 
+async def test_near_the_bound_the_popular_list_is_fetched_before_a_call_is_shed(
+    stacks: Callable[..., Awaitable[Stack]],
+) -> None:
+    stack = await stacks(trending_cache_seconds=60, max_in_flight=2)
+    stack.retrieval.delay["Retrieve"] = 1.0
+    first = asyncio.create_task(recommend(stack, k=3))  # alone: nothing fetched ahead
+    while not stack.retrieval.seen["Retrieve"]:
+        await asyncio.sleep(0.005)
+    assert not stack.profile.seen["GetTrending"]
+    second = asyncio.create_task(recommend(stack, k=3))  # half the bound in use
+    for _ in range(200):
+        if stack.profile.seen["GetTrending"]:
+            break
+        await asyncio.sleep(0.005)
+    assert len(stack.profile.seen["GetTrending"]) == 1
+    assert not first.done() and not second.done()  # fetched before anything was shed
+    await asyncio.gather(first, second)
+    shed = stack.pipeline.overloaded_recommend(gateway_pb2.RecommendRequest(k=3))
+    assert shed is not None and ids(shed) == ["p0", "p1", "p2"]
+
+
 # --------------------------------------------------------------------- related, cart
 
 

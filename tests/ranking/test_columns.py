@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from mercato.v1 import common_pb2, ranking_pb2
-from services.common.candidates import candidates_of, columns_of, take
+from services.common.candidates import candidates_of, columns_of, take, without_rows
 from services.common.errors import InvalidArgument
 from services.ranking.pipeline import RankPipeline, merge_candidates, merge_columns
 from services.ranking.rules import CandidateSet, RulesConfig
@@ -77,6 +77,16 @@ def test_take_keeps_the_rows_of_every_column() -> None:
     cands = retrieval_like(np.random.default_rng(1), 30)
     keep = [0, 3, 4, 17, 29]
     assert candidates_of(take(columns_of(cands), keep)) == [cands[i] for i in keep]
+
+
+def test_without_rows_drops_those_rows_of_every_column() -> None:
+    cands = retrieval_like(np.random.default_rng(2), 30)
+    cols = columns_of(cands)
+    assert any(c.anchor_ids for c in cols.by_source)  # the anchors column is covered too
+    drop = [0, 7, 29]
+    out = without_rows(cols, drop)
+    assert candidates_of(out) == [c for i, c in enumerate(cands) if i not in drop]
+    assert candidates_of(cols) == cands  # the input is left as it was
 
 
 def _rank_request(cands: list[common_pb2.Candidate], columns: bool) -> ranking_pb2.RankRequest:
