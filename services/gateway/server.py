@@ -69,6 +69,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             for hop in (pipeline.profile, pipeline.retrieval, pipeline.ranking):
                 hop.on_timeout = self.limiter.timed_out
         self._limit_seen = s.max_in_flight
+        self.late_s = s.admit_late_ms / 1000
         ADMISSION_LIMIT.set(s.max_in_flight)
         self._shed_exhausted = {
             m: SHED.labels(m, "resource_exhausted")
@@ -91,9 +92,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             f"the gateway is at its limit of {self._limit()} calls in progress; retry with backoff"
         )
 
-    async def _admit(self, method: str, run: Callable[[], Awaitable[T]]) -> T:
+    async def _admit(self, method: str, run: Callable[[], Awaitable[T]], late: bool = False) -> T:
         """Run ``run`` as one of the bounded calls in progress, or refuse at once."""
-        if self._full():
+        if late or self._full():
             self._refuse(method)
         self.in_flight += 1
         started = time.monotonic()
@@ -113,14 +114,23 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         remaining = context.time_remaining()
         if remaining is not None:
             self._deadline_left.observe(remaining)
-        if self._full() and self.degrade_on_overload:
+        busy = self.max_in_flight > 0 and 2 * self.in_flight >= self._limit()
+        # Near the bound, a call that arrives with less than ADMIT_LATE_MS of its
+        # deadline left waited that long before the handler (the gateway is behind):
+        # it is shed like a call past the bound, and the bound learns of the backlog.
+        late = busy and remaining is not None and remaining < self.late_s
+        if late and self.limiter is not None:
+            self.limiter.timed_out()
+        if (late or self._full()) and self.degrade_on_overload:
             resp = self.pipeline.overloaded_recommend(request)
             if resp is not None:
                 self._shed_degraded.inc()
                 return resp
-        if self.max_in_flight > 0 and 2 * self.in_flight >= self._limit():  # near the bound
+        if busy:  # near the bound: have the popular list ready
             self.pipeline.keep_popular_cached()
-        return await self._admit("Recommend", lambda: self.pipeline.recommend(request, context))
+        return await self._admit(
+            "Recommend", lambda: self.pipeline.recommend(request, context), late
+        )
 
     async def GetRelatedItems(
         self, request: gateway_pb2.GetRelatedItemsRequest, context: grpc.aio.ServicerContext

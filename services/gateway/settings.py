@@ -56,6 +56,15 @@ class GatewaySettings(ServiceSettings):
         gt=0,
         description="Adaptive admission: the latency the admitted calls' p90 is kept under.",
     )
+    admit_late_ms: float = Field(
+        100,
+        ge=0,
+        description=(
+            "With half the admission bound in use, a Recommend that starts with less than "
+            "this left of its caller's deadline is shed like one past the bound (it "
+            "queued before the gateway got to it); 0 = never."
+        ),
+    )
     admit_min_in_flight: int = Field(
         4, ge=1, description="Adaptive admission: the bound never goes below this."
     )

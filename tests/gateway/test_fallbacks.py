@@ -962,6 +962,32 @@ async def test_near_the_bound_the_popular_list_is_fetched_before_a_call_is_shed(
     assert shed is not None and ids(shed) == ["p0", "p1", "p2"]
 
 
+async def test_near_the_bound_a_call_with_little_time_left_is_shed(
+    stacks: Callable[..., Awaitable[Stack]],
+) -> None:
+    stack = await stacks(trending_cache_seconds=60, max_in_flight=4)
+    stack.retrieval.once["Retrieve"].append(S.UNAVAILABLE)
+    await recommend(stack, k=3)  # caches the popular list
+    req = gateway_pb2.RecommendRequest(k=3)
+    # idle: a short deadline (under ADMIT_LATE_MS, 100) is served in full
+    quick = await stack.stub.Recommend(req, timeout=0.09)
+    assert not quick.degraded and len(stack.retrieval.seen["Retrieve"]) == 2
+    stack.retrieval.delay["Retrieve"] = 1.0
+    slow = [asyncio.create_task(recommend(stack, k=3)) for _ in range(2)]
+    while len(stack.retrieval.seen["Retrieve"]) < 4:  # half the bound in use
+        await asyncio.sleep(0.005)
+    started = time.monotonic()
+    late = await stack.stub.Recommend(req, timeout=0.09)
+    assert time.monotonic() - started < 0.09
+    assert [(d.stage, d.fallback) for d in late.degraded] == [("gateway", "popular_items")]
+    assert len(stack.retrieval.seen["Retrieve"]) == 4  # asked nobody
+    on_time = asyncio.ensure_future(stack.stub.Recommend(req, timeout=5))
+    while len(stack.retrieval.seen["Retrieve"]) < 5:  # a call with time left is admitted
+        await asyncio.sleep(0.005)
+    assert not (await on_time).degraded
+    await asyncio.gather(*slow)
+
+
 # --------------------------------------------------------------------- related, cart
 
 
