@@ -468,6 +468,10 @@ async def measure(
     r["gateway_deadline_left_ms_le"] = histogram_quantiles(
         before, after, "mercato_gateway_deadline_left_seconds", (0.01, 0.5, 0.99)
     )
+    # How late a 5 ms ticker on the gateway's event loop woke (ADMIT_LAG_MS > 0 only).
+    r["gateway_loop_lag_ms_le"] = histogram_quantiles(
+        before, after, "mercato_gateway_loop_lag_seconds", (0.5, 0.9, 0.99)
+    )
     r["gateway_shed"] = {
         dict(labels).get("answer", "?"): int(v - before.get((name, labels), 0.0))
         for (name, labels), v in after.items()

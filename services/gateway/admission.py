@@ -15,7 +15,15 @@ latency the admitted calls see instead:
   downstream call that ran out of time counts as such a call (:meth:`timed_out`);
 - a window within the target in which the calls in progress came near the bound
   raises it by one (nothing is learnt about a bound the load never reached);
-- the bound stays within ``[min_limit, max_limit]``.
+- the bound stays within ``[min_limit, max_limit]``;
+- with ``lag_target_s`` set, the event loop's lag counts too (:func:`watch_loop_lag`:
+  how late a ticker task wakes): a window in which more than ``slow_share`` of the
+  ticks woke later than ``lag_target_s`` cuts the bound even if the admitted calls were
+  fast, provided half the bound was in use in it. The latency above is measured from
+  the handler's start, so it does not see the calls waiting in front of it: grpc.aio
+  takes each new call from the core on the event loop (one per method per pass of its
+  ``_server_main_loop``) and runs every call's callbacks there, so while the loop lags
+  the calls queue in the core.
 
 This is the AIMD limit of Netflix's concurrency-limits library, with its per-call
 decision replaced by one per window (single slow calls on a shared machine do not halve
@@ -24,6 +32,7 @@ the bound). ``docs/gateway.md`` has the measurements that chose the defaults.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 
@@ -42,6 +51,7 @@ class AdaptiveLimit:
         min_samples: int = 5,
         slow_share: float = 0.1,
         backoff: float = 0.8,
+        lag_target_s: float = 0.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if not 1 <= min_limit <= max_limit:
@@ -53,12 +63,15 @@ class AdaptiveLimit:
         self.min_samples = min_samples
         self.slow_share = slow_share
         self.backoff = backoff
+        self.lag_target_s = lag_target_s
         self.clock = clock
         self._limit = float(min(max(initial, min_limit), max_limit))
         self._window_start = clock()
         self._n = 0
         self._slow = 0
         self._peak = 0
+        self._ticks = 0
+        self._late_ticks = 0
 
     @property
     def limit(self) -> int:
@@ -85,13 +98,46 @@ class AdaptiveLimit:
             self._slow += 1
         self._decide()
 
+    def lag(self, lag_s: float) -> None:
+        """The event loop ran a ticker ``lag_s`` later than it asked to be woken
+        (ignored unless ``lag_target_s`` is set)."""
+        if self.lag_target_s <= 0:
+            return
+        self._ticks += 1
+        if lag_s > self.lag_target_s:
+            self._late_ticks += 1
+        self._decide()
+
     def _decide(self) -> None:
         now = self.clock()
-        if now - self._window_start < self.window_s or self._n < self.min_samples:
+        if now - self._window_start < self.window_s:
             return
-        if self._slow > self.slow_share * self._n:
+        # the loop's lag counts only with half the bound in use: a loop slowed by other
+        # processes while few calls are in progress is not the gateway's backlog
+        lagging = self._late_ticks > self.slow_share * self._ticks and 2 * self._peak >= self._limit
+        if not lagging and self._n < self.min_samples:
+            if self._ticks:  # the loop kept up: its next window starts (calls carry on)
+                self._window_start = now
+                self._ticks = self._late_ticks = 0
+            return
+        if lagging or self._slow > self.slow_share * self._n:
             self._limit = max(self.min_limit, self._limit * self.backoff)
         elif self._peak >= 0.8 * self._limit:
             self._limit = min(self.max_limit, self._limit + 1)
         self._window_start = now
-        self._n = self._slow = self._peak = 0
+        self._n = self._slow = self._peak = self._ticks = self._late_ticks = 0
+
+
+async def watch_loop_lag(
+    limit: AdaptiveLimit, observe: Callable[[float], None], interval_s: float = 0.005
+) -> None:
+    """Until cancelled: sleep ``interval_s`` on the running loop and tell ``limit`` and
+    ``observe`` how much later than that it woke (the time callbacks and new calls
+    queued ahead of it)."""
+    loop = asyncio.get_running_loop()
+    while True:
+        asked = loop.time() + interval_s
+        await asyncio.sleep(interval_s)
+        lag = loop.time() - asked
+        observe(lag)
+        limit.lag(lag)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -15,7 +16,7 @@ from services.common.channels import aio_channel
 from services.common.errors import ResourceExhausted
 from services.common.server import BaseService, run_service
 from services.common.settings import ClientTlsSettings
-from services.gateway.admission import AdaptiveLimit
+from services.gateway.admission import AdaptiveLimit, watch_loop_lag
 from services.gateway.auth import ApiKeyAuthenticator
 from services.gateway.experiments import load_experiments
 from services.gateway.exposures import ExposureLog
@@ -36,6 +37,12 @@ DEADLINE_LEFT = Histogram(
     "Time left of the caller's deadline when the gateway starts on a Recommend (what "
     "queueing before the handler took shows as a shorter budget).",
     buckets=(0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 1.0, 2.0, 5.0),
+)
+LOOP_LAG = Histogram(
+    "mercato_gateway_loop_lag_seconds",
+    "How much later than asked a 5 ms ticker on the gateway's event loop woke (the "
+    "time calls and callbacks queue before the loop gets to them; ADMIT_LAG_MS > 0).",
+    buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0),
 )
 ADMISSION_LIMIT = Gauge(
     "mercato_gateway_admission_limit",
@@ -61,6 +68,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
                 s.max_in_flight,
                 s.admit_target_ms / 1000,
                 min_limit=min(s.admit_min_in_flight, s.max_in_flight),
+                lag_target_s=s.admit_lag_ms / 1000,
             )
             if s.admission == "adaptive" and s.max_in_flight > 0
             else None
@@ -77,6 +85,13 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         }
         self._shed_degraded = SHED.labels("Recommend", "degraded")
         self._deadline_left = DEADLINE_LEFT
+
+    def start_lag_watch(self) -> asyncio.Task[None] | None:
+        """With the adaptive bound and ADMIT_LAG_MS set: the ticker that feeds it the
+        event loop's lag (:func:`~services.gateway.admission.watch_loop_lag`)."""
+        if self.limiter is None or self.limiter.lag_target_s <= 0:
+            return None
+        return asyncio.create_task(watch_loop_lag(self.limiter, LOOP_LAG.observe))
 
     def _full(self) -> bool:
         if self.limiter is not None:
@@ -160,6 +175,7 @@ class GatewayService(BaseService):
     def __init__(self, settings: GatewaySettings) -> None:
         super().__init__(settings)
         self.gs = settings
+        self._lag_watch: asyncio.Task[None] | None = None
         if settings.api_keys_file:
             self.authenticator = ApiKeyAuthenticator.from_file(settings.api_keys_file)
         else:
@@ -186,12 +202,17 @@ class GatewayService(BaseService):
         )
 
     def register(self, server: grpc.aio.Server) -> Sequence[str]:
-        gateway_pb2_grpc.add_GatewayServiceServicer_to_server(
-            GatewayServicer(self.pipeline), server
-        )
+        self.servicer = GatewayServicer(self.pipeline)
+        gateway_pb2_grpc.add_GatewayServiceServicer_to_server(self.servicer, server)
         return [gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_name]
 
+    async def start(self) -> None:
+        self._lag_watch = self.servicer.start_lag_watch()
+        await super().start()
+
     async def stop(self) -> None:
+        if self._lag_watch is not None:
+            self._lag_watch.cancel()
         # In-flight calls have drained: send the exposures they queued, then close.
         await self.exposures.close(timeout=max(1.0, self.gs.track_timeout_ms / 1000 * 2))
         for ch in self.channels.values():

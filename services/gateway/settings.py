@@ -65,6 +65,17 @@ class GatewaySettings(ServiceSettings):
             "queued before the gateway got to it); 0 = never."
         ),
     )
+    admit_lag_ms: float = Field(
+        10,
+        ge=0,
+        description=(
+            "Adaptive admission: a ticker measures how late the gateway's event loop wakes "
+            "it (every 5 ms); a 50 ms window in which half the bound was in use and more "
+            "than a tenth of the ticks woke later than this cuts the bound like slow calls "
+            "do (calls queue in front of the handler while the loop lags, which the "
+            "calls' latency does not see); 0 = off."
+        ),
+    )
     admit_min_in_flight: int = Field(
         4, ge=1, description="Adaptive admission: the bound never goes below this."
     )

@@ -76,3 +76,51 @@ def test_downstream_timeouts_cut_the_bound_like_slow_calls() -> None:
 def test_bad_ranges_are_refused() -> None:
     with pytest.raises(ValueError, match="min_limit"):
         AdaptiveLimit(4, target_s=0.1, min_limit=8)
+
+
+def _ticks(lim: AdaptiveLimit, clock: Clock, lags: list[float]) -> None:
+    """One window of the loop-lag ticker: ``lags`` spread over ``window_s`` (a binary
+    fraction in these tests, so the steps add up to it exactly)."""
+    for lag in lags:
+        clock.now += lim.window_s / len(lags)
+        lim.lag(lag)
+
+
+def test_a_lagging_event_loop_cuts_the_bound_though_the_admitted_calls_are_fast() -> None:
+    clock = Clock()
+    lim = AdaptiveLimit(
+        64, target_s=0.1, initial=20, lag_target_s=0.02, window_s=1 / 16, clock=clock
+    )
+    # the calls that got in are fast, but the loop wakes the ticker 50 ms late in 2 of
+    # 16 ticks: calls are queueing in front of the handler
+    lim.admit(19)
+    for _ in range(6):
+        lim.done(0.01)
+    _ticks(lim, clock, [0.001] * 14 + [0.05] * 2)
+    assert lim.limit == 16
+    # no call ended at all (the loop is that far behind): the lag alone decides
+    lim.admit(15)
+    _ticks(lim, clock, [0.2] * 4)
+    assert lim.limit == 12
+
+
+def test_idle_ticks_and_a_slow_loop_with_few_calls_in_progress_do_not_cut_the_bound() -> None:
+    clock = Clock()
+    lim = AdaptiveLimit(
+        64, target_s=0.1, initial=20, lag_target_s=0.02, window_s=1 / 16, clock=clock
+    )
+    for _ in range(100):  # idle: the ticker runs, no calls, a late tick in 16 allowed
+        _ticks(lim, clock, [0.001] * 15 + [0.05])
+    assert lim.limit == 20
+    # a slow loop with few calls in progress (other processes' load) does not cut it
+    lim.admit(3)
+    _ticks(lim, clock, [0.05] * 16)
+    assert lim.limit == 20
+    # a backlog after the idle time is seen within one window
+    lim.admit(9)
+    _ticks(lim, clock, [0.001] * 14 + [0.05] * 2)
+    assert lim.limit == 16
+    # without a lag target the ticks are ignored
+    off = AdaptiveLimit(64, target_s=0.1, initial=20, window_s=1 / 16, clock=clock)
+    _ticks(off, clock, [0.5] * 16)
+    assert off.limit == 20
