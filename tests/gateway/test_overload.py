@@ -117,6 +117,8 @@ def _run(tmp: Path, profile: ServiceProc, limited: str, admission: str) -> dict[
             stub = gateway_pb2_grpc.GatewayServiceStub(ch)
             stub.Recommend(gateway_pb2.RecommendRequest(customer_id="u1", k=5), timeout=5)
             results = _drive(stub)
+        # the loop-lag ticker ran in the real gateway (ADMIT_LAG_MS's default)
+        lag_ticks = gw.metric("mercato_gateway_loop_lag_seconds_count")
     finally:
         gw.terminate()
     full, admitted, shed, errors = [], [], [], []
@@ -141,6 +143,7 @@ def _run(tmp: Path, profile: ServiceProc, limited: str, admission: str) -> dict[
         "admitted_p99": _pct(admitted, 0.99),
         "shed": len(shed),
         "shed_p99": _pct(shed, 0.99),
+        "lag_ticks": lag_ticks,
     }
 
 
@@ -155,3 +158,4 @@ def test_at_twice_the_capacity_answers_stay_fast_and_goodput_holds(
     assert r["shed_p99"] < 0.25, r  # ... at once, not after queueing
     assert r["admitted_p99"] < 0.5, r  # admitted calls did not queue either
     assert r["goodput"] >= 0.6 * CAPACITY, r  # full answers near the capacity
+    assert r["lag_ticks"] > 100, r  # 5 ms ticks over the run fed the bound the loop's lag
