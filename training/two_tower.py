@@ -319,14 +319,16 @@ def warm_start(
     vocab: Vocab, rows: TrainRows, valid: EvalSet, cfg: TwoTowerConfig
 ) -> WarmStart | None:
     """The rank-``dim`` EASE start (:func:`ease_factors`) with its popularity prior
-    (:func:`popularity_prior`), λ and alpha chosen on validation from
-    ``cfg.ease_lambdas`` x ``cfg.prior_alphas``: the pair with the highest mean of the
-    validation Recall@K of the customers as they are and with their history masked
-    (:func:`cold_eval_set`), ties to the earlier pair. At the start every alpha > 0
-    gives a masked customer the same list (popularity order: the user vector is ``[0,
-    1]``), so this is the best ordinary validation recall among the alphas, and the
-    smallest alpha, a tie-break, is in the grid. None when ``cfg.init`` is "random" or
-    the catalog is larger than ``cfg.warm_start_max_items`` (dense items x items)."""
+    (:func:`popularity_prior`), chosen on validation: λ from ``cfg.ease_lambdas`` on
+    the start without the prior (validation Recall@K, ties to the earlier: what
+    fine-tuning starts from, see :func:`train_two_tower`), then alpha from
+    ``cfg.prior_alphas`` at that λ by the highest mean of the validation Recall@K of the
+    customers as they are and with their history masked (:func:`cold_eval_set`), ties to
+    the smaller. At the start every alpha > 0 gives a masked customer the same list
+    (popularity order: the user vector is ``[0, 1]``), so this is the best ordinary
+    validation recall among the alphas, and the smallest alpha, a tie-break, is in the
+    grid. ``tried`` lists every λ (alpha 0) then every alpha. None when ``cfg.init`` is
+    "random" or the catalog is larger than ``cfg.warm_start_max_items``."""
     if cfg.init not in ("ease", "random"):
         raise ValueError(f"init must be 'ease' or 'random', not {cfg.init!r}")
     if cfg.init == "random" or vocab.n_items > cfg.warm_start_max_items:
@@ -341,36 +343,48 @@ def warm_start(
     metric = f"recall@{cfg.early_stop_k}"
     cold = cold_eval_set(valid)
     best: WarmStart | None = None
-    best_score = -math.inf
     tried: list[dict[str, float]] = []
     net = new_net(vocab, cfg)
     items = ItemTable(vocab, np.unique(rows.items))
+
+    def score(ws: WarmStart) -> WarmStart:
+        apply_warm_start(net, ws)
+        ws.valid_per_user = valid_per_user(net, items, valid, cfg.early_stop_k)
+        ws.valid_metric = float(ws.valid_per_user.mean()) if len(valid) else 0.0
+        cold_user = valid_per_user(net, items, cold, cfg.early_stop_k)
+        ws.valid_cold = float(cold_user.mean()) if len(cold) else 0.0
+        tried.append(
+            {
+                "lambda": ws.lam,
+                "prior_alpha": ws.alpha,
+                f"valid_{metric}": ws.valid_metric,
+                f"valid_cold_{metric}": ws.valid_cold,
+            }
+        )
+        if cfg.progress:
+            tqdm.write(
+                f"warm start: EASE λ={ws.lam} rank {cfg.dim} prior alpha={ws.alpha:g}: valid "
+                f"{metric} {ws.valid_metric:.4f}, history masked {ws.valid_cold:.4f}"
+            )
+        return ws
+
+    # λ first, on the start without the prior (as before the prior: fine-tuning starts
+    # from that start, so its λ is the one a prior-less run would take), ...
     for lam in cfg.ease_lambdas:
         p, q = ease_factors(gram, lam, cfg.dim, cfg.warm_scale)
+        ws = score(WarmStart(p, q, lam, 0.0))
+        if best is None or ws.valid_metric > best.valid_metric:
+            best = ws
+    # ... then alpha at that λ, by the mean of the ordinary and the masked recall.
+    assert best is not None
+    base = best
+    if alphas != (None,):
+        best, best_score = None, -math.inf
         for alpha in alphas:
-            bias = None if alpha is None else alpha * prior
-            ws = WarmStart(p, q, lam, 0.0, bias=bias, alpha=alpha or 0.0)
-            apply_warm_start(net, ws)
-            ws.valid_per_user = valid_per_user(net, items, valid, cfg.early_stop_k)
-            ws.valid_metric = float(ws.valid_per_user.mean()) if len(valid) else 0.0
-            cold_user = valid_per_user(net, items, cold, cfg.early_stop_k)
-            ws.valid_cold = float(cold_user.mean()) if len(cold) else 0.0
-            tried.append(
-                {
-                    "lambda": lam,
-                    "prior_alpha": ws.alpha,
-                    f"valid_{metric}": ws.valid_metric,
-                    f"valid_cold_{metric}": ws.valid_cold,
-                }
-            )
-            if cfg.progress:
-                tqdm.write(
-                    f"warm start: EASE λ={lam} rank {cfg.dim} prior alpha={ws.alpha:g}: valid "
-                    f"{metric} {ws.valid_metric:.4f}, history masked {ws.valid_cold:.4f}"
-                )
-            score = (ws.valid_metric + ws.valid_cold) / 2
-            if best is None or score > best_score:
-                best, best_score = ws, score
+            assert alpha is not None
+            ws = score(replace(base, bias=alpha * prior, alpha=alpha, tried=[]))
+            if best is None or (ws.valid_metric + ws.valid_cold) / 2 > best_score:
+                best, best_score = ws, (ws.valid_metric + ws.valid_cold) / 2
     assert best is not None
     best.tried = tried
     best.seconds = time.perf_counter() - t0
@@ -503,6 +517,15 @@ def mean_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[s
     return {k: (v + b[k]) / 2 if v.is_floating_point() else v.clone() for k, v in a.items()}
 
 
+def _start_state(start: TwoTowerNet, warm: WarmStart) -> dict[str, torch.Tensor]:
+    """The weights of ``start`` (the prior-less warm start, untrained) with the popularity
+    prior as item bias: the epoch-0 candidate (no new net: the torch RNG is not drawn)."""
+    state = copy.deepcopy(start.state_dict())
+    if warm.bias is not None:
+        state["item_bias.weight"][1:, 0] = torch.from_numpy(warm.bias.astype(np.float32))
+    return state
+
+
 def _epoch_rows(rows: TrainRows, rng: np.random.Generator) -> np.ndarray:
     """One row per customer (a random cut-off of each on time rows), shuffled."""
     n_cut = np.diff(rows.user_rows)
@@ -546,7 +569,11 @@ def train_two_tower(
         raise ValueError("no training rows: the train split has no customer with history")
     net = new_net(vocab, cfg)
     if warm is not None:
-        apply_warm_start(net, warm)
+        # Fine-tuning (and the averaging with the start) starts from the start without its
+        # popularity prior: the fine-tuned candidates are those of the prior-less start (the
+        # prior changed their course and cost validation recall on the end-to-end shop);
+        # the prior is in the epoch-0 candidate, the start itself, below.
+        apply_warm_start(net, replace(warm, bias=None))
     distributed.broadcast_parameters(net)
     # With cfg.average == "warm" every candidate epoch is the mean of these weights and
     # the epoch's (a model between the start and the fine-tuned one), in the refit too.
@@ -571,8 +598,8 @@ def train_two_tower(
     best_user: np.ndarray | None = None  # rank 0: the best epoch's per-customer metric
     if warm is not None and valid is not None:  # "epoch 0", the warm start, is a candidate
         hist.best_metric, hist.best_epoch = warm.valid_metric, 0
-        best_state = copy.deepcopy(net.state_dict())
-        warm_state = best_state
+        warm_state = _start_state(net, warm)
+        best_state = warm_state
     for epoch in range(cfg.epochs):
         net.train()
         order = _epoch_rows(rows, rng)
@@ -662,6 +689,8 @@ def train_two_tower(
         net.load_state_dict(best_state)
     elif start is not None and hist.epochs:  # a refit: the last epoch averaged likewise
         net.load_state_dict(mean_state(start, net.state_dict()))
+    elif warm is not None and not hist.epochs:  # a refit of the start alone: with its prior
+        net.load_state_dict(_start_state(net, warm))
     # Items never seen in training keep untrained (random) id vectors, biases and history
     # vectors: zero them, so that any caller (serving included) embeds them from features
     # like a new item, and a history holding them is read as if they were not there.

@@ -148,7 +148,8 @@ def test_warm_start_chooses_its_popularity_prior_on_validation() -> None:
     ws = warm_start(vocab, rows, valid, cfg)
     off = warm_start(vocab, rows, valid, replace(cfg, prior_alphas=()))
     assert ws is not None and off is not None and off.bias is None
-    tried = ws.tried
+    tried = ws.tried[1:]  # after the one λ's prior-less start
+    assert ws.tried[0]["prior_alpha"] == 0.0
     assert [t["prior_alpha"] for t in tried] == sorted(cfg.prior_alphas)
     # A customer with history masked gets the popularity order whatever alpha > 0 (the
     # start's user vector is [0, 1]), better than the prior-less start's ties.
@@ -186,8 +187,12 @@ def test_the_warm_start_is_epoch_zero_and_kept_when_training_does_worse() -> Non
     vocab, rows, valid, cfg = _tiny()
     ws = warm_start(vocab, rows, valid, replace(cfg, ease_lambdas=(5.0, 20.0)))
     n_alpha = len(cfg.prior_alphas)
-    assert ws is not None and [t["lambda"] for t in ws.tried] == [5.0] * n_alpha + [20.0] * n_alpha
-    assert ws.valid_metric == max(t["valid_recall@20"] for t in ws.tried) > 0
+    # λ on the prior-less start, then every alpha at the chosen λ.
+    assert ws is not None and [t["lambda"] for t in ws.tried[:2]] == [5.0, 20.0]
+    assert [t["prior_alpha"] for t in ws.tried[:2]] == [0.0, 0.0]
+    lam = max(ws.tried[:2], key=lambda t: t["valid_recall@20"])["lambda"]
+    assert ws.lam == lam and [t["lambda"] for t in ws.tried[2:]] == [lam] * n_alpha
+    assert ws.valid_metric == max(t["valid_recall@20"] for t in ws.tried[2:]) > 0
     # A learning rate that wrecks the model: the best epoch stays the warm start.
     bad = replace(cfg, lr=50.0, epochs=2, patience=5)
     net, _, hist = train_two_tower(vocab, rows, valid, bad, warm=ws)
@@ -198,6 +203,16 @@ def test_the_warm_start_is_epoch_zero_and_kept_when_training_does_worse() -> Non
     np.testing.assert_allclose(
         net.history.weight[1:].detach().numpy()[known], ws.history[known], atol=1e-6
     )
+    # The start is kept with its popularity prior as the item bias.
+    assert ws.bias is not None and ws.alpha > 0
+    np.testing.assert_allclose(net.item_bias.weight[1:, 0].detach().numpy(), ws.bias, rtol=1e-6)
+    # Fine-tuning starts from the start without the prior: the fine-tuned (and averaged)
+    # weights are those of the prior-less start.
+    c = replace(cfg, epochs=2)
+    a, _, _ = train_two_tower(vocab, rows, None, c, warm=ws)
+    b, _, _ = train_two_tower(vocab, rows, None, c, warm=replace(ws, bias=None))
+    for name, w in a.state_dict().items():
+        np.testing.assert_array_equal(w.numpy(), b.state_dict()[name].numpy())
 
 
 def test_one_se_gain_is_the_paired_mean_and_standard_error() -> None:
