@@ -128,6 +128,9 @@ class WarmStart:
     bias: np.ndarray | None = None  # [n_items]
     alpha: float = 0.0
     valid_cold: float = math.nan  # the validation metric with every history masked
+    # The validation metric of the same start without the prior (what fine-tuning starts
+    # from): early stopping's patience counts from it (nan: valid_metric).
+    base_metric: float = math.nan
 
 
 def ease_factors(
@@ -386,6 +389,7 @@ def warm_start(
             if best is None or (ws.valid_metric + ws.valid_cold) / 2 > best_score:
                 best, best_score = ws, (ws.valid_metric + ws.valid_cold) / 2
     assert best is not None
+    best.base_metric = base.valid_metric
     best.tried = tried
     best.seconds = time.perf_counter() - t0
     return best
@@ -596,8 +600,12 @@ def train_two_tower(
     metric = f"recall@{cfg.early_stop_k}"
     warm_state: dict[str, torch.Tensor] | None = None
     best_user: np.ndarray | None = None  # rank 0: the best epoch's per-customer metric
+    # Patience counts from the prior-less start (what fine-tuning starts from), so the
+    # same epochs run as without the prior; the start with its prior is only a candidate.
+    stop_best = -math.inf
     if warm is not None and valid is not None:  # "epoch 0", the warm start, is a candidate
         hist.best_metric, hist.best_epoch = warm.valid_metric, 0
+        stop_best = warm.valid_metric if math.isnan(warm.base_metric) else warm.base_metric
         warm_state = _start_state(net, warm)
         best_state = warm_state
     for epoch in range(cfg.epochs):
@@ -656,6 +664,8 @@ def train_two_tower(
             hist.best_metric, hist.best_epoch = value, epoch + 1
             best_state = copy.deepcopy(state)
             best_user = user_metric
+        if value > stop_best:
+            stop_best = value
             bad = 0
         else:
             bad += 1

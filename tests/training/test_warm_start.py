@@ -213,6 +213,14 @@ def test_the_warm_start_is_epoch_zero_and_kept_when_training_does_worse() -> Non
     b, _, _ = train_two_tower(vocab, rows, None, c, warm=replace(ws, bias=None))
     for name, w in a.state_dict().items():
         np.testing.assert_array_equal(w.numpy(), b.state_dict()[name].numpy())
+    # And early stopping's patience counts from the prior-less start: a start with a prior
+    # that no epoch beats still lets the same epochs run as the prior-less start does.
+    c = replace(cfg, epochs=8, patience=2, average="none")
+    _, _, h_prior = train_two_tower(vocab, rows, valid, c, warm=replace(ws, valid_metric=1.0))
+    plain = replace(ws, bias=None, valid_metric=ws.base_metric, base_metric=float("nan"))
+    _, _, h_plain = train_two_tower(vocab, rows, valid, c, warm=plain)
+    assert h_prior.best_epoch == 0 and h_plain.best_epoch > 0
+    assert len(h_prior.epochs) == len(h_plain.epochs) > c.patience
 
 
 def test_one_se_gain_is_the_paired_mean_and_standard_error() -> None:
