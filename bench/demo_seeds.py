@@ -39,9 +39,15 @@ METRICS = ("recall@10", "recall@20")
 
 
 def run_seed(
-    seed: int, store: Path, fine_tune_min_se: float | None, average: str | None = None
+    seed: int,
+    store: Path,
+    fine_tune_min_se: float | None,
+    average: str | None = None,
+    prior_alphas: tuple[float, ...] | None = None,
 ) -> dict[str, object]:
     model = replace(TwoTowerConfig(), progress=False)
+    if prior_alphas is not None:
+        model = replace(model, prior_alphas=prior_alphas)
     if fine_tune_min_se is not None:
         model = replace(model, fine_tune_min_se=fine_tune_min_se)
     if average is not None:
@@ -63,6 +69,10 @@ def run_seed(
         "test": {m: {k: res.metrics["test"][m][k] for k in METRICS} for m in MODELS},
         "best_epoch": res.best_epoch,
         "fine_tune": res.fine_tune,
+        # The two-tower with the history of every evaluation customer masked (new
+        # visitors), and the warm start's popularity prior (alpha) chosen on validation.
+        "cold": res.cold,
+        "prior_alpha": res.warm_start.get("prior_alpha"),
         "wall_seconds": time.perf_counter() - t0,
         "cpu_seconds": time.process_time() - c0,
     }
@@ -107,13 +117,23 @@ def main() -> None:
         help="override TwoTowerConfig.fine_tune_min_se (0 = plain best epoch)",
     )
     ap.add_argument("--average", default=None, help="override TwoTowerConfig.average (none | warm)")
+    ap.add_argument(
+        "--prior-alphas",
+        default=None,
+        help="override TwoTowerConfig.prior_alphas (comma list; '' = no popularity prior)",
+    )
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "demo_seeds"))
     args = ap.parse_args()
+    alphas = (
+        None
+        if args.prior_alphas is None
+        else tuple(float(a) for a in args.prior_alphas.split(",") if a.strip())
+    )
     store = Path(tempfile.mkdtemp(prefix="mercato-bench-demo-seeds-"))
     runs: list[dict[str, object]] = []
     for seed in (int(s) for s in args.seeds.split(",")):
         print(f"== seed {seed}", flush=True)
-        runs.append(run_seed(seed, store, args.fine_tune_min_se, args.average))
+        runs.append(run_seed(seed, store, args.fine_tune_min_se, args.average, alphas))
         print(f"== seed {seed} done in {runs[-1]['wall_seconds']:.0f}s", flush=True)
     doc: dict[str, object] = {
         "command": "python bench/demo_seeds.py " + " ".join(sys.argv[1:]),

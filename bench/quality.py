@@ -64,7 +64,9 @@ BASELINES = BaselineConfig(
 )
 
 
-def configs(data_dir: Path, loss: str, epochs: int) -> dict[str, TrainConfig]:
+def configs(
+    data_dir: Path, loss: str, epochs: int, prior_alphas: tuple[float, ...] | None = None
+) -> dict[str, TrainConfig]:
     # Whole epochs (one row per customer); early stopping on validation ends training.
     # Weight decay and input dropout are chosen on validation from GRID.
     model = replace(
@@ -75,6 +77,8 @@ def configs(data_dir: Path, loss: str, epochs: int) -> dict[str, TrainConfig]:
         grid=GRID,
         ease_lambdas=WARM_LAMBDAS,
     )
+    if prior_alphas is not None:
+        model = replace(model, prior_alphas=prior_alphas)
     base = TrainConfig(ks=KS, baselines=BASELINES, register=False, model=model)
     return {
         "retail": replace(
@@ -144,6 +148,11 @@ def main() -> None:
     )
     ap.add_argument("--ranker-max-users", type=int, default=3000, help="Customers per window.")
     ap.add_argument(
+        "--prior-alphas",
+        default=None,
+        help="override the two-tower's popularity prior alphas (comma list; '' = none)",
+    )
+    ap.add_argument(
         "--jobs",
         type=int,
         default=1,
@@ -160,7 +169,12 @@ def main() -> None:
     data_dir = Path(args.data_dir)
     if not data_dir.is_dir():
         sys.exit(f"no data folder {data_dir} (see --data-dir)")
-    cfgs = configs(data_dir, args.loss, args.epochs)
+    alphas = (
+        None
+        if args.prior_alphas is None
+        else tuple(float(a) for a in args.prior_alphas.split(",") if a.strip())
+    )
+    cfgs = configs(data_dir, args.loss, args.epochs, alphas)
     store = Path(tempfile.mkdtemp(prefix="mercato-bench-quality-"))
     results: dict[str, dict[str, object]] = {}
     t_all = time.perf_counter()
@@ -207,6 +221,9 @@ def main() -> None:
             "test": res.metrics["test"],
             "best_epoch": res.best_epoch,
             "fine_tune": res.fine_tune,
+            # new visitors (history masked) and the warm start's prior chosen on validation
+            "cold": res.cold,
+            "warm_start": res.warm_start,
             "refit": cfg.refit and cfg.protocol == "default",
             "fit_seconds": res.fit_seconds,
             "wall_seconds": time.perf_counter() - t0,

@@ -95,6 +95,12 @@ def train_retrieval(
         help="warm: each fine-tuned epoch's weights are averaged with the warm start's "
         "(selected on validation and refit that way) | none: the epoch's own weights.",
     ),
+    prior_alphas: str = typer.Option(
+        "0.0001,0.001,0.01,0.03,0.1,0.3,1",
+        help="Comma-separated alphas of the warm start's popularity prior (item bias "
+        "alpha x log1p(training customers)), chosen on validation with λ; '' = off (a "
+        "customer without history then scores every item the same).",
+    ),
     refit: bool = typer.Option(
         True,
         help="Default protocol: fit the chosen configurations again on train + validation "
@@ -145,6 +151,7 @@ def train_retrieval(
             ease_lambdas=tuple(float(x) for x in ease_lambdas.split(",") if x.strip()),
             fine_tune_min_se=fine_tune_min_se,
             average=average,
+            prior_alphas=tuple(float(x) for x in prior_alphas.split(",") if x.strip()),
             seed=seed,
             progress=progress,
         ),

@@ -65,6 +65,7 @@ from training.replay import ReplayConfig, choose_merge, load_for_replay, replay
 from training.synthetic import SyntheticConfig
 from training.two_tower import (
     TwoTowerConfig,
+    cold_eval_set,
     encode_eval_users,
     refit_two_tower,
     select_two_tower,
@@ -149,6 +150,12 @@ class RegisteredResult:
     fit_seconds: dict[str, float] = field(default_factory=dict)  # model -> fit time
     # The best fine-tuned epoch against the warm start (TrainHistory.fine_tune).
     fine_tune: dict[str, float] = field(default_factory=dict)
+    # The two-tower with every evaluation customer's history masked (a new visitor):
+    # split -> recall@K / ndcg@K, beside the ordinary numbers in ``metrics``.
+    cold: dict[str, dict[str, float]] = field(default_factory=dict)
+    # The warm start's choice (TrainHistory.warm_start: λ, prior alpha, both validation
+    # numbers, every pair tried); empty without a warm start.
+    warm_start: dict[str, Any] = field(default_factory=dict)
     # Bundles the served-list replays loaded: "valid" (fit on train only, where the merge
     # weights were chosen) and "test" (the served bundle); empty without the replay.
     replay_dirs: dict[str, Path] = field(default_factory=dict)
@@ -441,6 +448,7 @@ def train_and_register(cfg: TrainConfig) -> RegisteredResult:
         pop = popularity_counts(history_test if refit else split.train, vocab, data.target_events)
         fit_seconds: dict[str, float] = {"two_tower": hist.seconds, "popularity": 0.0}
         results: dict[str, dict[str, dict[str, float]]] = {}
+        cold: dict[str, dict[str, float]] = {}
         eval_sets = [("valid", valid, history_valid)]
         if test is not None:
             eval_sets.append(("test", test, history_test))
@@ -454,6 +462,16 @@ def train_and_register(cfg: TrainConfig) -> RegisteredResult:
                     cfg.ks,
                 ),
                 "popularity": evaluate(PopularityScorer(pop_s), es, cfg.ks),
+            }
+            ces = cold_eval_set(es)
+            cold[name] = {
+                k: v
+                for k, v in evaluate(
+                    EmbeddingScorer(encode_eval_users(n_, ces), it_.all_embeddings(n_)),
+                    ces,
+                    cfg.ks,
+                ).items()
+                if k.startswith(("recall@", "ndcg@"))
             }
         # Baselines: fit on train, hyper-parameters chosen on validation.
         baseline_info: dict[str, Any] = {}
@@ -533,6 +551,30 @@ def train_and_register(cfg: TrainConfig) -> RegisteredResult:
                 final += [
                     Metric(f"{prefix}_{_metric_key(k)}", float(v), ts, 0) for k, v in m.items()
                 ]
+        for split_name, m in cold.items():
+            final += [
+                Metric(f"{split_name}_cold_{_metric_key(k)}", float(v), ts, 0) for k, v in m.items()
+            ]
+        ws_info = hist.warm_start
+        if ws_info:
+            # The warm start's choice (λ, prior alpha) and its two validation numbers.
+            at = f"recall@{cfg.model.early_stop_k}"
+            client.log_batch(
+                run_id,
+                params=[
+                    Param("warm_start.lambda", str(ws_info["lambda"])),
+                    Param("warm_start.prior_alpha", str(ws_info["prior_alpha"])),
+                ],
+            )
+            final += [
+                Metric(f"warm_valid_{_metric_key(at)}", float(ws_info[f"valid_{at}"]), ts, 0),
+                Metric(
+                    f"warm_valid_cold_{_metric_key(at)}",
+                    float(ws_info[f"valid_cold_{at}"]),
+                    ts,
+                    0,
+                ),
+            ]
         final += [
             Metric("index_ann_recall", recall, ts, 0),
             Metric("best_epoch", float(hist.best_epoch), ts, 0),
@@ -570,6 +612,7 @@ def train_and_register(cfg: TrainConfig) -> RegisteredResult:
                 "tried": hist.tried,
                 "warm_start": hist.warm_start,
                 "fine_tune": hist.fine_tune,
+                "cold": cold,
             },
             "fit_seconds": fit_seconds,
             "refit": {"train_plus_valid": refit, "seconds": refit_seconds},
@@ -723,5 +766,7 @@ def train_and_register(cfg: TrainConfig) -> RegisteredResult:
         table=table,
         fit_seconds=fit_seconds,
         fine_tune=hist.fine_tune,
+        cold=cold,
+        warm_start=hist.warm_start,
         replay_dirs=replay_dirs,
     )

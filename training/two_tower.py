@@ -87,6 +87,11 @@ class TwoTowerConfig:
     # k's (selected on validation as such, refit the same way); "none": epoch k's own.
     # Without a warm start (init "random" or a large catalog) there is nothing to average.
     average: str = "warm"
+    # Popularity prior of the warm start's item bias: b_i = alpha * log1p(n_i), n_i the
+    # item's training customers (ties broken by catalogue row), alpha chosen on validation
+    # from these (with λ, see :func:`warm_start`); () = off (zero biases, as before: a
+    # customer without history then scores every item 0).
+    prior_alphas: tuple[float, ...] = (1e-4, 1e-3, 0.01, 0.03, 0.1, 0.3, 1.0)
     seed: int = 0
     progress: bool = True
 
@@ -119,6 +124,13 @@ class WarmStart:
     tried: list[dict[str, float]] = field(default_factory=list)
     seconds: float = 0.0
     valid_per_user: np.ndarray | None = None  # the validation metric of every customer
+    # The item bias: alpha x popularity_prior (None = zero biases).
+    bias: np.ndarray | None = None  # [n_items]
+    alpha: float = 0.0
+    valid_cold: float = math.nan  # the validation metric with every history masked
+    # The validation metric of the same start without the prior (what fine-tuning starts
+    # from): early stopping's patience counts from it (nan: valid_metric).
+    base_metric: float = math.nan
 
 
 def ease_factors(
@@ -152,6 +164,43 @@ def ease_factors(
     out_p[empty] = 0.0
     out_q[empty] = 0.0
     return out_p, out_q
+
+
+def popularity_prior(counts: np.ndarray) -> np.ndarray:
+    """``log1p`` of each item's training popularity ``counts`` (customers with the item
+    in their history), 0 for items without any, where equal counts are told apart by
+    the catalogue row (the earlier row first: ``count + 0.5 (g - j) / g`` for the j-th of
+    g items sharing a count), so the order is total and a customer without history gets
+    a list without ties. Relative to an unseen item (bias 0): a new or untrained item
+    ranks below every trained one for such a customer."""
+    c = np.asarray(counts, dtype=np.float64)
+    n = len(c)
+    if n == 0:
+        return np.zeros(0)
+    order = np.lexsort((np.arange(n), -c))  # count descending, then row ascending
+    cs = c[order]
+    starts = np.concatenate([[0], np.flatnonzero(np.diff(cs)) + 1])
+    sizes = np.diff(np.concatenate([starts, [n]]))
+    group = np.repeat(np.arange(len(starts)), sizes)
+    j = np.arange(n) - starts[group]
+    smoothed = np.empty(n)
+    smoothed[order] = cs + 0.5 * (sizes[group] - j) / sizes[group]
+    out = np.log1p(smoothed)
+    out[c <= 0] = 0.0
+    return out
+
+
+def item_popularity(rows: TrainRows, n_items: int) -> np.ndarray:
+    """Training customers per item (distinct: each customer's history once)."""
+    x = history_matrix(rows, n_items)
+    return np.asarray((x > 0).sum(axis=0)).ravel().astype(np.float64)
+
+
+def cold_eval_set(es: EvalSet) -> EvalSet:
+    """``es`` with every customer's history masked (no history items, no exclusions,
+    context kept): how the model serves them as new visitors."""
+    empty = sp.csr_matrix(es.history.shape, dtype=es.history.dtype)
+    return EvalSet(es.name, es.users, empty, es.context, es.truth, empty.copy())
 
 
 def _bags(hist: sp.csr_matrix) -> tuple[torch.Tensor, torch.Tensor]:
@@ -244,10 +293,11 @@ def apply_warm_start(net: TwoTowerNet, ws: WarmStart) -> None:
     """History embeddings = P; item vectors = Q, written as a category centroid (the
     category residual: the mean Q of the category's trained items) plus the id
     embedding ``Q - centroid``, so a new item starts at its category's centroid (cold
-    start) while every trained item's vector is exactly its Q. Every other weight
-    (price and attribute residuals, context, biases, base) is zero, so the net ranks
-    exactly as ``x P Qᵀ`` (the user tower's ``1/sqrt(n)`` is per user: no ranking
-    changes)."""
+    start) while every trained item's vector is exactly its Q; the item (id) bias is
+    ``ws.bias`` (the popularity prior) or zero. Every other weight (price and attribute
+    residuals, context, category biases, base) is zero, so the net ranks exactly as
+    ``x P Qᵀ + b`` (the user tower's ``1/sqrt(n)`` is per user: no ranking changes), and
+    a customer without history (user vector ``[0, 1]``) by ``b`` alone."""
     q = ws.items.astype(np.float64)
     cat = net.item_category[1:].numpy()
     known = np.abs(q).sum(1) > 0
@@ -264,40 +314,82 @@ def apply_warm_start(net: TwoTowerNet, ws: WarmStart) -> None:
         net.history.weight[1:] = torch.from_numpy(ws.history)
         net.item_id.weight[1:] = torch.from_numpy(ids.astype(np.float32))
         net.category.weight.copy_(torch.from_numpy(centroid.astype(np.float32)))
+        if ws.bias is not None:
+            net.item_bias.weight[1:, 0] = torch.from_numpy(ws.bias.astype(np.float32))
 
 
 def warm_start(
     vocab: Vocab, rows: TrainRows, valid: EvalSet, cfg: TwoTowerConfig
 ) -> WarmStart | None:
-    """The rank-``dim`` EASE start (:func:`ease_factors`) with λ chosen on validation
-    from ``cfg.ease_lambdas``; None when ``cfg.init`` is "random" or the catalog is
-    larger than ``cfg.warm_start_max_items`` (dense items x items matrices)."""
+    """The rank-``dim`` EASE start (:func:`ease_factors`) with its popularity prior
+    (:func:`popularity_prior`), chosen on validation: λ from ``cfg.ease_lambdas`` on
+    the start without the prior (validation Recall@K, ties to the earlier: what
+    fine-tuning starts from, see :func:`train_two_tower`), then alpha from
+    ``cfg.prior_alphas`` at that λ by the highest mean of the validation Recall@K of the
+    customers as they are and with their history masked (:func:`cold_eval_set`), ties to
+    the smaller. At the start every alpha > 0 gives a masked customer the same list
+    (popularity order: the user vector is ``[0, 1]``), so this is the best ordinary
+    validation recall among the alphas, and the smallest alpha, a tie-break, is in the
+    grid. ``tried`` lists every λ (alpha 0) then every alpha. None when ``cfg.init`` is
+    "random" or the catalog is larger than ``cfg.warm_start_max_items``."""
     if cfg.init not in ("ease", "random"):
         raise ValueError(f"init must be 'ease' or 'random', not {cfg.init!r}")
     if cfg.init == "random" or vocab.n_items > cfg.warm_start_max_items:
         return None
+    if any(a <= 0 for a in cfg.prior_alphas):
+        raise ValueError(f"prior_alphas must be > 0 (none = off), not {cfg.prior_alphas}")
     t0 = time.perf_counter()
     x = history_matrix(rows, vocab.n_items)
     gram = (x.T @ x).toarray().astype(np.float64)
+    prior = popularity_prior(item_popularity(rows, vocab.n_items))
+    alphas: tuple[float | None, ...] = tuple(sorted(cfg.prior_alphas)) or (None,)
     metric = f"recall@{cfg.early_stop_k}"
+    cold = cold_eval_set(valid)
     best: WarmStart | None = None
     tried: list[dict[str, float]] = []
     net = new_net(vocab, cfg)
     items = ItemTable(vocab, np.unique(rows.items))
-    for lam in cfg.ease_lambdas:
-        p, q = ease_factors(gram, lam, cfg.dim, cfg.warm_scale)
-        ws = WarmStart(p, q, lam, 0.0)
+
+    def score(ws: WarmStart) -> WarmStart:
         apply_warm_start(net, ws)
         ws.valid_per_user = valid_per_user(net, items, valid, cfg.early_stop_k)
         ws.valid_metric = float(ws.valid_per_user.mean()) if len(valid) else 0.0
-        tried.append({"lambda": lam, f"valid_{metric}": ws.valid_metric})
+        cold_user = valid_per_user(net, items, cold, cfg.early_stop_k)
+        ws.valid_cold = float(cold_user.mean()) if len(cold) else 0.0
+        tried.append(
+            {
+                "lambda": ws.lam,
+                "prior_alpha": ws.alpha,
+                f"valid_{metric}": ws.valid_metric,
+                f"valid_cold_{metric}": ws.valid_cold,
+            }
+        )
         if cfg.progress:
             tqdm.write(
-                f"warm start: EASE λ={lam} rank {cfg.dim}: valid {metric} {ws.valid_metric:.4f}"
+                f"warm start: EASE λ={ws.lam} rank {cfg.dim} prior alpha={ws.alpha:g}: valid "
+                f"{metric} {ws.valid_metric:.4f}, history masked {ws.valid_cold:.4f}"
             )
+        return ws
+
+    # λ first, on the start without the prior (as before the prior: fine-tuning starts
+    # from that start, so its λ is the one a prior-less run would take), ...
+    for lam in cfg.ease_lambdas:
+        p, q = ease_factors(gram, lam, cfg.dim, cfg.warm_scale)
+        ws = score(WarmStart(p, q, lam, 0.0))
         if best is None or ws.valid_metric > best.valid_metric:
             best = ws
+    # ... then alpha at that λ, by the mean of the ordinary and the masked recall.
     assert best is not None
+    base = best
+    if alphas != (None,):
+        best, best_score = None, -math.inf
+        for alpha in alphas:
+            assert alpha is not None
+            ws = score(replace(base, bias=alpha * prior, alpha=alpha, tried=[]))
+            if best is None or (ws.valid_metric + ws.valid_cold) / 2 > best_score:
+                best, best_score = ws, (ws.valid_metric + ws.valid_cold) / 2
+    assert best is not None
+    best.base_metric = base.valid_metric
     best.tried = tried
     best.seconds = time.perf_counter() - t0
     return best
@@ -429,6 +521,15 @@ def mean_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[s
     return {k: (v + b[k]) / 2 if v.is_floating_point() else v.clone() for k, v in a.items()}
 
 
+def _start_state(start: TwoTowerNet, warm: WarmStart) -> dict[str, torch.Tensor]:
+    """The weights of ``start`` (the prior-less warm start, untrained) with the popularity
+    prior as item bias: the epoch-0 candidate (no new net: the torch RNG is not drawn)."""
+    state = copy.deepcopy(start.state_dict())
+    if warm.bias is not None:
+        state["item_bias.weight"][1:, 0] = torch.from_numpy(warm.bias.astype(np.float32))
+    return state
+
+
 def _epoch_rows(rows: TrainRows, rng: np.random.Generator) -> np.ndarray:
     """One row per customer (a random cut-off of each on time rows), shuffled."""
     n_cut = np.diff(rows.user_rows)
@@ -472,7 +573,11 @@ def train_two_tower(
         raise ValueError("no training rows: the train split has no customer with history")
     net = new_net(vocab, cfg)
     if warm is not None:
-        apply_warm_start(net, warm)
+        # Fine-tuning (and the averaging with the start) starts from the start without its
+        # popularity prior: the fine-tuned candidates are those of the prior-less start (the
+        # prior changed their course and cost validation recall on the end-to-end shop);
+        # the prior is in the epoch-0 candidate, the start itself, below.
+        apply_warm_start(net, replace(warm, bias=None))
     distributed.broadcast_parameters(net)
     # With cfg.average == "warm" every candidate epoch is the mean of these weights and
     # the epoch's (a model between the start and the fine-tuned one), in the refit too.
@@ -495,10 +600,14 @@ def train_two_tower(
     metric = f"recall@{cfg.early_stop_k}"
     warm_state: dict[str, torch.Tensor] | None = None
     best_user: np.ndarray | None = None  # rank 0: the best epoch's per-customer metric
+    # Patience counts from the prior-less start (what fine-tuning starts from), so the
+    # same epochs run as without the prior; the start with its prior is only a candidate.
+    stop_best = -math.inf
     if warm is not None and valid is not None:  # "epoch 0", the warm start, is a candidate
         hist.best_metric, hist.best_epoch = warm.valid_metric, 0
-        best_state = copy.deepcopy(net.state_dict())
-        warm_state = best_state
+        stop_best = warm.valid_metric if math.isnan(warm.base_metric) else warm.base_metric
+        warm_state = _start_state(net, warm)
+        best_state = warm_state
     for epoch in range(cfg.epochs):
         net.train()
         order = _epoch_rows(rows, rng)
@@ -555,6 +664,8 @@ def train_two_tower(
             hist.best_metric, hist.best_epoch = value, epoch + 1
             best_state = copy.deepcopy(state)
             best_user = user_metric
+        if value > stop_best:
+            stop_best = value
             bad = 0
         else:
             bad += 1
@@ -588,6 +699,8 @@ def train_two_tower(
         net.load_state_dict(best_state)
     elif start is not None and hist.epochs:  # a refit: the last epoch averaged likewise
         net.load_state_dict(mean_state(start, net.state_dict()))
+    elif warm is not None and not hist.epochs:  # a refit of the start alone: with its prior
+        net.load_state_dict(_start_state(net, warm))
     # Items never seen in training keep untrained (random) id vectors, biases and history
     # vectors: zero them, so that any caller (serving included) embeds them from features
     # like a new item, and a history holding them is read as if they were not there.
@@ -607,14 +720,17 @@ def refit_two_tower(
     """The configuration chosen on validation (weight decay, input dropout, the warm
     start's λ, the best epoch count) fit again on ``rows`` (train + validation), without
     looking at any evaluation data: the warm start recomputed from ``rows`` with the
-    chosen λ, then exactly ``hist.best_epoch`` epochs."""
+    chosen λ (and its popularity prior from ``rows`` with the chosen alpha), then
+    exactly ``hist.best_epoch`` epochs."""
     cfg = replace(chosen, epochs=max(hist.best_epoch, 0), grid=())
     warm = None
     if hist.warm_start:
         lam = float(hist.warm_start["lambda"])
         x = history_matrix(rows, vocab.n_items)
         p, q = ease_factors((x.T @ x).toarray().astype(np.float64), lam, cfg.dim, cfg.warm_scale)
-        warm = WarmStart(p, q, lam, math.nan)
+        alpha = float(hist.warm_start.get("prior_alpha", 0.0))
+        bias = alpha * popularity_prior(item_popularity(rows, vocab.n_items)) if alpha else None
+        warm = WarmStart(p, q, lam, math.nan, bias=bias, alpha=alpha)
     elif cfg.epochs == 0:
         raise ValueError("nothing to refit: no warm start and no epoch")
     net, items, h = train_two_tower(vocab, rows, None, cfg, warm=warm)
@@ -669,6 +785,8 @@ def select_two_tower(
     if warm is not None:
         best[2].warm_start = {
             "lambda": warm.lam,
+            "prior_alpha": warm.alpha,
+            f"valid_cold_recall@{cfg.early_stop_k}": warm.valid_cold,
             "rank": cfg.dim,
             "scale": cfg.warm_scale,
             f"valid_recall@{cfg.early_stop_k}": warm.valid_metric,

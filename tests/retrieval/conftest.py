@@ -66,13 +66,11 @@ class Store:
 def store(tmp_path_factory: pytest.TempPathFactory) -> Store:
     root = tmp_path_factory.mktemp("retrieval-store")
     uri = f"sqlite:///{root / 'mlflow.db'}"
-    # Raw epochs (no averaging with the warm start): on this tiny run the averaged epochs
-    # do not beat the start on validation, and the start's context weights are zero, so a
-    # customer without history would score every item 0 and the merge tests need a
-    # two-tower with an order of its own there.
-    model = replace(
-        TwoTowerConfig(), dim=16, epochs=2, batch_size=256, progress=False, average="none"
-    )
+    # The documented defaults (averaged epochs): on this tiny run no averaged epoch beats
+    # the warm start on validation, so the served model is the start, whose popularity
+    # prior gives a customer without history an order of its own (the merge tests need
+    # one; test_cold_customer checks it is popularity order).
+    model = replace(TwoTowerConfig(), dim=16, epochs=2, batch_size=256, progress=False)
     res = train_and_register(
         TrainConfig(
             synthetic=TINY,

@@ -23,11 +23,14 @@ from training.two_tower import (
     TwoTowerConfig,
     WarmStart,
     apply_warm_start,
+    cold_eval_set,
     ease_factors,
     encode_eval_users,
     history_matrix,
+    item_popularity,
     new_net,
     one_se_gain,
+    popularity_prior,
     refit_two_tower,
     select_two_tower,
     train_two_tower,
@@ -125,6 +128,52 @@ def test_warm_started_towers_rank_as_the_factors_and_new_items_start_at_a_centro
     assert np.abs(v[:-1]).sum() > 0 and v[-1] == 0.0
 
 
+def test_popularity_prior_is_log_count_with_ties_broken_by_row() -> None:
+    counts = np.array([3, 0, 5, 3, 1, 3, 1, 0])
+    prior = popularity_prior(counts)
+    assert prior[1] == 0.0 and prior[7] == 0.0  # no customer: an unseen item's bias
+    pos = counts > 0
+    # log1p of the count, moved up by at most half a customer to break ties.
+    assert np.all(prior[pos] > np.log1p(counts[pos]))
+    assert np.all(prior[pos] <= np.log1p(counts[pos] + 0.5))
+    # Count first, then the earlier row: one total order, still distinct in float32.
+    order = np.argsort(-prior, kind="stable")[: int(pos.sum())]
+    assert order.tolist() == [2, 0, 3, 5, 4, 6]
+    assert len(np.unique(prior[pos].astype(np.float32))) == pos.sum()
+    assert popularity_prior(np.zeros(0)).shape == (0,)
+
+
+def test_warm_start_chooses_its_popularity_prior_on_validation() -> None:
+    vocab, rows, valid, cfg = _tiny()
+    ws = warm_start(vocab, rows, valid, cfg)
+    off = warm_start(vocab, rows, valid, replace(cfg, prior_alphas=()))
+    assert ws is not None and off is not None and off.bias is None
+    tried = ws.tried[1:]  # after the one λ's prior-less start
+    assert ws.tried[0]["prior_alpha"] == 0.0
+    assert [t["prior_alpha"] for t in tried] == sorted(cfg.prior_alphas)
+    # A customer with history masked gets the popularity order whatever alpha > 0 (the
+    # start's user vector is [0, 1]), better than the prior-less start's ties.
+    cold = {t["valid_cold_recall@20"] for t in tried}
+    assert len(cold) == 1 and ws.valid_cold == cold.pop() > off.valid_cold
+    # So the rule (mean of both numbers) keeps the best ordinary validation recall; the
+    # smallest alpha only breaks ties: it ranks customers with history as without prior.
+    best = max(tried, key=lambda t: t["valid_recall@20"])
+    assert ws.alpha == best["prior_alpha"] and ws.valid_metric == best["valid_recall@20"]
+    assert tried[0]["valid_recall@20"] == off.valid_metric <= ws.valid_metric
+    # The item bias of the start is alpha x the prior of the training popularity.
+    net = new_net(vocab, cfg)
+    apply_warm_start(net, ws)
+    prior = popularity_prior(item_popularity(rows, vocab.n_items))
+    np.testing.assert_allclose(net.item_bias.weight[1:, 0].detach().numpy(), ws.alpha * prior)
+    items = ItemTable(vocab, np.unique(rows.items))
+    masked = cold_eval_set(valid)
+    assert masked.history.nnz == 0 and masked.exclude.nnz == 0
+    scores = encode_eval_users(net, masked.take(np.arange(3))) @ items.all_embeddings(net).T
+    np.testing.assert_allclose(scores, np.tile(ws.alpha * prior, (3, 1)), atol=1e-6)
+    with pytest.raises(ValueError, match="prior_alphas"):
+        warm_start(vocab, rows, valid, replace(cfg, prior_alphas=(0.0, 0.1)))
+
+
 def test_warm_start_only_where_it_fits() -> None:
     vocab, rows, valid, cfg = _tiny()
     assert warm_start(vocab, rows, valid, replace(cfg, init="random")) is None
@@ -137,8 +186,13 @@ def test_warm_start_only_where_it_fits() -> None:
 def test_the_warm_start_is_epoch_zero_and_kept_when_training_does_worse() -> None:
     vocab, rows, valid, cfg = _tiny()
     ws = warm_start(vocab, rows, valid, replace(cfg, ease_lambdas=(5.0, 20.0)))
-    assert ws is not None and [t["lambda"] for t in ws.tried] == [5.0, 20.0]
-    assert ws.valid_metric == max(t["valid_recall@20"] for t in ws.tried) > 0
+    n_alpha = len(cfg.prior_alphas)
+    # λ on the prior-less start, then every alpha at the chosen λ.
+    assert ws is not None and [t["lambda"] for t in ws.tried[:2]] == [5.0, 20.0]
+    assert [t["prior_alpha"] for t in ws.tried[:2]] == [0.0, 0.0]
+    lam = max(ws.tried[:2], key=lambda t: t["valid_recall@20"])["lambda"]
+    assert ws.lam == lam and [t["lambda"] for t in ws.tried[2:]] == [lam] * n_alpha
+    assert ws.valid_metric == max(t["valid_recall@20"] for t in ws.tried[2:]) > 0
     # A learning rate that wrecks the model: the best epoch stays the warm start.
     bad = replace(cfg, lr=50.0, epochs=2, patience=5)
     net, _, hist = train_two_tower(vocab, rows, valid, bad, warm=ws)
@@ -149,6 +203,24 @@ def test_the_warm_start_is_epoch_zero_and_kept_when_training_does_worse() -> Non
     np.testing.assert_allclose(
         net.history.weight[1:].detach().numpy()[known], ws.history[known], atol=1e-6
     )
+    # The start is kept with its popularity prior as the item bias.
+    assert ws.bias is not None and ws.alpha > 0
+    np.testing.assert_allclose(net.item_bias.weight[1:, 0].detach().numpy(), ws.bias, rtol=1e-6)
+    # Fine-tuning starts from the start without the prior: the fine-tuned (and averaged)
+    # weights are those of the prior-less start.
+    c = replace(cfg, epochs=2)
+    a, _, _ = train_two_tower(vocab, rows, None, c, warm=ws)
+    b, _, _ = train_two_tower(vocab, rows, None, c, warm=replace(ws, bias=None))
+    for name, w in a.state_dict().items():
+        np.testing.assert_array_equal(w.numpy(), b.state_dict()[name].numpy())
+    # And early stopping's patience counts from the prior-less start: a start with a prior
+    # that no epoch beats still lets the same epochs run as the prior-less start does.
+    c = replace(cfg, epochs=8, patience=2, average="none")
+    _, _, h_prior = train_two_tower(vocab, rows, valid, c, warm=replace(ws, valid_metric=1.0))
+    plain = replace(ws, bias=None, valid_metric=ws.base_metric, base_metric=float("nan"))
+    _, _, h_plain = train_two_tower(vocab, rows, valid, c, warm=plain)
+    assert h_prior.best_epoch == 0 and h_plain.best_epoch > 0
+    assert len(h_prior.epochs) == len(h_plain.epochs) > c.patience
 
 
 def test_one_se_gain_is_the_paired_mean_and_standard_error() -> None:
@@ -164,7 +236,9 @@ def test_one_se_gain_is_the_paired_mean_and_standard_error() -> None:
 @pytest.mark.slow
 def test_a_fine_tuned_epoch_replaces_the_warm_start_only_beyond_one_standard_error() -> None:
     vocab, rows, valid, cfg = _tiny()
-    ws = warm_start(vocab, rows, valid, cfg)
+    # The start without its popularity prior, where a fine-tuned epoch leads on this data
+    # (with the prior none does: the rule would have nothing to decide).
+    ws = warm_start(vocab, rows, valid, replace(cfg, prior_alphas=()))
     assert ws is not None and ws.valid_per_user is not None
     assert ws.valid_metric == pytest.approx(ws.valid_per_user.mean())
     c = replace(cfg, epochs=3, average="none")  # the rule on the epochs' own weights
@@ -213,6 +287,14 @@ def test_refit_uses_train_plus_validation_and_the_chosen_epochs() -> None:
     x = history_matrix(rows_tv, vocab.n_items)
     p, _ = ease_factors((x.T @ x).toarray(), 20.0, cfg.dim, cfg.warm_scale)
     np.testing.assert_allclose(net.history.weight[1:].detach().numpy(), p, atol=1e-6)
+    # Its popularity prior too: the chosen alpha, the popularity of train + validation.
+    alpha = hist.warm_start["prior_alpha"]
+    assert alpha in cfg.prior_alphas
+    np.testing.assert_allclose(
+        net.item_bias.weight[1:, 0].detach().numpy(),
+        alpha * popularity_prior(item_popularity(rows_tv, vocab.n_items)),
+        rtol=1e-6,
+    )
     # Chosen after some epochs: the refit trains exactly that many on train + validation.
     _, _, hist, chosen = select_two_tower(vocab, rows, valid, replace(cfg, lr=5e-3, epochs=2))
     net, items, h = refit_two_tower(vocab, rows_tv, chosen, replace(hist, best_epoch=2))
@@ -223,7 +305,7 @@ def test_refit_uses_train_plus_validation_and_the_chosen_epochs() -> None:
 @pytest.mark.slow
 def test_averaged_model_is_the_mean_of_the_warm_start_and_the_epoch_and_is_what_is_chosen() -> None:
     vocab, rows, valid, cfg = _tiny()
-    ws = warm_start(vocab, rows, valid, cfg)
+    ws = warm_start(vocab, rows, valid, replace(cfg, prior_alphas=()))  # an epoch leads it
     assert ws is not None
     start = new_net(vocab, cfg)
     apply_warm_start(start, ws)
