@@ -653,3 +653,45 @@ def test_a_bundle_on_an_older_feature_list_scores_its_own_columns(tmp_path: Path
     np.testing.assert_allclose(bundle.score(query, cands), bundle.torch_scores(own), atol=1e-5)
     with pytest.raises(RankerBundleError, match="not computed by this server"):
         _bundle_on([*names, "hour_of_day"], tmp_path / "gone")
+
+
+@pytest.mark.slow
+def test_a_refit_two_tower_champion_is_refused_unless_opted_in(tmp_path: Path) -> None:
+    """two_tower="registry" on a champion refit on train + validation (its scores saw the
+    ranker's validation labels) raises; with allow_refit_two_tower it trains, warns and
+    says so on the run; a champion registered without refit is accepted as it is."""
+    from training.pipeline import train_and_register
+    from training.ranker import RefitTwoTowerError
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    retrieval = TrainConfig(
+        synthetic=replace(TINY, n_users=1000, n_items=150),
+        baselines=BaselineConfig(models=()),
+        model=replace(TwoTowerConfig(), dim=8, epochs=1, progress=False, init="random"),
+        tracking_uri=uri,
+    )
+    tt = train_and_register(retrieval)  # refit on train + validation (the default)
+    registry.promote("mercato-two-tower", uri, version=tt.version, force=True)
+    cfg = RankerConfig(
+        retrieval=retrieval,
+        two_tower="registry",
+        tracking_uri=uri,
+        epochs=1,
+        progress=False,
+        register=False,
+    )
+    with pytest.raises(RefitTwoTowerError, match=r"refit on train \+ validation"):
+        train_and_register_ranker(cfg)
+    with pytest.warns(UserWarning, match="allow_refit_two_tower=True"):
+        opted = train_and_register_ranker(replace(cfg, allow_refit_two_tower=True))
+    client, _ = registry.client_for(uri)
+    tags = client.get_run(opted.run_id).data.tags
+    assert tags["two_tower_refit_opt_in"] == "true"
+    assert json.loads(tags["two_tower"])["refit_train_plus_valid"] == "true"
+    # Registered without refit: no flag needed, nothing to opt in to.
+    plain = train_and_register(replace(retrieval, refit=False))
+    registry.promote("mercato-two-tower", uri, version=plain.version, force=True)
+    ok = train_and_register_ranker(cfg)
+    tags = client.get_run(ok.run_id).data.tags
+    assert tags["two_tower_refit_opt_in"] == "false"
+    assert json.loads(tags["two_tower"])["version"] == str(plain.version)
