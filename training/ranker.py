@@ -63,6 +63,7 @@ from services.models.ranker import (
     FORMAT_VERSION,
     MODEL_NAME,
     MODEL_TYPE,
+    TIME_FEATURES,
     ItemTable,
     RankerBundle,
     RankerBundleError,
@@ -998,6 +999,10 @@ def _client(cfg: RankerConfig) -> tuple[Any, str]:
     return registry.client_for(cfg.tracking_uri or cfg.retrieval.tracking_uri or None)
 
 
+def _columns(lists: RankLists, keep: np.ndarray) -> RankLists:
+    return replace(lists, x=np.ascontiguousarray(lists.x[:, :, keep]))
+
+
 def _concat(parts: list[RankLists]) -> RankLists:
     return RankLists(
         users=[u for p in parts for u in p.users],
@@ -1080,6 +1085,7 @@ def train_and_register_ranker(cfg: RankerConfig) -> RankerResult:
 
     t_lists = time.perf_counter()
     fit_parts = []
+    cart_fit = 0
     not_held = np.setdiff1d(np.arange(len(vocab.user_codes)), held)
     for c in cutoffs(split, cfg.windows):
         h, f = history_before(c)
@@ -1092,6 +1098,7 @@ def train_and_register_ranker(cfg: RankerConfig) -> RankerResult:
             if cwin is not None:
                 fit_parts.append(build_lists(cwin, models["valid"], vocab, items_c, cfg, rcfg))
                 n_cart = len(cwin.es)
+                cart_fit += n_cart
         if log:
             log(
                 f"ranker lists at cut-off {time.strftime('%Y-%m-%d %H:%M', time.gmtime(c))}: "
@@ -1112,6 +1119,19 @@ def train_and_register_ranker(cfg: RankerConfig) -> RankerResult:
     )
     if valid_cart is not None and not (np.diff(valid_cart.truth.indptr) > 0).any():
         valid_cart = None
+    time_dropped = False
+    if cart_fit == 0 and set(TIME_FEATURES) & set(cfg.feature_names()):
+        # Without in-session lists every fit list is cut at one of the cut-offs: the time
+        # features would take one value each (a served request's time never seen), so
+        # the network does not read them (the data has no add-to-cart events).
+        names = cfg.feature_names()
+        cfg = replace(cfg, features=tuple(f for f in names if f not in TIME_FEATURES))
+        keep = np.array([k for k, f in enumerate(names) if f not in TIME_FEATURES])
+        fit, valid = _columns(fit, keep), _columns(valid, keep)
+        valid_cart = _columns(valid_cart, keep) if valid_cart is not None else None
+        time_dropped = True
+        if log:
+            log("no in-session cart lists: the time features are left out")
     stop_lists = valid if valid_cart is None or not cfg.cart_lists else _concat([valid, valid_cart])
     table_test = table_at(hist_test, t_test)
     if test_es is None:
@@ -1153,6 +1173,8 @@ def train_and_register_ranker(cfg: RankerConfig) -> RankerResult:
                 "cutoffs": json.dumps(cutoffs(split, cfg.windows)),
                 "features": ",".join(cfg.feature_names()),
                 "valid_cart_lists": len(valid_cart) if valid_cart is not None else 0,
+                "fit_cart_lists": cart_fit,
+                "time_features_dropped": time_dropped,
             }
         )
         plist = [Param(k, str(v)[:6000]) for k, v in sorted(params.items())]
@@ -1317,6 +1339,7 @@ def train_and_register_ranker(cfg: RankerConfig) -> RankerResult:
                 "fit": len(fit),
                 "valid": len(valid),
                 "valid_cart": len(valid_cart) if valid_cart is not None else 0,
+                "fit_cart": cart_fit,
                 "test_customers": len(test_es),
             },
             "cutoffs": cutoffs(split, cfg.windows),
