@@ -59,6 +59,7 @@ import mercato.features as shared
 from mercato.v1 import common_pb2
 from services.common.threads import configure_threads
 from services.models.ranker import (
+    CART_FEATURES,
     FEATURES,
     FORMAT_VERSION,
     MODEL_NAME,
@@ -94,6 +95,9 @@ GATE_METRIC = "valid_ndcg_10"
 GATE_METRIC_SERVED = "valid_served_ndcg_10"
 GATE_BASELINE_METRIC = "gate_baseline_ndcg_10"
 GATE_CHAMPION_TAG = "gate_champion_version"
+#: The network's default inputs (RankerConfig.features): every feature but the cart's
+#: item-level ones and the time's, computed for every request all the same.
+DEFAULT_FEATURES = tuple(f for f in FEATURES if f not in (*CART_FEATURES, *TIME_FEATURES))
 
 
 @dataclass
@@ -112,8 +116,9 @@ class RankerConfig:
     # session adds >= 2 items to the cart get a list cut inside it (surface cart).
     cart_lists: bool = True
     # The features the network reads (names from FEATURES, in FEATURES order; empty =
-    # all). The comparisons of docs/training.md train with and without some.
-    features: tuple[str, ...] = ()
+    # all). Default: all but the cart and time ones, which did not validate better
+    # (docs/training.md, "Cart and time features").
+    features: tuple[str, ...] = field(default_factory=lambda: DEFAULT_FEATURES)
     copurchase_top: int = 20  # co-purchase neighbours kept per item (ItemTable)
     # two_tower="registry" only: accept a champion refit on train + validation (its scores
     # saw the labels of the ranker's validation lists: a leak). Logged and warned.
@@ -783,6 +788,8 @@ def train_ranker(
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     names = cfg.feature_names()
+    if fit.x.shape[-1] != len(names):
+        raise ValueError(f"lists have {fit.x.shape[-1]} feature columns, cfg names {len(names)}")
     net = RankerNet(len(names), cfg.hidden, start_from=cfg.start_from, features=names)
     flat = fit.x[fit.mask]
     if len(flat):

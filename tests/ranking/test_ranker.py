@@ -219,7 +219,8 @@ def test_cutoffs_are_evenly_spaced_in_the_validation_window() -> None:
 
 def test_training_is_deterministic_by_seed_and_learns_a_planted_signal() -> None:
     fit, valid = _random_lists(1), _random_lists(2)
-    cfg = RankerConfig(epochs=15, patience=15, progress=False, candidates=12, ks=(10,))
+    # Lists of every feature (FEATURES), so the network reads them all.
+    cfg = RankerConfig(epochs=15, patience=15, progress=False, candidates=12, ks=(10,), features=())
     a, ha = train_ranker(fit, valid, cfg)
     b, hb = train_ranker(fit, valid, cfg)
     for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
@@ -282,6 +283,10 @@ def test_training_logs_per_epoch_metrics_curve_and_registers_a_challenger(traine
     assert len(report["cutoffs"]) == cfg.windows == 3
     assert report["cutoffs"] == sorted(set(report["cutoffs"]))
     assert report["lists"]["fit"] > report["lists"]["valid"] > 0
+    # In-session cart lists (the synthetic shop has add-to-cart events), fit and held out.
+    assert report["lists"]["fit_cart"] > 0 and report["lists"]["valid_cart"] > 0
+    assert "| valid_cart | ranker |" in res.table
+    assert m["valid_cart_ndcg_10"] == pytest.approx(res.metrics["valid_cart"]["ranker"]["ndcg@10"])
     for key in ("valid_served_ndcg_10", "valid_served_rules_ndcg_10", "test_served_ndcg_10"):
         assert key in m and 0.0 <= m[key] <= 1.0
     assert m["valid_served_ndcg_10"] == pytest.approx(res.served["valid"]["ranker"]["ndcg@10"])
