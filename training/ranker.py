@@ -19,9 +19,14 @@ the split signature is the two-tower's)::
   items (history excluded, as in the retrieval evaluation) are the list; each candidate's
   label is the strongest thing the customer did with it in the next window (view 1, add
   to cart 2, purchase 4 by default).
+- In-session cart lists (:func:`session_window_at`): at each cutoff, customers whose next
+  session adds two or more items to the cart also get a list cut inside that session
+  (cart = what they had added by then, surface cart, the add's time, labels = what
+  followed), so a list can have a cart and its own request time.
 - Features: :func:`services.models.ranker.build_features` (shared with serving), from a
   profile-like view of the customer at the cutoff (recent items with times, cart,
-  time-decayed category affinity as the profile service computes it, mean unit price).
+  time-decayed category affinity as the profile service computes it, mean unit price);
+  the network reads :data:`DEFAULT_FEATURES` unless ``RankerConfig.features`` says.
 - Model: :class:`services.models.ranker.RankerNet`, wide & deep over standardised
   features, initialised to rank exactly by the retrieval score; trained with a listwise
   softmax cross-entropy (ListNet top-1) or pointwise weighted BCE; early stopping on

@@ -335,7 +335,7 @@ def test_numpy_forward_equals_the_trained_torch_model(trained) -> None:
     bundle = RankerBundle.load(res.bundle_dir)
     rng = np.random.default_rng(0)
     smoke = np.asarray(bundle.smoke["features"], dtype=np.float32)
-    wild = rng.normal(0, 5, size=(500, N_FEATURES)).astype(np.float32)
+    wild = rng.normal(0, 5, size=(500, len(bundle.features))).astype(np.float32)
     for x in (smoke, wild):
         with torch.no_grad():
             want = bundle.net(torch.from_numpy(x)).numpy()
