@@ -3,9 +3,10 @@
 One retrieval pipeline per data set (bench/quality.py's configuration, trained once, as
 the ranker's default ``two_tower="train"`` trains it), then one ranker per variant on the
 same candidates: with or without the in-session cart lists, the cart features, the time
-features. Prints and writes, per variant, the held-out customers' NDCG@10 on the
-ordinary lists, on the in-session cart lists and of the replayed served list (the
-promotion gate's number). Test numbers are not read.
+features, early stopping on the ordinary lists only or pooled with the cart lists.
+Prints and writes, per variant, the held-out customers' NDCG@10 on the ordinary lists,
+on the in-session cart lists and of the replayed served list (the promotion gate's
+number). Test numbers are not read.
 
     nice -n 5 python bench/ranker_variants.py --dataset synthetic --out /tmp/rv
 """
@@ -45,12 +46,24 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "no cart lists, no cart / time features (session 22)": dict(
         cart_lists=False, features=_without(CART_FEATURES, TIME_FEATURES)
     ),
-    "cart lists, no cart / time features": dict(
-        cart_lists=True, features=_without(CART_FEATURES, TIME_FEATURES)
+    "cart lists, no cart / time features, pooled stopping": dict(
+        cart_lists=True, features=_without(CART_FEATURES, TIME_FEATURES), stop_lists="pooled"
     ),
-    "cart lists + cart features": dict(cart_lists=True, features=_without(TIME_FEATURES)),
-    "cart lists + cart + time features": dict(cart_lists=True, features=()),
-    "cart lists + time features": dict(cart_lists=True, features=_without(CART_FEATURES)),
+    "cart lists + cart features, pooled stopping": dict(
+        cart_lists=True, features=_without(TIME_FEATURES), stop_lists="pooled"
+    ),
+    "cart lists + cart + time features, pooled stopping": dict(
+        cart_lists=True, features=(), stop_lists="pooled"
+    ),
+    "cart lists + time features, pooled stopping": dict(
+        cart_lists=True, features=_without(CART_FEATURES), stop_lists="pooled"
+    ),
+    "cart lists, no cart / time features, ordinary stopping": dict(
+        cart_lists=True, features=_without(CART_FEATURES, TIME_FEATURES), stop_lists="ordinary"
+    ),
+    "cart lists + time features, ordinary stopping": dict(
+        cart_lists=True, features=_without(CART_FEATURES), stop_lists="ordinary"
+    ),
 }
 
 

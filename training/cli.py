@@ -191,6 +191,11 @@ def train_ranker_cmd(
         "--cart-lists/--no-cart-lists",
         help="Also fit on lists cut inside a session after items were carted (surface cart).",
     ),
+    stop_lists: str = typer.Option(
+        "ordinary",
+        help="What early stopping reads: ordinary (the held-out ordinary lists, the "
+        "promotion gate's kind) | pooled (those and the held-out cart lists together).",
+    ),
     allow_refit_two_tower: bool = typer.Option(
         False,
         help="--two-tower registry only: accept a version refit on train + validation (its "
@@ -264,6 +269,7 @@ def train_ranker_cmd(
         two_tower_alias=two_tower_alias,
         allow_refit_two_tower=allow_refit_two_tower,
         cart_lists=cart_lists,
+        stop_lists=stop_lists,
         candidates=candidates,
         windows=windows,
         hidden=hidden_sizes,

@@ -120,6 +120,10 @@ class RankerConfig:
     # In-session cut lists (session_window_at): at each cut-off, customers whose next
     # session adds >= 2 items to the cart get a list cut inside it (surface cart).
     cart_lists: bool = True
+    # What early stopping reads (with cart lists): "ordinary" = the held-out customers'
+    # ordinary lists only, the kind the promotion gate replays; "pooled" = those and the
+    # held-out in-session cart lists together. Fitting uses both kinds either way.
+    stop_lists: str = "ordinary"
     # The features the network reads (names from FEATURES, in FEATURES order; empty =
     # all). Default: all but the cart and time ones, which did not validate better
     # (docs/training.md, "Cart and time features").
@@ -1027,6 +1031,26 @@ def _concat(parts: list[RankLists]) -> RankLists:
     )
 
 
+STOP_LISTS = ("ordinary", "pooled")
+
+
+def _check_stop_lists(cfg: RankerConfig) -> None:
+    if cfg.stop_lists not in STOP_LISTS:
+        raise ValueError(f"stop_lists must be one of {STOP_LISTS}, not {cfg.stop_lists!r}")
+
+
+def select_stop_lists(
+    cfg: RankerConfig, valid: RankLists, valid_cart: RankLists | None
+) -> RankLists:
+    """The lists early stopping reads (:attr:`RankerConfig.stop_lists`): the ordinary
+    held-out lists, pooled with the held-out cart lists when ``"pooled"`` and the run
+    fits on cart lists."""
+    _check_stop_lists(cfg)
+    if cfg.stop_lists == "ordinary" or valid_cart is None or not cfg.cart_lists:
+        return valid
+    return _concat([valid, valid_cart])
+
+
 def _champion_scorer(cfg: RankerConfig, uri: str, signature: str) -> tuple[str, Any, str]:
     """(version, scorer or None, why not) of the current champion ranker."""
     from services.models.registry import download_bundle
@@ -1052,6 +1076,7 @@ def _champion_scorer(cfg: RankerConfig, uri: str, signature: str) -> tuple[str, 
 
 def train_and_register_ranker(cfg: RankerConfig) -> RankerResult:
     """The whole ranker pipeline (module docstring); logs to MLflow and registers."""
+    _check_stop_lists(cfg)  # before any list is built
     configure_threads(cfg.threads)
     import torch
 
@@ -1122,7 +1147,8 @@ def train_and_register_ranker(cfg: RankerConfig) -> RankerResult:
     held_responses: list[Any] = []
     valid = build_lists(held_win, models["valid"], vocab, table_valid, cfg, rcfg, held_responses)
     # The held-out customers' in-session cart lists (truth: what they bought after the
-    # cut): reported beside the ordinary lists, and early stopping reads both.
+    # cut): reported beside the ordinary lists; early stopping reads them too only when
+    # stop_lists is "pooled".
     held_cart = session_window_at(split.train, split.valid, vocab, data, cfg, "truth", held)
     valid_cart = (
         build_lists(held_cart, models["valid"], vocab, table_valid, cfg, rcfg)
@@ -1144,7 +1170,7 @@ def train_and_register_ranker(cfg: RankerConfig) -> RankerResult:
         time_dropped = True
         if log:
             log("no in-session cart lists: the time features are left out")
-    stop_lists = valid if valid_cart is None or not cfg.cart_lists else _concat([valid, valid_cart])
+    stop_lists = select_stop_lists(cfg, valid, valid_cart)
     table_test = table_at(hist_test, t_test)
     if test_es is None:
         raise ValueError("no test part")

@@ -700,3 +700,28 @@ def test_a_refit_two_tower_champion_is_refused_unless_opted_in(tmp_path: Path) -
     tags = client.get_run(ok.run_id).data.tags
     assert tags["two_tower_refit_opt_in"] == "false"
     assert json.loads(tags["two_tower"])["version"] == str(plain.version)
+
+
+def test_early_stopping_reads_the_lists_stop_lists_names() -> None:
+    """stop_lists="ordinary" stops on the held-out ordinary lists alone (the promotion
+    gate's kind), "pooled" on those and the held-out cart lists together, and only when
+    the run fits on cart lists; any other value is refused before lists are built."""
+    from training.ranker import select_stop_lists
+
+    valid, cart = _random_lists(1, users=7), _random_lists(2, users=5)
+    cart = replace(cart, users=[f"cart-{u}" for u in cart.users])
+    ordinary = select_stop_lists(RankerConfig(stop_lists="ordinary"), valid, cart)
+    assert ordinary.users == valid.users
+    np.testing.assert_array_equal(ordinary.x, valid.x)
+    pooled = select_stop_lists(RankerConfig(stop_lists="pooled"), valid, cart)
+    assert pooled.users == valid.users + cart.users
+    np.testing.assert_array_equal(pooled.x, np.concatenate([valid.x, cart.x]))
+    assert pooled.truth.shape[0] == 12
+    assert (pooled.truth[7:] != cart.truth).nnz == 0
+    no_cart = RankerConfig(stop_lists="pooled", cart_lists=False)
+    assert select_stop_lists(no_cart, valid, cart).users == valid.users
+    assert select_stop_lists(RankerConfig(stop_lists="pooled"), valid, None).users == valid.users
+    with pytest.raises(ValueError, match="stop_lists must be one of"):
+        select_stop_lists(RankerConfig(stop_lists="cart"), valid, cart)
+    with pytest.raises(ValueError, match="stop_lists must be one of"):
+        train_and_register_ranker(RankerConfig(stop_lists="both"))
