@@ -187,12 +187,12 @@ def train_ranker_cmd(
     ),
     two_tower_alias: str = typer.Option("champion"),
     cart_lists: bool = typer.Option(
-        True,
+        False,
         "--cart-lists/--no-cart-lists",
         help="Also fit on lists cut inside a session after items were carted (surface cart).",
     ),
     stop_lists: str = typer.Option(
-        "ordinary",
+        "pooled",
         help="What early stopping reads: ordinary (the held-out ordinary lists, the "
         "promotion gate's kind) | pooled (those and the held-out cart lists together).",
     ),

@@ -19,10 +19,11 @@ the split signature is the two-tower's)::
   items (history excluded, as in the retrieval evaluation) are the list; each candidate's
   label is the strongest thing the customer did with it in the next window (view 1, add
   to cart 2, purchase 4 by default).
-- In-session cart lists (:func:`session_window_at`): at each cutoff, customers whose next
-  session adds two or more items to the cart also get a list cut inside that session
-  (cart = what they had added by then, surface cart, the add's time, labels = what
-  followed), so a list can have a cart and its own request time.
+- In-session cart lists (:func:`session_window_at`, ``RankerConfig.cart_lists``, off by
+  default): at each cutoff, customers whose next session adds two or more items to the
+  cart also get a list cut inside that session (cart = what they had added by then,
+  surface cart, the add's time, labels = what followed), so a list can have a cart and
+  its own request time.
 - Features: :func:`services.models.ranker.build_features` (shared with serving), from a
   profile-like view of the customer at the cutoff (recent items with times, cart,
   time-decayed category affinity as the profile service computes it, mean unit price);
@@ -118,12 +119,14 @@ class RankerConfig:
     windows: int = 3  # cut-offs (rolling windows) of the fit lists, in the validation window
     start_from: str = "-fused_log_rank"  # the untrained net's order: the fused order
     # In-session cut lists (session_window_at): at each cut-off, customers whose next
-    # session adds >= 2 items to the cart get a list cut inside it (surface cart).
-    cart_lists: bool = True
+    # session adds >= 2 items to the cart get a list cut inside it (surface cart). Off by
+    # default: on the promotion gate's served list they lost on the demo's validation
+    # with either stopping rule (docs/training.md, "Early stopping with cart lists").
+    cart_lists: bool = False
     # What early stopping reads (with cart lists): "ordinary" = the held-out customers'
     # ordinary lists only, the kind the promotion gate replays; "pooled" = those and the
     # held-out in-session cart lists together. Fitting uses both kinds either way.
-    stop_lists: str = "ordinary"
+    stop_lists: str = "pooled"
     # The features the network reads (names from FEATURES, in FEATURES order; empty =
     # all). Default: all but the cart and time ones, which did not validate better
     # (docs/training.md, "Cart and time features").

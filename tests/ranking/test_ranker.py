@@ -251,8 +251,15 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[RankerResult, Ran
         ),
         tracking_uri=uri,
     )
+    # cart_lists: not the default, on here so the in-session lists are exercised.
     cfg = RankerConfig(
-        retrieval=retrieval, tracking_uri=uri, epochs=8, patience=4, progress=False, seed=0
+        retrieval=retrieval,
+        tracking_uri=uri,
+        epochs=8,
+        patience=4,
+        progress=False,
+        seed=0,
+        cart_lists=True,
     )
     return train_and_register_ranker(cfg), cfg, tmp
 
@@ -710,17 +717,18 @@ def test_early_stopping_reads_the_lists_stop_lists_names() -> None:
 
     valid, cart = _random_lists(1, users=7), _random_lists(2, users=5)
     cart = replace(cart, users=[f"cart-{u}" for u in cart.users])
-    ordinary = select_stop_lists(RankerConfig(stop_lists="ordinary"), valid, cart)
+    ordinary = select_stop_lists(RankerConfig(stop_lists="ordinary", cart_lists=True), valid, cart)
     assert ordinary.users == valid.users
     np.testing.assert_array_equal(ordinary.x, valid.x)
-    pooled = select_stop_lists(RankerConfig(stop_lists="pooled"), valid, cart)
+    pooled_cfg = RankerConfig(stop_lists="pooled", cart_lists=True)
+    pooled = select_stop_lists(pooled_cfg, valid, cart)
     assert pooled.users == valid.users + cart.users
     np.testing.assert_array_equal(pooled.x, np.concatenate([valid.x, cart.x]))
     assert pooled.truth.shape[0] == 12
     assert (pooled.truth[7:] != cart.truth).nnz == 0
-    no_cart = RankerConfig(stop_lists="pooled", cart_lists=False)
+    no_cart = replace(pooled_cfg, cart_lists=False)
     assert select_stop_lists(no_cart, valid, cart).users == valid.users
-    assert select_stop_lists(RankerConfig(stop_lists="pooled"), valid, None).users == valid.users
+    assert select_stop_lists(pooled_cfg, valid, None).users == valid.users
     with pytest.raises(ValueError, match="stop_lists must be one of"):
         select_stop_lists(RankerConfig(stop_lists="cart"), valid, cart)
     with pytest.raises(ValueError, match="stop_lists must be one of"):
