@@ -704,6 +704,7 @@ def _train_ranker(cfg: Any, max_rss_mb: float) -> dict[str, Any]:
         RankerConfig(
             retrieval=cfg,
             two_tower="registry",
+            allow_refit_two_tower=True,  # refit champion: serving load only, no quality read
             progress=False,
             tracking_uri=cfg.tracking_uri,
             epochs=10,

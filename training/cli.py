@@ -193,6 +193,21 @@ def train_ranker_cmd(
         "included; must be trained on the same data/split).",
     ),
     two_tower_alias: str = typer.Option("champion"),
+    cart_lists: bool = typer.Option(
+        False,
+        "--cart-lists/--no-cart-lists",
+        help="Also fit on lists cut inside a session after items were carted (surface cart).",
+    ),
+    stop_lists: str = typer.Option(
+        "pooled",
+        help="What early stopping reads: ordinary (the held-out ordinary lists, the "
+        "promotion gate's kind) | pooled (those and the held-out cart lists together).",
+    ),
+    allow_refit_two_tower: bool = typer.Option(
+        False,
+        help="--two-tower registry only: accept a version refit on train + validation (its "
+        "scores saw the validation lists' labels; warned and tagged on the run)",
+    ),
     tt_dim: int = typer.Option(64, help="Two-tower (when trained here): embedding size."),
     tt_epochs: int = typer.Option(15, help="Two-tower (when trained here): epochs."),
     tt_batch_size: int = typer.Option(512),
@@ -259,6 +274,9 @@ def train_ranker_cmd(
         retrieval=retrieval,
         two_tower=two_tower,
         two_tower_alias=two_tower_alias,
+        allow_refit_two_tower=allow_refit_two_tower,
+        cart_lists=cart_lists,
+        stop_lists=stop_lists,
         candidates=candidates,
         windows=windows,
         hidden=hidden_sizes,

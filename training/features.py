@@ -405,9 +405,11 @@ def build_eval_set(
     max_users: int = 0,
     seed: int = 0,
     now: float | None = None,
+    user_times: dict[int, float] | None = None,
 ) -> EvalSet:
     """Users with history whose future holds target events on items new to them; the
-    query time is ``now`` (default: the first future event, else the last history one)."""
+    query time is ``now`` (default: the first future event, else the last history one),
+    or each user's own in ``user_times`` (user code -> time)."""
     enc_h = encode_events(history, vocab)
     users = np.unique(enc_h["u"].to_numpy())
     fut = future[future["event"].isin(target_events)]
@@ -427,6 +429,8 @@ def build_eval_set(
         else:
             now = float(history["ts"].max()) + 1 if len(history) else 0.0
     times = np.full(len(keep), int(now), dtype=np.int64)
+    if user_times is not None:
+        times = np.array([int(user_times[int(u)]) for u in users[keep]], dtype=np.int64)
     ctx = user_context(enc_h, vocab, users[keep], times)
     return EvalSet(
         name=name,

@@ -19,9 +19,15 @@ the split signature is the two-tower's)::
   items (history excluded, as in the retrieval evaluation) are the list; each candidate's
   label is the strongest thing the customer did with it in the next window (view 1, add
   to cart 2, purchase 4 by default).
+- In-session cart lists (:func:`session_window_at`, ``RankerConfig.cart_lists``, off by
+  default): at each cutoff, customers whose next session adds two or more items to the
+  cart also get a list cut inside that session (cart = what they had added by then,
+  surface cart, the add's time, labels = what followed), so a list can have a cart and
+  its own request time.
 - Features: :func:`services.models.ranker.build_features` (shared with serving), from a
   profile-like view of the customer at the cutoff (recent items with times, cart,
-  time-decayed category affinity as the profile service computes it, mean unit price).
+  time-decayed category affinity as the profile service computes it, mean unit price);
+  the network reads :data:`DEFAULT_FEATURES` unless ``RankerConfig.features`` says.
 - Model: :class:`services.models.ranker.RankerNet`, wide & deep over standardised
   features, initialised to rank exactly by the retrieval score; trained with a listwise
   softmax cross-entropy (ListNet top-1) or pointwise weighted BCE; early stopping on
@@ -43,6 +49,7 @@ import os
 import platform
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -58,11 +65,12 @@ import mercato.features as shared
 from mercato.v1 import common_pb2
 from services.common.threads import configure_threads
 from services.models.ranker import (
+    CART_FEATURES,
     FEATURES,
     FORMAT_VERSION,
     MODEL_NAME,
     MODEL_TYPE,
-    N_FEATURES,
+    TIME_FEATURES,
     ItemTable,
     RankerBundle,
     RankerBundleError,
@@ -93,6 +101,9 @@ GATE_METRIC = "valid_ndcg_10"
 GATE_METRIC_SERVED = "valid_served_ndcg_10"
 GATE_BASELINE_METRIC = "gate_baseline_ndcg_10"
 GATE_CHAMPION_TAG = "gate_champion_version"
+#: The network's default inputs (RankerConfig.features): every feature but the cart's
+#: item-level ones and the time's, computed for every request all the same.
+DEFAULT_FEATURES = tuple(f for f in FEATURES if f not in (*CART_FEATURES, *TIME_FEATURES))
 
 
 @dataclass
@@ -107,6 +118,23 @@ class RankerConfig:
     candidates: int = 100  # list length: the first in the served (fused) order
     windows: int = 3  # cut-offs (rolling windows) of the fit lists, in the validation window
     start_from: str = "-fused_log_rank"  # the untrained net's order: the fused order
+    # In-session cut lists (session_window_at): at each cut-off, customers whose next
+    # session adds >= 2 items to the cart get a list cut inside it (surface cart). Off by
+    # default: on the promotion gate's served list they lost on the demo's validation
+    # with either stopping rule (docs/training.md, "Early stopping with cart lists").
+    cart_lists: bool = False
+    # What early stopping reads (with cart lists): "ordinary" = the held-out customers'
+    # ordinary lists only, the kind the promotion gate replays; "pooled" = those and the
+    # held-out in-session cart lists together. Fitting uses both kinds either way.
+    stop_lists: str = "pooled"
+    # The features the network reads (names from FEATURES, in FEATURES order; empty =
+    # all). Default: all but the cart and time ones, which did not validate better
+    # (docs/training.md, "Cart and time features").
+    features: tuple[str, ...] = field(default_factory=lambda: DEFAULT_FEATURES)
+    copurchase_top: int = 20  # co-purchase neighbours kept per item (ItemTable)
+    # two_tower="registry" only: accept a champion refit on train + validation (its scores
+    # saw the labels of the ranker's validation lists: a leak). Logged and warned.
+    allow_refit_two_tower: bool = False
     replay: ReplayConfig = field(default_factory=ReplayConfig)
     hidden: tuple[int, ...] = (64, 32)
     loss: str = "listwise"  # "listwise" | "pointwise"
@@ -134,6 +162,18 @@ class RankerConfig:
     alias: str = "challenger"
     register: bool = True
     run_name: str = ""
+
+    def feature_names(self) -> list[str]:
+        """The network's input features (:attr:`features`, default all), checked."""
+        if not self.features:
+            return list(FEATURES)
+        unknown = sorted(set(self.features) - set(FEATURES))
+        if unknown:
+            raise ValueError(f"unknown ranker features: {unknown}")
+        names = [f for f in FEATURES if f in set(self.features)]
+        if self.start_from.lstrip("-") not in names:
+            raise ValueError(f"features must include start_from's {self.start_from!r}")
+        return names
 
     def params(self) -> dict[str, Any]:
         out = {f"retrieval.{k}": v for k, v in self.retrieval.params().items()}
@@ -203,10 +243,68 @@ def category_transitions(
     return out
 
 
+BASKET_EVENTS = ("cart", "purchase")
+MAX_BASKET = 50  # items of a basket counted for co-purchase (bigger ones: their first 50)
+
+
+def copurchase_table(
+    history: pd.DataFrame, vocab: Vocab, top: int = 20
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Co-purchase of the items in ``history``: a basket is one customer's session; an
+    item is in it when the customer carted or bought it there. Returns (baskets per item
+    [n_items], CSR indptr, indices, counts): each item's ``top`` items sharing the most
+    baskets with it (ties: lower row first), itself excluded. Sparse throughout (no
+    item x item dense matrix)."""
+    n = vocab.n_items
+    h = history[history["event"].isin(BASKET_EVENTS)]
+    empty = (np.zeros(n), np.zeros(n + 1, dtype=np.int64), np.zeros(0, np.int64), np.zeros(0))
+    if len(h) == 0 or top <= 0:
+        return empty
+    rows = h["item_id"].map(vocab.item_row).to_numpy(np.int64)
+    b = pd.DataFrame(
+        {"u": h["user_id"].to_numpy(), "s": h["session_id"].to_numpy(), "i": rows}
+    ).drop_duplicates()
+    b["k"] = b.groupby(["u", "s"], sort=False).ngroup()
+    b = b[b.groupby("k", sort=False).cumcount() < MAX_BASKET]
+    k = b["k"].to_numpy(np.int64)
+    i = b["i"].to_numpy(np.int64)
+    m = sp.csr_matrix((np.ones(len(k)), (k, i)), shape=(int(k.max()) + 1, n))
+    baskets = np.asarray(m.sum(0)).ravel()
+    co = (m.T @ m).tocsr()
+    co.setdiag(0)
+    co.eliminate_zeros()
+    co.sort_indices()
+    indptr = [0]
+    indices: list[np.ndarray] = []
+    counts: list[np.ndarray] = []
+    for r in range(n):
+        a, e = co.indptr[r], co.indptr[r + 1]
+        idx, val = co.indices[a:e], co.data[a:e]
+        if len(idx) > top:
+            keep = np.lexsort((idx, -val))[:top]
+            keep.sort()
+            idx, val = idx[keep], val[keep]
+        indices.append(idx.astype(np.int64))
+        counts.append(val.astype(np.float64))
+        indptr.append(indptr[-1] + len(idx))
+    return (
+        baskets,
+        np.asarray(indptr, dtype=np.int64),
+        np.concatenate(indices) if indices else empty[2],
+        np.concatenate(counts) if counts else empty[3],
+    )
+
+
 def item_table_at(
-    history: pd.DataFrame, vocab: Vocab, now: float, popularity_days: float, trend_days: float
+    history: pd.DataFrame,
+    vocab: Vocab,
+    now: float,
+    popularity_days: float,
+    trend_days: float,
+    copurchase_top: int = 20,
 ) -> ItemTable:
-    """Popularity and trend of every catalog item from the interactions before ``now``."""
+    """Popularity and trend of every catalog item from the interactions before ``now``,
+    and their co-purchase (:func:`copurchase_table`)."""
     rows = history["item_id"].map(vocab.item_row).to_numpy(np.int64)
     ts = history["ts"].to_numpy(np.float64)
     n = vocab.n_items
@@ -224,6 +322,7 @@ def item_table_at(
         first_seen[first.index.to_numpy(np.int64)] = first.to_numpy()
     short_rate = short_c / trend_days
     long_rate = long_c / popularity_days
+    baskets, co_indptr, co_indices, co_counts = copurchase_table(history, vocab, copurchase_top)
     return ItemTable(
         item_ids=list(vocab.item_ids),
         category=[vocab.categories[c] for c in vocab.item_category],
@@ -232,14 +331,19 @@ def item_table_at(
         trend=np.log((short_rate + 1.0) / (long_rate + 1.0)),
         transitions=category_transitions(history, vocab),
         first_seen=first_seen,
+        baskets=baskets,
+        co_indptr=co_indptr,
+        co_indices=co_indices,
+        co_counts=co_counts,
     )
 
 
 def customer_profiles(
-    history: pd.DataFrame, users: list[str], vocab: Vocab, now: float
+    history: pd.DataFrame, users: list[str], vocab: Vocab, now: float | dict[str, float]
 ) -> list[common_pb2.Profile]:
-    """Each customer's profile at ``now`` as the profile service would send it, from the
-    events before it: recent items (distinct, newest first, with times), purchases,
+    """Each customer's profile at ``now`` (or at each customer's own time, ``now`` as
+    customer -> time) as the profile service would send it, from the events before it:
+    recent items (distinct, newest first, with times), purchases,
     cart, category affinity, RFM, segment, price band, country, first and last seen.
     RFM, segment, band and affinity are :mod:`mercato.features`' definitions (the
     profile service's); amounts use the catalogue price of each purchase event, as the
@@ -276,8 +380,19 @@ def customer_profiles(
         last=("ts", "max"),
     )
     seen = h.groupby("user_id", sort=False)["ts"].agg(["min", "max"])
+
+    adds = h[h["event"] == "cart"]
+    cart_added = {
+        (str(u), str(i)): float(t)
+        for (u, i), t in adds.groupby(["user_id", "item_id"], sort=False)["ts"].max().items()
+    }
+
+    def now_of(u: str) -> float:
+        return now[u] if isinstance(now, dict) else now
+
     enc = encode_events(h, vocab)
-    codes, feats = walk_history(enc, vocab, now=now)
+    # walk_history's time only sets segment and band, which are not read here.
+    codes, feats = walk_history(enc, vocab)
     code_of = vocab.user_codes.get_indexer(users)
     cart_at = {int(c): k for k, c in enumerate(codes.tolist())}
     out = []
@@ -291,15 +406,20 @@ def customer_profiles(
             b.last_purchased_at.FromSeconds(int(ts))
         k = cart_at.get(code)
         if k is not None:
-            for r in feats.cart[k].tolist():
-                if r > 0:
-                    p.cart.lines.add(item_id=vocab.item_ids[r - 1], quantity=1)
+            # The profile's order: latest add first, then by item id.
+            lines = [
+                (-cart_added.get((u, vocab.item_ids[r - 1]), 0.0), vocab.item_ids[r - 1])
+                for r in feats.cart[k].tolist()
+                if r > 0
+            ]
+            for _, item_id in sorted(lines):
+                p.cart.lines.add(item_id=item_id, quantity=1)
         p.category_affinity.update(affinity.get(u, {}))
         orders, monetary, units, last_buy = 0, 0.0, 0, None
         if u in agg.index:
             a = agg.loc[u]
             orders, monetary, units = int(a["orders"]), float(a["monetary"]), int(a["units"])
-            last_buy = (now - float(a["last"])) / shared.SECONDS_PER_DAY
+            last_buy = (now_of(u) - float(a["last"])) / shared.SECONDS_PER_DAY
         rfm = shared.rfm(orders, monetary, last_buy)
         p.rfm.recency_days = rfm.recency_days
         p.rfm.frequency = rfm.frequency
@@ -340,6 +460,23 @@ class Window:
     profiles: list[common_pb2.Profile]
     labels: sp.csr_matrix  # [U, n_items] strongest event weight on items new to them
     truth: sp.csr_matrix  # [U, n_items] target events on items new to them
+    # In-session cut lists (session_window_at): each customer's own cut time, and the
+    # surface their request is made on; None / "home": every list at ``now``.
+    nows: np.ndarray | None = None
+    surface: str = "home"
+
+    def now_of(self, u: int) -> float:
+        return float(self.nows[u]) if self.nows is not None else self.now
+
+
+def _label_kinds(
+    cfg: RankerConfig, data: RetailData, require: str
+) -> tuple[dict[str, float], tuple[str, ...]]:
+    """Label weights, and the events a customer needs after the cut to get a list: any
+    labelled one (``require="labels"``) or a target event (``"truth"``)."""
+    weights = {**DEFAULT_LABEL_WEIGHTS, **cfg.label_weights}
+    events = tuple(sorted(e for e, w in weights.items() if w > 0))
+    return weights, events if require == "labels" else tuple(data.target_events)
 
 
 def window_at(
@@ -356,9 +493,7 @@ def window_at(
     """Customers with history before ``now`` and, after it, any labelled event on a new
     item (``require="labels"``) or a target event on one (``"truth"``); ``users`` (codes)
     restricts them."""
-    weights = {**DEFAULT_LABEL_WEIGHTS, **cfg.label_weights}
-    events = tuple(sorted(e for e, w in weights.items() if w > 0))
-    kinds = events if require == "labels" else tuple(data.target_events)
+    weights, kinds = _label_kinds(cfg, data, require)
     es = build_eval_set("window", history, future, vocab, kinds, 0, cfg.seed, now=now)
     keep = np.arange(len(es))
     if users is not None:
@@ -366,6 +501,16 @@ def window_at(
     if max_users and len(keep) > max_users:
         keep = np.sort(np.random.default_rng(cfg.seed).choice(keep, max_users, replace=False))
     es = es.take(keep)
+    labels, truth = _window_labels(es, future, vocab, data, weights)
+    users_s = [str(x) for x in vocab.user_codes[es.users]]
+    return Window(now, es, customer_profiles(history, users_s, vocab, now), labels, truth)
+
+
+def _window_labels(
+    es: EvalSet, future: pd.DataFrame, vocab: Vocab, data: RetailData, weights: dict[str, float]
+) -> tuple[sp.csr_matrix, sp.csr_matrix]:
+    """Graded labels and purchase truth of ``es``'s customers from ``future``, on items
+    new to them."""
     idx = pd.Index(es.users)
     fu = vocab.user_codes.get_indexer(future["user_id"]).astype(np.int64)
     fi = future["item_id"].map(vocab.item_row).to_numpy(np.int64)
@@ -388,8 +533,90 @@ def window_at(
     truth.data[:] = 1.0
     truth = (truth - truth.multiply(es.exclude)).tocsr()
     truth.eliminate_zeros()
+    return labels, truth
+
+
+def session_cuts(future: pd.DataFrame, min_cart: int = 2) -> pd.DataFrame:
+    """Where the in-session lists are cut: for each customer whose first session in
+    ``future`` (the session of their first event in it) adds ``min_cart`` or more
+    distinct items to the cart, the cut follows the first half of them (at least one):
+    its row in ``future`` (``pos``, by position) and time ``ts``, and the cart items
+    added by then. One row per such customer."""
+    f = future.reset_index(drop=True)
+    order = np.lexsort((np.arange(len(f)), f["ts"].to_numpy(), f["user_id"].to_numpy()))
+    f = f.iloc[order]
+    first = f.groupby("user_id", sort=False)["session_id"].transform("first")
+    carts = f[(f["session_id"] == first) & (f["event"] == "cart")]
+    carts = carts[~carts.duplicated(["user_id", "item_id"])]
+    n = carts.groupby("user_id", sort=False)["item_id"].transform("size")
+    carts = carts[n >= min_cart]
+    k = np.maximum(1, carts.groupby("user_id", sort=False)["item_id"].transform("size") // 2)
+    nth = carts.groupby("user_id", sort=False).cumcount() + 1
+    cut = carts[nth == k]
+    cart = carts[nth <= k].groupby("user_id", sort=False)["item_id"].agg(list)
+    return pd.DataFrame(
+        {
+            "user_id": cut["user_id"].to_numpy(),
+            "pos": cut.index.to_numpy(np.int64),
+            "ts": cut["ts"].to_numpy(np.float64),
+            "cart": [cart[u] for u in cut["user_id"]],
+        }
+    )
+
+
+def session_window_at(
+    history: pd.DataFrame,
+    future: pd.DataFrame,
+    vocab: Vocab,
+    data: RetailData,
+    cfg: RankerConfig,
+    require: str,
+    users: np.ndarray | None = None,
+    max_users: int = 0,
+) -> Window | None:
+    """In-session cut lists (#13): customers' lists cut inside their first session after
+    the cut-off (:func:`session_cuts`), so the cart holds what they had added by then.
+    Each customer's history is ``history`` plus their events up to and including the
+    cut (by position), their labels what followed in ``future``, their request time the
+    cut's and their surface "cart"; the profile (and so the cart the ranker's features
+    read) is :func:`customer_profiles`' of that history, as for every other list.
+    None when no customer qualifies."""
+    weights, kinds = _label_kinds(cfg, data, require)
+    f = future.reset_index(drop=True)
+    cuts = session_cuts(f)
+    if users is not None:
+        codes = vocab.user_codes.get_indexer(cuts["user_id"])
+        cuts = cuts[np.isin(codes, users)]
+    if len(cuts) == 0:
+        return None
+    cut_at = dict(zip(cuts["user_id"].tolist(), cuts["pos"].tolist(), strict=True))
+    order = np.lexsort((np.arange(len(f)), f["ts"].to_numpy(), f["user_id"].to_numpy()))
+    fs = f.iloc[order]
+    fs = fs[fs["user_id"].isin(cut_at)]
+    # Position of each row within its customer's time order, and of their cut row.
+    rank = pd.Series(np.arange(len(fs)), index=fs.index)
+    cut_rank = fs["user_id"].map({u: rank[p] for u, p in cut_at.items()}).to_numpy()
+    before = rank.to_numpy() <= cut_rank
+    h = pd.concat([history[history["user_id"].isin(cut_at)], fs[before]], ignore_index=True)
+    fut = fs[~before]
+    times = dict(zip(cuts["user_id"].tolist(), cuts["ts"].tolist(), strict=True))
+    user_times = {
+        int(c): times[u]
+        for u, c in zip(cuts["user_id"], vocab.user_codes.get_indexer(cuts["user_id"]), strict=True)
+    }
+    es = build_eval_set("cart", h, fut, vocab, kinds, 0, cfg.seed, user_times=user_times)
+    if max_users and len(es) > max_users:
+        keep = np.sort(np.random.default_rng(cfg.seed).choice(len(es), max_users, replace=False))
+        es = es.take(keep)
+    if len(es) == 0:
+        return None
+    if "cart" in vocab.surfaces:
+        es.context[:, 0] = vocab.surfaces.index("cart")
+    labels, truth = _window_labels(es, fut, vocab, data, weights)
     users_s = [str(x) for x in vocab.user_codes[es.users]]
-    return Window(now, es, customer_profiles(history, users_s, vocab, now), labels, truth)
+    nows = np.array([times[u] for u in users_s], dtype=np.float64)
+    profiles = customer_profiles(h, users_s, vocab, dict(zip(users_s, nows.tolist(), strict=True)))
+    return Window(float(nows.min()), es, profiles, labels, truth, nows=nows, surface="cart")
 
 
 def build_lists(
@@ -413,31 +640,36 @@ def build_lists(
     from services.ranking.table import CandidateArrays
     from services.retrieval.merge import merge_config
     from services.retrieval.server import retrieve_response
-    from training.replay import request_of
+    from training.replay import SURFACES, request_of
 
     merge = replay_cfg.merge or merge_config(model)
     n_users, n = len(win.es), cfg.candidates
+    cols = np.array([FEATURES.index(f) for f in cfg.feature_names()], dtype=np.int64)
     rows = np.full((n_users, n), -1, dtype=np.int64)
     fused = np.zeros((n_users, n))
-    x = np.zeros((n_users, n, N_FEATURES), dtype=np.float32)
-    context = common_pb2.Context(surface=common_pb2.SURFACE_HOME)
-    context.timestamp.FromSeconds(int(win.now))
+    x = np.zeros((n_users, n, len(cols)), dtype=np.float32)
+    surface = SURFACES.get(win.surface, common_pb2.SURFACE_HOME)
     for u in range(n_users):
+        context = common_pb2.Context(surface=surface)
+        context.timestamp.FromSeconds(int(win.now_of(u)))
         req, _, _ = request_of(win.es, vocab, u, replay_cfg)
+        if win.surface == "cart":
+            # On the cart page the gateway sends the profile with its cart: retrieval's
+            # item-to-item source starts from it too.
+            req.profile.cart.CopyFrom(win.profiles[u].cart)
         resp = retrieve_response(model, model.state, req, merge)
         if keep_responses is not None:
             keep_responses.append(resp)
-        cols = resp.columns
-        if not cols.item_ids:
+        if not resp.columns.item_ids:
             continue
-        cset = merge_columns(cols)
+        cset = merge_columns(resp.columns)
         feats = request_features(
             table, win.profiles[u], context, cset, CandidateArrays.empty(len(cset))
         )
         m = min(n, len(cset))
         rows[u, :m] = [vocab.item_row.get(i, -1) for i in cset.ids[:m]]
         fused[u, :m] = cset.scores[:m]
-        x[u, :m] = feats[:m]
+        x[u, :m] = feats[:m][:, cols]
     mask = rows >= 0
     labels = np.zeros(rows.shape, dtype=np.float32)
     for u in range(n_users):
@@ -567,7 +799,10 @@ def train_ranker(
 
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    net = RankerNet(N_FEATURES, cfg.hidden, start_from=cfg.start_from)
+    names = cfg.feature_names()
+    if fit.x.shape[-1] != len(names):
+        raise ValueError(f"lists have {fit.x.shape[-1]} feature columns, cfg names {len(names)}")
+    net = RankerNet(len(names), cfg.hidden, start_from=cfg.start_from, features=names)
     flat = fit.x[fit.mask]
     if len(flat):
         mean = flat.mean(0)
@@ -730,20 +965,61 @@ def _retrieval_models(
             )
         if bundle.item_ids != vocab.item_ids or bundle.vocab != vocab.as_json():
             raise ValueError("the registered two-tower's vocabularies differ from this data's")
+        refit = refit_of(bundle.eval_report)
+        name = f"{cfg.two_tower_model}@{cfg.two_tower_alias} v{info.version}"
+        if refit is not False:
+            what = (
+                "was refit on train + validation"
+                if refit
+                else "has no eval report saying whether it was refit on train + validation"
+            )
+            if not cfg.allow_refit_two_tower:
+                raise RefitTwoTowerError(
+                    f"{name} {what}: its scores saw the labels of the ranker's validation "
+                    "lists, so early stopping and the promotion gate would measure a leak. "
+                    "Train the ranker with two_tower='train' (--two-tower train), register "
+                    "a two-tower without refit (TrainConfig.refit=False), or opt in with "
+                    "allow_refit_two_tower=True (logged; its validation numbers are not "
+                    "to be trusted)"
+                )
+            warnings.warn(
+                f"ranker trained on {name}, which {what} (allow_refit_two_tower=True): its "
+                "validation numbers and promotion gate are optimistic",
+                stacklevel=2,
+            )
         model = load_for_replay(local, info.run_id)
         tt = {
             "source": f"{cfg.two_tower_model}@{cfg.two_tower_alias}",
             "version": info.version,
             "run_id": info.run_id,
+            "refit_train_plus_valid": "unknown" if refit is None else str(refit).lower(),
+            "refit_allowed": str(bool(cfg.allow_refit_two_tower)).lower(),
         }
         return {"valid": model, "test": model}, tt, None
     raise ValueError(f"two_tower must be 'train' or 'registry', not {cfg.two_tower!r}")
+
+
+class RefitTwoTowerError(ValueError):
+    """The registered two-tower the ranker would be trained on was refit on train +
+    validation (or cannot say): refused unless ``allow_refit_two_tower``."""
+
+
+def refit_of(eval_report: dict[str, Any]) -> bool | None:
+    """Whether a two-tower bundle's eval report says it was refit on train + validation
+    (``refit.train_plus_valid``); None when it does not say."""
+    got = (eval_report or {}).get("refit", {})
+    value = got.get("train_plus_valid") if isinstance(got, dict) else None
+    return bool(value) if isinstance(value, bool) else None
 
 
 def _client(cfg: RankerConfig) -> tuple[Any, str]:
     from training import registry
 
     return registry.client_for(cfg.tracking_uri or cfg.retrieval.tracking_uri or None)
+
+
+def _columns(lists: RankLists, keep: np.ndarray) -> RankLists:
+    return replace(lists, x=np.ascontiguousarray(lists.x[:, :, keep]))
 
 
 def _concat(parts: list[RankLists]) -> RankLists:
@@ -756,6 +1032,26 @@ def _concat(parts: list[RankLists]) -> RankLists:
         truth=sp.vstack([p.truth for p in parts]).tocsr(),
         mask=np.concatenate([p.mask for p in parts]),
     )
+
+
+STOP_LISTS = ("ordinary", "pooled")
+
+
+def _check_stop_lists(cfg: RankerConfig) -> None:
+    if cfg.stop_lists not in STOP_LISTS:
+        raise ValueError(f"stop_lists must be one of {STOP_LISTS}, not {cfg.stop_lists!r}")
+
+
+def select_stop_lists(
+    cfg: RankerConfig, valid: RankLists, valid_cart: RankLists | None
+) -> RankLists:
+    """The lists early stopping reads (:attr:`RankerConfig.stop_lists`): the ordinary
+    held-out lists, pooled with the held-out cart lists when ``"pooled"`` and the run
+    fits on cart lists."""
+    _check_stop_lists(cfg)
+    if cfg.stop_lists == "ordinary" or valid_cart is None or not cfg.cart_lists:
+        return valid
+    return _concat([valid, valid_cart])
 
 
 def _champion_scorer(cfg: RankerConfig, uri: str, signature: str) -> tuple[str, Any, str]:
@@ -783,6 +1079,7 @@ def _champion_scorer(cfg: RankerConfig, uri: str, signature: str) -> tuple[str, 
 
 def train_and_register_ranker(cfg: RankerConfig) -> RankerResult:
     """The whole ranker pipeline (module docstring); logs to MLflow and registers."""
+    _check_stop_lists(cfg)  # before any list is built
     configure_threads(cfg.threads)
     import torch
 
@@ -823,25 +1120,61 @@ def train_and_register_ranker(cfg: RankerConfig) -> RankerResult:
         early = v["ts"].to_numpy() < c
         return pd.concat([split.train, v[early]], ignore_index=True), v[~early]
 
+    def table_at(h: pd.DataFrame, c: float) -> ItemTable:
+        return item_table_at(h, vocab, c, cfg.popularity_days, cfg.trend_days, cfg.copurchase_top)
+
     t_lists = time.perf_counter()
     fit_parts = []
+    cart_fit = 0
     not_held = np.setdiff1d(np.arange(len(vocab.user_codes)), held)
     for c in cutoffs(split, cfg.windows):
         h, f = history_before(c)
         win = window_at(h, f, vocab, data, c, cfg, "labels", not_held, cfg.max_users)
-        items_c = item_table_at(h, vocab, c, cfg.popularity_days, cfg.trend_days)
+        items_c = table_at(h, c)
         fit_parts.append(build_lists(win, models["valid"], vocab, items_c, cfg, rcfg))
+        n_cart = 0
+        if cfg.cart_lists:
+            cwin = session_window_at(h, f, vocab, data, cfg, "labels", not_held, cfg.max_users)
+            if cwin is not None:
+                fit_parts.append(build_lists(cwin, models["valid"], vocab, items_c, cfg, rcfg))
+                n_cart = len(cwin.es)
+                cart_fit += n_cart
         if log:
             log(
                 f"ranker lists at cut-off {time.strftime('%Y-%m-%d %H:%M', time.gmtime(c))}: "
-                f"{len(win.es)} customers"
+                f"{len(win.es)} customers, {n_cart} in-session cart lists"
             )
     fit = _concat(fit_parts)
     held_win = window_at(split.train, split.valid, vocab, data, t_valid, cfg, "truth", held)
-    table_valid = item_table_at(split.train, vocab, t_valid, cfg.popularity_days, cfg.trend_days)
+    table_valid = table_at(split.train, t_valid)
     held_responses: list[Any] = []
     valid = build_lists(held_win, models["valid"], vocab, table_valid, cfg, rcfg, held_responses)
-    table_test = item_table_at(hist_test, vocab, t_test, cfg.popularity_days, cfg.trend_days)
+    # The held-out customers' in-session cart lists (truth: what they bought after the
+    # cut): reported beside the ordinary lists; early stopping reads them too only when
+    # stop_lists is "pooled".
+    held_cart = session_window_at(split.train, split.valid, vocab, data, cfg, "truth", held)
+    valid_cart = (
+        build_lists(held_cart, models["valid"], vocab, table_valid, cfg, rcfg)
+        if held_cart is not None
+        else None
+    )
+    if valid_cart is not None and not (np.diff(valid_cart.truth.indptr) > 0).any():
+        valid_cart = None
+    time_dropped = False
+    if cart_fit == 0 and set(TIME_FEATURES) & set(cfg.feature_names()):
+        # Without in-session lists every fit list is cut at one of the cut-offs: the time
+        # features would take one value each (a served request's time never seen), so
+        # the network does not read them (the data has no add-to-cart events).
+        names = cfg.feature_names()
+        cfg = replace(cfg, features=tuple(f for f in names if f not in TIME_FEATURES))
+        keep = np.array([k for k, f in enumerate(names) if f not in TIME_FEATURES])
+        fit, valid = _columns(fit, keep), _columns(valid, keep)
+        valid_cart = _columns(valid_cart, keep) if valid_cart is not None else None
+        time_dropped = True
+        if log:
+            log("no in-session cart lists: the time features are left out")
+    stop_lists = select_stop_lists(cfg, valid, valid_cart)
+    table_test = table_at(hist_test, t_test)
     if test_es is None:
         raise ValueError("no test part")
     list_seconds = time.perf_counter() - t_lists
@@ -861,6 +1194,10 @@ def train_and_register_ranker(cfg: RankerConfig) -> RankerResult:
             "split_signature": split.signature(),
             "data_fingerprint": split.data_fingerprint,
             "two_tower": json.dumps(tt_info),
+            # The opt-in to a refit champion (allow_refit_two_tower), visible on the run.
+            "two_tower_refit_opt_in": str(
+                tt_info.get("refit_train_plus_valid", "false") != "false"
+            ).lower(),
             "host.python": platform.python_version(),
         },
     )
@@ -875,7 +1212,10 @@ def train_and_register_ranker(cfg: RankerConfig) -> RankerResult:
                 "valid_lists": len(valid),
                 "test_customers": len(test_es),
                 "cutoffs": json.dumps(cutoffs(split, cfg.windows)),
-                "features": ",".join(FEATURES),
+                "features": ",".join(cfg.feature_names()),
+                "valid_cart_lists": len(valid_cart) if valid_cart is not None else 0,
+                "fit_cart_lists": cart_fit,
+                "time_features_dropped": time_dropped,
             }
         )
         plist = [Param(k, str(v)[:6000]) for k, v in sorted(params.items())]
@@ -888,7 +1228,7 @@ def train_and_register_ranker(cfg: RankerConfig) -> RankerResult:
                 run_id, metrics=[Metric(k, float(v), ts, epoch) for k, v in row.items()]
             )
 
-        net, hist = train_ranker(fit, valid, cfg, on_epoch=on_epoch)
+        net, hist = train_ranker(fit, stop_lists, cfg, on_epoch=on_epoch)
         ks = tuple(sorted({cfg.early_stop_k, *cfg.ks}))
         # Validation: the held-out customers' lists, fused order vs ranker; test: the
         # served list replayed (below), rules-only vs with the ranker.
@@ -898,8 +1238,14 @@ def train_and_register_ranker(cfg: RankerConfig) -> RankerResult:
                 "ranker": rerank_metrics(valid.rows, _net_scores(net, valid.x), valid.truth, ks),
             }
         }
+        if valid_cart is not None:
+            vc = valid_cart
+            results["valid_cart"] = {
+                "retrieval": rerank_metrics(vc.rows, vc.retrieval, vc.truth, ks),
+                "ranker": rerank_metrics(vc.rows, _net_scores(net, vc.x), vc.truth, ks),
+            }
         now = float(data.events["ts"].max()) if len(data.events) else 0.0
-        table_now = item_table_at(data.events, vocab, now, cfg.popularity_days, cfg.trend_days)
+        table_now = table_at(data.events, now)
         smoke_x = valid.x[valid.mask][: cfg.smoke_rows]
         if len(smoke_x) == 0:
             smoke_x = fit.x[fit.mask][: cfg.smoke_rows]
@@ -910,7 +1256,7 @@ def train_and_register_ranker(cfg: RankerConfig) -> RankerResult:
         config = {
             "format_version": FORMAT_VERSION,
             "model_type": MODEL_TYPE,
-            "features": list(FEATURES),
+            "features": cfg.feature_names(),
             "hidden": list(cfg.hidden),
             "loss": cfg.loss,
             "candidates": cfg.candidates,
@@ -1030,7 +1376,13 @@ def train_and_register_ranker(cfg: RankerConfig) -> RankerResult:
             "gate": gate,
             "history": hist.epochs,
             "best_epoch": hist.best_epoch,
-            "lists": {"fit": len(fit), "valid": len(valid), "test_customers": len(test_es)},
+            "lists": {
+                "fit": len(fit),
+                "valid": len(valid),
+                "valid_cart": len(valid_cart) if valid_cart is not None else 0,
+                "fit_cart": cart_fit,
+                "test_customers": len(test_es),
+            },
             "cutoffs": cutoffs(split, cfg.windows),
             "split": {"kind": split.kind, "signature": split.signature(), **split.params},
             "two_tower": tt_info,

@@ -17,7 +17,11 @@ items in that category and the hours since the latest of them; whether the categ
 in the cart or the anchor's; how often shoppers move from the customer's categories (by
 affinity), the cart's and the anchor's to the item's category within a session (the
 bundle's category transition table: complements such as phone -> phone case); stock and
-margin rate where known; the surface (one-hot).
+margin rate where known; the surface (one-hot); the customer (segment, band, RFM, tenure,
+history length); item-to-item's score and the fused rank; the item's age; the cart at
+item level (its size, the candidate's co-purchase count with the cart's items and best
+co-purchase cosine with one of them, from the bundle's co-purchase table); the request's
+hour of day and weekday (UTC, cyclic).
 
 A bundle is a directory::
 
@@ -26,7 +30,8 @@ A bundle is a directory::
                         (``np.savez``, read without pickle)
     normalization.json  per-feature mean and std (features are standardised before the MLP)
     items.json          item_ids with category, price, popularity, trend (training cutoff),
-                        and the category transition table
+                        the category transition table and the co-purchase table (baskets
+                        per item, top co-purchased items per item as CSR rows)
     smoke.json          fixed feature rows and the scores training computed for them
     eval.json           evaluation report of the training run (optional)
     manifest.json       sha256 and size of every file above
@@ -62,6 +67,9 @@ SURFACE_FEATURES = ("home", "product", "cart", "checkout", "buy_again", "email")
 #: mercato.features.SEGMENTS / PRICE_BANDS without the unknown "" (all zeros then).
 CUSTOMER_SEGMENTS = tuple(s for s in SEGMENTS if s)
 CUSTOMER_PRICE_BANDS = tuple(b for b in PRICE_BANDS if b)
+TIME_FEATURES = ("hour_sin", "hour_cos", "weekday_sin", "weekday_cos")
+#: The features #13's second part added; a bundle without them scores its own columns.
+CART_FEATURES = ("log_cart_size", "cart_copurchase", "cart_cooc_max")
 FEATURES: tuple[str, ...] = (
     "retrieval_score",
     "score_gap",
@@ -107,11 +115,20 @@ FEATURES: tuple[str, ...] = (
     "item2item_known",
     "item2item_log_rank",
     "fused_log_rank",
-    # The item's age (since its first interaction in the training data). No hour or
-    # weekday: the fit lists' cut-offs give them one value each (three per run), so a
-    # served request's time would be a value training never saw.
+    # The item's age (since its first interaction in the training data).
     "log_item_age_days",
     "item_age_known",
+    # The cart (#13), item level, from the bundle's co-purchase table (baskets before the
+    # training cutoff): the cart's size; how often the candidate was carted or bought in
+    # the same basket as the cart's items (log1p of the summed basket counts); its best
+    # co-purchase cosine with one cart item (count / sqrt(baskets of each)): the
+    # candidate's item-to-item score against the cart alone, computed by ranking.
+    "log_cart_size",
+    "cart_copurchase",
+    "cart_cooc_max",
+    # The request time (UTC), cyclic: learnable because the in-session fit lists are cut
+    # at their own times (training.ranker.session_window_at), not at three cut-offs.
+    *TIME_FEATURES,
 )
 N_FEATURES = len(FEATURES)
 _F = {name: i for i, name in enumerate(FEATURES)}
@@ -184,11 +201,58 @@ class ItemTable:
     transitions: dict[str, dict[str, float]] = field(default_factory=dict)
     # First interaction of each item before the cutoff, epoch seconds (0 = none / unknown).
     first_seen: np.ndarray | None = None
+    # Co-purchase (#13): baskets (customer, session) with a cart or purchase event of
+    # each item before the cutoff, and each item's top co-purchased items as CSR rows:
+    # ``co_indices[co_indptr[r]:co_indptr[r + 1]]`` with their shared basket counts.
+    baskets: np.ndarray | None = None
+    co_indptr: np.ndarray | None = None
+    co_indices: np.ndarray | None = None
+    co_counts: np.ndarray | None = None
 
     def __post_init__(self) -> None:
+        n = len(self.item_ids)
         self.row = {iid: i for i, iid in enumerate(self.item_ids)}
         if self.first_seen is None:
-            self.first_seen = np.zeros(len(self.item_ids))
+            self.first_seen = np.zeros(n)
+        if self.baskets is None:
+            self.baskets = np.zeros(n)
+        if self.co_indptr is None:
+            self.co_indptr = np.zeros(n + 1, dtype=np.int64)
+            self.co_indices = np.zeros(0, dtype=np.int64)
+            self.co_counts = np.zeros(0)
+        indptr, indices = self.co_indptr, self.co_indices
+        if (
+            len(self.baskets) != n
+            or len(indptr) != n + 1
+            or indices is None
+            or self.co_counts is None
+            or len(indices) != len(self.co_counts)
+            or int(indptr[-1]) != len(indices)
+            or (np.diff(indptr) < 0).any()
+            or (len(indices) and (indices.min() < 0 or indices.max() >= n))
+        ):
+            raise RankerBundleError("items.json: the co-purchase table is inconsistent")
+
+    def cart_neighbours(self, cart: list[str]) -> dict[int, tuple[float, float]]:
+        """Item row -> (shared baskets summed over the cart's items, best cosine with
+        one of them) for every item co-purchased with an item of ``cart`` (distinct
+        items; the cart's own items included)."""
+        out: dict[int, tuple[float, float]] = {}
+        assert self.co_indptr is not None and self.co_indices is not None
+        assert self.co_counts is not None and self.baskets is not None
+        for item_id in dict.fromkeys(cart):
+            r = self.row.get(item_id)
+            if r is None:
+                continue
+            a, b = int(self.co_indptr[r]), int(self.co_indptr[r + 1])
+            n_r = float(self.baskets[r])
+            for j, c in zip(
+                self.co_indices[a:b].tolist(), self.co_counts[a:b].tolist(), strict=True
+            ):
+                cos = c / math.sqrt(max(n_r * float(self.baskets[j]), 1.0))
+                total, best = out.get(j, (0.0, 0.0))
+                out[j] = (total + c, max(best, cos))
+        return out
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -198,6 +262,12 @@ class ItemTable:
             "popularity": [round(float(x), 6) for x in self.popularity],
             "trend": [round(float(x), 6) for x in self.trend],
             "first_seen": [float(x) for x in self.first_seen],  # type: ignore[union-attr]
+            "baskets": [int(x) for x in self.baskets],  # type: ignore[union-attr]
+            "copurchase": {
+                "indptr": [int(x) for x in self.co_indptr],  # type: ignore[union-attr]
+                "indices": [int(x) for x in self.co_indices],  # type: ignore[union-attr]
+                "counts": [int(x) for x in self.co_counts],  # type: ignore[union-attr]
+            },
             "transitions": {
                 a: {b: round(float(p), 6) for b, p in row.items()}
                 for a, row in self.transitions.items()
@@ -207,9 +277,10 @@ class ItemTable:
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> ItemTable:
         n = len(d["item_ids"])
-        for key in ("category", "price", "popularity", "trend", "first_seen"):
+        for key in ("category", "price", "popularity", "trend", "first_seen", "baskets"):
             if key in d and len(d[key]) != n:
                 raise RankerBundleError(f"items.json: {key!r} has {len(d[key])} rows, not {n}")
+        co = d.get("copurchase")  # absent in bundles from before #13's cart features
         return cls(
             item_ids=[str(x) for x in d["item_ids"]],
             category=[str(x) for x in d["category"]],
@@ -221,6 +292,10 @@ class ItemTable:
                 str(a): {str(b): float(p) for b, p in row.items()}
                 for a, row in d.get("transitions", {}).items()
             },
+            baskets=np.asarray(d["baskets"], dtype=np.float64) if "baskets" in d else None,
+            co_indptr=np.asarray(co["indptr"], dtype=np.int64) if co else None,
+            co_indices=np.asarray(co["indices"], dtype=np.int64) if co else None,
+            co_counts=np.asarray(co["counts"], dtype=np.float64) if co else None,
         )
 
 
@@ -344,7 +419,40 @@ def build_features(query: RankerQuery, cands: CandidateDetails, table: ItemTable
         x[:, _F[f"surface_{query.surface}"]] = 1.0
     _customer_features(x, query)
     _collaboration_features(x, cands, rows, known, table, query.now)
+    _cart_features(x, query, rows, known, table)
+    _time_features(x, query.now)
     return x.astype(np.float32)
+
+
+def _cart_features(
+    x: np.ndarray, q: RankerQuery, rows: np.ndarray, known: np.ndarray, table: ItemTable
+) -> None:
+    """The cart's size, each candidate's co-purchase count with the cart and its best
+    co-purchase cosine with one cart item (:meth:`ItemTable.cart_neighbours`)."""
+    cart = list(dict.fromkeys(q.cart))
+    x[:, _F["log_cart_size"]] = math.log1p(len(cart))
+    if not cart:
+        return
+    nb = table.cart_neighbours(cart)
+    if not nb:
+        return
+    for j in np.flatnonzero(known).tolist():
+        got = nb.get(int(rows[j]))
+        if got is not None:
+            x[j, _F["cart_copurchase"]] = math.log1p(got[0])
+            x[j, _F["cart_cooc_max"]] = got[1]
+
+
+def _time_features(x: np.ndarray, now: float) -> None:
+    """Hour of day and weekday (UTC; Monday = 0) of the request as points on circles."""
+    if not (math.isfinite(now) and now > 0):
+        return
+    hour = (now % 86_400.0) / 3600.0
+    day = (math.floor(now / 86_400.0) + 3) % 7  # 1970-01-01 was a Thursday
+    x[:, _F["hour_sin"]] = math.sin(2 * math.pi * hour / 24)
+    x[:, _F["hour_cos"]] = math.cos(2 * math.pi * hour / 24)
+    x[:, _F["weekday_sin"]] = math.sin(2 * math.pi * day / 7)
+    x[:, _F["weekday_cos"]] = math.cos(2 * math.pi * day / 7)
 
 
 def _log_rank(values: np.ndarray, valid: np.ndarray) -> np.ndarray:

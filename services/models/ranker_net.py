@@ -24,7 +24,7 @@ class RankerNet(nn.Module):
     With ``start_from`` (a feature name, "-name" for its negative) the wide part starts
     as that feature alone and the MLP's output layer starts at zero, so the untrained
     model ranks exactly by that feature (training starts from the retrieval order, not
-    from noise)."""
+    from noise). ``features`` names the input columns (default: all of FEATURES)."""
 
     mean: torch.Tensor
     std: torch.Tensor
@@ -35,6 +35,7 @@ class RankerNet(nn.Module):
         hidden: Sequence[int] = (64, 32),
         dropout: float = 0.0,
         start_from: str | None = None,
+        features: Sequence[str] | None = None,
     ):
         super().__init__()
         layers: list[nn.Module] = []
@@ -57,7 +58,8 @@ class RankerNet(nn.Module):
                 nn.init.zeros_(self.wide.weight)
                 nn.init.zeros_(self.wide.bias)
                 sign = -1.0 if start_from.startswith("-") else 1.0
-                self.wide.weight[0, FEATURES.index(start_from.lstrip("-"))] = sign
+                names = list(features) if features is not None else list(FEATURES)
+                self.wide.weight[0, names.index(start_from.lstrip("-"))] = sign
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` [..., F] raw features -> scores [...]."""

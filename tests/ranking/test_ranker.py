@@ -219,7 +219,8 @@ def test_cutoffs_are_evenly_spaced_in_the_validation_window() -> None:
 
 def test_training_is_deterministic_by_seed_and_learns_a_planted_signal() -> None:
     fit, valid = _random_lists(1), _random_lists(2)
-    cfg = RankerConfig(epochs=15, patience=15, progress=False, candidates=12, ks=(10,))
+    # Lists of every feature (FEATURES), so the network reads them all.
+    cfg = RankerConfig(epochs=15, patience=15, progress=False, candidates=12, ks=(10,), features=())
     a, ha = train_ranker(fit, valid, cfg)
     b, hb = train_ranker(fit, valid, cfg)
     for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
@@ -250,8 +251,15 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[RankerResult, Ran
         ),
         tracking_uri=uri,
     )
+    # cart_lists: not the default, on here so the in-session lists are exercised.
     cfg = RankerConfig(
-        retrieval=retrieval, tracking_uri=uri, epochs=8, patience=4, progress=False, seed=0
+        retrieval=retrieval,
+        tracking_uri=uri,
+        epochs=8,
+        patience=4,
+        progress=False,
+        seed=0,
+        cart_lists=True,
     )
     return train_and_register_ranker(cfg), cfg, tmp
 
@@ -282,6 +290,10 @@ def test_training_logs_per_epoch_metrics_curve_and_registers_a_challenger(traine
     assert len(report["cutoffs"]) == cfg.windows == 3
     assert report["cutoffs"] == sorted(set(report["cutoffs"]))
     assert report["lists"]["fit"] > report["lists"]["valid"] > 0
+    # In-session cart lists (the synthetic shop has add-to-cart events), fit and held out.
+    assert report["lists"]["fit_cart"] > 0 and report["lists"]["valid_cart"] > 0
+    assert "| valid_cart | ranker |" in res.table
+    assert m["valid_cart_ndcg_10"] == pytest.approx(res.metrics["valid_cart"]["ranker"]["ndcg@10"])
     for key in ("valid_served_ndcg_10", "valid_served_rules_ndcg_10", "test_served_ndcg_10"):
         assert key in m and 0.0 <= m[key] <= 1.0
     assert m["valid_served_ndcg_10"] == pytest.approx(res.served["valid"]["ranker"]["ndcg@10"])
@@ -330,7 +342,7 @@ def test_numpy_forward_equals_the_trained_torch_model(trained) -> None:
     bundle = RankerBundle.load(res.bundle_dir)
     rng = np.random.default_rng(0)
     smoke = np.asarray(bundle.smoke["features"], dtype=np.float32)
-    wild = rng.normal(0, 5, size=(500, N_FEATURES)).astype(np.float32)
+    wild = rng.normal(0, 5, size=(500, len(bundle.features))).astype(np.float32)
     for x in (smoke, wild):
         with torch.no_grad():
             want = bundle.net(torch.from_numpy(x)).numpy()
@@ -653,3 +665,71 @@ def test_a_bundle_on_an_older_feature_list_scores_its_own_columns(tmp_path: Path
     np.testing.assert_allclose(bundle.score(query, cands), bundle.torch_scores(own), atol=1e-5)
     with pytest.raises(RankerBundleError, match="not computed by this server"):
         _bundle_on([*names, "hour_of_day"], tmp_path / "gone")
+
+
+@pytest.mark.slow
+def test_a_refit_two_tower_champion_is_refused_unless_opted_in(tmp_path: Path) -> None:
+    """two_tower="registry" on a champion refit on train + validation (its scores saw the
+    ranker's validation labels) raises; with allow_refit_two_tower it trains, warns and
+    says so on the run; a champion registered without refit is accepted as it is."""
+    from training.pipeline import train_and_register
+    from training.ranker import RefitTwoTowerError
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    retrieval = TrainConfig(
+        synthetic=replace(TINY, n_users=1000, n_items=150),
+        baselines=BaselineConfig(models=()),
+        model=replace(TwoTowerConfig(), dim=8, epochs=1, progress=False, init="random"),
+        tracking_uri=uri,
+    )
+    tt = train_and_register(retrieval)  # refit on train + validation (the default)
+    registry.promote("mercato-two-tower", uri, version=tt.version, force=True)
+    cfg = RankerConfig(
+        retrieval=retrieval,
+        two_tower="registry",
+        tracking_uri=uri,
+        epochs=1,
+        progress=False,
+        register=False,
+    )
+    with pytest.raises(RefitTwoTowerError, match=r"refit on train \+ validation"):
+        train_and_register_ranker(cfg)
+    with pytest.warns(UserWarning, match="allow_refit_two_tower=True"):
+        opted = train_and_register_ranker(replace(cfg, allow_refit_two_tower=True))
+    client, _ = registry.client_for(uri)
+    tags = client.get_run(opted.run_id).data.tags
+    assert tags["two_tower_refit_opt_in"] == "true"
+    assert json.loads(tags["two_tower"])["refit_train_plus_valid"] == "true"
+    # Registered without refit: no flag needed, nothing to opt in to.
+    plain = train_and_register(replace(retrieval, refit=False))
+    registry.promote("mercato-two-tower", uri, version=plain.version, force=True)
+    ok = train_and_register_ranker(cfg)
+    tags = client.get_run(ok.run_id).data.tags
+    assert tags["two_tower_refit_opt_in"] == "false"
+    assert json.loads(tags["two_tower"])["version"] == str(plain.version)
+
+
+def test_early_stopping_reads_the_lists_stop_lists_names() -> None:
+    """stop_lists="ordinary" stops on the held-out ordinary lists alone (the promotion
+    gate's kind), "pooled" on those and the held-out cart lists together, and only when
+    the run fits on cart lists; any other value is refused before lists are built."""
+    from training.ranker import select_stop_lists
+
+    valid, cart = _random_lists(1, users=7), _random_lists(2, users=5)
+    cart = replace(cart, users=[f"cart-{u}" for u in cart.users])
+    ordinary = select_stop_lists(RankerConfig(stop_lists="ordinary", cart_lists=True), valid, cart)
+    assert ordinary.users == valid.users
+    np.testing.assert_array_equal(ordinary.x, valid.x)
+    pooled_cfg = RankerConfig(stop_lists="pooled", cart_lists=True)
+    pooled = select_stop_lists(pooled_cfg, valid, cart)
+    assert pooled.users == valid.users + cart.users
+    np.testing.assert_array_equal(pooled.x, np.concatenate([valid.x, cart.x]))
+    assert pooled.truth.shape[0] == 12
+    assert (pooled.truth[7:] != cart.truth).nnz == 0
+    no_cart = replace(pooled_cfg, cart_lists=False)
+    assert select_stop_lists(no_cart, valid, cart).users == valid.users
+    assert select_stop_lists(pooled_cfg, valid, None).users == valid.users
+    with pytest.raises(ValueError, match="stop_lists must be one of"):
+        select_stop_lists(RankerConfig(stop_lists="cart"), valid, cart)
+    with pytest.raises(ValueError, match="stop_lists must be one of"):
+        train_and_register_ranker(RankerConfig(stop_lists="both"))

@@ -32,7 +32,7 @@ from training.features import (
 )
 from training.pipeline import query_times, train_rows
 from training.profile_data import SyntheticProfileDataset
-from training.ranker import customer_profiles, item_table_at
+from training.ranker import RankerConfig, customer_profiles, item_table_at, session_window_at
 from training.synthetic import SyntheticConfig, generate
 from training.two_tower import (
     ItemTable,
@@ -223,6 +223,9 @@ def test_ranker_features_at_serving_equal_those_in_training() -> None:
             "log_recency_days",
             "item2item_score",
             "log_item_age_days",
+            "hour_sin",
+            "log_cart_size",
+            "cart_copurchase",
         ):
             varied.setdefault(name, set()).update(want[:, FEATURES.index(name)].round(6).tolist())
     # The comparison covers customers and items that differ, not constants.
@@ -349,3 +352,179 @@ def test_sampled_softmax_trains_on_a_large_catalog() -> None:
     assert all(np.isfinite(losses)) and losses[-1] < losses[0]
     # Far better than chance on held-out purchases (chance Recall@20 = 20 / 100k).
     assert hist.best_metric > 50 * 20 / n_items
+
+
+def in_session_data() -> RetailData:
+    """Three customers around a cut-off at day 10 (times in seconds after it)."""
+    c = 10 * DAY + 1_000_000
+    rows = [
+        # a: before the cut-off views i0 and buys i1 (session 1). After it, session 2
+        # carts i2, views and carts i3, carts i4 and buys i2, i3, i4; session 3 buys i0.
+        ("a", "i0", -5 * DAY, "view", 1),
+        ("a", "i1", -5 * DAY, "purchase", 1),
+        ("a", "i2", 10, "cart", 2),
+        ("a", "i3", 20, "view", 2),
+        ("a", "i3", 30, "cart", 2),
+        ("a", "i4", 40, "cart", 2),
+        ("a", "i2", 50, "purchase", 2),
+        ("a", "i3", 50, "purchase", 2),
+        ("a", "i4", 50, "purchase", 2),
+        ("a", "i5", 2 * DAY, "purchase", 3),
+        # b: one item carted in the first session after the cut-off: no in-session list.
+        ("b", "i1", -3 * DAY, "purchase", 4),
+        ("b", "i2", 100, "cart", 5),
+        ("b", "i3", 200, "purchase", 5),
+        ("b", "i4", 3 * DAY, "cart", 6),
+        ("b", "i5", 3 * DAY + 10, "cart", 6),
+        # d: no history before the cut-off; carts i1 (twice), i0 then i5, buys i5: the cut
+        # follows the second distinct item (4 // 2), i0.
+        ("d", "i1", 60, "cart", 7),
+        ("d", "i1", 70, "cart", 7),
+        ("d", "i0", 80, "cart", 7),
+        ("d", "i3", 85, "cart", 7),
+        ("d", "i5", 90, "cart", 7),
+        ("d", "i5", 95, "purchase", 7),
+    ]
+    ev = pd.DataFrame(rows, columns=["user_id", "item_id", "ts", "event", "session_id"])
+    ev["ts"] = ev["ts"] + c
+    items = pd.DataFrame(
+        {
+            "item_id": [f"i{k}" for k in range(6)],
+            "category": ["x", "x", "y", "y", "z", "z"],
+            "price": [1.0, 10.0, 30.0, 2.0, 7.0, 4.0],
+        }
+    )
+    return RetailData("hand", ev, items, pd.DataFrame({"user_id": ["a", "b", "d"]}))
+
+
+def test_in_session_cut_lists_from_a_hand_made_log() -> None:
+    """The cart, cut time, surface, labels and truth of each in-session list are known
+    exactly; so are the co-purchase counts the cart features read."""
+    data = in_session_data()
+    vocab = build_vocab(data)
+    c = 10 * DAY + 1_000_000
+    ev = data.events
+    hist, fut = ev[ev["ts"] < c], ev[ev["ts"] >= c]
+    win = session_window_at(hist, fut, vocab, data, RankerConfig(), "labels")
+    assert win is not None and win.surface == "cart"
+    users = [str(x) for x in vocab.user_codes[win.es.users]]
+    assert users == ["a", "d"]  # b carted one item in its first session after the cut-off
+    row = {iid: k for k, iid in enumerate(vocab.item_ids)}
+    # a: 3 items carted in the session, cut after the first (i2) at c + 10; d: 4 distinct
+    # (i1 twice), cut after the second (i0) at c + 80.
+    assert win.nows.tolist() == [c + 10, c + 80]
+    carts = [[line.item_id for line in p.cart.lines] for p in win.profiles]
+    assert carts == [["i2"], ["i0", "i1"]]  # latest add first, as the profile lists it
+    assert (win.es.context[:, 0] == vocab.surfaces.index("cart")).all()
+
+    def as_dict(m: object, k: int) -> dict[str, float]:
+        r = m.getrow(k)  # type: ignore[attr-defined]
+        return {vocab.item_ids[i]: float(v) for i, v in zip(r.indices, r.data, strict=True)}
+
+    # Labels: what followed the cut on items new to the customer (the cart's are not):
+    # a viewed, carted and bought i3 (4), carted and bought i4 (4), bought i5 later (4).
+    assert as_dict(win.labels, 0) == {"i3": 4.0, "i4": 4.0, "i5": 4.0}
+    # d: carted i3 (2), carted and bought i5 (4).
+    assert as_dict(win.labels, 1) == {"i3": 2.0, "i5": 4.0}
+    held = session_window_at(hist, fut, vocab, data, RankerConfig(), "truth")
+    assert held is not None
+    assert as_dict(held.truth, 0) == {"i3": 1.0, "i4": 1.0, "i5": 1.0}
+    assert as_dict(held.truth, 1) == {"i5": 1.0}
+    # History at the cut: what came before it, and nothing after.
+    assert set(as_dict(win.es.history, 0)) == {"i0", "i1", "i2"}
+    assert set(as_dict(win.es.history, 1)) == {"i1", "i0"}
+    # Only customers asked for (codes) get lists.
+    only_d = session_window_at(
+        hist, fut, vocab, data, RankerConfig(), "labels", vocab.user_codes.get_indexer(["d"])
+    )
+    assert only_d is not None and [str(x) for x in vocab.user_codes[only_d.es.users]] == ["d"]
+
+    # Co-purchase over the whole log: baskets are (customer, session) with a cart or
+    # purchase. i2+i3+i4 share a's session 2; i1, i0, i3, i5 share d's session 7; i2, i3
+    # share b's session 5; i4, i5 b's session 6.
+    table = item_table_at(ev, vocab, float(ev["ts"].max()), 28.0, 7.0)
+    baskets = dict(zip(vocab.item_ids, table.baskets.tolist(), strict=True))
+    assert baskets == {"i0": 1, "i1": 3, "i2": 2, "i3": 3, "i4": 2, "i5": 3}
+
+    def co(a: str, b: str) -> float:
+        r = row[a]
+        idx = table.co_indices[table.co_indptr[r] : table.co_indptr[r + 1]].tolist()
+        cnt = table.co_counts[table.co_indptr[r] : table.co_indptr[r + 1]].tolist()
+        return dict(zip(idx, cnt, strict=True)).get(row[b], 0.0)
+
+    assert co("i2", "i3") == co("i3", "i2") == 2.0
+    assert co("i3", "i5") == 1.0 and co("i4", "i5") == 1.0 and co("i2", "i5") == 0.0
+    assert co("i2", "i2") == 0.0
+    # The cart features of a cart [i2, i4]: i3 shares 2 baskets with i2 and 1 with i4.
+    from services.models.ranker import CandidateDetails, RankerQuery, build_features
+
+    q = RankerQuery(now=c, cart=["i2", "i4"])
+    ids = ["i3", "i5", "i0"]
+    cands = CandidateDetails(
+        ids, np.zeros(3), np.zeros(3), np.full(3, -1.0), np.zeros(3), ["", "", ""]
+    )
+    x = build_features(q, cands, table)
+    f = FEATURES.index
+    assert x[:, f("log_cart_size")] == pytest.approx([np.log1p(2)] * 3)
+    assert x[:, f("cart_copurchase")] == pytest.approx([np.log1p(3), np.log1p(1), 0.0])
+    # Best cosine with one cart item: i3-i2 2/sqrt(3*2); i5-i4 1/sqrt(3*2).
+    assert x[:, f("cart_cooc_max")] == pytest.approx([2 / np.sqrt(6), 1 / np.sqrt(6), 0.0])
+
+
+def test_in_session_list_features_at_serving_equal_those_in_training() -> None:
+    """An in-session cut list (cart page, the customer's own time) as training builds it
+    (``session_window_at``: the profile from the events up to the cut) and as the services
+    see the same moment (the profile service's profile from its log up to the cut, the
+    same context): every feature equal, the cart, co-purchase and time features varying."""
+    data = generate(TINY)
+    logs = served_logs(data)
+    cfg = ProfileConfig()
+    vocab = build_vocab(data)
+    ev = data.events
+    c = float(np.quantile(ev["ts"].to_numpy(), 0.5))
+    hist, fut = ev[ev["ts"] < c], ev[ev["ts"] >= c]
+    win = session_window_at(hist, fut, vocab, data, RankerConfig(), "labels")
+    assert win is not None and win.nows is not None
+    table = item_table_at(hist, vocab, c, 28.0, 7.0)
+    ts_count = ev.groupby(["user_id", "ts"]).size()
+    rng = np.random.default_rng(0)
+    varied: dict[str, set[float]] = {}
+    compared = 0
+    for k, u in enumerate(vocab.user_codes[win.es.users].astype(str).tolist()):
+        t = int(win.nows[k])
+        if ts_count[(u, t)] > 1:  # another event at the cut's second: order is ambiguous
+            continue
+        mine = [e for e in logs[u] if e.ts_us <= t * 1_000_000]
+        served = build_profile(u, recompute_profile(mine, cfg), None, t * 1_000_000, cfg)
+        trained = win.profiles[k]
+        assert [x.item_id for x in served.cart.lines] == [x.item_id for x in trained.cart.lines]
+        context = common_pb2.Context(surface=common_pb2.SURFACE_CART)
+        context.timestamp.FromSeconds(t)
+        # Candidates: the cart's co-purchased items and random ones.
+        nb = table.cart_neighbours([x.item_id for x in trained.cart.lines])
+        ids = list(dict.fromkeys([vocab.item_ids[r] for r in nb][:10]))
+        ids += [i for i in rng.choice(vocab.item_ids, 20, replace=False) if i not in ids][:10]
+        n = len(ids)
+        cands = CandidateSet(
+            ids, rng.random(n), [0] * n, {int(common_pb2.REASON_MODEL): rng.normal(size=n)}
+        )
+        items = CandidateArrays.empty(n)
+        want = request_features(table, served, context, cands, items)
+        got = request_features(table, trained, context, cands, items)
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6, err_msg=u)
+        compared += 1
+        for name in (
+            "log_cart_size",
+            "cart_copurchase",
+            "cart_cooc_max",
+            "hour_sin",
+            "weekday_cos",
+            "category_in_cart",
+            "surface_cart",
+        ):
+            varied.setdefault(name, set()).update(want[:, FEATURES.index(name)].round(6).tolist())
+    assert compared >= 10
+    for name, values in varied.items():
+        if name != "surface_cart":
+            assert len(values) >= 2, name
+    assert varied["surface_cart"] == {1.0}
