@@ -64,6 +64,7 @@ import scipy.sparse as sp
 import mercato.features as shared
 from mercato.v1 import common_pb2
 from services.common.threads import configure_threads
+from services.models.item2item import from_rows
 from services.models.ranker import (
     CART_FEATURES,
     FEATURES,
@@ -270,28 +271,15 @@ def copurchase_table(
     i = b["i"].to_numpy(np.int64)
     m = sp.csr_matrix((np.ones(len(k)), (k, i)), shape=(int(k.max()) + 1, n))
     baskets = np.asarray(m.sum(0)).ravel()
-    co = (m.T @ m).tocsr()
-    co.setdiag(0)
-    co.eliminate_zeros()
-    co.sort_indices()
-    indptr = [0]
-    indices: list[np.ndarray] = []
-    counts: list[np.ndarray] = []
-    for r in range(n):
-        a, e = co.indptr[r], co.indptr[r + 1]
-        idx, val = co.indices[a:e], co.data[a:e]
-        if len(idx) > top:
-            keep = np.lexsort((idx, -val))[:top]
-            keep.sort()
-            idx, val = idx[keep], val[keep]
-        indices.append(idx.astype(np.int64))
-        counts.append(val.astype(np.float64))
-        indptr.append(indptr[-1] + len(idx))
+    # each item's top co-purchased items: the item-to-item models' top-N selection
+    # (self pairs and zeros dropped, ties by lower row), over the sparse XᵀX
+    co = (m.T @ m).tocoo()
+    nb = from_rows(vocab.item_ids, co.row, co.col, co.data, top)
     return (
         baskets,
-        np.asarray(indptr, dtype=np.int64),
-        np.concatenate(indices) if indices else empty[2],
-        np.concatenate(counts) if counts else empty[3],
+        nb.indptr.astype(np.int64),
+        nb.indices.astype(np.int64),
+        nb.scores.astype(np.float64),
     )
 
 
