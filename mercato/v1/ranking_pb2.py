@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from mercato.v1 import common_pb2 as mercato_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18mercato/v1/ranking.proto\x12\nmercato.v1\x1a\x17mercato/v1/common.proto\"\xf4\x01\n\x0bRankRequest\x12$\n\x07profile\x18\x01 \x01(\x0b\x32\x13.mercato.v1.Profile\x12$\n\x07\x63ontext\x18\x02 \x01(\x0b\x32\x13.mercato.v1.Context\x12)\n\ncandidates\x18\x03 \x03(\x0b\x32\x15.mercato.v1.Candidate\x12\t\n\x01k\x18\x04 \x01(\x05\x12\x1f\n\x05items\x18\x05 \x03(\x0b\x32\x10.mercato.v1.Item\x12\x13\n\x0bmodel_alias\x18\x06 \x01(\t\x12-\n\x07\x63olumns\x18\x07 \x01(\x0b\x32\x1c.mercato.v1.CandidateColumns\"|\n\nRankedItem\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x13\n\x0bmodel_score\x18\x03 \x01(\x02\x12#\n\x07reasons\x18\x04 \x03(\x0e\x32\x12.mercato.v1.Reason\x12\x14\n\x0creason_texts\x18\x05 \x03(\t\"\xc6\x01\n\x0cRankResponse\x12%\n\x05items\x18\x01 \x03(\x0b\x32\x16.mercato.v1.RankedItem\x12\'\n\x05model\x18\x02 \x01(\x0b\x32\x18.mercato.v1.ModelVersion\x12\x36\n\x07\x64ropped\x18\x03 \x03(\x0b\x32%.mercato.v1.RankResponse.DroppedEntry\x1a.\n\x0c\x44roppedEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x05:\x02\x38\x01\"\x94\x01\n\x12SelectOfferRequest\x12$\n\x07profile\x18\x01 \x01(\x0b\x32\x13.mercato.v1.Profile\x12$\n\x07\x63ontext\x18\x02 \x01(\x0b\x32\x13.mercato.v1.Context\x12\x11\n\toffer_ids\x18\x03 \x03(\t\x12\x0e\n\x06greedy\x18\x04 \x01(\x08\x12\x0f\n\x07\x64ry_run\x18\x05 \x01(\x08\"\x99\x01\n\x13SelectOfferResponse\x12 \n\x05offer\x18\x01 \x01(\x0b\x32\x11.mercato.v1.Offer\x12#\n\x1b\x65xpected_incremental_margin\x18\x02 \x01(\x01\x12\x13\n\x0b\x64\x65\x63ision_id\x18\x03 \x01(\t\x12\x16\n\x0epolicy_version\x18\x04 \x01(\t\x12\x0e\n\x06reason\x18\x05 \x01(\t\"|\n\x19RecordOfferOutcomeRequest\x12\x13\n\x0b\x64\x65\x63ision_id\x18\x01 \x01(\t\x12)\n\x07outcome\x18\x02 \x01(\x0e\x32\x18.mercato.v1.OfferOutcome\x12\x0f\n\x07revenue\x18\x03 \x01(\x01\x12\x0e\n\x06margin\x18\x04 \x01(\x01\".\n\x1aRecordOfferOutcomeResponse\x12\x10\n\x08recorded\x18\x01 \x01(\x08\"\x13\n\x11ListOffersRequest\"v\n\x0bOfferStatus\x12 \n\x05offer\x18\x01 \x01(\x0b\x32\x11.mercato.v1.Offer\x12\x0e\n\x06\x62udget\x18\x02 \x01(\x01\x12\r\n\x05spent\x18\x03 \x01(\x01\x12\x11\n\tdecisions\x18\x04 \x01(\x03\x12\x13\n\x0bredemptions\x18\x05 \x01(\x03\"=\n\x12ListOffersResponse\x12\'\n\x06offers\x18\x01 \x03(\x0b\x32\x17.mercato.v1.OfferStatus*\x95\x01\n\x0cOfferOutcome\x12\x1d\n\x19OFFER_OUTCOME_UNSPECIFIED\x10\x00\x12\x1a\n\x16OFFER_OUTCOME_REDEEMED\x10\x01\x12)\n%OFFER_OUTCOME_CONVERTED_WITHOUT_OFFER\x10\x02\x12\x1f\n\x1bOFFER_OUTCOME_NO_CONVERSION\x10\x03\x32\xcd\x02\n\x0eRankingService\x12\x39\n\x04Rank\x12\x17.mercato.v1.RankRequest\x1a\x18.mercato.v1.RankResponse\x12N\n\x0bSelectOffer\x12\x1e.mercato.v1.SelectOfferRequest\x1a\x1f.mercato.v1.SelectOfferResponse\x12\x63\n\x12RecordOfferOutcome\x12%.mercato.v1.RecordOfferOutcomeRequest\x1a&.mercato.v1.RecordOfferOutcomeResponse\x12K\n\nListOffers\x12\x1d.mercato.v1.ListOffersRequest\x1a\x1e.mercato.v1.ListOffersResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18mercato/v1/ranking.proto\x12\nmercato.v1\x1a\x17mercato/v1/common.proto\"\x8a\x02\n\x0bRankRequest\x12$\n\x07profile\x18\x01 \x01(\x0b\x32\x13.mercato.v1.Profile\x12$\n\x07\x63ontext\x18\x02 \x01(\x0b\x32\x13.mercato.v1.Context\x12)\n\ncandidates\x18\x03 \x03(\x0b\x32\x15.mercato.v1.Candidate\x12\t\n\x01k\x18\x04 \x01(\x05\x12\x1f\n\x05items\x18\x05 \x03(\x0b\x32\x10.mercato.v1.Item\x12\x13\n\x0bmodel_alias\x18\x06 \x01(\t\x12-\n\x07\x63olumns\x18\x07 \x01(\x0b\x32\x1c.mercato.v1.CandidateColumns\x12\x14\n\x0creturn_items\x18\x08 \x01(\x08\"\x9c\x01\n\nRankedItem\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x13\n\x0bmodel_score\x18\x03 \x01(\x02\x12#\n\x07reasons\x18\x04 \x03(\x0e\x32\x12.mercato.v1.Reason\x12\x14\n\x0creason_texts\x18\x05 \x03(\t\x12\x1e\n\x04item\x18\x06 \x01(\x0b\x32\x10.mercato.v1.Item\"\xc6\x01\n\x0cRankResponse\x12%\n\x05items\x18\x01 \x03(\x0b\x32\x16.mercato.v1.RankedItem\x12\'\n\x05model\x18\x02 \x01(\x0b\x32\x18.mercato.v1.ModelVersion\x12\x36\n\x07\x64ropped\x18\x03 \x03(\x0b\x32%.mercato.v1.RankResponse.DroppedEntry\x1a.\n\x0c\x44roppedEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x05:\x02\x38\x01\"\x94\x01\n\x12SelectOfferRequest\x12$\n\x07profile\x18\x01 \x01(\x0b\x32\x13.mercato.v1.Profile\x12$\n\x07\x63ontext\x18\x02 \x01(\x0b\x32\x13.mercato.v1.Context\x12\x11\n\toffer_ids\x18\x03 \x03(\t\x12\x0e\n\x06greedy\x18\x04 \x01(\x08\x12\x0f\n\x07\x64ry_run\x18\x05 \x01(\x08\"\x99\x01\n\x13SelectOfferResponse\x12 \n\x05offer\x18\x01 \x01(\x0b\x32\x11.mercato.v1.Offer\x12#\n\x1b\x65xpected_incremental_margin\x18\x02 \x01(\x01\x12\x13\n\x0b\x64\x65\x63ision_id\x18\x03 \x01(\t\x12\x16\n\x0epolicy_version\x18\x04 \x01(\t\x12\x0e\n\x06reason\x18\x05 \x01(\t\"|\n\x19RecordOfferOutcomeRequest\x12\x13\n\x0b\x64\x65\x63ision_id\x18\x01 \x01(\t\x12)\n\x07outcome\x18\x02 \x01(\x0e\x32\x18.mercato.v1.OfferOutcome\x12\x0f\n\x07revenue\x18\x03 \x01(\x01\x12\x0e\n\x06margin\x18\x04 \x01(\x01\".\n\x1aRecordOfferOutcomeResponse\x12\x10\n\x08recorded\x18\x01 \x01(\x08\"\x13\n\x11ListOffersRequest\"v\n\x0bOfferStatus\x12 \n\x05offer\x18\x01 \x01(\x0b\x32\x11.mercato.v1.Offer\x12\x0e\n\x06\x62udget\x18\x02 \x01(\x01\x12\r\n\x05spent\x18\x03 \x01(\x01\x12\x11\n\tdecisions\x18\x04 \x01(\x03\x12\x13\n\x0bredemptions\x18\x05 \x01(\x03\"=\n\x12ListOffersResponse\x12\'\n\x06offers\x18\x01 \x03(\x0b\x32\x17.mercato.v1.OfferStatus*\x95\x01\n\x0cOfferOutcome\x12\x1d\n\x19OFFER_OUTCOME_UNSPECIFIED\x10\x00\x12\x1a\n\x16OFFER_OUTCOME_REDEEMED\x10\x01\x12)\n%OFFER_OUTCOME_CONVERTED_WITHOUT_OFFER\x10\x02\x12\x1f\n\x1bOFFER_OUTCOME_NO_CONVERSION\x10\x03\x32\xcd\x02\n\x0eRankingService\x12\x39\n\x04Rank\x12\x17.mercato.v1.RankRequest\x1a\x18.mercato.v1.RankResponse\x12N\n\x0bSelectOffer\x12\x1e.mercato.v1.SelectOfferRequest\x1a\x1f.mercato.v1.SelectOfferResponse\x12\x63\n\x12RecordOfferOutcome\x12%.mercato.v1.RecordOfferOutcomeRequest\x1a&.mercato.v1.RecordOfferOutcomeResponse\x12K\n\nListOffers\x12\x1d.mercato.v1.ListOffersRequest\x1a\x1e.mercato.v1.ListOffersResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,30 +34,30 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_RANKRESPONSE_DROPPEDENTRY']._loaded_options = None
   _globals['_RANKRESPONSE_DROPPEDENTRY']._serialized_options = b'8\001'
-  _globals['_OFFEROUTCOME']._serialized_start=1325
-  _globals['_OFFEROUTCOME']._serialized_end=1474
+  _globals['_OFFEROUTCOME']._serialized_start=1380
+  _globals['_OFFEROUTCOME']._serialized_end=1529
   _globals['_RANKREQUEST']._serialized_start=66
-  _globals['_RANKREQUEST']._serialized_end=310
-  _globals['_RANKEDITEM']._serialized_start=312
-  _globals['_RANKEDITEM']._serialized_end=436
-  _globals['_RANKRESPONSE']._serialized_start=439
-  _globals['_RANKRESPONSE']._serialized_end=637
-  _globals['_RANKRESPONSE_DROPPEDENTRY']._serialized_start=591
-  _globals['_RANKRESPONSE_DROPPEDENTRY']._serialized_end=637
-  _globals['_SELECTOFFERREQUEST']._serialized_start=640
-  _globals['_SELECTOFFERREQUEST']._serialized_end=788
-  _globals['_SELECTOFFERRESPONSE']._serialized_start=791
-  _globals['_SELECTOFFERRESPONSE']._serialized_end=944
-  _globals['_RECORDOFFEROUTCOMEREQUEST']._serialized_start=946
-  _globals['_RECORDOFFEROUTCOMEREQUEST']._serialized_end=1070
-  _globals['_RECORDOFFEROUTCOMERESPONSE']._serialized_start=1072
-  _globals['_RECORDOFFEROUTCOMERESPONSE']._serialized_end=1118
-  _globals['_LISTOFFERSREQUEST']._serialized_start=1120
-  _globals['_LISTOFFERSREQUEST']._serialized_end=1139
-  _globals['_OFFERSTATUS']._serialized_start=1141
-  _globals['_OFFERSTATUS']._serialized_end=1259
-  _globals['_LISTOFFERSRESPONSE']._serialized_start=1261
-  _globals['_LISTOFFERSRESPONSE']._serialized_end=1322
-  _globals['_RANKINGSERVICE']._serialized_start=1477
-  _globals['_RANKINGSERVICE']._serialized_end=1810
+  _globals['_RANKREQUEST']._serialized_end=332
+  _globals['_RANKEDITEM']._serialized_start=335
+  _globals['_RANKEDITEM']._serialized_end=491
+  _globals['_RANKRESPONSE']._serialized_start=494
+  _globals['_RANKRESPONSE']._serialized_end=692
+  _globals['_RANKRESPONSE_DROPPEDENTRY']._serialized_start=646
+  _globals['_RANKRESPONSE_DROPPEDENTRY']._serialized_end=692
+  _globals['_SELECTOFFERREQUEST']._serialized_start=695
+  _globals['_SELECTOFFERREQUEST']._serialized_end=843
+  _globals['_SELECTOFFERRESPONSE']._serialized_start=846
+  _globals['_SELECTOFFERRESPONSE']._serialized_end=999
+  _globals['_RECORDOFFEROUTCOMEREQUEST']._serialized_start=1001
+  _globals['_RECORDOFFEROUTCOMEREQUEST']._serialized_end=1125
+  _globals['_RECORDOFFEROUTCOMERESPONSE']._serialized_start=1127
+  _globals['_RECORDOFFEROUTCOMERESPONSE']._serialized_end=1173
+  _globals['_LISTOFFERSREQUEST']._serialized_start=1175
+  _globals['_LISTOFFERSREQUEST']._serialized_end=1194
+  _globals['_OFFERSTATUS']._serialized_start=1196
+  _globals['_OFFERSTATUS']._serialized_end=1314
+  _globals['_LISTOFFERSRESPONSE']._serialized_start=1316
+  _globals['_LISTOFFERSRESPONSE']._serialized_end=1377
+  _globals['_RANKINGSERVICE']._serialized_start=1532
+  _globals['_RANKINGSERVICE']._serialized_end=1865
 # @@protoc_insertion_point(module_scope)

@@ -63,11 +63,18 @@ class RankRequest(_message.Message):
     ITEMS_FIELD_NUMBER: _builtins.int
     MODEL_ALIAS_FIELD_NUMBER: _builtins.int
     COLUMNS_FIELD_NUMBER: _builtins.int
+    RETURN_ITEMS_FIELD_NUMBER: _builtins.int
     k: _builtins.int
     """Number of items to return, 1 to 1000."""
     model_alias: _builtins.str
     """Registry alias of the ranker; empty = the default alias. When no ranker is loaded
     for it, the candidates' scores rank them ("rules-only"; RankResponse.model is empty).
+    """
+    return_items: _builtins.bool
+    """Fill RankedItem.item with each returned item's catalogue details (from the ranking
+    service's item table, or from `items` where sent), so the caller needs no separate
+    item lookup; false = ids only (callers that do not show the items pay nothing).
+    Items the table does not know come back with only their item_id.
     """
     @_builtins.property
     def profile(self) -> _common_pb2.Profile:
@@ -112,10 +119,11 @@ class RankRequest(_message.Message):
         items: _abc.Iterable[_common_pb2.Item] | None = ...,
         model_alias: _builtins.str = ...,
         columns: _common_pb2.CandidateColumns | None = ...,
+        return_items: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["columns", b"columns", "context", b"context", "profile", b"profile"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["candidates", b"candidates", "columns", b"columns", "context", b"context", "items", b"items", "k", b"k", "model_alias", b"model_alias", "profile", b"profile"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["candidates", b"candidates", "columns", b"columns", "context", b"context", "items", b"items", "k", b"k", "model_alias", b"model_alias", "profile", b"profile", "return_items", b"return_items"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -132,6 +140,7 @@ class RankedItem(_message.Message):
     MODEL_SCORE_FIELD_NUMBER: _builtins.int
     REASONS_FIELD_NUMBER: _builtins.int
     REASON_TEXTS_FIELD_NUMBER: _builtins.int
+    ITEM_FIELD_NUMBER: _builtins.int
     item_id: _builtins.str
     """The item."""
     score: _builtins.float
@@ -150,6 +159,13 @@ class RankedItem(_message.Message):
         popularity or the context.
         """
 
+    @_builtins.property
+    def item(self) -> _common_pb2.Item:
+        """The item's catalogue details as of the ranking service's last item-table refresh
+        (every CATALOG_REFRESH_S seconds, 2 by default), when RankRequest.return_items is
+        set; only item_id when the table does not know the item. Unset otherwise.
+        """
+
     def __init__(
         self,
         *,
@@ -158,10 +174,11 @@ class RankedItem(_message.Message):
         model_score: _builtins.float = ...,
         reasons: _abc.Iterable[_common_pb2.Reason.ValueType] | None = ...,
         reason_texts: _abc.Iterable[_builtins.str] | None = ...,
+        item: _common_pb2.Item | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["item", b"item"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["item_id", b"item_id", "model_score", b"model_score", "reason_texts", b"reason_texts", "reasons", b"reasons", "score", b"score"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["item", b"item", "item_id", b"item_id", "model_score", b"model_score", "reason_texts", b"reason_texts", "reasons", b"reasons", "score", b"score"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -460,36 +460,46 @@ class Pipeline:
         profile: common_pb2.Profile,
         context: common_pb2.Context,
         candidates: common_pb2.CandidateColumns,
-        details: dict[str, common_pb2.Item],
         k: int,
         alias: str,
         deadline: Deadline,
         trace: Trace,
-    ) -> list[Ranked]:
-        """Ranked (item id, score, reasons, reason texts); falls back to retrieval order
-        with rules that need no model."""
+    ) -> tuple[list[Ranked], dict[str, common_pb2.Item]]:
+        """Ranked (item id, score, reasons, reason texts) and the ranked items' catalogue
+        details. Ranking answers with both (``RankRequest.return_items``: its item table
+        drops sold-out items and holds the details), so no item lookup is made. When
+        ranking fails: retrieval order with rules that need no model (purchased, and
+        stock from one item lookup of the first candidates, which also gives the
+        details)."""
         started = time.perf_counter()
-        # Sold out by the gateway's details (fresher than ranking's periodically
-        # reloaded table): left out before ranking, so ranking fills k from the rest.
-        sold = [
-            i
-            for i, item_id in enumerate(candidates.item_ids)
-            if (item := details.get(item_id)) is not None and item.stock <= 0
-        ]
-        if sold:
-            trace.drop("out_of_stock", len(sold))
-            candidates = without_rows(candidates, sold)
+        details: dict[str, common_pb2.Item] = {}
+        if self.s.rank_sends_items:
+            # For a ranking service without its own item table: the candidates' details
+            # looked up here, sold-out ones left out, the rest sent in RankRequest.items.
+            details = await self.item_details(list(candidates.item_ids), deadline, trace)
+            sold = [
+                i
+                for i, item_id in enumerate(candidates.item_ids)
+                if (item := details.get(item_id)) is not None and item.stock <= 0
+            ]
+            if sold:
+                trace.drop("out_of_stock", len(sold))
+                candidates = without_rows(candidates, sold)
+            started = time.perf_counter()
         ids = list(candidates.item_ids)
         if ids:
             try:
                 head = ranking_pb2.RankRequest(
-                    context=context, columns=candidates, k=k, model_alias=alias
+                    context=context,
+                    columns=candidates,
+                    k=k,
+                    model_alias=alias,
+                    return_items=not self.s.rank_sends_items,
                 )
                 payload = self._with_profile(head, profile, trace)
                 if self.s.rank_sends_items:
                     # The items field appended as pre-serialized bytes (a repeated field
-                    # may come in any number of pieces). Ranking normally reads items from
-                    # its own table of the catalogue, so this is off by default.
+                    # may come in any number of pieces).
                     payload += b"".join(
                         self._item_field(details[item_id]) for item_id in ids if item_id in details
                     )
@@ -506,16 +516,19 @@ class Pipeline:
                 trace.stage("ranking", started, len(resp.items))
                 for rule, n in resp.dropped.items():
                     trace.drop(rule, n)
-                return [
+                ranked: list[Ranked] = [
                     (r.item_id, r.score, list(r.reasons), list(r.reason_texts)) for r in resp.items
                 ]
+                if not self.s.rank_sends_items:
+                    details = await self._ranked_details(resp, deadline, trace)
+                return ranked, details
             except HopError as err:
                 trace.degrade("ranking", "retrieval_order", err.reason)
                 trace.stage("ranking", started, 0, True, err.reason)
         purchased = {p.item_id for p in profile.purchases}
         keep_purchased = context.surface == common_pb2.SURFACE_BUY_AGAIN
-        out: list[Ranked] = []
-        # sold-out candidates were left out above
+        head_rows: list[Ranked] = []
+        depth = k if self.s.rank_sends_items else _related_depth(k)  # headroom: sold out
         for item_id, score, source in zip(ids, candidates.scores, candidates.sources, strict=True):
             if item_id in purchased and not keep_purchased:
                 trace.drop("purchased")
@@ -523,10 +536,34 @@ class Pipeline:
             reasons = [source or common_pb2.REASON_MODEL]
             if common_pb2.REASON_FALLBACK not in reasons:
                 reasons.append(common_pb2.REASON_FALLBACK)
-            out.append((item_id, score, [int(r) for r in reasons], []))
+            head_rows.append((item_id, score, [int(r) for r in reasons], []))
+            if len(head_rows) >= depth:
+                break
+        if not self.s.rank_sends_items:
+            details = await self.item_details([r[0] for r in head_rows], deadline, trace)
+        out: list[Ranked] = []
+        for row in head_rows:
+            item = details.get(row[0])
+            if item is not None and item.stock <= 0:
+                trace.drop("out_of_stock")
+                continue
+            out.append(row)
             if len(out) >= k:
                 break
-        return out
+        return out, details
+
+    async def _ranked_details(
+        self, resp: ranking_pb2.RankResponse, deadline: Deadline, trace: Trace
+    ) -> dict[str, common_pb2.Item]:
+        """The details ranking returned with its items (DebugInfo stage "details",
+        "from_ranking"). A ranking service that returned none (one without an item
+        table, or older than ``return_items``) gets the item lookup of the returned ids."""
+        started = time.perf_counter()
+        details = {r.item_id: r.item for r in resp.items if r.HasField("item")}
+        if resp.items and not details:
+            return await self.item_details([r.item_id for r in resp.items], deadline, trace)
+        trace.stage("details", started, len(details), detail="from_ranking")
+        return details
 
     def expose(
         self,
@@ -596,9 +633,8 @@ class Pipeline:
             deadline,
             trace,
         )
-        details = await self.item_details(list(candidates.item_ids), deadline, trace)
-        ranked = await self.rank(
-            profile, ctx, candidates, details, k, aliases.get("ranking", ""), deadline, trace
+        ranked, details = await self.rank(
+            profile, ctx, candidates, k, aliases.get("ranking", ""), deadline, trace
         )
         offer = await offer_task if offer_task is not None else None
         resp = gateway_pb2.RecommendResponse(
@@ -933,9 +969,8 @@ class Pipeline:
             cands = await self.candidates(
                 profile, ctx, k, [], set(), aliases.get("retrieval", ""), deadline, trace
             )
-        details = await self.item_details(list(cands.item_ids), deadline, trace)
-        ranked = await self.rank(
-            profile, ctx, cands, details, k, aliases.get("ranking", ""), deadline, trace
+        ranked, details = await self.rank(
+            profile, ctx, cands, k, aliases.get("ranking", ""), deadline, trace
         )
         if sources:
             _complement_fallback(

@@ -244,7 +244,8 @@ class RankPipeline:
             candidates = merge_candidates(request.candidates)
         else:
             candidates = merge_columns(request.columns)
-        items = self.table().lookup(candidates.ids)
+        table = self.table()
+        items = table.lookup(candidates.ids)
         if newer:
             items = items.overlay(candidates.ids, newer)
         if request.items:
@@ -269,13 +270,45 @@ class RankPipeline:
             response.model.CopyFrom(version)
         categories = items.category_strings()
         profile, context = request.profile, request.context
+        details = _Details(request, table, items, newer) if request.return_items else None
         for idx, score, reasons in zip(result.indices, result.scores, result.reasons, strict=True):
             codes, texts = explain(reasons, candidates, idx, categories[idx], profile, context)
-            response.items.add(
+            ranked = response.items.add(
                 item_id=candidates.ids[idx],
                 score=score,
                 model_score=float(scores[idx]),
                 reasons=codes,  # type: ignore[arg-type]
                 reason_texts=texts,
             )
+            if details is not None:
+                details.fill(ranked.item, candidates.ids[idx], idx)
         return response
+
+
+class _Details:
+    """The catalogue details of a returned item (``RankRequest.return_items``): an item
+    sent in the request, else one fetched since the table's last refresh, else the
+    table's row (its serialized Item); only the id for an item none of them knows."""
+
+    def __init__(
+        self,
+        request: ranking_pb2.RankRequest,
+        table: CatalogTable,
+        items: CandidateArrays,
+        newer: Mapping[str, common_pb2.Item] | None,
+    ) -> None:
+        self.sent = {i.item_id: i for i in request.items}
+        self.newer = newer or {}
+        self.table = table
+        self.rows = items.table_rows
+
+    def fill(self, out: common_pb2.Item, item_id: str, idx: int) -> None:
+        found = self.sent.get(item_id) or self.newer.get(item_id)
+        if found is not None:
+            out.CopyFrom(found)
+            return
+        row = int(self.rows[idx]) if idx < len(self.rows) else -1
+        if row >= 0:
+            out.ParseFromString(self.table.item_bytes(row))
+        else:
+            out.item_id = item_id

@@ -34,11 +34,13 @@ class RankingSettings(ServiceSettings):
         ),
     )
     catalog_refresh_s: float = Field(
-        15.0,
+        2.0,
         gt=0,
         description=(
             "Seconds between refreshes of the item table from the catalogue (the items "
-            "changed since the last one; the whole catalogue with catalog_changes off)."
+            "changed since the last one; the whole catalogue with catalog_changes off). "
+            "Bounds how stale the stock (sold-out filter) and the item details that Rank "
+            "returns can be: the gateway takes both from ranking."
         ),
     )
     catalog_changes: bool = Field(

@@ -190,6 +190,10 @@ class CatalogTable:
     """Catalogue attributes as arrays by row (immutable once built: :meth:`updated`
     builds a new table and leaves this one as readers see it)."""
 
+    # Bytes of rewritten rows' old records kept before the item blob is rebuilt (beyond
+    # as many as the live records).
+    COMPACT_SLACK = 1 << 20
+
     def __init__(self, items: Iterable[common_pb2.Item] = (), loaded_at: float = 0.0) -> None:
         self.ids: list[str] = []
         self.row: dict[str, int] = {}
@@ -200,6 +204,13 @@ class CatalogTable:
         self.margin = np.zeros(0, dtype=np.float64)
         self.replenishable = np.zeros(0, dtype=bool)
         self.promoted = np.zeros(0, dtype=bool)
+        # Each row's whole Item, serialized (what RankRequest.return_items answers with):
+        # one bytes blob and two arrays rather than an object per row. Rows rewritten by
+        # a refresh point at bytes appended to the blob; the old bytes are dropped when
+        # the blob is rebuilt (``_compact``).
+        self.item_blob = b""
+        self.item_start = np.zeros(0, dtype=np.int64)
+        self.item_size = np.zeros(0, dtype=np.int32)
         self.loaded_at = loaded_at
         self._write(items)
 
@@ -245,6 +256,25 @@ class CatalogTable:
         self.margin = column(self.margin, (i.margin for i in got))
         self.replenishable = column(self.replenishable, (i.replenishable for i in got))
         self.promoted = column(self.promoted, (i.promoted for i in got))
+        data = [i.SerializeToString() for i in got]
+        sizes = np.fromiter(map(len, data), dtype=np.int32, count=m)
+        starts = len(self.item_blob) + np.cumsum(sizes, dtype=np.int64) - sizes
+        self.item_blob = self.item_blob + b"".join(data)
+        self.item_start = column(self.item_start, starts)
+        self.item_size = column(self.item_size, sizes)
+        if len(self.item_blob) > 2 * int(self.item_size.sum()) + self.COMPACT_SLACK:
+            self._compact()
+
+    def _compact(self) -> None:
+        """Rebuild the blob with only the bytes rows point at (in row order)."""
+        blob, starts, sizes = self.item_blob, self.item_start.tolist(), self.item_size.tolist()
+        self.item_blob = b"".join(blob[a : a + n] for a, n in zip(starts, sizes, strict=True))
+        self.item_start = np.cumsum(self.item_size, dtype=np.int64) - self.item_size
+
+    def item_bytes(self, row: int) -> bytes:
+        """Row ``row``'s Item, serialized as the catalogue last sent it."""
+        start = int(self.item_start[row])
+        return self.item_blob[start : start + int(self.item_size[row])]
 
     def __len__(self) -> int:
         return len(self.ids)

@@ -21,7 +21,7 @@ import grpc
 import pytest
 
 from mercato.client import MercatoClient, new_event_id
-from mercato.v1 import common_pb2
+from mercato.v1 import common_pb2, profile_pb2, profile_pb2_grpc
 from tests.procs import ServiceProc, start_service
 from training.index import IndexConfig
 from training.pipeline import TrainConfig, train_and_register
@@ -232,6 +232,107 @@ def test_every_surface_is_answered_by_the_models(stack: Stack) -> None:
         new = c.recommend(f"brand-new-{new_event_id()}", k=5)
         assert len(new.items) == 5
         assert "retrieval" not in {d.stage for d in new.degraded}
+
+
+def _lookups(stack: Stack) -> float:
+    """GetItems calls the profile service has answered so far (its own metric)."""
+    return stack.procs["profile"].metric(
+        "mercato_rpc_requests_total", method="/mercato.v1.ProfileService/GetItems"
+    )
+
+
+def _catalogue(stack: Stack, ids: list[str]) -> dict[str, common_pb2.Item]:
+    with stack.procs["profile"].channel() as ch:
+        got = profile_pb2_grpc.ProfileServiceStub(ch).GetItems(
+            profile_pb2.GetItemsRequest(item_ids=ids), timeout=5
+        )
+    return {i.item_id: i for i in got.items}
+
+
+def _set_stock(stack: Stack, item_id: str, stock: int) -> None:
+    with stack.procs["profile"].channel() as ch:
+        profile_pb2_grpc.ProfileServiceStub(ch).UpdateStock(
+            profile_pb2.UpdateStockRequest(
+                updates=[profile_pb2.StockUpdate(item_id=item_id, set_to=stock)]
+            ),
+            timeout=5,
+        )
+
+
+def test_answers_carry_ranking_details_without_an_item_lookup(stack: Stack) -> None:
+    """#14: ranking answers with the items' catalogue details (its item table), so the
+    gateway makes no GetItems call on Recommend and GetCartRecommendations."""
+    _wait_full(stack)
+    before = _lookups(stack)
+    answers = []
+    with stack.client() as c:
+        for surface in (common_pb2.SURFACE_HOME, common_pb2.SURFACE_CART):
+            resp = c.recommend(stack.returning, surface=surface, k=8, debug=True)
+            assert _full(resp) and len(resp.items) == 8, resp.degraded
+            assert stages_of(resp)["details"] == (8, False, "from_ranking")
+            answers.append(resp)
+        cart = c.cart_recommendations(stack.returning, k=5)
+        assert cart.items and "ranking" not in {d.stage for d in cart.degraded}
+        answers.append(cart)
+    assert _lookups(stack) == before  # no item lookup for any of them
+    shown = [r.item for resp in answers for r in resp.items]
+    truth = _catalogue(stack, [i.item_id for i in shown])
+    for item in shown:  # the catalogue's own record: title, price, category, stock, ...
+        assert item == truth[item.item_id]
+        assert item.title and item.price > 0 and item.category and item.stock > 0
+
+
+def stages_of(resp: object) -> dict[str, tuple[int, bool, str]]:
+    return {
+        s.stage: (s.item_count, s.degraded, s.detail)
+        for s in resp.debug.stages  # type: ignore[attr-defined]
+    }
+
+
+def test_stock_changes_reach_the_answers_within_the_refresh_interval(stack: Stack) -> None:
+    """A restock and a sell-out made through the profile service's API show in the
+    answers within ranking's CATALOG_REFRESH_S (2 s by default; retrieval still holds the
+    stock it was trained with, so only ranking's table can leave the item out)."""
+    _wait_full(stack)
+    with stack.client() as c:
+        item = c.recommend(stack.returning, k=5).items[0].item
+        try:
+            _set_stock(stack, item.item_id, item.stock + 40)  # a restock
+            changed = time.monotonic()
+            while True:
+                shown = {r.item.item_id: r.item for r in c.recommend(stack.returning, k=20).items}
+                if item.item_id in shown and shown[item.item_id].stock == item.stock + 40:
+                    break
+                assert time.monotonic() - changed < 2.0 + 1.5, "restock not shown in time"
+                time.sleep(0.05)
+            _set_stock(stack, item.item_id, 0)  # sold out
+            changed = time.monotonic()
+            while item.item_id in {
+                r.item.item_id for r in c.recommend(stack.returning, k=20).items
+            }:
+                assert time.monotonic() - changed < 2.0 + 1.5, "sold-out item still shown"
+                time.sleep(0.05)
+        finally:
+            _set_stock(stack, item.item_id, item.stock)
+
+
+def test_ranking_down_answers_with_details_from_one_lookup(stack: Stack) -> None:
+    _wait_full(stack)
+    stack.procs["ranking"].kill()
+    try:
+        before = _lookups(stack)
+        with stack.client() as c:
+            resp = c.recommend(stack.returning, k=5, debug=True)
+        assert "ranking" in {d.stage for d in resp.degraded}
+        assert len(resp.items) == 5
+        # the first candidates' details in one call (none when the details cache has them)
+        assert _lookups(stack) - before <= 1
+        truth = _catalogue(stack, [r.item.item_id for r in resp.items])
+        assert [r.item for r in resp.items] == [truth[r.item.item_id] for r in resp.items]
+        assert all(r.item.title and r.item.price > 0 for r in resp.items)
+    finally:
+        stack.restart("ranking")
+    _wait_full(stack, 60)
 
 
 def _event(customer: str, kind: int, item_id: str, **kw: object) -> common_pb2.Event:

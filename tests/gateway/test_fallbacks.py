@@ -102,12 +102,29 @@ def sent(req: ranking_pb2.RankRequest) -> list[common_pb2.Candidate]:
 
 
 def rank(req: ranking_pb2.RankRequest) -> ranking_pb2.RankResponse:
-    """Ranking's stand-in: the candidates in reverse order, scored 10, 9, ..."""
+    """Ranking's stand-in: the candidates in reverse order, scored 10, 9, ...; sold-out
+    items (ITEMS is its item table) left out and counted, as ranking does; with
+    ``return_items``, each item's details from ITEMS (the id alone when unknown)."""
+    cands = [c for c in sent(req) if c.item_id not in ITEMS or ITEMS[c.item_id].stock > 0]
     items = [
         ranking_pb2.RankedItem(item_id=c.item_id, score=10.0 - i, reasons=[MODEL])
-        for i, c in enumerate(reversed(sent(req)))
-    ]
-    return ranking_pb2.RankResponse(items=items[: req.k], model=RANKER)
+        for i, c in enumerate(reversed(cands))
+    ][: req.k]
+    if req.return_items:
+        for r in items:
+            r.item.CopyFrom(ITEMS.get(r.item_id, common_pb2.Item(item_id=r.item_id)))
+    sold = len(sent(req)) - len(cands)
+    return ranking_pb2.RankResponse(
+        items=items, model=RANKER, dropped={"out_of_stock": sold} if sold else {}
+    )
+
+
+def bare(req: ranking_pb2.RankRequest) -> ranking_pb2.RankResponse:
+    """:func:`rank` as a ranking service answers that returns no item details."""
+    resp = rank(req)
+    for r in resp.items:
+        r.ClearField("item")
+    return resp
 
 
 @dataclass
@@ -333,24 +350,27 @@ async def recommend(stack: Stack, **kw: Any) -> gateway_pb2.RecommendResponse:
 async def test_healthy_answer_is_ranked_full_and_names_no_fallback(stack: Stack) -> None:
     before = hops()
     resp = await recommend(stack, customer_id="alice", k=4)
-    # Ranking's order (the reverse of retrieval's, the sold-out item left out first).
+    # Ranking's order (the reverse of retrieval's, the sold-out item left out by ranking).
     in_stock = [i for i in RETRIEVED if i != "gone"]
     assert ids(resp) == in_stock[::-1][:4]
     assert [r.score for r in resp.items] == [10.0, 9.0, 8.0, 7.0]
     assert [list(r.reasons) for r in resp.items] == [[MODEL]] * 4
-    assert [r.item.title for r in resp.items] == [ITEMS[i].title for i in ids(resp)]
+    # The details are ranking's (RankedItem.item): no item lookup of their own.
+    assert [r.item for r in resp.items] == [ITEMS[i] for i in ids(resp)]
+    assert not stack.profile.seen["GetItems"]
     assert not resp.degraded and not resp.HasField("shortfall")
     assert list(resp.models) == [TWO_TOWER, RANKER]
     assert stages(resp) == {
         "profile": (3, False, ""),
         "retrieval": (len(RETRIEVED), False, ""),
-        "details": (len(RETRIEVED), False, ""),
+        "details": (4, False, "from_ranking"),
         "ranking": (4, False, ""),
     }
     (rank_req,) = stack.ranking.seen["Rank"]
-    assert [c.item_id for c in sent(rank_req)] == in_stock
+    assert [c.item_id for c in sent(rank_req)] == RETRIEVED  # ranking drops the sold out
     assert not rank_req.candidates  # the gateway sends columns
     assert rank_req.k == 4 and rank_req.profile == PROFILES["alice"]
+    assert rank_req.return_items  # ranking answers with the details
     assert not rank_req.items  # ranking reads its own item table unless told otherwise
     (ret_req,) = stack.retrieval.seen["Retrieve"]
     assert ret_req.k == 20 and ret_req.profile == PROFILES["alice"]  # max(k, candidates_k)
@@ -360,7 +380,6 @@ async def test_healthy_answer_is_ranked_full_and_names_no_fallback(stack: Stack)
     assert hop_delta(before) == {
         ("profile", "OK"): 1,
         ("retrieval", "OK"): 1,
-        ("details", "OK"): 1,
         ("ranking", "OK"): 1,
     }
 
@@ -615,7 +634,7 @@ async def test_ranking_drops_add_to_the_shortfall(stack: Stack) -> None:
     def few(req: ranking_pb2.RankRequest) -> ranking_pb2.RankResponse:
         resp = rank(req)
         del resp.items[2:]
-        resp.dropped.update({"brand_cap": 2, "out_of_stock": 2, "nothing": 0})
+        resp.dropped.update({"brand_cap": 2, "out_of_stock": 3, "nothing": 0})
         return resp
 
     stack.ranking.answers["Rank"] = few
@@ -624,7 +643,7 @@ async def test_ranking_drops_add_to_the_shortfall(stack: Stack) -> None:
     assert resp.shortfall.reason == (
         "2 of 4 items: 7 candidates after retrieval's filters; "
         "left out by rules: brand_cap 2, out_of_stock 3"
-    )  # out of stock: 1 by the gateway's details, 2 by ranking's table
+    )
     assert dict(resp.shortfall.dropped) == {"brand_cap": 2, "out_of_stock": 3}
 
 
@@ -662,33 +681,64 @@ async def test_already_a_fallback_reason_is_not_repeated(stack: Stack) -> None:
     assert not resp.models  # retrieval named no model
 
 
-async def test_nothing_in_stock_is_not_sent_to_ranking(stack: Stack) -> None:
+async def test_sold_out_items_are_left_out_by_ranking_with_no_item_lookup(stack: Stack) -> None:
     gone = [common_pb2.Candidate(item_id="gone", score=1.0, source=MODEL)]
     stack.retrieval.answers["Retrieve"] = retrieval_pb2.RetrieveResponse(candidates=gone)
     resp = await recommend(stack, customer_id="alice", k=2)
-    assert not resp.items and not resp.degraded and not stack.ranking.seen["Rank"]
+    assert not resp.items and not resp.degraded
+    assert [c.item_id for c in sent(stack.ranking.seen["Rank"][0])] == ["gone"]
     assert dict(resp.shortfall.dropped) == {"out_of_stock": 1}
     # The last one in stock is still in stock.
     gone.append(common_pb2.Candidate(item_id="last", score=0.5, source=MODEL))
     stack.retrieval.answers["Retrieve"] = retrieval_pb2.RetrieveResponse(candidates=gone)
     resp = await recommend(stack, customer_id="alice", k=2)
-    assert ids(resp) == ["last"]
-    assert [c.item_id for c in sent(stack.ranking.seen["Rank"][0])] == ["last"]
+    assert ids(resp) == ["last"] and resp.items[0].item == ITEMS["last"]
+    assert not stack.profile.seen["GetItems"]
 
 
 # ---------------------------------------------------------------------- details, offer
 
 
-async def test_details_down_serves_ids_only(stack: Stack) -> None:
+async def test_details_down_changes_nothing_while_ranking_answers(stack: Stack) -> None:
+    stack.profile.down("GetItems")
+    resp = await recommend(stack, customer_id="alice", k=3)
+    assert not resp.degraded and not stack.profile.seen["GetItems"]
+    assert [r.item for r in resp.items] == [ITEMS[i] for i in ids(resp)]
+
+
+async def test_a_ranking_without_details_gets_the_lookup_of_the_returned_ids(
+    stack: Stack,
+) -> None:
+    """A ranking service that answers without RankedItem.item (older than return_items,
+    or without an item table): one item lookup of the k ids it returned."""
+    stack.ranking.answers["Rank"] = bare
+    resp = await recommend(stack, customer_id="alice", k=3)
+    (lookup,) = stack.profile.seen["GetItems"]
+    assert list(lookup.item_ids) == ids(resp) == ["p9", "p8", "p7"]
+    assert [r.item for r in resp.items] == [ITEMS[i] for i in ids(resp)]
+    assert stages(resp)["details"] == (3, False, "")
     stack.profile.down("GetItems")
     before = hops()
     resp = await recommend(stack, customer_id="alice", k=3)
     assert degraded(resp) == [("details", "ids_only", DOWN)]
     assert stages(resp)["details"] == (0, True, DOWN)
     assert [r.item for r in resp.items] == [common_pb2.Item(item_id=i) for i in ids(resp)]
-    # Without details the sold-out item is not known to be sold out: ranking decides.
-    assert [c.item_id for c in sent(stack.ranking.seen["Rank"][0])] == RETRIEVED
     assert hop_delta(before)[("details", "UNAVAILABLE")] == 1
+
+
+async def test_ranking_down_looks_up_the_details_of_the_first_candidates_only(
+    stacks: Callable[..., Awaitable[Stack]],
+) -> None:
+    stack = await stacks(candidates_k=100)
+    many = [common_pb2.Candidate(item_id=f"m{i}", score=1.0, source=MODEL) for i in range(100)]
+    many[1] = common_pb2.Candidate(item_id="gone", score=1.0, source=MODEL)
+    stack.retrieval.answers["Retrieve"] = retrieval_pb2.RetrieveResponse(candidates=many)
+    stack.ranking.down("Rank")
+    resp = await recommend(stack, customer_id="alice", k=3)
+    (lookup,) = stack.profile.seen["GetItems"]
+    assert list(lookup.item_ids) == [c.item_id for c in many[:13]]  # k + max(10, k)
+    assert ids(resp) == ["m0", "m2", "m3"]  # the sold-out one left out by its details
+    assert dict(resp.shortfall.dropped) == {} and not resp.HasField("shortfall")
 
 
 async def test_details_cache_fills_in_while_the_lookup_is_down(
@@ -702,27 +752,29 @@ async def test_details_cache_fills_in_while_the_lookup_is_down(
     stack.retrieval.once["Retrieve"].append(small)
     await recommend(stack, customer_id="alice", k=3)  # caches p5 and p6
     resp = await recommend(stack, customer_id="alice", k=3)  # p5, p6 cached: still asks
+    # (alice's purchase p0 is left out before the lookup)
+    looked_up = [i for i in RETRIEVED if i != "p0"]
     assert list(stack.profile.seen["GetItems"][1].item_ids) == [
-        i for i in RETRIEVED if i not in ("p5", "p6")
+        i for i in looked_up if i not in ("p5", "p6")
     ]
     again = await recommend(stack, customer_id="alice", k=3)
-    assert stages(again)["details"] == (len(RETRIEVED), False, "cached")
+    assert stages(again)["details"] == (len(looked_up), False, "cached")
     assert len(stack.profile.seen["GetItems"]) == 2
     assert ids(resp) == ids(again) == ["p5", "p6", "p7"]
     stack.pipeline.details_cache._data.pop("p7")
     stack.profile.down("GetItems")
     resp = await recommend(stack, customer_id="alice", k=3)
     assert degraded(resp) == [
-        ("details", "ids_only", DOWN),
         ("ranking", "retrieval_order", DOWN),
+        ("details", "ids_only", DOWN),
     ]
-    assert stages(resp)["details"] == (len(RETRIEVED) - 1, True, DOWN)
+    assert stages(resp)["details"] == (len(looked_up) - 1, True, DOWN)
     assert [r.item.title for r in resp.items] == ["P5", "P6", ""]  # p7 from nowhere
 
 
 async def test_retrieval_columns_go_on_to_ranking_as_they_came(stack: Stack) -> None:
     """Columns from retrieval (every source's scores and anchors) reach ranking
-    unchanged but for the sold-out item left out, in columns again."""
+    unchanged, in columns again (the sold-out item too: ranking's table leaves it out)."""
     cands = [
         common_pb2.Candidate(
             item_id=i,
@@ -741,7 +793,7 @@ async def test_retrieval_columns_go_on_to_ranking_as_they_came(stack: Stack) -> 
     assert ids(resp) == [i for i in RETRIEVED if i != "gone"][::-1][:4]
     (rreq,) = stack.ranking.seen["Rank"]
     assert not rreq.candidates and rreq.HasField("columns")
-    assert candidates_of(rreq.columns) == [c for c in cands if c.item_id != "gone"]
+    assert candidates_of(rreq.columns) == cands
 
 
 async def test_columns_of_unequal_length_from_retrieval_degrade_to_popular_items(
@@ -817,6 +869,8 @@ async def test_a_slow_hop_times_out_on_its_own_deadline(
     fake, method, setting, (stage, fallback) = HOPS[hop]
     stack = await stacks(**{setting: 200})
     getattr(stack, fake).delay[method] = 5.0
+    if hop == "details":  # looked up only when ranking answers without the details
+        stack.ranking.answers["Rank"] = bare
     started = time.monotonic()
     resp = await recommend(
         stack,
@@ -858,6 +912,8 @@ async def test_reads_are_retried_once_on_unavailable(
     else:
         name, m, _, _ = HOPS[hop]
         fake, method = getattr(stack, name), m
+    if hop == "details":  # looked up only when ranking answers without the details
+        stack.ranking.answers["Rank"] = bare
     fake.once[method].append(S.UNAVAILABLE)
     resp = await recommend(stack, customer_id="alice", k=3)
     assert len(fake.seen[method]) == 2

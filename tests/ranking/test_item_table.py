@@ -408,3 +408,60 @@ async def test_a_profile_service_without_the_feed_is_reloaded_in_full() -> None:
             assert table.lookup(["t1"]).stock.tolist() == [4] and catalog.listed == 2
     finally:
         await server.stop(None)
+
+
+def test_table_keeps_each_rows_item_bytes_through_updates_and_compaction(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """RankRequest.return_items answers with the table's serialized Item of each row:
+    the catalogue's record as it last came, after any number of refreshes."""
+    monkeypatch.setattr(CatalogTable, "COMPACT_SLACK", 500)  # rebuilt every few updates
+    compactions = []
+    compact = CatalogTable._compact
+    monkeypatch.setattr(
+        CatalogTable, "_compact", lambda self: (compactions.append(1), compact(self))
+    )
+    items = [_item(i, title=f"T{i}", attributes={"brand": f"b{i}"}) for i in range(50)]
+    table = CatalogTable(items)
+    assert all(
+        common_pb2.Item.FromString(table.item_bytes(table.row[i.item_id])) == i for i in items
+    )
+    latest = {i.item_id: i for i in items}
+    for n in range(150):  # enough rewrites of a few rows that the blob is rebuilt
+        changed = [_item(j, title=f"T{j} v{n}", stock=n % 7) for j in (n % 50, (n * 7) % 50)]
+        changed.append(_item(50 + n % 3, title=f"new {n}"))
+        old, before = table, [table.item_bytes(r) for r in range(len(table))]
+        table = table.updated(changed, loaded_at=float(n))
+        latest.update({i.item_id: i for i in changed})
+        assert [old.item_bytes(r) for r in range(len(old))] == before  # left as it was
+    assert len(table) == 53
+    assert {
+        i: common_pb2.Item.FromString(table.item_bytes(table.row[i])) for i in table.ids
+    } == latest
+    assert len(compactions) >= 5
+    assert len(table.item_blob) <= 2 * int(table.item_size.sum()) + 500
+
+
+def test_rank_returns_the_items_details_when_asked() -> None:
+    from services.ranking.pipeline import RankPipeline
+    from services.ranking.rules import RulesConfig
+
+    table = CatalogTable(
+        [_item(0, title="Zero", price=3.5), _item(1, title="One"), _item(2, stock=0)]
+    )
+    pipeline = RankPipeline(RulesConfig.load(None), table=lambda: table)
+    req = ranking_pb2.RankRequest(k=10, return_items=True)
+    for n, item_id in enumerate(["t0", "t1", "t2", "new", "unknown", "sent"]):
+        req.candidates.add(item_id=item_id, score=10.0 - n)
+    req.items.append(common_pb2.Item(item_id="sent", title="Sent", stock=2))
+    newer = {"new": common_pb2.Item(item_id="new", title="New", stock=1)}
+    resp = pipeline.rank(req, newer=newer)
+    got = {r.item_id: r.item for r in resp.items}
+    assert list(got) == ["t0", "t1", "new", "unknown", "sent"]  # t2 is sold out
+    assert got["t0"] == _item(0, title="Zero", price=3.5)  # the table's record
+    assert got["t1"] == _item(1, title="One")
+    assert got["new"] == newer["new"]  # fetched since the last refresh
+    assert got["sent"] == req.items[0]  # sent in the request
+    assert got["unknown"] == common_pb2.Item(item_id="unknown")  # the id alone
+    req.return_items = False  # not asked: no details
+    assert not any(r.HasField("item") for r in pipeline.rank(req, newer=newer).items)
