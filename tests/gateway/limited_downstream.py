@@ -6,7 +6,9 @@ arrival order without looking at their deadlines, as a saturated service does. I
 capacity is ``1000 / (retrieve-ms + rank-ms)`` Recommend/s.
 
 Retrieve answers the ``--items`` item ids (as columns); Rank answers the candidates in
-the order sent. Both count their calls, printed on SIGTERM."""
+the order sent (with ``return_items``, each with an ``item`` naming its id, as a ranking
+service with an item table answers, so the gateway makes no item lookup). Both count
+their calls, printed on SIGTERM."""
 
 from __future__ import annotations
 
@@ -65,8 +67,11 @@ class Ranking(ranking_pb2_grpc.RankingServiceServicer):
         items = [
             ranking_pb2.RankedItem(item_id=c.item_id, score=float(-i))
             for i, c in enumerate(candidates_of(request.columns))
-        ]
-        return ranking_pb2.RankResponse(items=items[: request.k or 10])
+        ][: request.k or 10]
+        if request.return_items:  # as a ranking with an item table answers
+            for r in items:
+                r.item.item_id = r.item_id
+        return ranking_pb2.RankResponse(items=items)
 
 
 def main() -> None:
