@@ -127,7 +127,13 @@ class GatewaySettings(ServiceSettings):
         200, gt=0, description="Longest wait to fill an exposure batch."
     )
     details_cache_seconds: float = Field(
-        2.0, ge=0, description="How long item details (incl. stock) are reused; 0 = off."
+        2.0,
+        ge=0,
+        description=(
+            "How long item details (incl. stock) are reused by the item lookups that remain "
+            "(ranking failed or answered without details, related items, shed answers' "
+            "popular list); 0 = off."
+        ),
     )
     details_cache_items: int = Field(200_000, ge=0, description="Items kept in that cache.")
     trending_cache_seconds: float = Field(
