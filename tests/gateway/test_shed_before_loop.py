@@ -1,6 +1,6 @@
-"""Shedding before the event loop (#14, session 24): with the synchronous server (the
-gateway's default), a recommendation call past the admission bound is answered by the
-pool thread that took it, without waiting for the gateway's event loop.
+"""Shedding before the event loop (#14, session 24): with the synchronous server
+(``SERVER_MODE=sync``), a recommendation call past the admission bound is answered by
+the pool thread that took it, without waiting for the gateway's event loop.
 
 The gateway runs in-process on loopback (a real gRPC server), so the test can hold its
 event loop busy for a second, as the admitted calls' downstream callbacks do under
