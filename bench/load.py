@@ -529,7 +529,7 @@ async def run_phase(
             if kind == "recommend" and args.overload_factor > 0:
                 await asyncio.sleep(3)
                 results["recommend_overload"] = await overload_run(
-                    results["recommend_closed"], targets, gateway, pids, ports, args
+                    results, targets, gateway, pids, ports, args
                 )
     finally:
         for ch in channels:
@@ -537,19 +537,35 @@ async def run_phase(
     return results
 
 
+def sustainable_rate(results: dict[str, Any]) -> float:
+    """The capacity the overload row is measured against: the most full answers (no
+    fallback) per second any Recommend run of this stack gave without an error, closed
+    loop or open. Not the closed loop's throughput: with the gateway's admission bound
+    that counts the calls it shed (answered at once, so they inflate it: 3-4x in the
+    quick stack of session 24 where 73-96 % of the closed loop's answers were shed)."""
+    return max(
+        (
+            r["goodput_per_s"]
+            for key, r in results.items()
+            if key.startswith("recommend_") and not r.get("errors")
+        ),
+        default=0.0,
+    )
+
+
 async def overload_run(
-    closed: dict[str, Any],
+    results: dict[str, Any],
     targets: list[Target],
     gateway: ServiceProc,
     pids: dict[str, int],
     ports: dict[str, int],
     args: argparse.Namespace,
 ) -> dict[str, Any]:
-    """Open loop at ``--overload-factor`` times the closed-loop throughput of the same
-    run (the capacity), and the issue's overload target: answered calls' p99 within the
-    callers' deadline, goodput (answers without any fallback, per second) at least 90 %
-    of the capacity."""
-    capacity = closed.get("throughput_median", closed["throughput_per_s"])
+    """Open loop at ``--overload-factor`` times the sustainable rate of the same run
+    (:func:`sustainable_rate`: the capacity), and the issue's overload target: answered
+    calls' p99 within the callers' deadline, goodput (answers without any fallback, per
+    second) at least 90 % of the capacity."""
+    capacity = sustainable_rate(results)
     rate = round(args.overload_factor * capacity)
     r = await measure("recommend", "open", rate, targets, gateway, pids, ports, args)
     r["overload"] = {
@@ -903,8 +919,9 @@ def markdown(report: dict[str, Any]) -> str:
             )
             lines += [
                 "",
-                f"Overload: open loop at {o['factor']:g}x the closed-loop throughput "
-                f"({o['capacity_per_s']:g}/s = capacity) = {o['rate_per_s']}/s. Goodput = "
+                f"Overload: open loop at {o['factor']:g}x the sustainable rate (the most "
+                "full answers per second of the Recommend runs above without errors: "
+                f"{o['capacity_per_s']:g}/s = capacity) = {o['rate_per_s']}/s. Goodput = "
                 "answers without any fallback per second.",
                 "",
                 "| answered/s | goodput/s | goodput / capacity | answered p50 / p99 ms | "

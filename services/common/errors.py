@@ -72,3 +72,10 @@ def require(condition: bool, message: str) -> None:
     """Raise :class:`InvalidArgument` with ``message`` unless ``condition`` holds."""
     if not condition:
         raise InvalidArgument(message)
+
+
+class Cancelled(ServiceError):
+    """The call ended (cancelled by its caller, or past its deadline) before the
+    handler answered (CANCELLED; the caller no longer waits for it)."""
+
+    code = grpc.StatusCode.CANCELLED

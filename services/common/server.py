@@ -20,10 +20,12 @@ catalogue follower) as in asyncio mode.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import inspect
 import logging
 import signal
+import sys
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -35,7 +37,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from mercato import __version__
 from mercato.v1 import diagnostics_pb2, diagnostics_pb2_grpc
-from services.common.errors import InvalidArgument
+from services.common.errors import Cancelled, InvalidArgument
 from services.common.interceptors import (
     Authenticator,
     RuntimeInterceptor,
@@ -156,10 +158,7 @@ class _SyncRegistrar:
         loop = self.loop
 
         def on_loop(request: Any, context: grpc.ServicerContext) -> Any:
-            rid = request_id_var.get()
-            return asyncio.run_coroutine_threadsafe(
-                _with_request_id(rid, fn, request, context), loop
-            ).result()
+            return run_on_loop(loop, fn, request, context)
 
         return on_loop
 
@@ -200,6 +199,26 @@ class _Converting(grpc.GenericRpcHandler):
             found = self.inner.service(details)
             self.cache[method] = self.convert(found) if found is not None else None
         return self.cache[method]
+
+
+def run_on_loop(
+    loop: asyncio.AbstractEventLoop,
+    fn: Callable[..., Any],
+    request: Any,
+    context: grpc.ServicerContext,
+) -> Any:
+    """From a pool thread of the synchronous server: run the async handler ``fn`` on
+    ``loop`` with the call's request id and wait for its answer. When the call ends
+    first (the caller cancelled, or its deadline passed) the handler's task is
+    cancelled, as grpc.aio cancels a handler: no downstream work for nobody."""
+    future = asyncio.run_coroutine_threadsafe(
+        _with_request_id(request_id_var.get(), fn, request, context), loop
+    )
+    context.add_callback(future.cancel)  # a no-op once the answer is in
+    try:
+        return future.result()
+    except concurrent.futures.CancelledError:
+        raise Cancelled("the call ended before its answer") from None
 
 
 async def _with_request_id(
@@ -322,6 +341,8 @@ async def serve(service: BaseService, stop_event: asyncio.Event | None = None) -
 def run_service(service_factory: type[BaseService], settings: ServiceSettings) -> None:
     """Process entry point: configure the process, build the service and serve it."""
     configure_threads(settings.threads)
+    if settings.switch_interval_ms > 0:
+        sys.setswitchinterval(settings.switch_interval_ms / 1000)
     setup_logging(service_factory.name, settings.log_level, settings.log_json)
 
     async def main() -> None:

@@ -73,6 +73,14 @@ class ServiceSettings(BaseSettings):
     server_threads: int = Field(
         8, ge=1, le=256, description="Threads of the synchronous server (server_mode=sync)."
     )
+    switch_interval_ms: float = Field(
+        0,
+        ge=0,
+        le=100,
+        description="Python's thread switch interval (sys.setswitchinterval), in ms; "
+        "0 = Python's default (5 ms). A thread waiting for the GIL waits up to this long "
+        "for a busy one (server_mode=sync: the polling thread, the pool and the event loop).",
+    )
     grace_seconds: float = Field(
         10.0, ge=0, description="On SIGTERM, how long in-flight calls may take to finish."
     )

@@ -33,13 +33,15 @@ the bound). ``docs/gateway.md`` has the measurements that chose the defaults.
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Callable
 
 
 class AdaptiveLimit:
-    """AIMD bound on the calls in progress, from their latency (not thread-safe: the
-    gateway's event loop is its only user)."""
+    """AIMD bound on the calls in progress, from their latency. Thread-safe (a lock per
+    update): with the synchronous server the pool threads decide and report, while the
+    event loop's lag ticker reports too."""
 
     def __init__(
         self,
@@ -72,6 +74,7 @@ class AdaptiveLimit:
         self._peak = 0
         self._ticks = 0
         self._late_ticks = 0
+        self._lock = threading.Lock()
 
     @property
     def limit(self) -> int:
@@ -79,34 +82,38 @@ class AdaptiveLimit:
 
     def admit(self, in_flight: int) -> bool:
         """Whether one more call may start with ``in_flight`` in progress."""
-        if in_flight + 1 > self._peak:
-            self._peak = in_flight + 1
-        return in_flight < self._limit
+        with self._lock:
+            if in_flight + 1 > self._peak:
+                self._peak = in_flight + 1
+            return in_flight < self._limit
 
     def timed_out(self) -> None:
         """A downstream call of an admitted call ran out of time: counted as one call
         past the target (a hop deadline is shorter than the call's, and its fallback
         may still answer the call in time)."""
-        self._n += 1
-        self._slow += 1
-        self._decide()
+        with self._lock:
+            self._n += 1
+            self._slow += 1
+            self._decide()
 
     def done(self, latency_s: float) -> None:
         """An admitted call ended after ``latency_s`` (successful or not)."""
-        self._n += 1
-        if latency_s > self.target_s:
-            self._slow += 1
-        self._decide()
+        with self._lock:
+            self._n += 1
+            if latency_s > self.target_s:
+                self._slow += 1
+            self._decide()
 
     def lag(self, lag_s: float) -> None:
         """The event loop ran a ticker ``lag_s`` later than it asked to be woken
         (ignored unless ``lag_target_s`` is set)."""
         if self.lag_target_s <= 0:
             return
-        self._ticks += 1
-        if lag_s > self.lag_target_s:
-            self._late_ticks += 1
-        self._decide()
+        with self._lock:
+            self._ticks += 1
+            if lag_s > self.lag_target_s:
+                self._late_ticks += 1
+            self._decide()
 
     def _decide(self) -> None:
         now = self.clock()

@@ -251,6 +251,9 @@ class Pipeline:
         self.offer_surfaces = {s.strip() for s in settings.offer_surfaces.split(",") if s.strip()}
         self._warming: dict[str, asyncio.Task[None]] = {}
         self.degrade_on_overload = settings.overload_answer == "degraded"
+        # the gateway's event loop, for shed answers built on the synchronous server's
+        # pool threads (their background fetches go to the loop)
+        self.loop: asyncio.AbstractEventLoop | None = None
 
     # -- helpers -----------------------------------------------------------------------
 
@@ -714,9 +717,15 @@ class Pipeline:
         """Fetch the popular list of ``category`` and its items' details into the
         caches in the background (one fetch per category at a time): what the answers
         past the admission bound are made of, which never wait for a downstream."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # a pool thread of the synchronous server: on the loop
+            if self.loop is not None:
+                self.loop.call_soon_threadsafe(self._warm_popular, category)
+            return
         if category in self._warming or len(self._warming) >= 16:
             return
-        task = asyncio.get_running_loop().create_task(self._warm(category))
+        task = loop.create_task(self._warm(category))
         self._warming[category] = task
         task.add_done_callback(lambda _: self._warming.pop(category, None))
 

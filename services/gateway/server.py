@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TypeVar
+from typing import Any, NoReturn, TypeVar, cast
 
 import grpc
 from prometheus_client import Counter, Gauge, Histogram
@@ -14,7 +15,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from mercato.v1 import gateway_pb2, gateway_pb2_grpc
 from services.common.channels import aio_channel
 from services.common.errors import ResourceExhausted
-from services.common.server import BaseService, run_service
+from services.common.server import BaseService, run_on_loop, run_service
 from services.common.settings import ClientTlsSettings
 from services.gateway.admission import AdaptiveLimit, watch_loop_lag
 from services.gateway.auth import ApiKeyAuthenticator
@@ -48,6 +49,13 @@ ADMISSION_LIMIT = Gauge(
     "mercato_gateway_admission_limit",
     "The bound on recommendation calls in progress now (MAX_IN_FLIGHT when fixed).",
 )
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
@@ -85,6 +93,11 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         }
         self._shed_degraded = SHED.labels("Recommend", "degraded")
         self._deadline_left = DEADLINE_LEFT
+        self._lock = threading.Lock()
+        # the event loop the synchronous twins hand admitted calls to (and the
+        # pipeline's background fetches of the popular list go to)
+        self.loop = _running_loop()
+        self.pipeline.loop = self.loop
 
     def start_lag_watch(self) -> asyncio.Task[None] | None:
         """With the adaptive bound and ADMIT_LAG_MS set: the ticker that feeds it the
@@ -101,21 +114,35 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     def _limit(self) -> int:
         return self.limiter.limit if self.limiter is not None else self.max_in_flight
 
-    def _refuse(self, method: str) -> None:
+    def _refuse(self, method: str) -> NoReturn:
         self._shed_exhausted[method].inc()
         raise ResourceExhausted(
             f"the gateway is at its limit of {self._limit()} calls in progress; retry with backoff"
         )
 
-    async def _admit(self, method: str, run: Callable[[], Awaitable[T]], late: bool = False) -> T:
-        """Run ``run`` as one of the bounded calls in progress, or refuse at once."""
-        if late or self._full():
-            self._refuse(method)
-        self.in_flight += 1
-        started = time.monotonic()
-        try:
-            return await run()
-        finally:
+    def _enter(self, context: grpc.ServicerContext | None) -> tuple[bool, bool]:
+        """Whether a recommendation call may start now (it is then counted in progress)
+        and whether half the bound is in use. With ``context`` (Recommend): near the
+        bound, a call that arrives with less than ADMIT_LATE_MS of its deadline left
+        waited that long before the handler (the gateway is behind), so it is shed like
+        a call past the bound, and the bound learns of the backlog. Under a lock: the
+        synchronous server decides on its pool threads."""
+        remaining = context.time_remaining() if context is not None else None
+        if remaining is not None:
+            self._deadline_left.observe(remaining)
+        with self._lock:
+            busy = self.max_in_flight > 0 and 2 * self.in_flight >= self._limit()
+            late = busy and remaining is not None and remaining < self.late_s
+            if late and self.limiter is not None:
+                self.limiter.timed_out()
+            if late or self._full():
+                return False, busy
+            self.in_flight += 1
+            return True, busy
+
+    def _leave(self, started: float) -> None:
+        """An admitted call ended."""
+        with self._lock:
             self.in_flight -= 1
             if self.limiter is not None:
                 self.limiter.done(time.monotonic() - started)
@@ -123,29 +150,40 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
                     self._limit_seen = self.limiter.limit
                     ADMISSION_LIMIT.set(self._limit_seen)
 
-    async def Recommend(
-        self, request: gateway_pb2.RecommendRequest, context: grpc.aio.ServicerContext
+    def _shed_recommend(
+        self, request: gateway_pb2.RecommendRequest
     ) -> gateway_pb2.RecommendResponse:
-        remaining = context.time_remaining()
-        if remaining is not None:
-            self._deadline_left.observe(remaining)
-        busy = self.max_in_flight > 0 and 2 * self.in_flight >= self._limit()
-        # Near the bound, a call that arrives with less than ADMIT_LATE_MS of its
-        # deadline left waited that long before the handler (the gateway is behind):
-        # it is shed like a call past the bound, and the bound learns of the backlog.
-        late = busy and remaining is not None and remaining < self.late_s
-        if late and self.limiter is not None:
-            self.limiter.timed_out()
-        if (late or self._full()) and self.degrade_on_overload:
+        """The answer to a Recommend past the bound: the cached popular items named
+        degraded (OVERLOAD_ANSWER=degraded, once cached), else RESOURCE_EXHAUSTED."""
+        if self.degrade_on_overload:
             resp = self.pipeline.overloaded_recommend(request)
             if resp is not None:
                 self._shed_degraded.inc()
                 return resp
+        self._refuse("Recommend")
+
+    async def _admitted(self, run: Callable[[], Awaitable[T]]) -> T:
+        started = time.monotonic()
+        try:
+            return await run()
+        finally:
+            self._leave(started)
+
+    async def _admit(self, method: str, run: Callable[[], Awaitable[T]]) -> T:
+        """Run ``run`` as one of the bounded calls in progress, or refuse at once."""
+        if not self._enter(None)[0]:
+            self._refuse(method)
+        return await self._admitted(run)
+
+    async def Recommend(
+        self, request: gateway_pb2.RecommendRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.RecommendResponse:
+        admitted, busy = self._enter(context)
+        if not admitted:
+            return self._shed_recommend(request)
         if busy:  # near the bound: have the popular list ready
             self.pipeline.keep_popular_cached()
-        return await self._admit(
-            "Recommend", lambda: self.pipeline.recommend(request, context), late
-        )
+        return await self._admitted(lambda: self.pipeline.recommend(request, context))
 
     async def GetRelatedItems(
         self, request: gateway_pb2.GetRelatedItemsRequest, context: grpc.aio.ServicerContext
@@ -166,6 +204,57 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     ) -> gateway_pb2.TrackEventsResponse:
         return await self.pipeline.track(request, context)
 
+    # The synchronous server's twins (SERVER_MODE=sync): the admission decision and the
+    # shed answer on the pool thread, without the event loop, whose backlog (the
+    # admitted calls' downstream callbacks) then does not delay them; admitted calls run
+    # on the loop as above. grpcio's synchronous server takes new calls from the core
+    # on its own polling thread, where grpc.aio takes them on the event loop.
+
+    def _on_loop(
+        self, fn: Callable[[Any, Any], Awaitable[T]], request: Any, context: grpc.ServicerContext
+    ) -> T:
+        started = time.monotonic()
+        try:
+            return cast(T, run_on_loop(self._bound_loop(), fn, request, context))
+        finally:
+            self._leave(started)
+
+    def _bound_loop(self) -> asyncio.AbstractEventLoop:
+        if self.loop is None:
+            raise RuntimeError("the gateway's synchronous twins need its event loop")
+        return self.loop
+
+    def _admit_sync(
+        self,
+        method: str,
+        fn: Callable[[Any, Any], Awaitable[T]],
+        request: Any,
+        context: grpc.ServicerContext,
+    ) -> T:
+        if not self._enter(None)[0]:
+            self._refuse(method)
+        return self._on_loop(fn, request, context)
+
+    def Recommend_sync(
+        self, request: gateway_pb2.RecommendRequest, context: grpc.ServicerContext
+    ) -> gateway_pb2.RecommendResponse:
+        admitted, busy = self._enter(context)
+        if not admitted:
+            return self._shed_recommend(request)
+        if busy:
+            self._bound_loop().call_soon_threadsafe(self.pipeline.keep_popular_cached)
+        return self._on_loop(self.pipeline.recommend, request, context)
+
+    def GetRelatedItems_sync(
+        self, request: gateway_pb2.GetRelatedItemsRequest, context: grpc.ServicerContext
+    ) -> gateway_pb2.GetRelatedItemsResponse:
+        return self._admit_sync("GetRelatedItems", self.pipeline.related, request, context)
+
+    def GetCartRecommendations_sync(
+        self, request: gateway_pb2.GetCartRecommendationsRequest, context: grpc.ServicerContext
+    ) -> gateway_pb2.GetCartRecommendationsResponse:
+        return self._admit_sync("GetCartRecommendations", self.pipeline.cart, request, context)
+
 
 class GatewayService(BaseService):
     """The gateway as the runtime runs it."""
@@ -176,6 +265,12 @@ class GatewayService(BaseService):
         super().__init__(settings)
         self.gs = settings
         self._lag_watch: asyncio.Task[None] | None = None
+        if settings.server_mode == "sync" and settings.server_threads <= settings.max_in_flight:
+            log.warning(
+                "SERVER_THREADS <= MAX_IN_FLIGHT: admitted calls can hold every pool thread "
+                "and calls past the bound then wait instead of being shed at once",
+                extra={"threads": settings.server_threads, "max_in_flight": settings.max_in_flight},
+            )
         if settings.api_keys_file:
             self.authenticator = ApiKeyAuthenticator.from_file(settings.api_keys_file)
         else:

@@ -42,6 +42,16 @@ class GatewaySettings(ServiceSettings):
             "instead of queueing (0 = no bound)."
         ),
     )
+    server_threads: int = Field(
+        96,
+        ge=1,
+        le=256,
+        description=(
+            "Threads of the synchronous server (SERVER_MODE=sync): above MAX_IN_FLIGHT, "
+            "since each admitted call holds one while it runs on the event loop and the "
+            "calls past the bound need free ones to be answered at once."
+        ),
+    )
     admission: Literal["adaptive", "fixed"] = Field(
         "adaptive",
         description=(

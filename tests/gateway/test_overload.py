@@ -7,7 +7,8 @@ client without retries. Every call is counted.
 With the adaptive admission bound (the default) the calls the gateway admits keep
 their latency low and get full answers at about the downstream's capacity (goodput),
 and the rest are answered at once (popular items named degraded, or RESOURCE_EXHAUSTED
-before a popular list is cached). With a fixed bound of 64, the admitted calls queue in
+before a popular list is cached), in both server modes (the synchronous one decides and
+sheds on its pool threads, session 24). With a fixed bound of 64, the admitted calls queue in
 the downstream past their hop deadlines and the downstream spends its capacity on calls
 nobody waits for."""
 
@@ -99,7 +100,9 @@ def _pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else 0.0
 
 
-def _run(tmp: Path, profile: ServiceProc, limited: str, admission: str) -> dict[str, object]:
+def _run(
+    tmp: Path, profile: ServiceProc, limited: str, admission: str, mode: str
+) -> dict[str, object]:
     gw = start_service(
         "gateway",
         tmp,
@@ -109,6 +112,7 @@ def _run(tmp: Path, profile: ServiceProc, limited: str, admission: str) -> dict[
             "MERCATO_GATEWAY_RANKING_TARGET": limited,
             "MERCATO_GATEWAY_READ_RETRIES": "0",
             "MERCATO_GATEWAY_ADMISSION": admission,
+            "MERCATO_GATEWAY_SERVER_MODE": mode,
             "MERCATO_GATEWAY_LOG_LEVEL": "WARNING",
         },
     )
@@ -148,10 +152,11 @@ def _run(tmp: Path, profile: ServiceProc, limited: str, admission: str) -> dict[
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("mode", ["sync", "asyncio"])
 def test_at_twice_the_capacity_answers_stay_fast_and_goodput_holds(
-    profile: ServiceProc, limited: str, tmp_path: Path
+    profile: ServiceProc, limited: str, tmp_path: Path, mode: str
 ) -> None:
-    r = _run(tmp_path, profile, limited, "adaptive")
+    r = _run(tmp_path, profile, limited, "adaptive", mode)
     assert r["calls"] == int(RATE * SECONDS)
     assert r["errors"] == [], r  # no DEADLINE_EXCEEDED: every call answered in time
     assert r["shed"] >= 0.3 * int(RATE * SECONDS), r  # the excess was shed ...

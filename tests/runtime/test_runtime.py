@@ -50,7 +50,8 @@ def _auth(method: str, metadata: Sequence[tuple[str, Any]]) -> str | None:
     return "tester"
 
 
-async def _run_with(service: BaseService, check: Any) -> None:
+async def run_with(service: BaseService, check: Any) -> None:
+    """Serve ``service`` in-process on loopback while ``check(channel)`` runs."""
     stop = asyncio.Event()
     task = asyncio.create_task(serve(service, stop))
     try:
@@ -88,7 +89,7 @@ async def test_unexpected_error_is_internal_without_stack_trace(mode: str) -> No
         assert err2.value.code() == grpc.StatusCode.NOT_FOUND
         assert err2.value.details() == "customer c1 not found"
 
-    await _run_with(service, check)
+    await run_with(service, check)
 
 
 @MODES
@@ -111,7 +112,7 @@ async def test_authenticator_guards_api_but_not_health(mode: str) -> None:
         resp = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest())
         assert resp.status == health_pb2.HealthCheckResponse.SERVING
 
-    await _run_with(service, check)
+    await run_with(service, check)
 
 
 @MODES
@@ -149,7 +150,7 @@ async def test_one_wrapper_per_method_reads_each_calls_metadata(mode: str) -> No
 
     cls._wrap_unary = counting
     try:
-        await _run_with(service, check)
+        await run_with(service, check)
     finally:
         cls._wrap_unary = original
     assert built.count("/mercato.v1.DiagnosticsService/Echo") == 1
