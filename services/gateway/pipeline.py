@@ -481,9 +481,7 @@ class Pipeline:
             # looked up here, sold-out ones left out, the rest sent in RankRequest.items.
             details = await self.item_details(list(candidates.item_ids), deadline, trace)
             sold = [
-                i
-                for i, item_id in enumerate(candidates.item_ids)
-                if (item := details.get(item_id)) is not None and item.stock <= 0
+                i for i, item_id in enumerate(candidates.item_ids) if _sold_out(details, item_id)
             ]
             if sold:
                 trace.drop("out_of_stock", len(sold))
@@ -546,8 +544,7 @@ class Pipeline:
             details = await self.item_details([r[0] for r in head_rows], deadline, trace)
         out: list[Ranked] = []
         for row in head_rows:
-            item = details.get(row[0])
-            if item is not None and item.stock <= 0:
+            if _sold_out(details, row[0]):
                 trace.drop("out_of_stock")
                 continue
             out.append(row)
@@ -886,7 +883,7 @@ class Pipeline:
         for c in cands:
             if len(ranked) >= k:
                 break
-            if c.item_id in details and details[c.item_id].stock <= 0:
+            if _sold_out(details, c.item_id):
                 trace.drop("out_of_stock")
                 continue
             ranked.append((c.item_id, c.score, [c.source or common_pb2.REASON_SIMILAR], []))
@@ -1100,6 +1097,13 @@ _RELATION_KINDS = (
     common_pb2.RELATION_KIND_COMPLEMENT,
     common_pb2.RELATION_KIND_UPSELL,
 )
+
+
+def _sold_out(details: dict[str, common_pb2.Item], item_id: str) -> bool:
+    """Whether the looked-up details say ``item_id`` is out of stock (an item without
+    details is kept)."""
+    item = details.get(item_id)
+    return item is not None and item.stock <= 0
 
 
 def _related_depth(k: int) -> int:

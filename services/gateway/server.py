@@ -241,8 +241,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         admitted, busy = self._enter(context)
         if not admitted:
             return self._shed_recommend(request)
-        if busy:
-            self._bound_loop().call_soon_threadsafe(self.pipeline.keep_popular_cached)
+        if busy:  # the fetch itself is handed to the loop (Pipeline._warm_popular)
+            self.pipeline.keep_popular_cached()
         return self._on_loop(self.pipeline.recommend, request, context)
 
     def GetRelatedItems_sync(
