@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -216,6 +217,21 @@ def echo_caller(stub: Any) -> Caller:
     return call
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def with_cpu(pid: int, run: Awaitable[dict[str, float]]) -> dict[str, float]:
+    """``run``'s summary with the service process's CPU ms per answered call."""
+    before = cpu_seconds(pid)
+    out = await run
+    used = cpu_seconds(pid) - before
+    out["server_cpu_ms_per_call"] = 1000 * used / max(1.0, out["calls"])
+    return out
+
+
 async def grpc_closed_loop(call: Caller, seconds: float, concurrency: int) -> dict[str, float]:
     lat: list[float] = []
     deadline = time.perf_counter() + seconds
@@ -362,7 +378,7 @@ async def bench_backend(backend: str, args: argparse.Namespace, folder: Path) ->
         store = RedisStore(url, cfg)
         env = {"MERCATO_PROFILE_BACKEND": "redis", "MERCATO_PROFILE_REDIS_URL": url}
     out: dict[str, Any] = {"backend": backend}
-    service = None
+    services: dict[str, tuple[subprocess.Popen[bytes], str]] = {}
     try:
         await store.open()
         print(f"[{backend}] filling {args.customers} customers...", flush=True)
@@ -381,26 +397,47 @@ async def bench_backend(backend: str, args: argparse.Namespace, folder: Path) ->
             args.repeats,
             lambda: store_write_floor(store, 100, args.track_events_100, items, "s100"),
         )
-        service, target = start_service(env, folder)
-        async with grpc.aio.insecure_channel(target, options=channel_options()) as channel:
-            stub = profile_pb2_grpc.ProfileServiceStub(channel)
-            get = get_profile_caller(stub, args.customers)
-            echo = echo_caller(diagnostics_pb2_grpc.DiagnosticsServiceStub(channel))
-            await grpc_closed_loop(get, 1.0, args.concurrency)  # warm up
-            print(f"[{backend}] gRPC GetProfile...", flush=True)
-            out["grpc_echo_closed"] = await repeat(
-                args.repeats, lambda: grpc_closed_loop(echo, args.seconds, args.concurrency)
-            )
-            out["grpc_get_profile_closed"] = await repeat(
-                args.repeats, lambda: grpc_closed_loop(get, args.seconds, args.concurrency)
-            )
-            out["grpc_echo_open"] = await repeat(
-                args.repeats, lambda: grpc_open_loop(echo, args.seconds, args.rate)
-            )
-            out["grpc_get_profile_open"] = await repeat(
-                args.repeats, lambda: grpc_open_loop(get, args.seconds, args.rate)
-            )
-            print(f"[{backend}] gRPC TrackEvents...", flush=True)
+        # One service process per server mode on the same store, measured in turns
+        # (the order alternates between repeats), each with its CPU time per call.
+        modes = [m.strip() for m in args.server_modes.split(",") if m.strip()]
+        for mode in modes:
+            proc, target = start_service({**env, "MERCATO_PROFILE_SERVER_MODE": mode}, folder)
+            services[mode] = (proc, target)
+        out["modes"] = {}
+        async with contextlib.AsyncExitStack() as stack:
+            calls: dict[str, dict[str, Caller]] = {}
+            stubs: dict[str, Any] = {}
+            for mode, (_, target) in services.items():
+                channel = await stack.enter_async_context(
+                    grpc.aio.insecure_channel(target, options=channel_options())
+                )
+                stubs[mode] = profile_pb2_grpc.ProfileServiceStub(channel)
+                calls[mode] = {
+                    "get": get_profile_caller(stubs[mode], args.customers),
+                    "echo": echo_caller(diagnostics_pb2_grpc.DiagnosticsServiceStub(channel)),
+                }
+                await grpc_closed_loop(calls[mode]["get"], 1.0, args.concurrency)  # warm up
+                out["modes"][mode] = {}
+            runs: dict[str, dict[str, list[dict[str, float]]]] = {m: {} for m in services}
+            for r in range(args.repeats):
+                for mode in modes if r % 2 == 0 else modes[::-1]:
+                    print(f"[{backend}] {mode} server: gRPC GetProfile, repeat {r + 1}", flush=True)
+                    pid = services[mode][0].pid
+                    get, echo = calls[mode]["get"], calls[mode]["echo"]
+                    runs_of = {
+                        "grpc_echo_closed": (grpc_closed_loop, echo, args.concurrency),
+                        "grpc_get_profile_closed": (grpc_closed_loop, get, args.concurrency),
+                        "grpc_echo_open": (grpc_open_loop, echo, args.rate),
+                        "grpc_get_profile_open": (grpc_open_loop, get, args.rate),
+                    }
+                    for key, (loop_of, call, load) in runs_of.items():
+                        one = await with_cpu(pid, loop_of(call, args.seconds, load))
+                        runs[mode].setdefault(key, []).append(one)
+            for mode, by_key in runs.items():
+                for key, measured in by_key.items():
+                    out["modes"][mode][key] = median_of(measured)
+            stub = stubs[modes[0]]
+            print(f"[{backend}] gRPC TrackEvents ({modes[0]} server)...", flush=True)
             out["grpc_track_batch1"] = await repeat(
                 args.repeats,
                 lambda: grpc_track(stub, 1, args.track_events_1, args.concurrency, items, "g1"),
@@ -411,7 +448,7 @@ async def bench_backend(backend: str, args: argparse.Namespace, folder: Path) ->
             )
     finally:
         await store.close()
-        if service is not None:
+        for service, _ in services.values():
             service.terminate()
             service.wait(30)
         if redis_proc is not None:
@@ -431,8 +468,9 @@ def markdown(results: dict[str, Any]) -> str:
         f"1-min load average at start: {cfg['load_average_at_start']:.2f}.",
         f"Command: `{cfg['command']}`",
         "",
-        "| backend | measurement | per s | p50 ms | p99 ms | p99.9 ms |",
-        "|---|---|---:|---:|---:|---:|",
+        "| backend | server | measurement | per s | p50 ms | p99 ms | p99.9 ms "
+        "| server CPU ms/call |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
     ]
     names = [
         ("store_get_profile", "GetProfile, direct store read (floor, no gRPC)", "calls"),
@@ -450,22 +488,44 @@ def markdown(results: dict[str, Any]) -> str:
         ("grpc_track_batch100", "TrackEvents gRPC, batch 100, x4", "events"),
     ]
     for b in results["backends"]:
+        modes = b.get("modes", {})
+        first = next(iter(modes), "")
         for key, label, unit in names:
-            m = b.get(key)
-            if not m:
-                continue
-            lines.append(
-                f"| {b['backend']} | {label} | {m['per_s']:,.0f} {unit} | {m['p50_ms']:.3f} | "
-                f"{m['p99_ms']:.3f} | {m['p999_ms']:.3f} |"
-            )
+            found = [(mode, m[key]) for mode, m in modes.items() if key in m]
+            if not found and b.get(key):
+                found = [("" if key.startswith("store") else first, b[key])]
+            for mode, m in found:
+                cpu = m.get("server_cpu_ms_per_call")
+                lines.append(
+                    f"| {b['backend']} | {mode} | {label} | {m['per_s']:,.0f} {unit} | "
+                    f"{m['p50_ms']:.3f} | {m['p99_ms']:.3f} | {m['p999_ms']:.3f} | "
+                    f"{'' if cpu is None else f'{cpu:.3f}'} |"
+                )
+        if len(modes) > 1 and "asyncio" in modes:
+            base = modes["asyncio"]
+            for mode, m in modes.items():
+                if mode == "asyncio":
+                    continue
+                ratios = [
+                    f"{key.removeprefix('grpc_')} "
+                    f"{m[key]['server_cpu_ms_per_call'] / base[key]['server_cpu_ms_per_call']:.2f}x"
+                    for key in base
+                    if key in m and base[key].get("server_cpu_ms_per_call")
+                ]
+                lines.append(
+                    f"| {b['backend']} | {mode} | server CPU per call vs asyncio: "
+                    f"{', '.join(ratios)} | | | | | |"
+                )
     lines += ["", "Target: GetProfile p99 < 1.5 ms at 1,000 calls/s (open loop row)."]
     for b in results["backends"]:
-        m = b.get("grpc_get_profile_open")
-        if m:
-            ok = "meets" if m["p99_ms"] < 1.5 else "MISSES"
-            lines.append(
-                f"- {b['backend']}: p99 {m['p99_ms']:.3f} ms at {m['per_s']:.0f}/s: {ok} the target"
-            )
+        for mode, by_key in b.get("modes", {}).items():
+            m = by_key.get("grpc_get_profile_open")
+            if m:
+                ok = "meets" if m["p99_ms"] < 1.5 else "MISSES"
+                lines.append(
+                    f"- {b['backend']}, {mode} server: p99 {m['p99_ms']:.3f} ms at "
+                    f"{m['per_s']:.0f}/s: {ok} the target"
+                )
     lines += [
         "",
         "Latencies of TrackEvents are per call (a batch); throughput is events/s. Writes "
@@ -484,6 +544,11 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=5.0, help="length of each gRPC GetProfile run")
     p.add_argument("--rate", type=float, default=1000.0, help="open-loop GetProfile calls/s")
     p.add_argument("--concurrency", type=int, default=8)
+    p.add_argument(
+        "--server-modes",
+        default="asyncio,sync",
+        help="profile server modes compared on the same store (MERCATO_PROFILE_SERVER_MODE)",
+    )
     p.add_argument("--floor-calls", type=int, default=20_000)
     p.add_argument("--track-events-1", type=int, default=2_000)
     p.add_argument("--track-events-100", type=int, default=20_000)

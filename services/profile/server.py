@@ -37,6 +37,7 @@ from services.profile.logic import (
 from services.profile.settings import ProfileSettings
 from services.profile.store import (
     AppendResult,
+    CustomerRecord,
     ProfileStore,
     StockChange,
     StoreUnavailable,
@@ -103,6 +104,15 @@ def validate_item(item: common_pb2.Item) -> str | None:
     return None
 
 
+def _items_answer(
+    ids: list[str], found: dict[str, common_pb2.Item]
+) -> profile_pb2.GetItemsResponse:
+    return profile_pb2.GetItemsResponse(
+        items=[found[i] for i in ids if i in found],
+        missing_item_ids=[i for i in ids if i not in found],
+    )
+
+
 class ProfileServicer(profile_pb2_grpc.ProfileServiceServicer):
     """RPC handlers: validate, call the store, shape the answer."""
 
@@ -136,11 +146,25 @@ class ProfileServicer(profile_pb2_grpc.ProfileServiceServicer):
             accepted=result.accepted, duplicates=result.duplicates, errors=errors
         )
 
+    # The reads on every Recommend's path have synchronous twins (``X_sync``): with
+    # server_mode=sync they run whole on the pool thread, through the store's
+    # thread-safe reads, and never wait for the event loop. Writes stay on the loop.
+
     async def GetProfile(
         self, request: profile_pb2.GetProfileRequest, context: grpc.aio.ServicerContext
     ) -> profile_pb2.GetProfileResponse:
         _require_id(request.customer_id, "customer_id")
         (rec,) = await self.store.get_customers([request.customer_id])
+        return self._profile(rec, context)
+
+    def GetProfile_sync(
+        self, request: profile_pb2.GetProfileRequest, context: grpc.ServicerContext
+    ) -> profile_pb2.GetProfileResponse:
+        _require_id(request.customer_id, "customer_id")
+        (rec,) = self.store.get_customers_sync([request.customer_id])
+        return self._profile(rec, context)
+
+    def _profile(self, rec: CustomerRecord, context: Any) -> profile_pb2.GetProfileResponse:
         ensure_time_left(context, "build_profile")
         return profile_pb2.GetProfileResponse(
             profile=build_profile(rec.customer_id, rec.state, rec.static, now_us(), self.cfg)
@@ -149,11 +173,21 @@ class ProfileServicer(profile_pb2_grpc.ProfileServiceServicer):
     async def BatchGetProfiles(
         self, request: profile_pb2.BatchGetProfilesRequest, context: grpc.aio.ServicerContext
     ) -> profile_pb2.BatchGetProfilesResponse:
+        return self._profiles(await self.store.get_customers(self._batch_ids(request)))
+
+    def BatchGetProfiles_sync(
+        self, request: profile_pb2.BatchGetProfilesRequest, context: grpc.ServicerContext
+    ) -> profile_pb2.BatchGetProfilesResponse:
+        return self._profiles(self.store.get_customers_sync(self._batch_ids(request)))
+
+    def _batch_ids(self, request: profile_pb2.BatchGetProfilesRequest) -> list[str]:
         ids = list(request.customer_ids)
         _require_count(len(ids), "customer_ids", min(1000, self.max_batch))
         for cid in ids:
             _require_id(cid, "customer_ids entry")
-        records = await self.store.get_customers(ids)
+        return ids
+
+    def _profiles(self, records: list[CustomerRecord]) -> profile_pb2.BatchGetProfilesResponse:
         now = now_us()
         return profile_pb2.BatchGetProfilesResponse(
             profiles=[
@@ -178,6 +212,13 @@ class ProfileServicer(profile_pb2_grpc.ProfileServiceServicer):
     ) -> profile_pb2.GetCartResponse:
         _require_id(request.customer_id, "customer_id")
         (rec,) = await self.store.get_customers([request.customer_id])
+        return profile_pb2.GetCartResponse(cart=build_cart(request.customer_id, rec.state))
+
+    def GetCart_sync(
+        self, request: profile_pb2.GetCartRequest, context: grpc.ServicerContext
+    ) -> profile_pb2.GetCartResponse:
+        _require_id(request.customer_id, "customer_id")
+        (rec,) = self.store.get_customers_sync([request.customer_id])
         return profile_pb2.GetCartResponse(cart=build_cart(request.customer_id, rec.state))
 
     async def ListAbandonedCarts(
@@ -245,15 +286,21 @@ class ProfileServicer(profile_pb2_grpc.ProfileServiceServicer):
     async def GetItems(
         self, request: profile_pb2.GetItemsRequest, context: grpc.aio.ServicerContext
     ) -> profile_pb2.GetItemsResponse:
+        ids = self._item_ids(request)
+        return _items_answer(ids, await self.store.get_items(ids))
+
+    def GetItems_sync(
+        self, request: profile_pb2.GetItemsRequest, context: grpc.ServicerContext
+    ) -> profile_pb2.GetItemsResponse:
+        ids = self._item_ids(request)
+        return _items_answer(ids, self.store.get_items_sync(ids))
+
+    def _item_ids(self, request: profile_pb2.GetItemsRequest) -> list[str]:
         ids = list(dict.fromkeys(request.item_ids))
         _require_count(len(request.item_ids), "item_ids", self.max_batch)
         for i in ids:
             _require_id(i, "item_ids entry")
-        found = await self.store.get_items(ids)
-        return profile_pb2.GetItemsResponse(
-            items=[found[i] for i in ids if i in found],
-            missing_item_ids=[i for i in ids if i not in found],
-        )
+        return ids
 
     async def ListCustomers(
         self, request: profile_pb2.ListCustomersRequest, context: grpc.aio.ServicerContext

@@ -182,8 +182,14 @@ def test_redis_sigkill_mid_stream(tmp_path: Path, own_redis: RedisProc) -> None:
     asyncio.run(_verify(RedisStore(own_redis.url, cfg), cfg, batches, stream.acked))
 
 
-def test_redis_outage_unavailable_then_recovery(tmp_path: Path, own_redis: RedisProc) -> None:
+@pytest.mark.parametrize("mode", ["asyncio", "sync"])
+def test_redis_outage_unavailable_then_recovery(
+    tmp_path: Path, own_redis: RedisProc, mode: str
+) -> None:
+    # server_mode=sync: the reads run on pool threads through the store's synchronous
+    # Redis client, which must map the outage to UNAVAILABLE and reconnect the same way.
     env = {
+        "MERCATO_PROFILE_SERVER_MODE": mode,
         "MERCATO_PROFILE_BACKEND": "redis",
         "MERCATO_PROFILE_REDIS_URL": own_redis.url,
         "MERCATO_PROFILE_STORE_CHECK_SECONDS": "0.2",
@@ -203,6 +209,8 @@ def test_redis_outage_unavailable_then_recovery(tmp_path: Path, own_redis: Redis
             for call in (
                 lambda: stub.TrackEvents(_request(events[20:]), timeout=5),
                 lambda: stub.GetProfile(profile_pb2.GetProfileRequest(customer_id=cid), timeout=5),
+                lambda: stub.GetItems(profile_pb2.GetItemsRequest(item_ids=["i1"]), timeout=5),
+                lambda: stub.GetCart(profile_pb2.GetCartRequest(customer_id=cid), timeout=5),
             ):
                 with pytest.raises(grpc.RpcError) as info:
                     call()
@@ -216,6 +224,8 @@ def test_redis_outage_unavailable_then_recovery(tmp_path: Path, own_redis: Redis
             svc.wait_status("SERVING", timeout=20)
             after = stub.GetProfile(profile_pb2.GetProfileRequest(customer_id=cid), timeout=5)
             assert after.profile.recent_items == before.profile.recent_items
+            items = stub.GetItems(profile_pb2.GetItemsRequest(item_ids=["i1"]), timeout=5)
+            assert [i.item_id for i in items.items] == ["i1"]
             resp = stub.TrackEvents(_request(events), timeout=5)
             assert (resp.accepted, resp.duplicates) == (20, 20)
     finally:

@@ -21,10 +21,18 @@ ET = common_pb2.EventType
 MAX_BATCH = 50
 
 
-@pytest.fixture(scope="module")
-def svc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProc]:
+@pytest.fixture(scope="module", params=["asyncio", "sync"])
+def svc(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServiceProc]:
+    # Every RPC under both servers: with server_mode=sync the reads run as synchronous
+    # twins on the pool threads (#14), the writes on the event loop.
     tmp: Path = tmp_path_factory.mktemp("profile-svc")
-    proc = start_service("profile", tmp, {"MERCATO_PROFILE_MAX_BATCH": str(MAX_BATCH)})
+    env = {
+        "MERCATO_PROFILE_MAX_BATCH": str(MAX_BATCH),
+        "MERCATO_PROFILE_SERVER_MODE": request.param,
+    }
+    proc = start_service("profile", tmp, env)
     yield proc
     assert proc.terminate() == 0, proc.log()[-3000:]
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -408,3 +409,36 @@ async def test_redis_numbers_items_written_before_the_feed(redis_server: object)
     finally:
         await store.flush_prefix()
         await store.close()
+
+
+async def test_sync_reads_answer_as_the_async_ones_from_many_threads(
+    store: ProfileStore, cfg: ProfileConfig
+) -> None:
+    """The synchronous server's reads (#14): the same records and items as the async
+    reads, from eight threads at once while batches are being written."""
+    items = catalog(30)
+    await store.upsert_items(items, NOW_US)
+    await store.upsert_customers([CustomerStatic("c1", "GB", "vip", {})])
+    log = to_log(random_events(9, 120, customers=6), items)
+    await store.append_events(log[:60])
+    ids = sorted({e.customer_id for e in log} | {"c1", "nobody"})
+    item_ids = [i.item_id for i in items] + ["ghost", "i3"]
+
+    def read() -> tuple[list[object], dict[str, common_pb2.Item]]:
+        return list(store.get_customers_sync(ids)), store.get_items_sync(item_ids)
+
+    loop = asyncio.get_running_loop()
+    expected = (await store.get_customers(ids), await store.get_items(item_ids))
+    with ThreadPoolExecutor(8) as pool:
+        reads = [loop.run_in_executor(pool, read) for _ in range(64)]
+        await asyncio.sleep(0)
+        await store.append_events(log[60:])  # writes while the threads read
+        during = await asyncio.gather(*reads)
+        after = await loop.run_in_executor(pool, read)
+    final = (await store.get_customers(ids), await store.get_items(item_ids))
+    assert after[0] == final[0] and after[1] == final[1]
+    assert [r.customer_id for r in after[0]] == ids  # type: ignore[attr-defined]
+    assert set(after[1]) == {i.item_id for i in items}
+    for records, found in during:  # each read saw the state before or after the write
+        assert records in (expected[0], final[0])
+        assert found == expected[1]

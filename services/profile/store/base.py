@@ -174,6 +174,11 @@ class ProfileStore(abc.ABC):
         """The stored record of each id, in order."""
 
     @abc.abstractmethod
+    def get_customers_sync(self, customer_ids: Sequence[str]) -> list[CustomerRecord]:
+        """:meth:`get_customers` without the event loop: the synchronous server's pool
+        threads call it (``server_mode=sync``), so it must be safe from many threads."""
+
+    @abc.abstractmethod
     async def upsert_customers(self, customers: Sequence[CustomerStatic]) -> int:
         """Create or replace customers' static attributes (atomic per batch)."""
 
@@ -200,6 +205,11 @@ class ProfileStore(abc.ABC):
     @abc.abstractmethod
     async def get_items(self, item_ids: Sequence[str]) -> dict[str, common_pb2.Item]:
         """The catalog items among ``item_ids`` by id."""
+
+    @abc.abstractmethod
+    def get_items_sync(self, item_ids: Sequence[str]) -> dict[str, common_pb2.Item]:
+        """:meth:`get_items` without the event loop (pool threads, like
+        :meth:`get_customers_sync`)."""
 
     @abc.abstractmethod
     async def update_stock(self, changes: Sequence[StockChange]) -> list[common_pb2.Item]:

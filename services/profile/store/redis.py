@@ -29,7 +29,9 @@ from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from typing import Any, ParamSpec, TypeVar
 from urllib.parse import urlsplit
 
+import redis
 import redis.asyncio as aioredis
+import redis.retry
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import (
@@ -99,6 +101,17 @@ return added
 """
 
 
+def _store_error(address: str, exc: Exception) -> StoreUnavailable | None:
+    """StoreUnavailable for a "Redis is not reachable now" error, None for others."""
+    if isinstance(exc, BusyLoadingError):
+        return StoreUnavailable(
+            f"profile store (Redis at {address}) is loading its data; retry shortly"
+        )
+    if isinstance(exc, (RedisConnectionError, RedisTimeoutError)):
+        return StoreUnavailable(f"profile store (Redis at {address}) is unreachable: {exc}")
+    return None
+
+
 def _unavailable(
     fn: Callable[P, Coroutine[Any, Any, R]],
 ) -> Callable[P, Coroutine[Any, Any, R]]:
@@ -106,19 +119,29 @@ def _unavailable(
 
     @functools.wraps(fn)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        self = args[0]
         try:
             return await fn(*args, **kwargs)
-        except BusyLoadingError as exc:
-            raise StoreUnavailable(
-                f"profile store (Redis at {self.address}) is loading its data; retry shortly"  # type: ignore[attr-defined]
-            ) from exc
-        except (RedisConnectionError, RedisTimeoutError) as exc:
-            raise StoreUnavailable(
-                f"profile store (Redis at {self.address}) is unreachable: {exc}"  # type: ignore[attr-defined]
-            ) from exc
+        except (BusyLoadingError, RedisConnectionError, RedisTimeoutError) as exc:
+            raise _store_error(args[0].address, exc) from exc  # type: ignore[attr-defined,misc]
 
     return wrapper
+
+
+def _unavailable_sync(fn: Callable[P, R]) -> Callable[P, R]:
+    """:func:`_unavailable` for the synchronous client's methods."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return fn(*args, **kwargs)
+        except (BusyLoadingError, RedisConnectionError, RedisTimeoutError) as exc:
+            raise _store_error(args[0].address, exc) from exc  # type: ignore[attr-defined,misc]
+
+    return wrapper
+
+
+def _items(ids: list[str], values: Sequence[bytes | None]) -> dict[str, common_pb2.Item]:
+    return {i: common_pb2.Item.FromString(v) for i, v in zip(ids, values, strict=True) if v}
 
 
 class RedisStore(ProfileStore):
@@ -140,6 +163,7 @@ class RedisStore(ProfileStore):
         self.prefix = prefix
         self.timeout = timeout_seconds
         self._r: aioredis.Redis | None = None
+        self._rs: redis.Redis | None = None
         p = prefix
         self.k_log = p + "log"
         self.k_anchor = p + "tanchor"
@@ -177,6 +201,13 @@ class RedisStore(ProfileStore):
             raise StoreUnavailable("the profile store is not open")
         return self._r
 
+    @property
+    def rs(self) -> Any:
+        """The synchronous client (raises StoreUnavailable before open)."""
+        if self._rs is None:
+            raise StoreUnavailable("the profile store is not open")
+        return self._rs
+
     @_unavailable
     async def open(self) -> None:
         if self._r is None:
@@ -187,6 +218,16 @@ class RedisStore(ProfileStore):
                 # One quick retry on a fresh connection (a pooled connection may predate a
                 # Redis restart); no backoff: an outage is reported at once as UNAVAILABLE.
                 retry=Retry(NoBackoff(), 1),
+                health_check_interval=0,
+            )
+        if self._rs is None:
+            # The synchronous server's pool threads read through this one (a thread-safe
+            # connection pool), with the same timeouts and retry.
+            self._rs = redis.Redis.from_url(
+                self.url,
+                socket_timeout=self.timeout,
+                socket_connect_timeout=self.timeout,
+                retry=redis.retry.Retry(NoBackoff(), 1),
                 health_check_interval=0,
             )
         await self.r.ping()
@@ -217,6 +258,9 @@ class RedisStore(ProfileStore):
         if self._r is not None:
             await self._r.aclose()
             self._r = None
+        if self._rs is not None:
+            self._rs.close()
+            self._rs = None
 
     @_unavailable
     async def ping(self) -> None:
@@ -288,11 +332,21 @@ class RedisStore(ProfileStore):
 
     @_unavailable
     async def get_customers(self, customer_ids: Sequence[str]) -> list[CustomerRecord]:
+        return self._records(customer_ids, await self.r.mget(self._customer_keys(customer_ids)))
+
+    @_unavailable_sync
+    def get_customers_sync(self, customer_ids: Sequence[str]) -> list[CustomerRecord]:
+        return self._records(customer_ids, self.rs.mget(self._customer_keys(customer_ids)))
+
+    def _customer_keys(self, customer_ids: Sequence[str]) -> list[str]:
         keys: list[str] = []
         for cid in customer_ids:
             keys.append(self.k_state(cid))
             keys.append(self.k_static(cid))
-        values = await self.r.mget(keys)
+        return keys
+
+    @staticmethod
+    def _records(customer_ids: Sequence[str], values: Sequence[Any]) -> list[CustomerRecord]:
         out = []
         for n, cid in enumerate(customer_ids):
             state, static = values[2 * n], values[2 * n + 1]
@@ -428,8 +482,14 @@ class RedisStore(ProfileStore):
         ids = list(dict.fromkeys(item_ids))
         if not ids:
             return {}
-        values = await self.r.mget([self.k_item(i) for i in ids])
-        return {i: common_pb2.Item.FromString(v) for i, v in zip(ids, values, strict=True) if v}
+        return _items(ids, await self.r.mget([self.k_item(i) for i in ids]))
+
+    @_unavailable_sync
+    def get_items_sync(self, item_ids: Sequence[str]) -> dict[str, common_pb2.Item]:
+        ids = list(dict.fromkeys(item_ids))
+        if not ids:
+            return {}
+        return _items(ids, self.rs.mget([self.k_item(i) for i in ids]))
 
     @_unavailable
     async def update_stock(self, changes: Sequence[StockChange]) -> list[common_pb2.Item]:

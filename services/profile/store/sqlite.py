@@ -435,6 +435,11 @@ class SqliteStore(ProfileStore):
     # --- customers ------------------------------------------------------------------
 
     async def get_customers(self, customer_ids: Sequence[str]) -> list[CustomerRecord]:
+        return self.get_customers_sync(customer_ids)
+
+    def get_customers_sync(self, customer_ids: Sequence[str]) -> list[CustomerRecord]:
+        # One read connection for every thread: sqlite3.threadsafety is 3 (serialized),
+        # and a WAL reader never waits for the writer.
         conn = self._read()
         found: dict[str, tuple[str | None, str | None]] = {}
         try:
@@ -576,14 +581,20 @@ class SqliteStore(ProfileStore):
         return result
 
     async def get_items(self, item_ids: Sequence[str]) -> dict[str, common_pb2.Item]:
+        return self.get_items_sync(item_ids)
+
+    def get_items_sync(self, item_ids: Sequence[str]) -> dict[str, common_pb2.Item]:
         out: dict[str, common_pb2.Item] = {}
         conn = self._read()
-        for part in _chunks(list(dict.fromkeys(item_ids))):
-            marks = ",".join("?" * len(part))
-            for item_id, data in conn.execute(
-                f"SELECT item_id, data FROM items WHERE item_id IN ({marks})", part
-            ):
-                out[item_id] = _item_from_row(data)
+        try:
+            for part in _chunks(list(dict.fromkeys(item_ids))):
+                marks = ",".join("?" * len(part))
+                for item_id, data in conn.execute(
+                    f"SELECT item_id, data FROM items WHERE item_id IN ({marks})", part
+                ):
+                    out[item_id] = _item_from_row(data)
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"profile database read failed: {exc}") from exc
         return out
 
     async def update_stock(self, changes: Sequence[StockChange]) -> list[common_pb2.Item]:
