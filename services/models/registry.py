@@ -4,16 +4,21 @@
 cheap for code that only loads bundles from disk. With an MLflow server (``http(s)://``
 tracking URI) it is not imported at all: both calls go over the REST API
 (:mod:`services.models.registry_http`), so a model-serving process holds neither torch
-nor mlflow.
+nor mlflow. With the embedded SQLite store (``sqlite:///``) both are read from the
+database file and the local artifact directory (:mod:`services.models.registry_sqlite`),
+falling back to the mlflow client for what that reader does not cover.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from services.models import registry_http
+from services.models import registry_http, registry_sqlite
+
+log = logging.getLogger("mercato.models.registry")
 
 BUNDLE_ARTIFACT_PATH = "bundle"
 
@@ -42,6 +47,12 @@ def resolve_alias(model_name: str, alias: str, tracking_uri: str) -> ModelVersio
             source=str(rest.get("source") or ""),
             tags={str(t["key"]): str(t.get("value", "")) for t in rest.get("tags", [])},
         )
+    if registry_sqlite.is_sqlite(tracking_uri):
+        try:
+            row = registry_sqlite.resolve_alias(model_name, alias, tracking_uri)
+            return ModelVersionInfo(name=model_name, alias=alias, **row)
+        except registry_sqlite.Unsupported as exc:
+            log.info("registry read with the mlflow client", extra={"reason": str(exc)})
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
@@ -81,6 +92,13 @@ def download_run_bundle(info: ModelVersionInfo, tracking_uri: str, dst: Path) ->
     artifact_path = info.tags.get("bundle_artifact_path", BUNDLE_ARTIFACT_PATH)
     if registry_http.is_http(tracking_uri):
         return registry_http.download_run_artifacts(tracking_uri, info.run_id, artifact_path, dst)
+    if registry_sqlite.is_sqlite(tracking_uri):
+        try:
+            return registry_sqlite.download_run_artifacts(
+                tracking_uri, info.run_id, artifact_path, dst
+            )
+        except registry_sqlite.Unsupported as exc:
+            log.info("registry read with the mlflow client", extra={"reason": str(exc)})
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     import mlflow.artifacts

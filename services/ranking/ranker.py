@@ -23,6 +23,7 @@ import numpy as np
 
 from mercato.v1 import common_pb2
 from services.common.tasks import cancel_tasks
+from services.models import registry_sqlite
 from services.models.ranker import (
     CandidateDetails,
     ItemTable,
@@ -200,7 +201,7 @@ class RegistryScorers:
         """True while the embedded SQLite store does not exist yet (nothing registered):
         looking it up would create it, so wait for training to create it."""
         uri = self.tracking_uri
-        return uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).is_file()
+        return registry_sqlite.is_sqlite(uri) and not registry_sqlite.db_path(uri).is_file()
 
     async def _run(self) -> None:
         while self._store_missing():

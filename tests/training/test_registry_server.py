@@ -3,11 +3,7 @@
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,7 +11,7 @@ import pytest
 
 from services.models.registry import BUNDLE_ARTIFACT_PATH, download_bundle
 from tests.mlflow_server import MlflowServer
-from tests.procs import REPO
+from tests.procs import run_snippet
 from training import registry
 
 pytestmark = pytest.mark.slow
@@ -104,15 +100,7 @@ except LookupError as e:
 print(json.dumps({{"version": info.version, "run_id": info.run_id, "local": str(local),
     "missing": missing, "mlflow": sorted(m for m in sys.modules if m.startswith("mlflow"))}}))
 """
-    out = subprocess.run(
-        [sys.executable, "-c", code],
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    got = json.loads(out.stdout.strip().splitlines()[-1])
+    got = run_snippet(code)
     assert got["mlflow"] == []
     assert (got["version"], got["run_id"], got["missing"]) == ("1", run_id, "LookupError")
     local = Path(got["local"])
