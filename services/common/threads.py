@@ -54,6 +54,14 @@ def configure_threads(threads: int = 1) -> int:
         import faiss
 
         faiss.omp_set_num_threads(_configured)
+    if "numpy" in sys.modules or "faiss" in sys.modules:
+        # BLAS and OpenMP libraries already loaded read the environment variables above
+        # at load time only: numpy's OpenBLAS, loaded by a service's imports before its
+        # runtime calls this, would keep one thread per core, and its idle worker spins
+        # between calls (it used twice the CPU of ranking's main thread under load, #14).
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(limits=_configured)
     return _configured
 
 

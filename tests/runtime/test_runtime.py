@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -188,6 +189,39 @@ def test_thread_limits_apply_to_torch_and_blas() -> None:
         check=True,
     )
     assert out.stdout.split() == ["1", "1", "1", "spawn"]
+
+
+def test_thread_limits_reach_blas_loaded_before_the_runtime() -> None:
+    """What a service process does: its server module imports numpy (and FAISS) before
+    the runtime calls configure_threads. The BLAS and OpenMP pools those imports started
+    (two threads each here, whatever the machine) must end at the configured one: an
+    idle OpenBLAS worker spins between calls (#14)."""
+    code = (
+        "import json\n"
+        "import services.ranking.server, services.retrieval.server  # numpy, FAISS\n"
+        "from threadpoolctl import threadpool_info\n"
+        "before = sorted({(p['internal_api'], p['num_threads']) for p in threadpool_info()})\n"
+        "from services.common.threads import configure_threads\n"
+        "configure_threads(1)\n"
+        "after = sorted({(p['internal_api'], p['num_threads']) for p in threadpool_info()})\n"
+        "print(json.dumps([before, after]))\n"
+    )
+    env = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "MLFLOW_DISABLE_TELEMETRY": "true"}
+    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):
+        env[var] = "2"
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    before, after = json.loads(out.stdout.strip().splitlines()[-1])
+    assert ["openblas", 2] in before  # numpy's OpenBLAS started with two
+    assert {api for api, _ in after} >= {"openblas", "openmp"}
+    assert all(n == 1 for _, n in after), after
 
 
 def test_generated_stubs_are_fresh() -> None:
