@@ -27,6 +27,7 @@ import math
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from itertools import repeat
 from typing import TYPE_CHECKING
 
 import grpc
@@ -99,9 +100,27 @@ class CandidateArrays:
     replenishable: np.ndarray  # bool
     promoted: np.ndarray  # bool
     table_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    # The table the rows were read from (None: built without one).
+    table: CatalogTable | None = field(default=None, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.known)
+
+    def rows_in(self, ids: Sequence[str], row: Mapping[str, int]) -> np.ndarray:
+        """The candidates' (``ids``, row j = candidate j) rows in another id -> row
+        mapping ``row`` (the ranker's item table), -1 where it has none: through the
+        catalogue table's map of its rows into ``row`` (:meth:`CatalogTable.rows_in`)
+        for the candidates it holds, by id for the others. The same rows as looking
+        every id up in ``row``, without a second look-up by id per candidate."""
+        rows = self.table_rows
+        if self.table is None or len(rows) != len(ids) or not len(self.table):
+            return np.fromiter(map(row.get, ids, repeat(-1)), dtype=np.int64, count=len(ids))
+        out = self.table.rows_in(row)[np.maximum(rows, 0)]
+        missing = np.flatnonzero(rows < 0)
+        if len(missing):
+            get = row.get
+            out[missing] = [get(ids[j], -1) for j in missing.tolist()]
+        return out
 
     def category_strings(self) -> list[str]:
         """Category name per candidate ("" = none)."""
@@ -212,11 +231,14 @@ class CatalogTable:
         self.item_start = np.zeros(0, dtype=np.int64)
         self.item_size = np.zeros(0, dtype=np.int32)
         self.loaded_at = loaded_at
+        # (mapping, each row's row in it): see rows_in; the last two mappings asked for
+        self._row_maps: tuple[tuple[Mapping[str, int], np.ndarray], ...] = ()
         self._write(items)
 
     def updated(self, items: Iterable[common_pb2.Item], loaded_at: float) -> CatalogTable:
         """A new table: this one with ``items`` (changed or new catalogue items) written
-        over their rows, new ids appended. This table is left as it was."""
+        over their rows, new ids appended. This table is left as it was (the maps of
+        :meth:`rows_in` carry over: rows keep their ids, the new ones are looked up)."""
         out = copy.copy(self)
         out.loaded_at = loaded_at
         out._write(items)
@@ -279,10 +301,28 @@ class CatalogTable:
     def __len__(self) -> int:
         return len(self.ids)
 
+    def rows_in(self, row: Mapping[str, int]) -> np.ndarray:
+        """Each row's row in another id -> row mapping ``row`` (-1 = not there), for the
+        ranker's item table: built by id once per table and mapping (a refreshed table
+        looks up only the rows it added), so a Rank call maps its candidates' rows
+        instead of looking each id up a second time. ``row`` must not change while it
+        is in use (the ranker's table never does: a new version is a new mapping)."""
+        mapped = next(
+            (m for known, m in self._row_maps if known is row), np.zeros(0, dtype=np.int64)
+        )
+        n = len(self.ids)
+        if len(mapped) < n:  # new, or rows added since (ids never change row)
+            more = self.ids[len(mapped) :]
+            mapped = np.concatenate(
+                [mapped, np.fromiter(map(row.get, more, repeat(-1)), np.int64, len(more))]
+            )
+            others = tuple(m for m in self._row_maps if m[0] is not row)
+            self._row_maps = ((row, mapped), *others[:1])  # a race builds it twice: harmless
+        return mapped
+
     def rows(self, ids: Sequence[str]) -> np.ndarray:
         """Row of each id (-1 = not in the table)."""
-        get = self.row.get
-        return np.fromiter((get(i, -1) for i in ids), dtype=np.int64, count=len(ids))
+        return np.fromiter(map(self.row.get, ids, repeat(-1)), dtype=np.int64, count=len(ids))
 
     def lookup(self, ids: Sequence[str]) -> CandidateArrays:
         """The rows of ``ids`` (unknown ids: not known, stock -1, no category)."""
@@ -299,6 +339,7 @@ class CatalogTable:
                 replenishable=self.replenishable[rows],
                 promoted=self.promoted[rows],
                 table_rows=rows,
+                table=self,
             )
         out = CandidateArrays.empty(len(ids))
         r = rows[known]
@@ -309,7 +350,7 @@ class CatalogTable:
         out.margin[known] = self.margin[r]
         out.replenishable[known] = self.replenishable[r]
         out.promoted[known] = self.promoted[r]
-        return replace(out, category_names=self.category_names, table_rows=rows)
+        return replace(out, category_names=self.category_names, table_rows=rows, table=self)
 
 
 async def load_catalog(
