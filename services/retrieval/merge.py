@@ -112,13 +112,9 @@ def fuse(
 
 
 def history_rows(model: RetrievalModel, st: IndexState, query: UserQuery) -> np.ndarray:
-    """Rows of the customer's recent items, purchases and cart the model knows."""
-    rows = []
-    for item_id in (*query.recent_item_ids, *query.purchased_item_ids, *query.cart_item_ids):
-        r = model.bundle.row_of(item_id)  # item-to-item knows the trained rows only
-        if r is not None:
-            rows.append(r)
-    return np.unique(np.asarray(rows, dtype=np.int64))
+    """Rows of the customer's recent items, purchases and cart the model knows (the
+    trained rows only, as item-to-item; the user tower's look-up, done once)."""
+    return np.unique(np.asarray(model.bundle.known_rows(query), dtype=np.int64))
 
 
 @dataclass
