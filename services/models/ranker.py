@@ -310,14 +310,17 @@ class ItemTable:
 def build_features(query: RankerQuery, cands: CandidateDetails, table: ItemTable) -> np.ndarray:
     """Feature matrix float32 ``[len(cands), N_FEATURES]`` in :data:`FEATURES` order."""
     n = len(cands.ids)
-    x = np.zeros((n, N_FEATURES), dtype=np.float64)
+    # Built a column at a time: column-major, so each column is contiguous; the result
+    # is the same C-order float32 matrix.
+    x = np.zeros((n, N_FEATURES), dtype=np.float64, order="F")
     if n == 0:
-        return x.astype(np.float32)
+        return np.ascontiguousarray(x, dtype=np.float32)
     s = np.asarray(cands.scores, dtype=np.float64)
     x[:, _F["retrieval_score"]] = s
     x[:, _F["score_gap"]] = s.max() - s
-    std = s.std()
-    x[:, _F["score_z"]] = (s - s.mean()) / std if std > 1e-12 else 0.0
+    centred = s - s.mean()
+    std = math.sqrt((centred * centred).sum() / n)  # s.std(), the same sums, to the bit
+    x[:, _F["score_z"]] = centred / std if std > 1e-12 else 0.0
     order = np.argsort(-s, kind="stable")
     rank = np.empty(n, dtype=np.float64)
     rank[order] = np.arange(n)
@@ -436,7 +439,7 @@ def build_features(query: RankerQuery, cands: CandidateDetails, table: ItemTable
     _collaboration_features(x, cands, rows, known, table, query.now)
     _cart_features(x, query, rows, known, table)
     _time_features(x, query.now)
-    return x.astype(np.float32)
+    return np.ascontiguousarray(x, dtype=np.float32)
 
 
 def _cart_features(

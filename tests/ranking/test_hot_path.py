@@ -208,3 +208,26 @@ def test_request_features_read_the_mapped_rows() -> None:
         served, build_features(ranker_query(profile, ctx), details, ranker)
     )
     assert isinstance(details, CandidateDetails)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 17, 200, 1001])
+def test_score_z_is_numpys_standard_score_to_the_bit(n: int) -> None:
+    """``build_features`` computes the standard deviation from the centred scores
+    itself (not ``np.std``): the same column, to the bit."""
+    rng = np.random.default_rng(n)
+    ranker = item_table(rng, [f"i{j}" for j in range(50)])
+    for scale in (1e-3, 1.0, 1e6):
+        s = rng.normal(size=n) * scale + rng.normal() * scale
+        cands = CandidateDetails(
+            ids=[f"i{j}" for j in range(n)],
+            scores=s,
+            price=np.zeros(n),
+            stock=np.full(n, -1.0),
+            margin=np.zeros(n),
+            category=[""] * n,
+        )
+        std = s.std()
+        want = (s - s.mean()) / std if std > 1e-12 else np.zeros(n)
+        x = build_features(RankerQuery(now=1.7e9), cands, ranker)
+        assert x.flags.c_contiguous and x.dtype == np.float32
+        np.testing.assert_array_equal(x[:, _F["score_z"]], want.astype(np.float32))
