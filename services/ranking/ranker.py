@@ -96,7 +96,7 @@ def candidate_details(
     rows in it (mapped from the catalogue rows: :meth:`CandidateArrays.rows_in`)."""
     i2i = candidates.source_scores.get(int(common_pb2.REASON_SIMILAR))
     return CandidateDetails(
-        rows=None if table is None else items.rows_in(candidates.ids, table.row),
+        rows=None if table is None else items.rows_in(candidates.ids, table),
         ids=list(candidates.ids),
         scores=retrieval_scores(candidates),
         price=np.asarray(items.price, dtype=np.float64),

@@ -88,23 +88,21 @@ def test_candidate_rows_mapped_from_the_catalogue_equal_the_lookup_by_id() -> No
     asked = [f"i{j}" for j in rng.permutation(500)[:250]] + ["i5", "nowhere"]
     for tab in (ranker, newer, ranker):
         np.testing.assert_array_equal(
-            catalogue.lookup(asked).rows_in(asked, tab.row), by_id(tab, asked)
+            catalogue.lookup(asked).rows_in(asked, tab), by_id(tab, asked)
         )
     refreshed = catalogue.updated(
         catalogue_items(rng, [f"i{j}" for j in (*range(0, 60), *range(400, 480), 120)]), 1.0
     )
     for table in (refreshed, catalogue):  # the older table answers as before
         for tab in (ranker, newer):
-            got = table.lookup(asked).rows_in(asked, tab.row)
+            got = table.lookup(asked).rows_in(asked, tab)
             np.testing.assert_array_equal(got, by_id(tab, asked))
     # items sent with the request or fetched since the refresh keep the catalogue rows
     sent = {"i7": common_pb2.Item(item_id="i7", category="c1", stock=3)}
     overlaid = refreshed.lookup(asked).overlay(asked, sent)
-    np.testing.assert_array_equal(overlaid.rows_in(asked, ranker.row), by_id(ranker, asked))
+    np.testing.assert_array_equal(overlaid.rows_in(asked, ranker), by_id(ranker, asked))
     empty = CatalogTable()
-    np.testing.assert_array_equal(
-        empty.lookup(asked).rows_in(asked, ranker.row), by_id(ranker, asked)
-    )
+    np.testing.assert_array_equal(empty.lookup(asked).rows_in(asked, ranker), by_id(ranker, asked))
 
 
 def cart_loop(
@@ -231,3 +229,26 @@ def test_score_z_is_numpys_standard_score_to_the_bit(n: int) -> None:
         x = build_features(RankerQuery(now=1.7e9), cands, ranker)
         assert x.flags.c_contiguous and x.dtype == np.float32
         np.testing.assert_array_equal(x[:, _F["score_z"]], want.astype(np.float32))
+
+
+def test_a_replaced_ranker_table_is_not_kept_alive() -> None:
+    """The catalogue's row maps hold the ranker tables weakly: a version that is no
+    longer served is freed even though refreshed tables carry the maps on."""
+    import gc
+    import weakref
+
+    rng = np.random.default_rng(11)
+    ids = [f"i{j}" for j in range(200)]
+    catalogue = CatalogTable(catalogue_items(rng, ids))
+    old = item_table(rng, ids)
+    gone = weakref.ref(old)
+    catalogue.lookup(ids).rows_in(ids, old)
+    refreshed = catalogue.updated(catalogue_items(rng, ["new-1"]), 1.0)
+    current = item_table(rng, ids[::-1])
+    asked = [*ids, "new-1"]
+    np.testing.assert_array_equal(
+        refreshed.lookup(asked).rows_in(asked, current), by_id(current, asked)
+    )
+    del old
+    gc.collect()
+    assert gone() is None
