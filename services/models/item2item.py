@@ -41,6 +41,22 @@ FILES = ("config.json", "item_ids.json", "neighbours.npz")
 #: Scoring walks a dense array of the catalogue instead of sorting the history's
 #: neighbour entries when there are at least n_items / DENSE_RATIO of them.
 DENSE_RATIO = 16
+#: ``best_anchor`` marks the asked rows in a catalogue-sized bool array (a byte per
+#: item) instead of a binary search per entry when there are at least
+#: n_items / MARK_RATIO entries (at 100k items and 3,000 entries: 3 us instead of 33).
+MARK_RATIO = 64
+
+
+def in_sorted(values: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
+    """``np.isin(values, sorted_set)`` for an ascending ``sorted_set`` (duplicates
+    allowed): one binary search per value, without ``isin``'s sort of both arrays (the
+    Retrieve path asks it of a few hundred values against short lists)."""
+    values = np.asarray(values)
+    if len(sorted_set) == 0 or len(values) == 0:
+        return np.zeros(len(values), dtype=bool)
+    pos = np.searchsorted(sorted_set, values)
+    np.minimum(pos, len(sorted_set) - 1, out=pos)
+    return sorted_set[pos] == values  # type: ignore[no-any-return]
 
 
 class Item2ItemError(Exception):
@@ -158,18 +174,18 @@ class ItemNeighbours:
         src, dst, w = e.src, e.dst, e.w
         asked = np.asarray(rows, dtype=np.int64)
         asked = asked[(asked >= 0) & (asked < self.n_items)]
-        if len(dst) * DENSE_RATIO >= self.n_items:
+        targets = np.unique(asked)
+        if len(dst) * MARK_RATIO >= self.n_items:
             mark = np.zeros(self.n_items, dtype=bool)
             mark[asked] = True
             want = mark[dst]
         else:
-            want = np.isin(dst, rows)
+            want = in_sorted(dst, targets)
         src, dst, w = src[want], dst[want], w[want]
         if len(dst) == 0:
             return out
         # Per asked target: the largest weight, then the lowest history row with it
         # (no sort: a maximum and a minimum per target over the entries).
-        targets = np.unique(asked)
         at = np.searchsorted(targets, dst)
         best_w = np.full(len(targets), -np.inf, dtype=w.dtype)
         np.maximum.at(best_w, at, w)
@@ -194,9 +210,9 @@ class ItemNeighbours:
         by descending score, ties by row; only rows with a positive score (``reached``:
         ``score_rows(history)`` when the caller has it already)."""
         rows, sums = reached if reached is not None else self.score_rows(history)
-        drop = np.isin(rows, np.asarray(history, dtype=np.int64))
+        drop = in_sorted(rows, np.sort(np.asarray(history, dtype=np.int64)))
         if exclude is not None and len(exclude):
-            drop |= np.isin(rows, exclude)
+            drop |= in_sorted(rows, np.sort(np.asarray(exclude, dtype=np.int64)))
         keep = ~drop & (sums > 0)
         rows, sums = rows[keep], sums[keep]
         if 0 < k < len(rows) // 4:

@@ -49,6 +49,7 @@ import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from itertools import repeat
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -186,6 +187,10 @@ class CandidateDetails:
     # (NaN where it gave none). None: not sent (the retrieval score ranks, no item-to-item).
     fused: np.ndarray | None = None
     item2item: np.ndarray | None = None
+    # The candidates' rows in the ItemTable the features read (-1 = not there) when the
+    # caller has them (the ranking service maps them from its catalogue rows); None:
+    # looked up by id.
+    rows: np.ndarray | None = None
 
 
 @dataclass
@@ -305,20 +310,27 @@ class ItemTable:
 def build_features(query: RankerQuery, cands: CandidateDetails, table: ItemTable) -> np.ndarray:
     """Feature matrix float32 ``[len(cands), N_FEATURES]`` in :data:`FEATURES` order."""
     n = len(cands.ids)
-    x = np.zeros((n, N_FEATURES), dtype=np.float64)
+    # Built a column at a time: column-major, so each column is contiguous; the result
+    # is the same C-order float32 matrix.
+    x = np.zeros((n, N_FEATURES), dtype=np.float64, order="F")
     if n == 0:
-        return x.astype(np.float32)
+        return np.ascontiguousarray(x, dtype=np.float32)
     s = np.asarray(cands.scores, dtype=np.float64)
     x[:, _F["retrieval_score"]] = s
     x[:, _F["score_gap"]] = s.max() - s
-    std = s.std()
-    x[:, _F["score_z"]] = (s - s.mean()) / std if std > 1e-12 else 0.0
+    centred = s - s.mean()
+    std = math.sqrt((centred * centred).sum() / n)  # s.std(), the same sums, to the bit
+    x[:, _F["score_z"]] = centred / std if std > 1e-12 else 0.0
     order = np.argsort(-s, kind="stable")
     rank = np.empty(n, dtype=np.float64)
     rank[order] = np.arange(n)
     x[:, _F["log_rank"]] = np.log1p(rank)
 
-    rows = np.array([table.row.get(i, -1) for i in cands.ids], dtype=np.int64)
+    rows = (
+        np.fromiter(map(table.row.get, cands.ids, repeat(-1)), dtype=np.int64, count=n)
+        if cands.rows is None
+        else np.asarray(cands.rows, dtype=np.int64)
+    )
     known = rows >= 0
     x[known, _F["popularity"]] = table.popularity[rows[known]]
     x[known, _F["trend"]] = table.trend[rows[known]]
@@ -337,10 +349,14 @@ def build_features(query: RankerQuery, cands: CandidateDetails, table: ItemTable
         x[:, _F["abs_rel_price"]] = np.abs(rel)
         x[:, _F["rel_price_known"]] = has_price
 
-    cats = [
-        c or (table.category[r] if r >= 0 else "")
-        for c, r in zip(cands.category, rows.tolist(), strict=True)
-    ]
+    cats = (
+        cands.category
+        if all(cands.category)  # every candidate's category sent: none to fill in
+        else [
+            c or (table.category[r] if r >= 0 else "")
+            for c, r in zip(cands.category, rows.tolist(), strict=True)
+        ]
+    )
 
     def cat_of(item_id: str) -> str:
         r = table.row.get(item_id)
@@ -383,8 +399,9 @@ def build_features(query: RankerQuery, cands: CandidateDetails, table: ItemTable
             "anchor_transition",
         )
     ]
-    uniq: dict[str, int] = {}
-    cat_ix = np.array([uniq.setdefault(c, len(uniq)) for c in cats], dtype=np.int64)
+    # each distinct category once (first-seen order), then its index per candidate
+    uniq = {c: k for k, c in enumerate(dict.fromkeys(cats))}
+    cat_ix = np.fromiter(map(uniq.__getitem__, cats), dtype=np.int64, count=n)
     vals = np.zeros((len(uniq), len(cat_cols)), dtype=np.float64)
     never = math.log1p(NEVER_HOURS)
     for c, k in uniq.items():
@@ -403,7 +420,8 @@ def build_features(query: RankerQuery, cands: CandidateDetails, table: ItemTable
         row[4] = c in cart_cats
         row[5] = bool(anchor_cat) and c == anchor_cat
         row[6] = from_aff.get(c, 0.0)
-        row[7] = max((r.get(c, 0.0) for r in cart_rows), default=0.0)
+        if cart_rows:
+            row[7] = max(r.get(c, 0.0) for r in cart_rows)
         row[8] = anchor_row.get(c, 0.0)
     x[:, cat_cols] = vals[cat_ix]
 
@@ -421,7 +439,7 @@ def build_features(query: RankerQuery, cands: CandidateDetails, table: ItemTable
     _collaboration_features(x, cands, rows, known, table, query.now)
     _cart_features(x, query, rows, known, table)
     _time_features(x, query.now)
-    return x.astype(np.float32)
+    return np.ascontiguousarray(x, dtype=np.float32)
 
 
 def _cart_features(
@@ -436,11 +454,17 @@ def _cart_features(
     nb = table.cart_neighbours(cart)
     if not nb:
         return
-    for j in np.flatnonzero(known).tolist():
-        got = nb.get(int(rows[j]))
-        if got is not None:
-            x[j, _F["cart_copurchase"]] = math.log1p(got[0])
-            x[j, _F["cart_cooc_max"]] = got[1]
+    # the candidates among the neighbours, found by a binary search in their rows
+    nb_rows = np.fromiter(nb, dtype=np.int64, count=len(nb))
+    order = np.argsort(nb_rows)
+    nb_rows = nb_rows[order]
+    pos = np.minimum(np.searchsorted(nb_rows, rows), len(nb_rows) - 1)
+    hit = np.flatnonzero(known & (nb_rows[pos] == rows))
+    if not len(hit):
+        return
+    got = [nb[r] for r in nb_rows[pos[hit]].tolist()]
+    x[hit, _F["cart_copurchase"]] = [math.log1p(total) for total, _ in got]
+    x[hit, _F["cart_cooc_max"]] = [best for _, best in got]
 
 
 def _time_features(x: np.ndarray, now: float) -> None:

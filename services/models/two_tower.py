@@ -111,6 +111,11 @@ class UserQuery:
     segment: str = ""
     price_band: str = ""  # "low","mid","high",""
     category_affinity: dict[str, float] = field(default_factory=dict)
+    # TwoTowerBundle.known_rows, kept for the bundle that computed it (the user tower
+    # and item-to-item both read it in one Retrieve): (the bundle's id -> row map, rows).
+    _known_rows: tuple[object, list[int]] | None = field(
+        default=None, init=False, repr=False, compare=False
+    )
 
 
 @dataclass
@@ -378,19 +383,27 @@ class TwoTowerBundle:
     def _vocab_index(self, key: str, value: str) -> int:
         return self._lookup[key].get(value, 0)
 
+    def known_rows(self, q: UserQuery) -> list[int]:
+        """Rows of the distinct known items of a query's recent, purchased and cart
+        items, in that order (first occurrence). Computed once per query and bundle:
+        the user tower and item-to-item both read it (a query is not changed after its
+        first use)."""
+        got = q._known_rows
+        if got is not None and got[0] is self._row:
+            return got[1]
+        get = self._row.get
+        found = map(get, (*q.recent_item_ids, *q.purchased_item_ids, *q.cart_item_ids))
+        out = list(dict.fromkeys(r for r in found if r is not None))
+        q._known_rows = (self._row, out)
+        return out
+
     def history_rows(self, q: UserQuery) -> list[int]:
         """Item indices (row + 1) of a query's history: distinct known items of recent,
         purchased, cart and anchor, in that order, at most ``max_history`` (0 = all)."""
-        seen: set[int] = set()
-        out: list[int] = []
-        for ids in (q.recent_item_ids, q.purchased_item_ids, q.cart_item_ids):
-            for i in ids:
-                r = self._row.get(i)
-                if r is not None and r not in seen:
-                    seen.add(r)
-                    out.append(r + 1)
+        known = self.known_rows(q)
+        out = [r + 1 for r in known]
         r = self._row.get(q.anchor_item_id) if q.anchor_item_id else None
-        if r is not None and r not in seen:
+        if r is not None and r not in known:
             out.append(r + 1)
         limit = int(self.config["features"].get("max_history", 0))
         return out[:limit] if limit else out

@@ -111,7 +111,7 @@ def merge_columns(cols: common_pb2.CandidateColumns) -> CandidateSet:
     ids = list(cols.item_ids)
     n = len(ids)
     scores = np.asarray(cols.scores, dtype=np.float64)
-    sources = [int(s) for s in cols.sources]
+    sources: list[int] = list(cols.sources)  # type: ignore[arg-type]  # enum values: ints
     if len(scores) != n or len(sources) != n:
         raise InvalidArgument(
             f"columns: item_ids, scores and sources must be parallel "
@@ -150,11 +150,14 @@ def merge_columns(cols: common_pb2.CandidateColumns) -> CandidateSet:
         if not scored.any():  # as if no candidate listed it
             continue
         source_scores[src] = vals
-        source_anchors[src] = (
-            [a if ok else "" for a, ok in zip(anchors, scored.tolist(), strict=True)]
-            if anchors
-            else [""] * n
-        )
+        if not anchors:
+            source_anchors[src] = [""] * n
+        elif scored.all():
+            source_anchors[src] = anchors
+        else:
+            source_anchors[src] = [
+                a if ok else "" for a, ok in zip(anchors, scored.tolist(), strict=True)
+            ]
     return CandidateSet(ids, scores, sources, source_scores, source_anchors)
 
 

@@ -89,11 +89,15 @@ def retrieval_scores(candidates: CandidateSet) -> np.ndarray:
     return np.where(np.isnan(two_tower), scores, two_tower)
 
 
-def candidate_details(candidates: CandidateSet, items: CandidateArrays) -> CandidateDetails:
+def candidate_details(
+    candidates: CandidateSet, items: CandidateArrays, table: ItemTable | None = None
+) -> CandidateDetails:
     """Candidate arrays from the item table's rows; a candidate without details has
-    unknown price, stock, margin."""
+    unknown price, stock, margin. With the ranker's ``table``, also the candidates'
+    rows in it (mapped from the catalogue rows: :meth:`CandidateArrays.rows_in`)."""
     i2i = candidates.source_scores.get(int(common_pb2.REASON_SIMILAR))
     return CandidateDetails(
+        rows=None if table is None else items.rows_in(candidates.ids, table),
         ids=list(candidates.ids),
         scores=retrieval_scores(candidates),
         price=np.asarray(items.price, dtype=np.float64),
@@ -115,7 +119,7 @@ def request_features(
     """The ranker's feature rows of one Rank request: what :class:`RankerScorer` scores
     and what training (``training.ranker.build_lists``) fits on, one code path."""
     query = ranker_query(profile, context)
-    return build_features(query, candidate_details(candidates, items), table)
+    return build_features(query, candidate_details(candidates, items, table), table)
 
 
 class RankerScorer:

@@ -31,6 +31,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
+from itertools import pairwise
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
@@ -490,9 +491,11 @@ def _select_mmr_by_category(
     idx = np.arange(m)
     groups: dict[int, tuple[list[int], list[int]]] = {}
     oa, ob = np.lexsort((idx, -a, cat)), np.lexsort((idx, -b, cat))
-    bounds = np.flatnonzero(np.diff(cat[oa])) + 1
-    for ga, gb in zip(np.split(oa, bounds), np.split(ob, bounds), strict=True):
-        groups[int(cat[ga[0]])] = (ga.tolist(), gb.tolist())
+    # One list per order, sliced per category (both orders sort by category first).
+    cuts = [0, *(np.flatnonzero(np.diff(cat[oa])) + 1).tolist(), m]
+    oa_l, ob_l, cat_l = oa.tolist(), ob.tolist(), cat[oa].tolist()
+    for lo, hi in pairwise(cuts):
+        groups[cat_l[lo]] = (oa_l[lo:hi], ob_l[lo:hi])
     a_l, b_l = a.tolist(), b.tolist()
     picked = np.zeros(m, dtype=bool)
     state: dict[int, tuple[int, int]] = {c: (0, 0) for c in groups}  # (order, position)

@@ -17,6 +17,7 @@ item pointing to it most.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from operator import itemgetter
 
 import numpy as np
 
@@ -111,13 +112,9 @@ def fuse(
 
 
 def history_rows(model: RetrievalModel, st: IndexState, query: UserQuery) -> np.ndarray:
-    """Rows of the customer's recent items, purchases and cart the model knows."""
-    rows = []
-    for item_id in (*query.recent_item_ids, *query.purchased_item_ids, *query.cart_item_ids):
-        r = model.bundle.row_of(item_id)  # item-to-item knows the trained rows only
-        if r is not None:
-            rows.append(r)
-    return np.unique(np.asarray(rows, dtype=np.int64))
+    """Rows of the customer's recent items, purchases and cart the model knows (the
+    trained rows only, as item-to-item; the user tower's look-up, done once)."""
+    return np.unique(np.asarray(model.bundle.known_rows(query), dtype=np.int64))
 
 
 @dataclass
@@ -262,12 +259,7 @@ def fill_columns(
     """Write merged candidates into ``cols``: the same information as :func:`fill_merged`
     (a source's column left out when it scored none of them, NaN and "" where it gave no
     score), a few repeated fields instead of a message per candidate."""
-    rows = m.rows.tolist()
-    if len(rows) and int(m.rows.max()) < st.n_base:
-        ids = model.bundle.item_ids
-        cols.item_ids.extend([ids[r] for r in rows])
-    else:
-        cols.item_ids.extend([model.item_id(st, r) for r in rows])
+    cols.item_ids.extend(_ids_of(model, st, m.rows))
     cols.scores.extend(m.fused.tolist())
     cols.sources.extend(m.source.tolist())
     for s, arr in m.scores.items():
@@ -277,5 +269,24 @@ def fill_columns(
         col = cols.by_source.add(source=s)  # type: ignore[arg-type]
         col.scores.extend(arr.tolist())
         if s == SOURCE_ITEM2ITEM:
-            anchors = np.where(scored, m.anchors, -1).tolist()
-            col.anchor_ids.extend([model.item_id(st, a) if a >= 0 else "" for a in anchors])
+            # few distinct anchors (history rows): each named once, then spread
+            anchors = np.where(scored, m.anchors, -1)
+            uniq, inv = np.unique(anchors, return_inverse=True)
+            names = [model.item_id(st, a) if a >= 0 else "" for a in uniq.tolist()]
+            col.anchor_ids.extend(_pick(names, inv))
+
+
+def _pick(values: list[str], at: np.ndarray) -> list[str] | tuple[str, ...]:
+    """``[values[i] for i in at]``, the loop run by ``operator.itemgetter`` in C."""
+    if len(at) == 0:
+        return []
+    if len(at) == 1:
+        return [values[int(at[0])]]
+    return itemgetter(*at.tolist())(values)  # type: ignore[no-any-return]
+
+
+def _ids_of(model: RetrievalModel, st: IndexState, rows: np.ndarray) -> list[str] | tuple[str, ...]:
+    """The item ids of ``rows`` (catalogue rows and items added since, in order)."""
+    if len(rows) and int(rows.max()) < st.n_base:
+        return _pick(model.bundle.item_ids, rows)
+    return [model.item_id(st, r) for r in rows.tolist()]

@@ -27,7 +27,7 @@ import faiss
 import numpy as np
 
 from services.models.item2item import DIRNAME as ITEM2ITEM_DIR
-from services.models.item2item import Item2ItemError, ItemNeighbours
+from services.models.item2item import Item2ItemError, ItemNeighbours, in_sorted
 from services.models.registry import ModelVersionInfo
 from services.models.two_tower import BundleError, ItemFeatures, TwoTowerBundle, UserQuery
 from services.models.watcher import ModelRejected
@@ -97,12 +97,16 @@ class RowFilter:
     categories: np.ndarray | None = None  # allowed category codes; None = all
     in_stock_only: bool = False
     min_price: float | None = None  # strictly above (up-sell)
+    _sorted_exclude: np.ndarray | None = field(default=None, init=False, repr=False, compare=False)
 
     def mask(self, st: IndexState, rows: np.ndarray) -> np.ndarray:
         ok = rows >= 0
         safe = np.where(ok, rows, 0)
         if len(self.exclude):
-            ok &= ~np.isin(rows, self.exclude)
+            # sorted once per filter: a Retrieve masks two or three row lists with it
+            if self._sorted_exclude is None:
+                self._sorted_exclude = np.sort(self.exclude)
+            ok &= ~in_sorted(rows, self._sorted_exclude)
         if self.categories is not None:
             ok &= np.isin(st.item_cat[safe], self.categories)
         if self.in_stock_only:

@@ -116,10 +116,11 @@ def test_what_the_history_reaches_is_computed_once_with_the_same_answers() -> No
 
 
 def test_dense_and_sorted_scoring_give_the_same_answers(monkeypatch: pytest.MonkeyPatch) -> None:
-    """``score_rows`` and ``best_anchor`` walk a dense catalogue array when the history
-    reaches many entries, else sort them; ``top`` keeps only rows at least the k-th best
-    before sorting. Both paths give the same arrays to the bit, the anchors the loop's,
-    and ``top`` the brute-force order (many ties: few distinct weights)."""
+    """``score_rows`` (``DENSE_RATIO``) and ``best_anchor`` (``MARK_RATIO``) walk a dense
+    catalogue array when the history reaches many entries, else sort or search them;
+    ``top`` keeps only rows at least the k-th best before sorting. Both paths give the
+    same arrays to the bit, the anchors the loop's, and ``top`` the brute-force order
+    (many ties: few distinct weights)."""
     rng = np.random.default_rng(5)
     n = 300
     pairs = np.unique(rng.integers(0, n, (6000, 2)), axis=0)
@@ -134,6 +135,7 @@ def test_dense_and_sorted_scoring_give_the_same_answers(monkeypatch: pytest.Monk
         answers = []
         for ratio in (0, 10**9):  # never dense, always dense
             monkeypatch.setattr(item2item, "DENSE_RATIO", ratio)
+            monkeypatch.setattr(item2item, "MARK_RATIO", ratio)
             answers.append(
                 (*w.score_rows(hist), w.best_anchor(hist, targets), *w.top(hist, k, excl))
             )
