@@ -17,6 +17,13 @@ class ProfileSettings(ServiceSettings):
 
     model_config = SettingsConfigDict(env_prefix="MERCATO_PROFILE_", extra="ignore")
 
+    server_mode: str = Field(
+        "sync",
+        pattern="^(asyncio|sync)$",
+        description="gRPC server: 'sync' (default: grpc.server with a thread pool; the reads "
+        "of the Recommend path run on the pool threads, measured cheaper per call than "
+        "asyncio, docs/profile.md) or 'asyncio' (grpc.aio, every call on the event loop).",
+    )
     backend: Literal["sqlite", "redis"] = Field(
         "sqlite", description="Store backend: sqlite (one file, embedded) or redis (replicas)."
     )

@@ -165,6 +165,10 @@ def test_settings_read_service_prefixed_environment(monkeypatch: pytest.MonkeyPa
     assert s.resolved_port("profile") == 6001
     assert s.threads == 2
     assert ProfileSettings(port=0).resolved_port("profile") == 50052
+    # The server each service runs by default, as measured (#14): the profile service's
+    # reads are cheaper on the synchronous server's pool threads; the others stay asyncio.
+    assert ProfileSettings(port=0).server_mode == "sync"
+    assert ServiceSettings(port=0).server_mode == "asyncio"
     monkeypatch.setenv("MERCATO_PROFILE_PORT", "not-a-port")
     with pytest.raises(ValueError):
         ProfileSettings()
