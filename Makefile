@@ -69,7 +69,7 @@ image: setup ## Build the image with podman on an mmdebstrap Debian base, run ea
 
 bench: setup bench-profile bench-ranking bench-retrieval bench-load bench-quality ## Run all benchmarks (writes bench/results/*.json and *.md)
 
-bench-profile: setup ## Profile service: GetProfile p50/p99, TrackEvents events/s, both backends (ARGS="--customers 10000" for a quick run)
+bench-profile: setup ## Profile service: GetProfile p50/p99 and server CPU per call on both servers (asyncio, sync), TrackEvents events/s, both backends (ARGS="--customers 10000" for a quick run)
 	$(PY) bench/profile_bench.py $(ARGS)
 
 bench-ranking: setup ## Rank latency and offer policy vs fixed policies (bench/results/ranking.*)

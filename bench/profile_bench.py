@@ -7,7 +7,9 @@ For each backend (SQLite file; Redis started here on a free loopback port with
 - store floor: direct ``get_customers`` + ``build_profile`` in this process (no gRPC),
   and direct ``append_events`` with batches of 1 and 100;
 - GetProfile over gRPC (asyncio client), closed loop with ``--concurrency`` calls in
-  flight: throughput, p50, p99;
+  flight: throughput, p50, p99, and the service's CPU per call (``/proc``), for each
+  server of ``--server-modes`` (default both: one service process per mode on the same
+  store, measured in turns, the order alternating between repeats);
 - GetProfile open loop at a fixed ``--rate`` (default 1000/s): latency from the
   scheduled send time (no coordinated omission), p50 / p99 / p99.9;
 - TrackEvents with batches of 1 and 100 (closed loop): events/s and call latency.
