@@ -45,6 +45,7 @@ import grpc
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.load import cpu_seconds  # noqa: E402
 from mercato.v1 import (  # noqa: E402
     common_pb2,
     diagnostics_pb2,
@@ -217,12 +218,6 @@ def echo_caller(stub: Any) -> Caller:
         return stub.Echo(diagnostics_pb2.EchoRequest(payload=b"x" * 64), timeout=5)  # type: ignore[no-any-return]
 
     return call
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def with_cpu(pid: int, run: Awaitable[dict[str, float]]) -> dict[str, float]:

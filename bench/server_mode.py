@@ -36,6 +36,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
+from bench.load import cpu_seconds  # noqa: E402
+
 CONFIGS = ("asyncio", "asyncio-bare", "sync", "sync-bare")
 SERVICE = "mercato.bench.Bench"
 
@@ -136,11 +138,6 @@ def serve(config: str, port: int, keep: str, ready: Any, stop: Any) -> None:
         await server.stop(1)
 
     asyncio.run(main())
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def drive(port: int, method: str, blobs: list[bytes], calls: int, conc: int) -> float:

@@ -22,12 +22,13 @@ from prometheus_client.parser import text_string_to_metric_families
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_snippet(code: str, timeout: float = 120) -> Any:
-    """Run ``code`` in a fresh interpreter with the repository on its path; the JSON its
-    last printed line holds (what a test checks, sys.modules included)."""
+def run_snippet(code: str, timeout: float = 120, env: Mapping[str, str] | None = None) -> Any:
+    """Run ``code`` in a fresh interpreter with the repository on its path (and ``env``
+    over this process's environment); the JSON its last printed line holds (what a test
+    checks, sys.modules included)."""
     out = subprocess.run(
         [sys.executable, "-c", code],
-        env={**os.environ, "PYTHONPATH": str(REPO)},
+        env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})},
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -20,6 +19,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from services.common.settings import default_artifact_root, default_tracking_uri
+from services.models import registry_sqlite
 from services.models.registry import BUNDLE_ARTIFACT_PATH
 
 MODEL_NAME = "mercato-two-tower"
@@ -46,16 +46,15 @@ def artifact_location_for(
         return f"mlflow-artifacts:/{experiment}"
     if tracking_uri == default_tracking_uri():
         return default_artifact_root()
-    if tracking_uri.startswith("sqlite:///"):
-        db = Path(tracking_uri[len("sqlite:///") :])
-        return (db.parent / "mlartifacts").resolve().as_uri()
+    if registry_sqlite.is_sqlite(tracking_uri):
+        return (registry_sqlite.db_path(tracking_uri).parent / "mlartifacts").resolve().as_uri()
     return None
 
 
 def client_for(tracking_uri: str | None) -> tuple[MlflowClient, str]:
     uri = tracking_uri or default_tracking_uri()
-    if uri.startswith("sqlite:///"):
-        Path(uri[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
+    if registry_sqlite.is_sqlite(uri):
+        registry_sqlite.db_path(uri).parent.mkdir(parents=True, exist_ok=True)
     return MlflowClient(tracking_uri=uri, registry_uri=uri), uri
 
 

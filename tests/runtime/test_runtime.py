@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -18,7 +17,7 @@ from services.common import errors
 from services.common.server import BaseService, serve
 from services.common.settings import ServiceSettings
 from services.profile.settings import ProfileSettings
-from tests.procs import REPO, free_port
+from tests.procs import REPO, free_port, run_snippet
 
 
 class _BoomService(BaseService):
@@ -210,19 +209,14 @@ def test_thread_limits_reach_blas_loaded_before_the_runtime() -> None:
         "after = sorted({(p['internal_api'], p['num_threads']) for p in threadpool_info()})\n"
         "print(json.dumps([before, after]))\n"
     )
-    env = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "MLFLOW_DISABLE_TELEMETRY": "true"}
-    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):
-        env[var] = "2"
-    out = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
+    before, after = run_snippet(
+        code,
+        env={
+            "OPENBLAS_NUM_THREADS": "2",
+            "OMP_NUM_THREADS": "2",
+            "MLFLOW_DISABLE_TELEMETRY": "true",
+        },
     )
-    before, after = json.loads(out.stdout.strip().splitlines()[-1])
     assert ["openblas", 2] in before  # numpy's OpenBLAS started with two
     assert {api for api, _ in after} >= {"openblas", "openmp"}
     assert all(n == 1 for _, n in after), after
